@@ -1,0 +1,42 @@
+"""Typed errors. Raised where they happen, translated to exit codes / HTTP codes at the edges."""
+
+
+class SdqueueError(Exception):
+    """Base of every error sdqueue raises on purpose; its message is meant for a user."""
+
+
+class InvalidRequest(SdqueueError, ValueError):
+    """A generation request outside the request table's bounds. Nothing was written or enqueued."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid request: " + "; ".join(problems))
+
+
+class JobNotFound(SdqueueError, LookupError):
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"no job with id {job_id!r}")
+
+
+class SchemaOutOfDate(SdqueueError):
+    """The database is not at the schema revision this code needs."""
+
+
+class ConfigError(SdqueueError):
+    """A setting is missing or invalid."""
+
+
+class ModelUnavailable(SdqueueError):
+    """The requested model weights cannot be found or downloaded."""
+
+
+class StorageError(SdqueueError):
+    """The object store refused or lost an object."""
+
+
+class JobTimeout(SdqueueError, TimeoutError):
+    def __init__(self, job_id: str, state: str, timeout: float):
+        self.job_id = job_id
+        self.state = state
+        super().__init__(f"job {job_id} still {state} after {timeout:g} s")

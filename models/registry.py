@@ -1,0 +1,105 @@
+"""The model registry: a short name -> where its weights live and how to run them.
+
+A name that is not in the registry is taken as a path to a local diffusers folder.
+Nothing here substitutes one model for another: a model that cannot be found is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.errors import ModelUnavailable
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    # A hub repository id, or None for models sdqueue builds itself (`sdqueue models build-*`).
+    hub_id: str | None
+    native_size: int
+    prediction_type: str  # "v_prediction" or "epsilon"
+    scheduler: str = "EulerDiscreteScheduler"
+    revision: str | None = None
+    # A local folder holding the weights (built models, or a local copy of hub weights).
+    local_dir: Path | None = None
+    description: str = ""
+
+    @property
+    def random_weights(self) -> bool:
+        return self.hub_id is None
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "sd21", "stabilityai/stable-diffusion-2-1", 768, "v_prediction",
+            description="Stable Diffusion 2.1, 768-v",
+        ),
+        ModelSpec(
+            "sd21-base", "stabilityai/stable-diffusion-2-1-base", 512, "epsilon",
+            description="Stable Diffusion 2.1 base, 512",
+        ),
+        ModelSpec(
+            "tiny", None, 64, "v_prediction",
+            description="tiny SD 2.1-architecture pipeline with random weights (tests, demo)",
+        ),
+        ModelSpec(
+            "sd21-arch", None, 768, "v_prediction",
+            description="full SD 2.1 768-v architecture with random weights (benchmarks)",
+        ),
+    )
+}
+
+
+def built_models_dir(data_dir: Path) -> Path:
+    """Where `sdqueue models build-tiny/build-arch` put models by default."""
+    return data_dir / "models"
+
+
+def resolve_model(name_or_path: str, data_dir: Path) -> ModelSpec:
+    """The spec for a registry name or a local diffusers folder."""
+    if name_or_path in REGISTRY:
+        spec = REGISTRY[name_or_path]
+        if spec.random_weights:
+            folder = built_models_dir(data_dir) / spec.name
+            revision = _read_json(folder / "sdqueue_model.json").get("revision")
+            return ModelSpec(**{**spec.__dict__, "local_dir": folder, "revision": revision})
+        return spec
+    folder = Path(name_or_path).expanduser()
+    if not (folder / "model_index.json").is_file():
+        names = ", ".join(REGISTRY)
+        raise ModelUnavailable(
+            f"model {name_or_path!r} is neither a registry name ({names}) "
+            f"nor a diffusers folder with a model_index.json"
+        )
+    return spec_for_folder(folder)
+
+
+def spec_for_folder(folder: Path) -> ModelSpec:
+    """Read prediction type and native size from a diffusers folder's configs."""
+    folder = folder.resolve()
+    scheduler_cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
+    unet_cfg = _read_json(folder / "unet" / "config.json")
+    vae_cfg = _read_json(folder / "vae" / "config.json")
+    built = _read_json(folder / "sdqueue_model.json")  # written by `sdqueue models build-*`
+    sample = unet_cfg.get("sample_size", 96)
+    scale = 2 ** (len(vae_cfg.get("block_out_channels", (0, 0, 0, 0))) - 1)
+    return ModelSpec(
+        name=str(built.get("name") or folder.name),
+        hub_id=None,
+        native_size=int(sample * scale),
+        prediction_type=str(scheduler_cfg.get("prediction_type", "epsilon")),
+        revision=built.get("revision"),
+        local_dir=folder,
+        description=str(built.get("description", f"local diffusers folder {folder}")),
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}

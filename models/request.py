@@ -1,0 +1,132 @@
+"""The generation request: every field, default and bound of the request table.
+
+Everything here is checked before anything is written or enqueued. A request outside a bound
+raises InvalidRequest with one line per problem naming the field, the value and the bound.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Annotated, Any
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator
+
+from models.errors import InvalidRequest
+
+MIN_NUM_IMAGES, MAX_NUM_IMAGES = 1, 4
+MIN_STEPS, MAX_STEPS = 1, 512
+MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 20.0
+MIN_STRENGTH, MAX_STRENGTH = 0.0, 1.0
+# The 13 allowed sizes: multiples of 64 from 256 to 1024.
+SIZES = tuple(range(256, 1025, 64))
+# Image i uses seed + i; the largest seed keeps seed + 3 inside a signed 64-bit column.
+MAX_SEED = 2**63 - 1 - (MAX_NUM_IMAGES - 1)
+# Bounds of the img2img input file: it is resized to width x height, so larger buys nothing.
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_IMAGE_SIDE = 4096
+# A prompt this long is a mistake, not a prompt; without compel only the first 77 tokens count.
+MAX_PROMPT_CHARS = 4000
+
+Float = StrictFloat | StrictInt  # JSON has no separate int/float: accept 7 for 7.0
+
+
+class GenerationRequest(BaseModel):
+    """One job: what a producer may ask of the worker."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, strict=True)]
+    negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS, strict=True)] = ""
+    image: bytes | None = Field(default=None, repr=False)
+    num_images: Annotated[StrictInt, Field(ge=MIN_NUM_IMAGES, le=MAX_NUM_IMAGES)] = 1
+    num_inference_steps: Annotated[StrictInt, Field(ge=MIN_STEPS, le=MAX_STEPS)] = 25
+    guidance_scale: Annotated[Float, Field(ge=MIN_GUIDANCE, le=MAX_GUIDANCE)] = 7.5
+    strength: Annotated[Float, Field(ge=MIN_STRENGTH, le=MAX_STRENGTH)] = 0.8
+    width: StrictInt = 768
+    height: StrictInt = 768
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
+    use_compel: StrictBool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty or only spaces")
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _one_of_sizes(cls, value: int) -> int:
+        if value not in SIZES:
+            raise ValueError(f"must be a multiple of 64 from {SIZES[0]} to {SIZES[-1]} (one of {', '.join(map(str, SIZES))})")
+        return value
+
+    @field_validator("guidance_scale", "strength")
+    @classmethod
+    def _as_float(cls, value: float) -> float:
+        return float(value)
+
+    @field_validator("image")
+    @classmethod
+    def _real_image(cls, value: bytes | None) -> bytes | None:
+        if value is not None:
+            check_image(value)
+        return value
+
+    @property
+    def mode(self) -> str:
+        return "img2img" if self.image is not None else "txt2img"
+
+    def parameters(self) -> dict[str, Any]:
+        """Every field but the image bytes: what is stored with the job and embedded in PNGs."""
+        return self.model_dump(exclude={"image"})
+
+
+def check_image(data: bytes) -> tuple[int, int]:
+    """Refuse anything that is not a readable image within the bounds; return its size."""
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"file of {len(data)} bytes is larger than the bound of {MAX_IMAGE_BYTES} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size  # read from the header: nothing decoded yet
+                if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
+                    raise ValueError(
+                        f"{width}x{height} px is larger than the bound of {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} px"
+                    )
+                if width < 1 or height < 1:
+                    raise ValueError(f"{width}x{height} px is empty")
+                img.load()  # a truncated or corrupt file fails here
+    except UnidentifiedImageError:
+        raise ValueError("not a readable image file: no image format recognised") from None
+    except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise ValueError(f"not a readable image file: {exc}") from None
+    return width, height
+
+
+def _describe(error: dict[str, Any]) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "request"
+    if error["type"] == "missing":
+        return f"{field} is required"
+    if error["type"] == "extra_forbidden":
+        return f"{field} is not a request field"
+    value = error.get("input")
+    shown = f"<{len(value)} bytes>" if isinstance(value, bytes) else repr(value)
+    if isinstance(value, str) and len(value) > 60:
+        shown = repr(value[:57] + "...")
+    message = str(error.get("ctx", {}).get("error") or error["msg"])
+    message = message[0].lower() + message[1:]
+    return f"{field}={shown}: {message}"
+
+
+def parse_request(data: dict[str, Any]) -> GenerationRequest:
+    """Build a request from plain data, raising InvalidRequest naming every bad field."""
+    if not isinstance(data, dict):
+        raise InvalidRequest([f"request must be an object of fields, not {type(data).__name__}"])
+    try:
+        return GenerationRequest(**data)
+    except ValidationError as exc:
+        raise InvalidRequest([_describe(e) for e in exc.errors()]) from None

@@ -1,0 +1,96 @@
+"""One settings object, read from the environment (SDQUEUE_*), validated when it is made.
+
+The defaults are the embedded set-up: an in-process broker, a SQLite file and a local folder
+under the data directory, so a single machine runs with no services at all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.constants import DEFAULT_QUEUE
+from models.errors import ConfigError
+
+BROKER_SCHEMES = ("memory", "redis", "rediss")
+STORAGE_SCHEMES = ("file", "s3")
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "sdqueue"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDQUEUE_", extra="ignore", protected_namespaces=())
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # memory:// is the in-process broker: only a worker in the same process (the demo) sees it.
+    broker_url: str = "memory://"
+    database_url: str = ""  # empty: a SQLite file in data_dir
+    storage_url: str = ""  # empty: a folder in data_dir
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    model: str = "sd21"
+    queue: str = DEFAULT_QUEUE
+    # "auto" takes CUDA when there is one; the worker runs fp16 on CUDA and fp32 on the CPU.
+    device: str = "auto"
+    # Unacknowledged messages come back to the queue after this many seconds (Redis transport).
+    visibility_timeout: int = 3600
+    # Give up on a job after this many deliveries (each crash of a worker mid-job is one).
+    max_attempts: int = 3
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'sdqueue.db'}"
+        if not self.storage_url:
+            self.storage_url = (self.data_dir / "storage").resolve().as_uri()
+        return self
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker(cls, value: str) -> str:
+        scheme = urlparse(value).scheme
+        if scheme not in BROKER_SCHEMES:
+            raise ValueError(f"SDQUEUE_BROKER_URL={value!r}: scheme must be one of {', '.join(BROKER_SCHEMES)}")
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage(cls, value: str) -> str:
+        if not value:
+            return value
+        parsed = urlparse(value)
+        if parsed.scheme not in STORAGE_SCHEMES:
+            raise ValueError(f"SDQUEUE_STORAGE_URL={value!r}: scheme must be file:// or s3://")
+        if parsed.scheme == "s3" and not parsed.netloc:
+            raise ValueError(f"SDQUEUE_STORAGE_URL={value!r}: s3:// needs a bucket, e.g. s3://images/sdqueue")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value != "auto" and value != "cpu" and not value.startswith("cuda"):
+            raise ValueError(f"SDQUEUE_DEVICE={value!r}: must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @property
+    def in_process_broker(self) -> bool:
+        return urlparse(self.broker_url).scheme == "memory"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit overrides; a bad value is a ConfigError."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValueError as exc:
+        errors = getattr(exc, "errors", None)
+        if callable(errors):
+            problems = "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in errors())
+            raise ConfigError(f"bad setting: {problems}") from None
+        raise ConfigError(f"bad setting: {exc}") from None

@@ -1,0 +1,144 @@
+"""Where images live: object keys made from the job id, and two backends behind one interface.
+
+`file:///path` keeps objects in a local folder; `s3://bucket/prefix` keeps them in any
+S3-compatible store through boto3 (AWS S3, MinIO, SeaweedFS, R2: set SDQUEUE_S3_ENDPOINT_URL).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlparse
+
+from models.errors import ConfigError, StorageError
+
+
+def object_key_for(job_id: str, index: int) -> str:
+    """The key of image `index` of job `job_id`."""
+    return f"images/{job_id}/{index}.png"
+
+
+def input_key_for(job_id: str) -> str:
+    """The key of a job's img2img input image, stored as uploaded."""
+    return f"inputs/{job_id}/input"
+
+
+class Storage(Protocol):
+    url: str
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def location(self, key: str) -> str:
+        """Where a person finds the object: a path or an s3:// URL."""
+        ...
+
+
+class LocalStorage:
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+        self.url = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root not in path.parents:
+            raise StorageError(f"object key {key!r} leaves the storage folder")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename: a reader never sees half an object.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"object {key!r} not found in {self.url}") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def location(self, key: str) -> str:
+        return str(self._path(key))
+
+
+class S3Storage:
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str = "us-east-1"):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=Config(
+                signature_version="s3v4",
+                s3={"addressing_style": "path"} if endpoint_url else {},
+                retries={"max_attempts": 5, "mode": "standard"},
+            ),
+        )
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+        except Exception as exc:
+            raise StorageError(f"upload of {key!r} to {self.url} failed: {exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            raise StorageError(f"object {key!r} not found in {self.url}") from None
+        except Exception as exc:
+            raise StorageError(f"download of {key!r} from {self.url} failed: {exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"checking {key!r} in {self.url} failed: {exc}") from exc
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def location(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+
+def open_storage(url: str, *, endpoint_url: str | None = None, region: str = "us-east-1") -> Storage:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return LocalStorage(Path(unquote(parsed.path)))
+    if parsed.scheme == "s3":
+        return S3Storage(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region)
+    raise ConfigError(f"SDQUEUE_STORAGE_URL={url!r}: scheme must be file:// or s3://")

@@ -1,0 +1,162 @@
+"""Build SD 2.1-architecture pipelines with random weights, offline, and save them.
+
+`tiny` is a few MB: the same kinds of parts as SD 2.1 768-v (v-prediction scheduler, linear-
+projection attention, an OpenCLIP-style CLIP text encoder with gelu, a byte-level CLIP
+tokenizer made here) at toy widths, for tests and the demo. `sd21-arch` is the full-size
+architecture (UNet 866M parameters): the same FLOPs as the real weights, for benchmarks.
+Both are saved with `save_pretrained`, so they load through the same `from_pretrained` path as
+real weights. Their images are noise: they never stand in for real weights silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+CONFIGS = {
+    "tiny": {
+        "unet": dict(
+            # Attention on the two coarser levels only: at 768 px the finest level has 9216
+            # tokens, and full self-attention there would make the tiny model slow on a CPU.
+            block_out_channels=(32, 64, 64),
+            attention_head_dim=(2, 4, 4),
+            cross_attention_dim=32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=1,
+            sample_size=96,
+        ),
+        # Four VAE levels: the latent is 1/8 of the image side, as in SD 2.1.
+        "vae": dict(
+            block_out_channels=(8, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=8,
+            layers_per_block=1,
+            sample_size=768,
+        ),
+        "text_encoder": dict(
+            hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+        ),
+    },
+    "sd21-arch": {
+        "unet": dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            layers_per_block=2,
+            sample_size=96,
+        ),
+        "vae": dict(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=2,
+            sample_size=768,
+        ),
+        "text_encoder": dict(
+            hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23, projection_dim=512,
+        ),
+    },
+}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map of the 256 byte values to printable characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer: 256 byte symbols, the same with `</w>`, then BOS and EOS."""
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols] + [BOS, EOS])}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, bos_token=BOS, eos_token=EOS,
+                         unk_token=EOS, pad_token=EOS)
+
+
+def build_pipeline(kind: str, seed: int = 0) -> StableDiffusionPipeline:
+    """The pipeline of `kind` ("tiny" or "sd21-arch") with seeded random weights, fp32 on the CPU."""
+    configs = CONFIGS[kind]
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**configs["unet"], use_linear_projection=True, upcast_attention=True)
+    vae = AutoencoderKL(**configs["vae"])
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            **configs["text_encoder"],
+            vocab_size=len(tokenizer) if kind == "tiny" else 49408,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    # Halve the random weights so that fp16 activations stay finite through the full-size UNet.
+    with torch.no_grad():
+        for module in (unet, vae, text_encoder):
+            for param in module.parameters():
+                if param.dim() > 1:
+                    param.mul_(0.5)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_and_save(kind: str, folder: Path, seed: int = 0) -> Path:
+    """Build `kind` and save it with save_pretrained into `folder`; returns the folder."""
+    from worker.pipeline import quiet_libraries
+
+    quiet_libraries()
+    folder = Path(folder)
+    build_pipeline(kind, seed).save_pretrained(folder, safe_serialization=True)
+    digest = hashlib.sha256()
+    for weights in sorted(folder.rglob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    (folder / "sdqueue_model.json").write_text(
+        json.dumps(
+            {
+                "name": kind,
+                "description": f"{kind}: SD 2.1 768-v architecture with random weights (seed {seed}), built by sdqueue",
+                "random_weights": True,
+                "seed": seed,
+                "revision": "sha256:" + digest.hexdigest()[:16],
+            },
+            indent=1,
+        )
+    )
+    return folder

@@ -1,0 +1,50 @@
+"""`sdqueue worker`: check everything a worker needs, then run the Celery worker."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from models.db import Database
+from models.errors import ConfigError
+from models.registry import resolve_model
+from models.settings import Settings
+from worker.app import configure
+from worker.pipeline import locate_weights
+
+log = logging.getLogger("worker")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_worker(settings: Settings, *, pool: str = "prefork", loglevel: str = "INFO") -> int:
+    setup_logging(loglevel)
+    if settings.in_process_broker:
+        raise ConfigError(
+            "SDQUEUE_BROKER_URL is memory:// (in-process): a worker needs a real broker, "
+            "e.g. SDQUEUE_BROKER_URL=redis://127.0.0.1:6379/0"
+        )
+    # Fail at start, not on the first job: the schema, then the weights (downloaded here once,
+    # in the parent; the pipeline itself loads in the child, after the fork).
+    Database(settings.database_url).dispose()
+    spec = resolve_model(settings.model, settings.data_dir)
+    source, revision = locate_weights(spec)
+    log.info("model %s from %s (revision %s)", spec.name, source, revision or "-")
+    app = configure(settings)
+    import worker.tasks  # noqa: F401  (registers the generate task)
+
+    app.worker_main(
+        [
+            "worker",
+            f"--loglevel={loglevel}",
+            f"--pool={pool}",
+            "--concurrency=1",  # one process per GPU: it pins one pipeline
+            f"--queues={settings.queue}",
+            f"--hostname=sdqueue-{settings.queue}@{socket.gethostname()}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+    return 0

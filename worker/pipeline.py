@@ -1,0 +1,181 @@
+"""Load one pipeline for the worker's life, and generate a job's images with it.
+
+The pipeline loads through `from_pretrained` from a hub id or a local folder (weights built by
+`sdqueue models build-*` take the same path), fp16 on CUDA and fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from models.errors import ModelUnavailable  # noqa: E402
+from models.registry import ModelSpec  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A pinned pipeline and what identifies it in every image's record."""
+
+    spec: ModelSpec
+    source: str  # hub id or folder it was loaded from
+    revision: str | None
+    device: str
+    dtype: torch.dtype
+    txt2img: StableDiffusionPipeline
+    img2img: StableDiffusionImg2ImgPipeline
+    _compel: Any = field(default=None, repr=False)
+
+    @property
+    def scheduler_name(self) -> str:
+        return type(self.txt2img.scheduler).__name__
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def compel(self) -> Any:
+        """compel's weighted-prompt encoder, made on first use."""
+        if self._compel is None:
+            from compel import CompelForSD
+
+            self._compel = CompelForSD(self.txt2img, device=self.device)
+        return self._compel
+
+
+def pick_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def locate_weights(spec: ModelSpec) -> tuple[str, str | None]:
+    """The local folder holding `spec`'s weights, downloading hub weights once; and their revision."""
+    if spec.local_dir is not None:
+        if not (spec.local_dir / "model_index.json").is_file():
+            if spec.random_weights:
+                raise ModelUnavailable(
+                    f"model {spec.name!r} is not built yet: run `sdqueue models build-{'tiny' if spec.name == 'tiny' else 'arch'}`"
+                )
+            raise ModelUnavailable(f"no diffusers pipeline in {spec.local_dir} (model_index.json missing)")
+        return str(spec.local_dir), spec.revision
+    assert spec.hub_id is not None
+    try:
+        folder = StableDiffusionPipeline.download(spec.hub_id, revision=spec.revision)
+    except Exception as exc:
+        raise ModelUnavailable(
+            f"the weights of {spec.name} ({spec.hub_id}) cannot be reached: no local copy in the Hugging Face "
+            f"cache and the hub cannot be reached ({type(exc).__name__}). Download them where there is network "
+            f"and set SDQUEUE_MODEL to that folder (or fill the cache, HF_HOME)"
+        ) from None
+    # A snapshot folder is named after the commit it holds: that is the revision that ran.
+    return str(folder), Path(folder).name
+
+
+def quiet_libraries() -> None:
+    """No progress bars from diffusers/transformers in a worker's log."""
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_model(spec: ModelSpec, device: str = "auto") -> LoadedModel:
+    quiet_libraries()
+    device = pick_device(device)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    source, revision = locate_weights(spec)
+    log.info("loading %s from %s (%s, %s)", spec.name, source, device, dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        source, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    scheduler_cls = getattr(diffusers, spec.scheduler)
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    img2img.set_progress_bar_config(disable=True)
+    if spec.random_weights:
+        log.warning("model %s has RANDOM weights: its images are noise (tests and benchmarks only)", spec.name)
+    return LoadedModel(spec, source, revision, device, dtype, pipe, img2img)
+
+
+def generators_for(seed: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per image, seeded seed + i: the same start on any device."""
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+
+
+def prepare_input_image(data: bytes, width: int, height: int) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.Resampling.LANCZOS)
+        return img
+
+
+@torch.inference_mode()
+def generate(model: LoadedModel, params: dict[str, Any], seed: int, init_image: Image.Image | None = None) -> list[Image.Image]:
+    """The images of one job, in order: image i from its own generator seeded seed + i."""
+    # 1. seeds
+    count = params["num_images"]
+    generators = generators_for(seed, count)
+    # 2. img2img at strength 0 keeps the input: no denoising step would run
+    steps = params["num_inference_steps"]
+    if init_image is not None and int(steps * params["strength"]) == 0:
+        return [init_image.copy() for _ in range(count)]
+    # 3. text conditioning, weighted with compel when asked
+    if params["use_compel"]:
+        conditioning = model.compel()(params["prompt"], negative_prompt=params["negative_prompt"])
+        text = dict(prompt_embeds=conditioning.embeds, negative_prompt_embeds=conditioning.negative_embeds)
+    else:
+        text = dict(prompt=params["prompt"], negative_prompt=params["negative_prompt"])
+    common = dict(
+        **text,
+        num_images_per_prompt=count,
+        num_inference_steps=steps,
+        guidance_scale=params["guidance_scale"],
+        generator=generators,
+        output_type="pil",
+    )
+    # 4. the denoising loop and decode
+    if init_image is None:
+        result = model.txt2img(**common, width=params["width"], height=params["height"])
+    else:
+        result = model.img2img(**common, image=init_image, strength=params["strength"])
+    return list(result.images)
+
+
+def library_versions() -> dict[str, str]:
+    import transformers
+
+    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    try:
+        import compel
+
+        versions["compel"] = getattr(compel, "__version__", None) or _dist_version("compel")
+    except ImportError:
+        pass
+    versions["sdqueue"] = _dist_version("sdqueue")
+    return versions
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
