@@ -97,7 +97,8 @@ def run_demo(model: str, workdir: Path) -> int:
          "num_inference_steps": 20},
     ]
     assert generate.name in app.tasks
-    with start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, shutdown_timeout=600):
+    with start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, shutdown_timeout=600,
+                      queues=[settings.queue]):
         job_ids = [client.submit(request) for request in requests]
         records = [client.wait(job_id, timeout=3600) for job_id in job_ids]
     reset_context()

@@ -14,6 +14,10 @@ app = Celery("sdqueue", set_as_current=False)
 
 
 def configure(settings: Settings) -> Celery:
+    """Point the app at `settings` (once per process in a worker; again in tests and the demo)."""
+    if app._pool is not None:  # connections made for an earlier broker URL
+        app._pool.force_close_all()
+        app._after_fork()  # drops the connection and producer pools
     app.conf.update(
         broker_url=settings.broker_url,
         task_default_queue=settings.queue,

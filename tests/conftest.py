@@ -1,0 +1,142 @@
+"""Fixtures: the real Redis, PostgreSQL and SeaweedFS S3 server, the tiny model built through
+the CLI, and an in-process Celery worker on the real broker."""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+from tests.servers import S3_ACCESS_KEY, S3_SECRET_KEY, postgres_database, s3_client, seaweedfs  # noqa: E402
+
+REDIS_URL = os.environ.get("SDQUEUE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+POSTGRES_ADMIN_URL = os.environ.get("SDQUEUE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+BUCKET = "sdqueue-test"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir whose models/tiny was built by `sdqueue models build-tiny`."""
+    from producer.cli import main
+
+    folder = tmp_path_factory.mktemp("data")
+    assert main(["models", "build-tiny", str(folder / "models" / "tiny")]) == 0
+    return folder
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
+        s3_client(endpoint).create_bucket(Bucket=BUCKET)
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()
+    client.flushdb()
+    client.close()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database at this sdqueue's schema, for the whole session."""
+    from models.db import upgrade
+
+    with postgres_database(POSTGRES_ADMIN_URL) as url:
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """AWS credentials in the environment, where boto3 (and the CLI in a subprocess) reads them."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return s3_endpoint
+
+
+@pytest.fixture
+def settings_env(
+    data_dir: Path, redis_url: str, postgres_url: str, s3_env: str, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """The distributed set-up as SDQUEUE_* variables: Redis, PostgreSQL, S3; a queue and a
+    storage prefix of this test's own."""
+    tag = uuid.uuid4().hex[:10]
+    env = {
+        "SDQUEUE_BROKER_URL": redis_url,
+        "SDQUEUE_DATABASE_URL": postgres_url,
+        "SDQUEUE_STORAGE_URL": f"s3://{BUCKET}/{tag}",
+        "SDQUEUE_S3_ENDPOINT_URL": s3_env,
+        "SDQUEUE_MODEL": "tiny",
+        "SDQUEUE_DATA_DIR": str(data_dir),
+        "SDQUEUE_QUEUE": f"test-{tag}",
+        "SDQUEUE_DEVICE": "cpu",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture
+def settings(settings_env: dict[str, str]):  # type: ignore[no-untyped-def]
+    from models.settings import load_settings
+
+    return load_settings()
+
+
+@pytest.fixture
+def client(settings):  # type: ignore[no-untyped-def]
+    from producer.client import Client
+
+    c = Client(settings)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def worker(settings):  # type: ignore[no-untyped-def]
+    """A real Celery worker (solo pool, in a thread of this process) on the test's Redis queue."""
+    from celery.contrib.testing.worker import start_worker
+
+    from worker.app import configure
+    from worker.tasks import generate, reset_context
+
+    app = configure(settings)
+    assert generate.name in app.tasks
+    reset_context()
+    with start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, shutdown_timeout=120,
+                      queues=[settings.queue]) as w:
+        yield w
+    reset_context()
+
+
+@pytest.fixture
+def png_bytes() -> Callable[..., bytes]:
+    def make(width: int = 256, height: int = 256, color: tuple[int, int, int] = (200, 80, 40), fmt: str = "PNG") -> bytes:
+        from PIL import Image, ImageDraw
+
+        img = Image.new("RGB", (width, height), color)
+        ImageDraw.Draw(img).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=(20, 120, 220))
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        return buf.getvalue()
+
+    return make
+
+
+def small(**fields: Any) -> dict[str, Any]:
+    """A request that is cheap on a CPU with the tiny model."""
+    return {"width": 256, "height": 256, "num_inference_steps": 3, **fields}
