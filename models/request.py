@@ -11,7 +11,7 @@ import warnings
 from typing import Annotated, Any
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from models.errors import InvalidRequest
 
@@ -29,9 +29,6 @@ MAX_IMAGE_SIDE = 4096
 # A prompt this long is a mistake, not a prompt; without compel only the first 77 tokens count.
 MAX_PROMPT_CHARS = 4000
 
-Float = StrictFloat | StrictInt  # JSON has no separate int/float: accept 7 for 7.0
-
-
 class GenerationRequest(BaseModel):
     """One job: what a producer may ask of the worker."""
 
@@ -42,8 +39,8 @@ class GenerationRequest(BaseModel):
     image: bytes | None = Field(default=None, repr=False)
     num_images: Annotated[StrictInt, Field(ge=MIN_NUM_IMAGES, le=MAX_NUM_IMAGES)] = 1
     num_inference_steps: Annotated[StrictInt, Field(ge=MIN_STEPS, le=MAX_STEPS)] = 25
-    guidance_scale: Annotated[Float, Field(ge=MIN_GUIDANCE, le=MAX_GUIDANCE)] = 7.5
-    strength: Annotated[Float, Field(ge=MIN_STRENGTH, le=MAX_STRENGTH)] = 0.8
+    guidance_scale: Annotated[float, Field(ge=MIN_GUIDANCE, le=MAX_GUIDANCE)] = 7.5
+    strength: Annotated[float, Field(ge=MIN_STRENGTH, le=MAX_STRENGTH)] = 0.8
     width: StrictInt = 768
     height: StrictInt = 768
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
@@ -63,10 +60,13 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"must be a multiple of 64 from {SIZES[0]} to {SIZES[-1]} (one of {', '.join(map(str, SIZES))})")
         return value
 
-    @field_validator("guidance_scale", "strength")
+    @field_validator("guidance_scale", "strength", mode="before")
     @classmethod
-    def _as_float(cls, value: float) -> float:
-        return float(value)
+    def _a_number(cls, value: Any) -> Any:
+        # JSON has one number type: 7 means 7.0. Text and booleans are not numbers here.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("input should be a number")
+        return value
 
     @field_validator("image")
     @classmethod
@@ -100,9 +100,12 @@ def check_image(data: bytes) -> tuple[int, int]:
                 if width < 1 or height < 1:
                     raise ValueError(f"{width}x{height} px is empty")
                 img.load()  # a truncated or corrupt file fails here
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses before we see the size: still name our bound.
+        raise ValueError(f"image is larger than the bound of {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} px ({exc})") from None
     except UnidentifiedImageError:
         raise ValueError("not a readable image file: no image format recognised") from None
-    except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
+    except (OSError, SyntaxError) as exc:
         raise ValueError(f"not a readable image file: {exc}") from None
     return width, height
 
