@@ -89,7 +89,8 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        self.client = boto3.client(
+        # A session of its own: the default session caches credentials and is not thread-safe.
+        self.client = boto3.session.Session().client(
             "s3",
             endpoint_url=endpoint_url,
             region_name=region,
