@@ -1,0 +1,28 @@
+# Set-up is part of each target: on a fresh machine `make demo` and `make test` do everything.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sdqueue-installed
+
+.PHONY: install demo test services clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: a bare `torch` requirement would pull a CUDA build of several GB
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[worker,test]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/sdqueue demo
+
+test: install services
+	$(PY) -m pytest
+
+services:
+	deploy/dev-services.sh
+
+clean:
+	rm -rf $(VENV) sdqueue-demo .pytest_cache
