@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), EXIT_ERROR)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `sdqueue status ID --json | head`
+        sys.stderr.close()
+        return 0
 
 
 def _fail(message: str, code: int) -> int:

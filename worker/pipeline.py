@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import diffusers
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from PIL import Image
 
-import diffusers  # noqa: E402
-import torch  # noqa: E402
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from models.errors import ModelUnavailable  # noqa: E402
-from models.registry import ModelSpec  # noqa: E402
+from models.errors import ModelUnavailable
+from models.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 
