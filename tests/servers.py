@@ -61,13 +61,18 @@ def seaweedfs(workdir: Path) -> Iterator[str]:
         wait_for_s3(endpoint, proc, workdir / "weed.log")
         yield endpoint
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, timeout=15)
         log.close()
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM the process group started with start_new_session; SIGKILL it after `timeout`."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def s3_client(endpoint: str):  # type: ignore[no-untyped-def]

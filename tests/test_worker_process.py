@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
+
+from tests.servers import stop_process_group
 
 TIMEOUT = 240
 
@@ -38,12 +39,7 @@ def test_worker_process_serves_cli_jobs(settings_env, tmp_path):
         fetched = sdqueue("fetch", ids[1], str(tmp_path / "out"))
         assert fetched.returncode == 0 and len(list((tmp_path / "out").glob("*.png"))) == 1
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)  # warm shutdown
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        stop_process_group(worker, timeout=60)  # SIGTERM: Celery's warm shutdown
         log.close()
     text = (tmp_path / "worker.log").read_text()
     assert "RANDOM weights" in text  # the tiny model never runs unannounced
