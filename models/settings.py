@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     visibility_timeout: int = 3600
     # Give up on a job after this many deliveries (each crash of a worker mid-job is one).
     max_attempts: int = 3
+    # Batching: the most pixels (width x height x images) one denoising loop holds; 0 sizes it
+    # from the GPU's memory (8 images of 768x768 on an 80 GB card).
+    pixel_budget: int = Field(default=0, ge=0)
+    # How long a batch that is not full waits for more compatible jobs.
+    batch_window_ms: int = Field(default=100, ge=0, le=60_000)
+    # Jobs a worker holds at once (Celery thread slots): what its batches are gathered from.
+    worker_slots: int = Field(default=16, ge=1, le=1024)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

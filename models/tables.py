@@ -10,7 +10,7 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -78,6 +78,10 @@ class Batch(Base):
     dtype: Mapped[str] = mapped_column(String(16))
     size: Mapped[int] = mapped_column(Integer)  # samples in the batch
     versions: Mapped[dict[str, Any]] = mapped_column(JSON)  # torch, diffusers, ... versions
+    compat_key: Mapped[str | None] = mapped_column(String(64), default=None)  # mode, size, steps, start step
+    jobs: Mapped[int | None] = mapped_column(Integer, default=None)
+    seconds: Mapped[float | None] = mapped_column(Float, default=None)  # denoise + decode
+    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)  # CUDA only
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 

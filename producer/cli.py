@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a GPU worker: pins one pipeline, runs jobs from the broker")
     worker.add_argument("--model", help="registry name or diffusers folder (default: SDQUEUE_MODEL)")
     worker.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: SDQUEUE_DEVICE or auto)")
-    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
-                        help="Celery pool; prefork (default) loads the pipeline in the child process")
+    worker.add_argument("--slots", type=int, help="jobs held at once, gathered into batches "
+                        "(default: SDQUEUE_WORKER_SLOTS or 16)")
     worker.add_argument("--loglevel", default="INFO")
 
     models = commands.add_parser("models", help="model registry; build offline test models")
@@ -214,8 +214,8 @@ def cmd_db(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.main import run_worker
 
-    overrides = {k: v for k, v in (("model", args.model), ("device", args.device)) if v}
-    return run_worker(load_settings(**overrides), pool=args.pool, loglevel=args.loglevel)
+    overrides = {k: v for k, v in (("model", args.model), ("device", args.device), ("worker_slots", args.slots)) if v}
+    return run_worker(load_settings(**overrides), loglevel=args.loglevel)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

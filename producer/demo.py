@@ -96,8 +96,9 @@ def run_demo(model: str, workdir: Path) -> int:
         {"prompt": "a sunny meadow with a tree, detailed", "image": starter_image(), "strength": 0.7, "seed": 3,
          "num_inference_steps": 20},
     ]
-    assert generate.name in app.tasks
-    with start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, shutdown_timeout=600,
+    generate.context  # noqa: B018  (load the pipeline before the worker takes jobs)
+    with start_worker(app, pool="threads", concurrency=settings.worker_slots, perform_ping_check=False,
+                      shutdown_timeout=600,
                       queues=[settings.queue]):
         job_ids = [client.submit(request) for request in requests]
         records = [client.wait(job_id, timeout=3600) for job_id in job_ids]

@@ -108,16 +108,16 @@ def client(settings):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def worker(settings):  # type: ignore[no-untyped-def]
-    """A real Celery worker (solo pool, in a thread of this process) on the test's Redis queue."""
+    """A real Celery worker (thread pool, in this process) on the test's Redis queue, batching."""
     from celery.contrib.testing.worker import start_worker
 
     from worker.app import configure
     from worker.tasks import generate, reset_context
 
     app = configure(settings)
-    assert generate.name in app.tasks
     reset_context()
-    with start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, shutdown_timeout=120,
+    generate.context  # noqa: B018  (load the pipeline before the worker takes jobs)
+    with start_worker(app, pool="threads", concurrency=settings.worker_slots, perform_ping_check=False, shutdown_timeout=120,
                       queues=[settings.queue]) as w:
         yield w
     reset_context()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import socket
 
+from celery.signals import worker_shutdown
+
 from models.db import Database
 from models.errors import ConfigError
 from models.registry import resolve_model
@@ -19,28 +21,31 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def run_worker(settings: Settings, *, pool: str = "prefork", loglevel: str = "INFO") -> int:
+def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
     setup_logging(loglevel)
     if settings.in_process_broker:
         raise ConfigError(
             "SDQUEUE_BROKER_URL is memory:// (in-process): a worker needs a real broker, "
             "e.g. SDQUEUE_BROKER_URL=redis://127.0.0.1:6379/0"
         )
-    # Fail at start, not on the first job: the schema, then the weights (downloaded here once,
-    # in the parent; the pipeline itself loads in the child, after the fork).
+    # Fail at start, not on the first job: the schema, then the weights, then the pipeline,
+    # loaded once in this process. Task threads share it through the engine's batches.
     Database(settings.database_url).dispose()
     spec = resolve_model(settings.model, settings.data_dir)
     source, revision = locate_weights(spec)
     log.info("model %s from %s (revision %s)", spec.name, source, revision or "-")
     app = configure(settings)
-    import worker.tasks  # noqa: F401  (registers the generate task)
+    from worker.tasks import generate, reset_context
 
+    generate.context  # noqa: B018  (loads the pipeline and starts the engine)
+    worker_shutdown.connect(lambda **_: reset_context(), weak=False)
     app.worker_main(
         [
             "worker",
             f"--loglevel={loglevel}",
-            f"--pool={pool}",
-            "--concurrency=1",  # one process per GPU: it pins one pipeline
+            # One process per GPU; its threads each hold one job, and the engine batches them.
+            "--pool=threads",
+            f"--concurrency={settings.worker_slots}",
             f"--queues={settings.queue}",
             f"--hostname=sdqueue-{settings.queue}@{socket.gethostname()}",
             "--without-gossip",

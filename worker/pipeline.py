@@ -110,49 +110,12 @@ def load_model(spec: ModelSpec, device: str = "auto") -> LoadedModel:
     return LoadedModel(spec, source, revision, device, dtype, pipe, img2img)
 
 
-def generators_for(seed: int, count: int) -> list[torch.Generator]:
-    """One CPU generator per image, seeded seed + i: the same start on any device."""
-    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
-
-
 def prepare_input_image(data: bytes, width: int, height: int) -> Image.Image:
     with Image.open(io.BytesIO(data)) as img:
         img = img.convert("RGB")
         if img.size != (width, height):
             img = img.resize((width, height), Image.Resampling.LANCZOS)
         return img
-
-
-@torch.inference_mode()
-def generate(model: LoadedModel, params: dict[str, Any], seed: int, init_image: Image.Image | None = None) -> list[Image.Image]:
-    """The images of one job, in order: image i from its own generator seeded seed + i."""
-    # 1. seeds
-    count = params["num_images"]
-    generators = generators_for(seed, count)
-    # 2. img2img at strength 0 keeps the input: no denoising step would run
-    steps = params["num_inference_steps"]
-    if init_image is not None and int(steps * params["strength"]) == 0:
-        return [init_image.copy() for _ in range(count)]
-    # 3. text conditioning, weighted with compel when asked
-    if params["use_compel"]:
-        conditioning = model.compel()(params["prompt"], negative_prompt=params["negative_prompt"])
-        text = dict(prompt_embeds=conditioning.embeds, negative_prompt_embeds=conditioning.negative_embeds)
-    else:
-        text = dict(prompt=params["prompt"], negative_prompt=params["negative_prompt"])
-    common = dict(
-        **text,
-        num_images_per_prompt=count,
-        num_inference_steps=steps,
-        guidance_scale=params["guidance_scale"],
-        generator=generators,
-        output_type="pil",
-    )
-    # 4. the denoising loop and decode
-    if init_image is None:
-        result = model.txt2img(**common, width=params["width"], height=params["height"])
-    else:
-        result = model.img2img(**common, image=init_image, strength=params["strength"])
-    return list(result.images)
 
 
 def library_versions() -> dict[str, str]:

@@ -1,0 +1,129 @@
+"""Which jobs run together: grouping by compatibility key under a pixel budget, oldest first.
+
+Pure bookkeeping, no torch: the engine puts each claimed job here and asks for the next batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Hashable
+
+from worker.batch import CompatKey, Sample
+
+
+@dataclass(eq=False)
+class Work:
+    """One claimed job waiting for its batch; `future` resolves to its final state."""
+
+    job_id: str
+    key: CompatKey
+    samples: list[Sample]
+    created_at: float  # the job's creation time: the oldest job's group goes first
+    params: dict[str, Any] = field(default_factory=dict)  # the job's request, for the image records
+    input_sha256: str | None = None
+    arrived: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+    # Set by the engine before planning: samples whose conditioning lengths differ cannot share
+    # a loop, so the group is (key, tokens).
+    tokens: int | None = None
+    conditioning: list[Any] | None = None
+
+    @property
+    def group(self) -> Hashable:
+        return (self.key, self.tokens)
+
+    @property
+    def pixels(self) -> int:
+        return len(self.samples) * self.key.pixels
+
+
+class PixelBudget:
+    """How many pixels one batch may hold: a default, shrunk per shape after out-of-memory."""
+
+    def __init__(self, default: int):
+        self.default = default
+        self._shrunk: dict[tuple[int, int], int] = {}
+
+    def for_key(self, key: CompatKey) -> int:
+        return min(self.default, self._shrunk.get((key.width, key.height), self.default))
+
+    def shrink(self, key: CompatKey, pixels: int) -> None:
+        """A batch of `pixels` did not fit: allow at most that minus one sample from now on."""
+        limit = max(key.pixels, pixels - key.pixels)
+        self._shrunk[(key.width, key.height)] = min(limit, self.for_key(key))
+
+
+def plan_batch(pending: list[Work], budget: PixelBudget, window: float, now: float) -> tuple[list[Work], float]:
+    """The next batch from `pending`, or ([], seconds to wait) while its window is still open.
+
+    The group of the oldest job goes first; it fills, in age order, up to the pixel budget (a
+    job larger than the budget runs alone). An unfilled batch waits for more compatible jobs
+    until `window` seconds after its oldest job arrived.
+    """
+    ready = [w for w in pending if w.tokens is not None]
+    if not ready:
+        return [], window
+    ready.sort(key=lambda w: (w.created_at, w.arrived))
+    oldest = ready[0]
+    limit = budget.for_key(oldest.key)
+    batch, used, full = [], 0, False
+    for work in (w for w in ready if w.group == oldest.group):
+        if batch and used + work.pixels > limit:
+            full = True
+            break
+        batch.append(work)
+        used += work.pixels
+    full = full or used >= limit
+    wait = oldest.arrived + window - now
+    if not full and wait > 0:
+        return [], wait
+    return batch, 0.0
+
+
+class Batcher:
+    """A thread-safe pending list: task threads put work, the GPU thread takes batches."""
+
+    def __init__(self, budget: PixelBudget, window: float):
+        self.budget = budget
+        self.window = window
+        self._pending: list[Work] = []
+        self._changed = threading.Condition()
+
+    def put(self, work: Work) -> Future:
+        with self._changed:
+            self._pending.append(work)
+            self._changed.notify_all()
+        return work.future
+
+    def unprepared(self) -> list[Work]:
+        with self._changed:
+            return [w for w in self._pending if w.tokens is None]
+
+    def drop(self, work: Work) -> None:
+        with self._changed:
+            self._pending.remove(work)
+
+    def take(self, stop: threading.Event, timeout: float = 1.0) -> list[Work]:
+        """The next batch, or [] after `timeout` (or on stop) so the caller can prepare new work."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not stop.is_set():
+                now = time.monotonic()
+                if any(w.tokens is None for w in self._pending):
+                    return []  # the caller prepares these first
+                batch, wait = plan_batch(self._pending, self.budget, self.window, now)
+                if batch:
+                    for work in batch:
+                        self._pending.remove(work)
+                    return batch
+                if now >= deadline:
+                    return []
+                self._changed.wait(min(wait, deadline - now))
+        return []
+
+    def __len__(self) -> int:
+        with self._changed:
+            return len(self._pending)
