@@ -73,6 +73,12 @@ class Sample:
     init_image: Image.Image | None = field(default=None, repr=False)
 
 
+def job_samples(job_id: str, params: dict[str, Any], seed: int, init_image: Image.Image | None) -> list[Sample]:
+    """A job's samples: image i from seed + i, all with the job's prompt and guidance."""
+    prompt = Prompt(params["prompt"], params["negative_prompt"], params["use_compel"])
+    return [Sample(job_id, i, seed + i, prompt, params["guidance_scale"], init_image) for i in range(params["num_images"])]
+
+
 @dataclass
 class Conditioning:
     embeds: torch.Tensor  # [1, tokens, dim]

@@ -65,7 +65,7 @@ def plan_batch(pending: list[Work], budget: PixelBudget, window: float, now: flo
     """
     ready = [w for w in pending if w.tokens is not None]
     if not ready:
-        return [], window
+        return [], float("inf")  # nothing to wait for but new work
     ready.sort(key=lambda w: (w.created_at, w.arrived))
     oldest = ready[0]
     limit = budget.for_key(oldest.key)

@@ -27,7 +27,7 @@ from models.registry import resolve_model
 from models.settings import Settings
 from models.storage import Storage, open_storage
 from worker.app import app
-from worker.batch import Prompt, Sample, compat_key
+from worker.batch import compat_key, job_samples
 from worker.batcher import Work
 
 log = logging.getLogger(__name__)
@@ -118,11 +118,7 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         init_image = None
         if input_key is not None:
             init_image = prepare_input_image(ctx.storage.get(input_key), params["width"], params["height"])
-        prompt = Prompt(params["prompt"], params["negative_prompt"], params["use_compel"])
-        samples = [
-            Sample(job_id, i, seed + i, prompt, params["guidance_scale"], init_image)
-            for i in range(params["num_images"])
-        ]
+        samples = job_samples(job_id, params, seed, init_image)
         work = Work(job_id, compat_key(params, img2img=init_image is not None), samples, created_at,
                     params=params, input_sha256=input_sha256)
         # 3. into a batch; the engine uploads and records the images

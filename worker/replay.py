@@ -1,0 +1,34 @@
+"""Replay a recorded batch: the same jobs, in the same positions, through the same function."""
+
+from __future__ import annotations
+
+import numpy as np
+from sqlalchemy import select
+
+from models.db import Database
+from models.storage import Storage
+from models.tables import Image, Job
+from worker.batch import compat_key, job_samples
+from worker.engine import Engine
+from worker.pipeline import prepare_input_image
+
+
+def replay_batch(engine: Engine, db: Database, storage: Storage, batch_id: str) -> list[np.ndarray]:
+    """The images of batch `batch_id` made again, in batch position order."""
+    with db.session() as session:
+        rows = session.scalars(select(Image).where(Image.batch_id == batch_id).order_by(Image.batch_position)).all()
+        order = list(dict.fromkeys(row.job_id for row in rows))
+        found = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(order)))}
+        jobs = [found[job_id] for job_id in order]
+    if not jobs:
+        raise LookupError(f"no images recorded for batch {batch_id}")
+    samples, conditioning = [], []
+    for job in jobs:
+        init = None
+        if job.input_key is not None:
+            init = prepare_input_image(storage.get(job.input_key), job.params["width"], job.params["height"])
+        mine = job_samples(job.id, job.params, job.seed, init)
+        samples += mine
+        conditioning += engine.conditioning.get([s.prompt for s in mine])
+    key = compat_key(jobs[0].params, img2img=jobs[0].input_key is not None)
+    return engine.generate(key, samples, conditioning)
