@@ -42,14 +42,15 @@ def picture(width: int = 320, height: int = 256) -> Image.Image:
     return Image.fromarray((smooth * 0.7 + rng.integers(0, 70, smooth.shape)).astype("uint8")).resize((256, 256))
 
 
-def test_txt2img_equals_diffusers(model, cache):
+@pytest.mark.parametrize("guidance", [6.0, 1.0])  # at 1.0 diffusers skips guidance; we apply it per sample
+def test_txt2img_equals_diffusers(model, cache, guidance):
     import torch
 
     key = CompatKey("txt2img", 320, 256, 4)
-    ours = run(model, cache, key, job("a", "a red fox", 3, count=2, guidance=6.0, negative="blurry"))
+    ours = run(model, cache, key, job("a", "a red fox", 3, count=2, guidance=guidance, negative="blurry"))
     reference = model.txt2img(
         prompt="a red fox", negative_prompt="blurry", num_images_per_prompt=2, width=320, height=256,
-        num_inference_steps=4, guidance_scale=6.0, output_type="pil",
+        num_inference_steps=4, guidance_scale=guidance, output_type="pil",
         generator=[torch.Generator("cpu").manual_seed(s) for s in (3, 4)],
     ).images
     for mine, theirs in zip(ours, reference):

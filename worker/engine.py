@@ -86,8 +86,14 @@ class Engine:
             for work in self.batcher.unprepared():
                 self._prepare(work)
             batch = self.batcher.take(self._stop, timeout=0.5)
-            if batch:
-                self._run(batch)
+            try:
+                if batch:
+                    self._run(batch)
+            except Exception as exc:  # never leave a task thread waiting on a dead engine
+                log.exception("engine error")
+                for work in batch:
+                    if not work.future.done():
+                        work.future.set_exception(exc)
 
     def _prepare(self, work: Work) -> None:
         """Text conditioning for a new job (cached by prompt); a prompt compel cannot parse fails its job alone."""
