@@ -44,7 +44,7 @@ from models.tables import Batch, Job  # noqa: E402
 # (sizes, step counts, jobs) per model: the tiny model on a CPU must finish in a few minutes too.
 PROFILES = {
     "cpu": {"sizes": [256, 320, 384], "steps": [4, 6], "native": 384, "native_steps": 6, "jobs": 40},
-    "gpu": {"sizes": [512, 640, 768], "steps": [20, 25], "native": 768, "native_steps": 25, "jobs": 48},
+    "gpu": {"sizes": [512, 640, 768], "steps": [20, 25], "native": 768, "native_steps": 25, "jobs": 32},
 }
 
 
@@ -215,7 +215,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny (CPU) or sd21-arch (GPU), or a diffusers folder")
     parser.add_argument("--scenario", default="mixed", choices=["mixed", "uniform", "both"])
-    parser.add_argument("--jobs", type=int, help="jobs per scenario (default: 40 on the CPU, 48 on a GPU)")
+    parser.add_argument("--jobs", type=int, help="jobs per scenario (default: 40 on the CPU, 32 on a GPU)")
     parser.add_argument("--broker-url", default=os.environ.get("SDQUEUE_BROKER_URL", "redis://127.0.0.1:6379/14"))
     parser.add_argument("--workdir", type=Path, help="scratch directory (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where the JSON results go")
