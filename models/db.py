@@ -17,9 +17,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.errors import ConfigError, SchemaOutOfDate
+from models.errors import ConfigError, SchemaOutOfDate, ServiceUnavailable
 
 
 def normalize_url(url: str) -> str:
@@ -77,7 +78,13 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 
 def check_schema(engine: Engine) -> None:
-    current, head = current_revision(engine), head_revision()
+    try:
+        current = current_revision(engine)
+    except OperationalError as exc:
+        where = engine.url.render_as_string(hide_password=True)
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise ServiceUnavailable(f"database {where} cannot be reached: {reason}") from None
+    head = head_revision()
     if current == head:
         return
     where = engine.url.render_as_string(hide_password=True)

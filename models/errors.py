@@ -31,6 +31,10 @@ class ModelUnavailable(SdqueueError):
     """The requested model weights cannot be found or downloaded."""
 
 
+class ServiceUnavailable(SdqueueError):
+    """The database or the broker cannot be reached."""
+
+
 class StorageError(SdqueueError):
     """The object store refused or lost an object."""
 

@@ -15,9 +15,10 @@ from models.errors import JobNotFound
 from models.tables import Image, Job, JobState, utcnow
 
 # A redelivered message (the worker that ran it died) finds the job still running: that is
-# a new attempt of the same job, not a new transition.
+# a new attempt of the same job, not a new transition. A queued job fails when its message
+# could not be sent.
 ALLOWED = {
-    JobState.QUEUED: {JobState.RUNNING, JobState.CANCELLED},
+    JobState.QUEUED: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
     JobState.RUNNING: {JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED},
     JobState.SUCCEEDED: set(),
     JobState.FAILED: set(),

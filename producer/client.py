@@ -19,7 +19,7 @@ from celery import Celery
 from models import jobs
 from models.constants import GENERATE_TASK
 from models.db import Database
-from models.errors import ConfigError, JobTimeout
+from models.errors import ConfigError, JobTimeout, ServiceUnavailable
 from models.request import GenerationRequest, parse_request
 from models.settings import Settings, load_settings
 from models.storage import input_key_for, open_storage
@@ -85,9 +85,13 @@ class Client:
         try:
             sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=self.settings.queue)
         except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
             with self.db.session() as session:
-                jobs.fail(session, job_id, f"could not be enqueued: {type(exc).__name__}: {exc}")
-            raise
+                jobs.fail(session, job_id, f"could not be enqueued: {reason}")
+            raise ServiceUnavailable(
+                f"broker {self.settings.broker_url} cannot be reached ({reason}): job {job_id} was not "
+                f"enqueued and is recorded as failed"
+            ) from exc
         return job_id
 
     def get(self, job_id: str) -> dict[str, Any]:
