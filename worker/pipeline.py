@@ -1,7 +1,8 @@
-"""Load one pipeline for the worker's life, and generate a job's images with it.
+"""Load one pipeline for the worker's life.
 
 The pipeline loads through `from_pretrained` from a hub id or a local folder (weights built by
-`sdqueue models build-*` take the same path), fp16 on CUDA and fp32 on the CPU.
+`sdqueue models build-*` take the same path), fp16 on CUDA and fp32 on the CPU. Generation itself
+is worker/batch.py.
 """
 
 from __future__ import annotations
