@@ -11,11 +11,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from models.errors import InvalidRequest, JobNotFound, JobTimeout, SdqueueError
 from models.request import MAX_IMAGE_BYTES
-from models.settings import Settings, load_settings
+from models.settings import load_settings
+
+if TYPE_CHECKING:
+    from producer.client import Client
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT = 1, 2, 3, 4
 
@@ -120,10 +123,10 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _client(settings: Settings | None = None):  # type: ignore[no-untyped-def]
+def _client() -> Client:
     from producer.client import Client
 
-    return Client(settings or load_settings())
+    return Client(load_settings())
 
 
 def request_from_args(args: argparse.Namespace) -> dict[str, Any]:

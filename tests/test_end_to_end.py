@@ -138,3 +138,17 @@ def test_resubmitting_recorded_parameters_reproduces_pixels(settings, client, wo
     for a, b in zip(first["images"], again["images"]):
         assert a["seed"] == b["seed"]
         assert np.array_equal(pixels(s3_object(settings, a["key"])), pixels(s3_object(settings, b["key"])))
+
+
+def test_cancel_a_queued_job(settings, client):
+    job_id = client.submit(small(prompt="never mind"))  # no worker on this test's queue
+    result = subprocess.run([sys.executable, "-m", "producer.cli", "cancel", job_id], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"{job_id} cancelled"
+    assert client.get(job_id)["state"] == "cancelled"
+    again = subprocess.run([sys.executable, "-m", "producer.cli", "cancel", job_id], capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 1 and "is cancelled: it cannot become cancelled" in again.stderr
+    missing = subprocess.run([sys.executable, "-m", "producer.cli", "status", "no-such-job"], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 3 and "no job with id 'no-such-job'" in missing.stderr
