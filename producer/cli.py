@@ -11,14 +11,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from models.errors import InvalidRequest, JobNotFound, JobTimeout, SdqueueError
 from models.request import MAX_IMAGE_BYTES
 from models.settings import load_settings
-
-if TYPE_CHECKING:
-    from producer.client import Client
+from producer.client import Client
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT = 1, 2, 3, 4
 
@@ -124,8 +122,6 @@ def _fail(message: str, code: int) -> int:
 
 
 def _client() -> Client:
-    from producer.client import Client
-
     return Client(load_settings())
 
 
