@@ -9,10 +9,8 @@ from celery.signals import worker_shutdown
 
 from models.db import Database
 from models.errors import ConfigError
-from models.registry import resolve_model
 from models.settings import Settings
 from worker.app import configure
-from worker.pipeline import locate_weights
 
 log = logging.getLogger("worker")
 
@@ -28,16 +26,14 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
             "SDQUEUE_BROKER_URL is memory:// (in-process): a worker needs a real broker, "
             "e.g. SDQUEUE_BROKER_URL=redis://127.0.0.1:6379/0"
         )
-    # Fail at start, not on the first job: the schema, then the weights, then the pipeline,
+    # Fail at start, not on the first job: the schema, then the weights and the pipeline,
     # loaded once in this process. Task threads share it through the engine's batches.
     Database(settings.database_url).dispose()
-    spec = resolve_model(settings.model, settings.data_dir)
-    source, revision = locate_weights(spec)
-    log.info("model %s from %s (revision %s)", spec.name, source, revision or "-")
     app = configure(settings)
     from worker.tasks import generate, reset_context
 
-    generate.context  # noqa: B018  (loads the pipeline and starts the engine)
+    model = generate.context.engine.model  # loads the pipeline and starts the engine
+    log.info("model %s from %s (revision %s)", model.spec.name, model.source, model.revision or "-")
     worker_shutdown.connect(lambda **_: reset_context(), weak=False)
     app.worker_main(
         [
