@@ -88,26 +88,45 @@ def check_image(data: bytes) -> tuple[int, int]:
     """Refuse anything that is not a readable image within the bounds; return its size."""
     if len(data) > MAX_IMAGE_BYTES:
         raise ValueError(f"file of {len(data)} bytes is larger than the bound of {MAX_IMAGE_BYTES} bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size  # read from the header: nothing decoded yet
-                if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
-                    raise ValueError(
-                        f"{width}x{height} px is larger than the bound of {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} px"
-                    )
-                if width < 1 or height < 1:
-                    raise ValueError(f"{width}x{height} px is empty")
+    with warnings.catch_warnings():
+        # A malformed file makes Pillow warn (corrupt EXIF, skipped tags) as well as fail: the
+        # refusal below is the one line a user sees, and a file that loads despite them is fine.
+        warnings.simplefilter("ignore")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            # Pillow refuses before we see the size: still name our bound.
+            bound = f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} px"
+            raise ValueError(f"image is larger than the bound of {bound} ({exc})") from None
+        except UnidentifiedImageError:
+            raise ValueError("not a readable image file: no image format recognised") from None
+        except Exception as exc:  # Pillow's plugins fail on hostile input with many types, not only OSError
+            raise ValueError(f"not a readable image file: {_reason(exc)}") from None
+        with img:
+            width, height = img.size  # read from the header: nothing decoded yet
+            if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
+                raise ValueError(
+                    f"{width}x{height} px is larger than the bound of {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} px"
+                )
+            if width < 1 or height < 1:
+                raise ValueError(f"{width}x{height} px is empty")
+            try:
                 img.load()  # a truncated or corrupt file fails here
-    except Image.DecompressionBombError as exc:
-        # Pillow refuses before we see the size: still name our bound.
-        raise ValueError(f"image is larger than the bound of {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} px ({exc})") from None
-    except UnidentifiedImageError:
-        raise ValueError("not a readable image file: no image format recognised") from None
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"not a readable image file: {exc}") from None
+            except Exception as exc:  # e.g. NotImplementedError (DDS), AttributeError (SPIDER), TypeError (TIFF)
+                raise ValueError(f"not a readable image file: {_reason(exc)}") from None
     return width, height
+
+
+def _reason(exc: Exception) -> str:
+    """Pillow's message on one line, or the exception's name where it has none."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _key(key: Any) -> str:
+    """A key as given where it is a plain name, else its repr (cut short): a refusal stays one line."""
+    if isinstance(key, str) and key.isidentifier() and len(key) <= 60:
+        return key
+    return repr(key[:57] + "...") if isinstance(key, str) and len(key) > 60 else repr(key)
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -115,7 +134,9 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{field} is required"
     if error["type"] == "extra_forbidden":
-        return f"{field} is not a request field"
+        return f"{_key(error['loc'][-1])} is not a request field"
+    if error["type"] == "invalid_key":  # a key that is not text, from a Python caller
+        return f"{_key(error['input'])} is not a request field"
     value = error.get("input")
     shown = f"<{len(value)} bytes>" if isinstance(value, bytes) else repr(value)
     if isinstance(value, str) and len(value) > 60:
@@ -130,6 +151,7 @@ def parse_request(data: dict[str, Any]) -> GenerationRequest:
     if not isinstance(data, dict):
         raise InvalidRequest([f"request must be an object of fields, not {type(data).__name__}"])
     try:
-        return GenerationRequest(**data)
+        # Not GenerationRequest(**data): a key that is not text is a bad field, not a TypeError.
+        return GenerationRequest.model_validate(data)
     except ValidationError as exc:
         raise InvalidRequest([_describe(e) for e in exc.errors()]) from None
