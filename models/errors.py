@@ -19,6 +19,10 @@ class JobNotFound(SdqueueError, LookupError):
         super().__init__(f"no job with id {job_id!r}")
 
 
+class BadDestination(SdqueueError, ValueError):
+    """A folder to download into that is not a writable folder. Nothing was downloaded."""
+
+
 class SchemaOutOfDate(SdqueueError):
     """The database is not at the schema revision this code needs."""
 
@@ -37,6 +41,16 @@ class ServiceUnavailable(SdqueueError):
 
 class StorageError(SdqueueError):
     """The object store refused or lost an object."""
+
+
+class StorageUnavailable(StorageError, ServiceUnavailable):
+    """The object store cannot be reached (or answers with a server error): an outage, not a
+    fault of the job. Uploads wait and retry."""
+
+
+class JobError(SdqueueError):
+    """A job fails by itself in a way another attempt would not mend (a prompt compel cannot
+    parse, NaN conditioning, latents or pixels): it fails at once, alone."""
 
 
 class JobTimeout(SdqueueError, TimeoutError):

@@ -1,35 +1,67 @@
-"""The job state machine: queued -> running -> succeeded | failed | cancelled.
+"""The job state machine and the leases that guard it.
 
-Producer and worker change a job's state only through these functions, each in the caller's
-transaction, so every transition is checked in one place.
+    queued -> running -> succeeded | failed | cancelled
+                 `-> queued (lease expired, given back, or a failed attempt to retry)
+
+A worker claims a queued job with a lease: an owner (the worker process), an expiry it keeps
+pushing forward while it holds the job, and a token that grows at every claim. Only the holder of
+the current lease may upload and record; everything it writes checks owner and token in the same
+transaction, so a stale holder (its lease expired and the job was claimed again) can change
+nothing. Producer, worker and sweeper change a job only through these functions, each in the
+caller's transaction.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterable
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from models.errors import JobNotFound
-from models.tables import Image, Job, JobState, utcnow
+from models.tables import Image, Job, JobState, Upload, utcnow
 
-# A redelivered message (the worker that ran it died) finds the job still running: that is
-# a new attempt of the same job, not a new transition. A queued job fails when its message
-# could not be sent.
 ALLOWED = {
     JobState.QUEUED: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
-    JobState.RUNNING: {JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED},
+    JobState.RUNNING: {JobState.QUEUED, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED},
     JobState.SUCCEEDED: set(),
     JobState.FAILED: set(),
     JobState.CANCELLED: set(),
 }
+
+# IN lists of at most this many ids per statement.
+CHUNK = 500
 
 
 class IllegalTransition(Exception):
     def __init__(self, job_id: str, current: JobState, wanted: JobState):
         super().__init__(f"job {job_id} is {current.value}: it cannot become {wanted.value}")
         self.current = current
+
+
+class LeaseLost(Exception):
+    """The job is no longer this claim's: cancelled, ended, or claimed again by another."""
+
+    def __init__(self, job_id: str, state: str):
+        super().__init__(f"job {job_id} is no longer held by this claim (it is {state})")
+        self.job_id = job_id
+        self.state = state
+
+
+@dataclass(frozen=True)
+class Lease:
+    job_id: str
+    owner: str
+    token: int
+
+
+def aware(value: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back without their zone; every time here is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
 
 
 def get_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
@@ -47,43 +79,159 @@ def transition(job: Job, wanted: JobState) -> None:
     if wanted not in ALLOWED[current]:
         raise IllegalTransition(job.id, current, wanted)
     job.state = wanted.value
-    now = utcnow()
-    if wanted is JobState.RUNNING:
-        job.started_at = now
-        job.attempts += 1
-        job.error = None
-    elif wanted.terminal:
-        job.finished_at = now
+    if wanted.terminal:
+        job.finished_at = utcnow()
+    if wanted is not JobState.RUNNING:
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.running_alone = False
 
 
-def start(session: Session, job_id: str, worker: str, model: str) -> Job | None:
-    """Claim a job for a run; None when it has ended already (done, failed or cancelled)."""
+def claim(
+    session: Session, job_id: str, owner: str, model: str, *, lease_seconds: float, max_attempts: int
+) -> tuple[Job | None, str]:
+    """Claim a job for `owner`: (the job, "claimed") or (None, why it was not claimed).
+
+    A job that ended, or whose lease is live (another worker's, or this one's: a second delivery),
+    is not claimed, whatever message arrived. A lease that expired is taken over as the sweeper
+    would have: its holder died.
+    """
     job = get_job(session, job_id, lock=True)
+    now = utcnow()
     if JobState(job.state).terminal:
-        return None
+        return None, f"it is {job.state}"
+    if job.state == JobState.RUNNING.value:
+        expires = aware(job.lease_expires_at)
+        if job.lease_owner == owner:
+            return None, "this worker holds it already"
+        if expires is not None and expires > now:
+            return None, f"{job.lease_owner} holds it until {expires.isoformat(timespec='seconds')}"
+        if not requeue_expired(job, max_attempts):
+            return None, "dead-lettered"
     transition(job, JobState.RUNNING)
-    job.worker = worker
+    job.attempts += 1
+    job.lease_token += 1
+    job.lease_owner = owner
+    job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    job.started_at = now
+    job.worker = owner
     job.model = model
-    # Images of an earlier, interrupted attempt are made again with the same seeds.
-    for image in list(job.images):
-        session.delete(image)
     session.flush()
+    return job, "claimed"
+
+
+def lease_of(job: Job) -> Lease:
+    assert job.lease_owner is not None
+    return Lease(job.id, job.lease_owner, job.lease_token)
+
+
+def _held(session: Session, lease: Lease) -> Job:
+    """The job, locked, if `lease` still holds it; else LeaseLost."""
+    job = get_job(session, lease.job_id, lock=True)
+    if job.state != JobState.RUNNING.value or job.lease_owner != lease.owner or job.lease_token != lease.token:
+        raise LeaseLost(job.id, job.state if job.state != JobState.RUNNING.value else f"held by {job.lease_owner}")
     return job
 
 
-def succeed(session: Session, job_id: str, images: list[Image]) -> Job:
-    job = get_job(session, job_id, lock=True)
+def check_held(session: Session, lease: Lease) -> None:
+    _held(session, lease)
+
+
+def renew(session: Session, owner: str, job_ids: Iterable[str], lease_seconds: float) -> set[str]:
+    """Push the leases `owner` holds forward; returns the ids it still holds (the rest are lost)."""
+    expires = utcnow() + timedelta(seconds=lease_seconds)
+    ids = list(job_ids)
+    kept: set[str] = set()
+    for start in range(0, len(ids), CHUNK):
+        kept.update(session.scalars(
+            update(Job)
+            .where(Job.id.in_(ids[start : start + CHUNK]), Job.lease_owner == owner,
+                   Job.state == JobState.RUNNING.value)
+            .values(lease_expires_at=expires)
+            .returning(Job.id)
+        ))
+    return kept
+
+
+def running_alone(session: Session, lease: Lease) -> None:
+    """The job is about to run alone on the GPU: if its worker dies now, the job is the cause."""
+    _held(session, lease).running_alone = True
+
+
+def record_uploads(session: Session, lease: Lease, keys: list[str]) -> None:
+    """Say which objects this claim is about to upload, so that none is left behind unseen."""
+    _held(session, lease)
+    for key in keys:
+        session.merge(Upload(object_key=key, job_id=lease.job_id, lease_token=lease.token))
+
+
+def succeed(session: Session, lease: Lease, images: list[Image]) -> Job:
+    job = _held(session, lease)
     transition(job, JobState.SUCCEEDED)
+    job.error = None
+    job.suspect = False
     for image in images:
         session.add(image)
+    session.flush()
+    recorded = [image.object_key for image in images]
+    session.execute(delete(Upload).where(Upload.job_id == job.id, Upload.object_key.in_(recorded)))
     return job
 
 
-def fail(session: Session, job_id: str, error: str) -> Job:
-    job = get_job(session, job_id, lock=True)
+def fail(session: Session, lease: Lease, error: str) -> Job:
+    """The job failed by itself in a way another attempt cannot mend: failed now."""
+    job = _held(session, lease)
     transition(job, JobState.FAILED)
     job.error = error
     return job
+
+
+def charge(session: Session, lease: Lease, error: str, max_attempts: int) -> bool:
+    """An attempt that failed by the job's own fault. True: back to the queue for another
+    attempt (send it); False: that was its last, it is failed and dead-lettered."""
+    job = _held(session, lease)
+    return _charge(job, error, max_attempts)
+
+
+def _charge(job: Job, error: str, max_attempts: int) -> bool:
+    job.failures += 1
+    job.error = error
+    if job.failures >= max_attempts:
+        transition(job, JobState.FAILED)
+        job.dead_letter = True
+        job.error = f"dead-lettered after {job.failures} failed attempts; the last: {error}"
+        return False
+    transition(job, JobState.QUEUED)
+    job.enqueued_at = utcnow()
+    return True
+
+
+def requeue_expired(job: Job, max_attempts: int) -> bool:
+    """A running job whose lease expired: its holder died. True when it goes back to the queue."""
+    if job.running_alone:
+        return _charge(job, f"its worker died while running it alone (attempt {job.attempts})", max_attempts)
+    # It shared its worker with others: the next claim runs it alone to see whether it is the cause.
+    job.suspect = True
+    transition(job, JobState.QUEUED)
+    job.enqueued_at = utcnow()
+    return True
+
+
+def release(session: Session, owner: str, job_ids: Iterable[str]) -> list[str]:
+    """Give back jobs `owner` holds (shutdown, an outage it cannot wait out): queued again, no
+    attempt charged. Returns the ids given back (to send)."""
+    ids = list(job_ids)
+    released: list[str] = []
+    for start in range(0, len(ids), CHUNK):
+        released += session.scalars(
+            update(Job)
+            .where(Job.id.in_(ids[start : start + CHUNK]), Job.lease_owner == owner,
+                   Job.state == JobState.RUNNING.value)
+            .values(state=JobState.QUEUED.value, lease_owner=None, lease_expires_at=None, running_alone=False,
+                    enqueued_at=utcnow())
+            .returning(Job.id)
+        )
+    return released
 
 
 def cancel(session: Session, job_id: str) -> Job:
@@ -108,8 +256,11 @@ def job_record(job: Job, *, locate: Any = None) -> dict[str, Any]:
         "input_key": job.input_key,
         "model": job.model,
         "attempts": job.attempts,
+        "failures": job.failures,
+        "dead_letter": job.dead_letter,
         "error": job.error,
         "worker": job.worker,
+        "lease_expires_at": when(job.lease_expires_at),
         "created_at": when(job.created_at),
         "started_at": when(job.started_at),
         "finished_at": when(job.finished_at),

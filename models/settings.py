@@ -39,10 +39,29 @@ class Settings(BaseSettings):
     queue: str = DEFAULT_QUEUE
     # "auto" takes CUDA when there is one; the worker runs fp16 on CUDA and fp32 on the CPU.
     device: str = "auto"
-    # Unacknowledged messages come back to the queue after this many seconds (Redis transport).
+    # Unacknowledged messages come back to the queue after this many seconds (Redis transport):
+    # a backstop only; leases in the database decide who runs a job.
     visibility_timeout: int = 3600
-    # Give up on a job after this many deliveries (each crash of a worker mid-job is one).
-    max_attempts: int = 3
+    # Attempts that end by the job's own fault (a Python error, or its worker dying while it ran
+    # alone) before it is failed and dead-lettered. Outages and shutdowns are not counted.
+    max_attempts: int = Field(default=3, ge=1)
+    # A worker's claim on a job lasts this long unless its heartbeat (every heartbeat_seconds)
+    # pushes it forward: a killed worker's jobs run again about lease_seconds + sweep_interval later.
+    lease_seconds: float = Field(default=30, gt=0)
+    heartbeat_seconds: float = Field(default=5, gt=0)
+    # How often each worker sweeps (expired leases, lost messages, orphan objects); `sdqueue sweep` once.
+    sweep_interval: float = Field(default=10, gt=0)
+    # A queued job whose message is not in the broker this long after it was sent is sent again.
+    requeue_after: float = Field(default=120, gt=0)
+    # Objects of cancelled, superseded or crashed claims are deleted this long after their upload.
+    orphan_grace: float = Field(default=600, ge=0)
+    # How long an outage of the database, broker or storage is waited out before a worker gives a
+    # job back (it is never failed for it).
+    outage_timeout: float = Field(default=1800, gt=0)
+    # Finished images wait here while the object store is down; when it holds spool_max_bytes the
+    # worker stops starting batches until uploads drain it. Empty: the data dir's spool/.
+    spool_dir: Path | None = None
+    spool_max_bytes: int = Field(default=2 * 2**30, gt=0)
     # Batching: the most pixels (width x height x images) one denoising loop holds; 0 sizes it
     # from the GPU's memory (8 images of 768x768 on an 80 GB card).
     pixel_budget: int = Field(default=0, ge=0)
@@ -57,6 +76,13 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'sdqueue.db'}"
         if not self.storage_url:
             self.storage_url = (self.data_dir / "storage").resolve().as_uri()
+        if self.spool_dir is None:
+            self.spool_dir = self.data_dir / "spool"
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError(
+                f"SDQUEUE_HEARTBEAT_SECONDS={self.heartbeat_seconds:g} must be at most half of "
+                f"SDQUEUE_LEASE_SECONDS={self.lease_seconds:g}: a lease must survive a missed heartbeat"
+            )
         return self
 
     @field_validator("broker_url")

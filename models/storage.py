@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlparse
 
-from models.errors import ConfigError, StorageError
+from models.errors import ConfigError, StorageError, StorageUnavailable
 
 
-def object_key_for(job_id: str, index: int) -> str:
-    """The key of image `index` of job `job_id`."""
-    return f"images/{job_id}/{index}.png"
+def object_key_for(job_id: str, index: int, claim: int) -> str:
+    """The key of image `index` of job `job_id` as made by its claim number `claim` (the lease
+    token): a stale claim never writes over the objects of a newer one."""
+    return f"images/{job_id}/{claim}/{index}.png"
 
 
 def input_key_for(job_id: str) -> str:
@@ -97,18 +98,34 @@ class S3Storage:
             config=Config(
                 signature_version="s3v4",
                 s3={"addressing_style": "path"} if endpoint_url else {},
-                retries={"max_attempts": 5, "mode": "standard"},
+                # A few quick tries here; a longer outage is waited out by the caller (models/outage.py).
+                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=30,
             ),
         )
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def _error(self, what: str, exc: Exception) -> StorageError:
+        """StorageUnavailable when the server cannot be reached or answers with a server error."""
+        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+        if isinstance(exc, (ConnectionError, HTTPClientError)):
+            return StorageUnavailable(f"{what} {self.url}: the S3 server cannot be reached ({exc})")
+        if isinstance(exc, ClientError):
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            code = exc.response.get("Error", {}).get("Code", "")
+            if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
+                return StorageUnavailable(f"{what} {self.url}: the S3 server is unavailable ({exc})")
+        return StorageError(f"{what} {self.url} failed: {exc}")
+
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
         except Exception as exc:
-            raise StorageError(f"upload of {key!r} to {self.url} failed: {exc}") from exc
+            raise self._error(f"upload of {key!r} to", exc) from exc
 
     def get(self, key: str) -> bytes:
         try:
@@ -116,7 +133,7 @@ class S3Storage:
         except self.client.exceptions.NoSuchKey:
             raise StorageError(f"object {key!r} not found in {self.url}") from None
         except Exception as exc:
-            raise StorageError(f"download of {key!r} from {self.url} failed: {exc}") from exc
+            raise self._error(f"download of {key!r} from", exc) from exc
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
@@ -127,10 +144,15 @@ class S3Storage:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
-            raise StorageError(f"checking {key!r} in {self.url} failed: {exc}") from exc
+            raise self._error(f"checking {key!r} in", exc) from exc
+        except Exception as exc:
+            raise self._error(f"checking {key!r} in", exc) from exc
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            raise self._error(f"deleting {key!r} from", exc) from exc
 
     def location(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"

@@ -10,7 +10,7 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -36,6 +36,7 @@ class Base(DeclarativeBase):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state_lease", "state", "lease_expires_at"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.QUEUED.value)
@@ -53,9 +54,26 @@ class Job(Base):
     input_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     # Which model ran it (registry name or folder), set by the worker.
     model: Mapped[str | None] = mapped_column(String(512), default=None)
+    # Every claim counts an attempt; `failures` counts those that ended by the job's own fault (a
+    # Python error, or its worker dying while it ran alone): SDQUEUE_MAX_ATTEMPTS of them dead-letter it.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    dead_letter: Mapped[bool] = mapped_column(default=False)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     worker: Mapped[str | None] = mapped_column(String(255), default=None)
+    # The lease of the claim that runs it: only its holder (owner and token) may upload and record.
+    # The token grows by one at every claim; object keys carry it, so a stale holder never
+    # overwrites the objects of a newer claim.
+    lease_owner: Mapped[str | None] = mapped_column(String(255), default=None)
+    lease_token: Mapped[int] = mapped_column(Integer, default=0)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Its worker died while it shared a batch: the next claim runs it alone, so a job that kills
+    # its worker is found without charging its batch mates.
+    suspect: Mapped[bool] = mapped_column(default=False)
+    # Set while it runs alone on the GPU: a worker that dies then is charged to this job only.
+    running_alone: Mapped[bool] = mapped_column(default=False)
+    # When its last message was sent: a queued job whose message the broker lost is sent again.
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -84,6 +102,19 @@ class Batch(Base):
     peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)  # CUDA only
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Upload(Base):
+    """An object a claim is about to upload. Its row goes when the job records the object as one
+    of its images; a row left behind (a cancelled, superseded or crashed claim) tells the sweeper
+    which object to delete, with no listing of the bucket."""
+
+    __tablename__ = "uploads"
+
+    object_key: Mapped[str] = mapped_column(String(512), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    lease_token: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class Image(Base):

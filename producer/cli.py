@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from models.errors import InvalidRequest, JobNotFound, JobTimeout, SdqueueError
+from models.errors import BadDestination, InvalidRequest, JobNotFound, JobTimeout, SdqueueError
 from models.request import MAX_IMAGE_BYTES
 from models.settings import load_settings
 from producer.client import Client
@@ -69,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("job_id")
 
+    sweep = commands.add_parser(
+        "sweep", help="once: put back jobs of dead workers (expired leases) and jobs whose message the broker lost, "
+        "and delete objects no job references (every worker also does this every SDQUEUE_SWEEP_INTERVAL seconds)")
+    sweep.add_argument("--orphan-grace", type=float, metavar="SECONDS",
+                       help="delete unreferenced objects uploaded at least this long ago (default: SDQUEUE_ORPHAN_GRACE, 600)")
+
     db = commands.add_parser("db", help="database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
     db_commands.add_parser("upgrade", help="bring the database to this version's schema (alembic upgrade head)")
@@ -99,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Pillow logs what it thinks of a hostile file as well as raising: the refusal is the one line.
+    logging.getLogger("PIL").addHandler(logging.NullHandler())
     try:
         return COMMANDS[args.command](args)
     except InvalidRequest as exc:
@@ -140,13 +151,35 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def read_image_file(path: Path) -> bytes:
+    """The bytes of a regular file within MAX_IMAGE_BYTES: never a device, FIFO or folder."""
+    where = f"image={str(path)!r}"
     try:
-        size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            raise InvalidRequest([f"image={str(path)!r}: file of {size} bytes is larger than the bound of {MAX_IMAGE_BYTES} bytes"])
-        return path.read_bytes()
+        # O_NONBLOCK: opening a FIFO that has no writer must not hang; a regular file ignores it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
-        raise InvalidRequest([f"image={str(path)!r}: cannot be read ({exc.strerror or exc})"]) from None
+        raise InvalidRequest([f"{where}: cannot be read ({exc.strerror or exc})"]) from None
+    try:
+        info = os.fstat(fd)  # of what was opened, so a file swapped after a check cannot slip through
+        if not stat.S_ISREG(info.st_mode):
+            kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                     (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+            kind = next((name for test, name in kinds if test(info.st_mode)), "not a regular file")
+            raise InvalidRequest([f"{where}: is {kind}, not a regular file"])
+        too_large = f"{where}: file of {{}} bytes is larger than the bound of {MAX_IMAGE_BYTES} bytes"
+        if info.st_size > MAX_IMAGE_BYTES:
+            raise InvalidRequest([too_large.format(info.st_size)])
+        # The size can lie (a file still growing, /proc): read one byte past the bound, never more.
+        chunks, size = [], 0
+        while size <= MAX_IMAGE_BYTES and (chunk := os.read(fd, MAX_IMAGE_BYTES + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_IMAGE_BYTES:
+            raise InvalidRequest([too_large.format(f"more than {MAX_IMAGE_BYTES}")])
+        return b"".join(chunks)
+    except OSError as exc:
+        raise InvalidRequest([f"{where}: cannot be read ({exc.strerror or exc})"]) from None
+    finally:
+        os.close(fd)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -179,7 +212,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     record = client.get(args.job_id)
     if record["state"] != "succeeded":
         return _fail(f"job {args.job_id} is {record['state']}: it has no images to fetch", EXIT_ERROR)
-    for path in client.fetch(args.job_id, args.dir):
+    try:
+        paths = client.fetch(args.job_id, args.dir)
+    except BadDestination as exc:  # nothing was downloaded
+        return _fail(str(exc), EXIT_USAGE)
+    for path in paths:
         print(path)
     return 0
 
@@ -192,6 +229,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     except IllegalTransition as exc:
         return _fail(str(exc), EXIT_ERROR)
     print(f"{record['id']} {record['state']}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from models.sweep import Sweeper
+
+    client = _client()
+    report = Sweeper(client.settings, client.db, client.storage, client.send).sweep(
+        orphan_grace=args.orphan_grace, force_scan=True)
+    print(report)
+    client.close()
     return 0
 
 
@@ -245,6 +293,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "wait": cmd_wait,
     "fetch": cmd_fetch,
     "cancel": cmd_cancel,
+    "sweep": cmd_sweep,
     "db": cmd_db,
     "worker": cmd_worker,
     "models": cmd_models,

@@ -1,13 +1,15 @@
 """The Python client: submit a request, read a job, wait for it, fetch its images.
 
 Order of a submit: validate everything, store the img2img input, write the job row, then send
-the message. A request that fails validation leaves no trace; a message that cannot be sent
-marks its job failed, so no job waits forever for a message that never left.
+the message. A request that fails validation leaves no trace; when the message cannot be sent the
+row and the input are taken back, so the caller's error means nothing was enqueued. A producer
+killed between the row and the send leaves a queued job the sweeper sends later.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import time
 import uuid
@@ -16,14 +18,17 @@ from typing import Any
 
 from celery import Celery
 
+from sqlalchemy import delete
+
 from models import jobs
+from models.broker import announce_cancel
 from models.constants import GENERATE_TASK
 from models.db import Database
-from models.errors import ConfigError, JobTimeout, ServiceUnavailable
+from models.errors import BadDestination, ConfigError, JobTimeout, ServiceUnavailable
 from models.request import GenerationRequest, parse_request
 from models.settings import Settings, load_settings
 from models.storage import input_key_for, open_storage
-from models.tables import Job, JobState
+from models.tables import Job, JobState, utcnow
 
 # A drawn seed stays short enough to read and type back.
 DRAWN_SEED_BOUND = 2**32
@@ -61,7 +66,7 @@ class Client:
         # 1. validate (raises InvalidRequest) and check we can send at all, before any write
         if not isinstance(request, GenerationRequest):
             request = parse_request(request)
-        sender = self.sender
+        self.sender  # noqa: B018  (refuses the in-process broker before anything is written)
         # 2. resolve the seed: a drawn seed is recorded like a given one
         job_id = str(uuid.uuid4())
         seed = request.seed if request.seed is not None else secrets.randbelow(DRAWN_SEED_BOUND)
@@ -79,20 +84,39 @@ class Client:
                     id=job_id, state=JobState.QUEUED.value, mode=request.mode, params=params, seed=seed,
                     seed_was_drawn=request.seed is None, width=request.width, height=request.height,
                     num_inference_steps=request.num_inference_steps, num_images=request.num_images,
-                    input_key=input_key, input_sha256=input_sha256,
+                    input_key=input_key, input_sha256=input_sha256, enqueued_at=utcnow(),
                 )
             )
         try:
-            sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=self.settings.queue)
+            self.send([job_id])
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
-            with self.db.session() as session:
-                jobs.fail(session, job_id, f"could not be enqueued: {reason}")
             raise ServiceUnavailable(
-                f"broker {self.settings.broker_url} cannot be reached ({reason}): job {job_id} was not "
-                f"enqueued and is recorded as failed"
+                f"broker {self.settings.broker_url} cannot be reached ({reason}): {self._take_back(job_id, input_key)}"
             ) from exc
         return job_id
+
+    def send(self, job_ids: list[str]) -> None:
+        """The jobs' messages, one per job, through one connection; the job id is the task id."""
+        sender = self.sender
+        with sender.producer_or_acquire() as producer:
+            for job_id in job_ids:
+                sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=self.settings.queue,
+                                 producer=producer)
+
+    def _take_back(self, job_id: str, input_key: str | None) -> str:
+        """Undo a submit whose message could not be sent; says what became of the job."""
+        try:
+            with self.db.session() as session:
+                session.execute(delete(Job).where(Job.id == job_id, Job.state == JobState.QUEUED.value))
+        except Exception:
+            return f"job {job_id} stays recorded as queued and the sweeper sends it once the broker is back"
+        if input_key is not None:
+            try:
+                self.storage.delete(input_key)
+            except Exception:  # an input no job names is harmless; the row is what counts
+                pass
+        return "nothing was enqueued"
 
     def get(self, job_id: str) -> dict[str, Any]:
         """The job's whole record (raises JobNotFound)."""
@@ -111,20 +135,55 @@ class Client:
             time.sleep(poll)
 
     def fetch(self, job_id: str, dest: Path | str) -> list[Path]:
-        """Download the job's images into `dest` as JOBID-INDEX.png; returns the paths."""
+        """Download the job's images into the folder `dest` as JOBID-INDEX.png; returns the paths.
+
+        Raises BadDestination, before anything is downloaded, when `dest` is not a folder that can be
+        made and written to.
+        """
+        # 1. the destination: a writable folder, or a refusal before anything is downloaded
         dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for image in self.get(job_id)["images"]:
-            path = dest / f"{job_id}-{image['index']}.png"
-            path.write_bytes(self.storage.get(image["key"]))
-            paths.append(path)
-        return paths
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise BadDestination(f"destination {str(dest)!r} exists and is not a folder") from None
+        except OSError as exc:
+            raise BadDestination(f"destination {str(dest)!r} cannot be created ({exc.strerror or exc})") from None
+        if not os.access(dest, os.W_OK | os.X_OK):
+            raise BadDestination(f"destination {str(dest)!r} is not a writable folder")
+        images = self.get(job_id)["images"]
+        targets = [dest / f"{job_id}-{image['index']}.png" for image in images]
+        for path in targets:
+            if path.exists() and not path.is_file():
+                raise BadDestination(f"destination {str(path)!r} exists and is not a regular file")
+        # 2. each image to a temporary file beside its final name, then renamed over it: a file
+        #    at a final name is never half-written, even if a download or the disk fails
+        for image, path in zip(images, targets):
+            data = self.storage.get(image["key"])
+            part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+            try:
+                with open(part, "xb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(part, path)
+            except BaseException:
+                part.unlink(missing_ok=True)
+                raise
+        return targets
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        """Cancel a queued or running job (raises IllegalTransition once it has ended)."""
+        """Cancel a queued or running job (raises IllegalTransition once it has ended).
+
+        A queued job never starts; a running one leaves its denoising loop at the next step once
+        its worker hears of it (at once through the broker, or at its next heartbeat), and none
+        of its images is recorded.
+        """
         with self.db.session() as session:
             jobs.cancel(session, job_id)
+        try:
+            announce_cancel(self.settings, job_id)
+        except Exception:  # only a hint: the worker's heartbeat reads the row anyway
+            pass
         return self.get(job_id)
 
     def close(self) -> None:

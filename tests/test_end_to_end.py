@@ -48,7 +48,7 @@ def test_client_job_reaches_s3_and_database(settings, client, worker):
     assert record["attempts"] == 1 and record["model"] == "tiny"
     rows = image_rows(settings, job_id)
     assert [r["seed"] for r in rows] == [5, 6, 7, 8]
-    assert [r["object_key"] for r in rows] == [f"images/{job_id}/{i}.png" for i in range(4)]
+    assert [r["object_key"] for r in rows] == [f"images/{job_id}/1/{i}.png" for i in range(4)]  # claim 1
     arrays = []
     for row in rows:
         png = s3_object(settings, row["object_key"])
@@ -83,7 +83,7 @@ def test_cli_submit_status_wait_fetch(settings, worker, tmp_path):
     record = json.loads(status.stdout)
     assert record["state"] == "succeeded"
     assert [(i["seed"], i["key"]) for i in record["images"]] == [
-        (11, f"images/{job['id']}/0.png"), (12, f"images/{job['id']}/1.png")]
+        (11, f"images/{job['id']}/1/0.png"), (12, f"images/{job['id']}/1/1.png")]
     assert record["images"][0]["location"].startswith("s3://")
     fetched = sdqueue("fetch", job["id"], str(tmp_path / "out"))
     assert fetched.returncode == 0, fetched.stderr

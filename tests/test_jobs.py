@@ -1,19 +1,28 @@
-"""The job state machine, on the real PostgreSQL database."""
+"""The job state machine and its leases, on the real PostgreSQL database and on SQLite."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import pytest
+from sqlalchemy import select, update
 
 from models import jobs
-from models.db import Database
-from models.tables import Job, JobState
+from models.db import Database, upgrade
+from models.tables import Image, Job, JobState, Upload, utcnow
+
+LEASE = 30.0
 
 
-@pytest.fixture
-def database(postgres_url):  # type: ignore[no-untyped-def]
-    database = Database(postgres_url)
+@pytest.fixture(params=["postgresql", "sqlite"])
+def database(request, tmp_path):  # type: ignore[no-untyped-def]
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+        upgrade(url)
+    database = Database(url)
     yield database
     database.dispose()
 
@@ -26,36 +35,141 @@ def new_job(database: Database) -> str:
     return job_id
 
 
-def test_queued_running_succeeded(database):
+def claim(database: Database, job_id: str, owner: str, max_attempts: int = 3) -> tuple[jobs.Lease | None, str]:
+    with database.session() as session:
+        job, why = jobs.claim(session, job_id, owner, "tiny", lease_seconds=LEASE, max_attempts=max_attempts)
+        return (jobs.lease_of(job) if job else None), why
+
+
+def expire(database: Database, job_id: str) -> None:
+    """As if the holder stopped renewing a while ago."""
+    with database.session() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+
+
+def job(database: Database, job_id: str) -> Job:
+    with database.session() as session:
+        return jobs.get_job(session, job_id)
+
+
+def image(job_id: str, key: str) -> Image:
+    return Image(job_id=job_id, index=0, seed=1, object_key=key, sha256="0" * 64, size_bytes=1, width=256, height=256)
+
+
+def test_claim_run_succeed(database):
     job_id = new_job(database)
+    lease, why = claim(database, job_id, "w1")
+    assert lease is not None and why == "claimed" and lease.token == 1
+    row = job(database, job_id)
+    assert row.state == "running" and row.attempts == 1 and row.lease_owner == "w1" and row.started_at
     with database.session() as session:
-        job = jobs.start(session, job_id, "w1", "tiny")
-        assert job is not None and job.state == "running" and job.attempts == 1 and job.started_at
+        jobs.record_uploads(session, lease, ["images/x/1/0.png"])
+        jobs.succeed(session, lease, [image(job_id, "images/x/1/0.png")])
+    row = job(database, job_id)
+    assert row.state == "succeeded" and row.finished_at and row.lease_owner is None
     with database.session() as session:
-        job = jobs.succeed(session, job_id, [])
-        assert job.state == "succeeded" and job.finished_at
-    with database.session() as session:
-        assert jobs.start(session, job_id, "w2", "tiny") is None  # a redelivery of a finished job is skipped
+        assert session.scalars(select(Upload).where(Upload.job_id == job_id)).all() == []  # recorded: no orphan
+    assert claim(database, job_id, "w2") == (None, "it is succeeded")  # a late delivery does nothing
 
 
-def test_redelivery_of_a_running_job_is_a_new_attempt(database):
+def test_a_second_delivery_never_runs_a_live_job_twice(database):
+    job_id = new_job(database)
+    lease, _ = claim(database, job_id, "w1")
+    assert claim(database, job_id, "w1") == (None, "this worker holds it already")
+    other, why = claim(database, job_id, "w2")
+    assert other is None and why.startswith("w1 holds it until")
+    assert job(database, job_id).attempts == 1
+
+
+def test_an_expired_lease_is_taken_over_and_the_stale_holder_is_fenced(database):
+    job_id = new_job(database)
+    old, _ = claim(database, job_id, "w1")
+    expire(database, job_id)
+    new, why = claim(database, job_id, "w2")
+    assert new is not None and new.token == old.token + 1
+    row = job(database, job_id)
+    assert row.suspect and row.failures == 0 and row.attempts == 2  # it shared a crash: runs alone, not charged
+    with database.session() as session:  # the stale holder can neither upload nor record
+        with pytest.raises(jobs.LeaseLost, match="held by w2"):
+            jobs.record_uploads(session, old, ["images/x/1/0.png"])
+    with database.session() as session:
+        with pytest.raises(jobs.LeaseLost):
+            jobs.succeed(session, old, [image(job_id, "images/x/1/0.png")])
+    with database.session() as session:
+        assert jobs.renew(session, "w1", [job_id], LEASE) == set()  # its heartbeat learns it lost the job
+        assert jobs.renew(session, "w2", [job_id], LEASE) == {job_id}
+    with database.session() as session:
+        jobs.succeed(session, new, [image(job_id, "images/x/2/0.png")])
+    assert [i.object_key for i in job(database, job_id).images] == ["images/x/2/0.png"]
+
+
+def test_a_job_that_kills_its_worker_alone_is_dead_lettered_after_max_attempts(database):
     job_id = new_job(database)
     for attempt in (1, 2):
+        lease, _ = claim(database, job_id, f"w{attempt}", max_attempts=2)
         with database.session() as session:
-            assert jobs.start(session, job_id, f"w{attempt}", "tiny").attempts == attempt
+            jobs.running_alone(session, lease)
+        expire(database, job_id)
+        with database.session() as session:
+            back = jobs.requeue_expired(jobs.get_job(session, job_id, lock=True), max_attempts=2)
+        assert back is (attempt == 1)
+    row = job(database, job_id)
+    assert row.state == "failed" and row.dead_letter and row.failures == 2
+    assert "its worker died while running it alone" in row.error and row.error.startswith("dead-lettered after 2")
+
+
+def test_charged_failures_retry_then_dead_letter(database):
+    job_id = new_job(database)
+    for attempt in (1, 2, 3):
+        lease, _ = claim(database, job_id, "w1")
+        with database.session() as session:
+            again = jobs.charge(session, lease, f"RuntimeError: boom {attempt}", max_attempts=3)
+        assert again is (attempt < 3)
+        row = job(database, job_id)
+        assert row.state == ("queued" if attempt < 3 else "failed") and row.lease_owner is None
+    assert row.dead_letter and row.failures == 3 and "boom 3" in row.error
+
+
+def test_fail_is_final_and_not_a_dead_letter(database):
+    job_id = new_job(database)
+    lease, _ = claim(database, job_id, "w1")
+    with database.session() as session:
+        jobs.fail(session, lease, "prompt cannot be parsed")
+    row = job(database, job_id)
+    assert row.state == "failed" and not row.dead_letter and row.error == "prompt cannot be parsed"
+
+
+def test_release_gives_back_without_charge(database):
+    a, b = new_job(database), new_job(database)
+    claim(database, a, "w1")
+    claim(database, b, "w2")
+    with database.session() as session:
+        assert jobs.release(session, "w1", [a, b]) == [a]  # only what w1 holds
+    row = job(database, a)
+    assert row.state == "queued" and row.failures == 0 and row.lease_owner is None and row.enqueued_at
+    lease, _ = claim(database, a, "w3")
+    assert lease.token == 2 and job(database, a).attempts == 2
+
+
+def test_cancel_of_a_running_job_ends_the_lease(database):
+    job_id = new_job(database)
+    lease, _ = claim(database, job_id, "w1")
+    with database.session() as session:
+        jobs.cancel(session, job_id)
+    with database.session() as session:
+        assert jobs.renew(session, "w1", [job_id], LEASE) == set()
+        with pytest.raises(jobs.LeaseLost, match="it is cancelled"):
+            jobs.check_held(session, lease)
+    assert claim(database, job_id, "w2") == (None, "it is cancelled")  # whatever message arrives
 
 
 def test_illegal_transitions(database):
     job_id = new_job(database)
     with database.session() as session:
-        with pytest.raises(jobs.IllegalTransition, match="is queued: it cannot become succeeded"):
-            jobs.succeed(session, job_id, [])
-    with database.session() as session:
         jobs.cancel(session, job_id)
     with database.session() as session:
-        with pytest.raises(jobs.IllegalTransition, match="is cancelled"):
+        with pytest.raises(jobs.IllegalTransition, match="is cancelled: it cannot become cancelled"):
             jobs.cancel(session, job_id)
-        assert jobs.start(session, job_id, "w", "tiny") is None
 
 
 def test_terminal_states():

@@ -62,7 +62,9 @@ def test_a_job_that_cannot_run_is_failed_with_its_error(model, data_dir, tmp_pat
                              storage_url=(tmp_path / "objects").as_uri(), model="tiny")
     upgrade(settings.database_url)
     db, storage = Database(settings.database_url), open_storage(settings.storage_url)
-    ctx = WorkerContext(settings, db, storage, Engine(model, db, storage, "test", pixel_budget=256 * 256, window=0))
+    engine = Engine(model, db, storage, "test", pixel_budget=256 * 256, window=0)
+    engine.serve(settings, send=lambda job_ids: None)
+    ctx = WorkerContext(settings, db, storage, engine)
     job_id = str(uuid.uuid4())
     ctx.storage.put(input_key_for(job_id), b"corrupted after upload")
     with ctx.db.session() as session:
@@ -72,5 +74,6 @@ def test_a_job_that_cannot_run_is_failed_with_its_error(model, data_dir, tmp_pat
     with ctx.db.session() as session:
         job = session.get(Job, job_id)
         assert job.state == "failed" and "UnidentifiedImageError" in job.error and job.finished_at
+        assert job.error.startswith("the input image cannot be read") and not job.dead_letter
     assert run_job(ctx, job_id) == "skipped"  # a redelivered message for an ended job does nothing
     ctx.close()

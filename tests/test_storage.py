@@ -12,7 +12,7 @@ from tests.conftest import BUCKET
 
 
 def test_object_keys_come_from_the_job_id():
-    assert object_key_for("j1", 3) == "images/j1/3.png"
+    assert object_key_for("j1", 3, claim=2) == "images/j1/2/3.png"
     assert input_key_for("j1") == "inputs/j1/input"
 
 
@@ -24,7 +24,7 @@ def storage(request, tmp_path, s3_env):  # type: ignore[no-untyped-def]
 
 
 def test_put_get_exists_delete(storage):
-    key = object_key_for("job", 0)
+    key = object_key_for("job", 0, 1)
     assert not storage.exists(key)
     storage.put(key, b"\x89PNG...", content_type="image/png")
     assert storage.exists(key) and storage.get(key) == b"\x89PNG..."

@@ -1,7 +1,9 @@
-"""The Celery app of the worker, configured so that no job is lost.
+"""The Celery app of the worker.
 
-Acknowledge late (a job is acknowledged after it ran), requeue the job of a worker process that
-died, one message in hand at a time, and retry the broker connection forever.
+Messages are only hints: the database decides who runs a job (leases, models/jobs.py), and the
+sweeper sends again what the broker lost. Still, acknowledge late (after the job ended), one
+message in hand per slot, and retry the broker connection forever. Running tasks are not
+cancelled when the broker connection drops: their leases say they are still ours.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def configure(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         task_ignore_result=True,  # job state lives in the database

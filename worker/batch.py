@@ -21,6 +21,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from models.errors import JobError
 from worker.pipeline import LoadedModel
 
 
@@ -108,6 +109,7 @@ class ConditioningCache:
         return [self._cache[p] for p in prompts]
 
     def _store(self, prompt: Prompt, conditioning: Conditioning) -> None:
+        check_conditioning(prompt, conditioning)
         if len(self._cache) >= self.capacity:
             self._cache.pop(next(iter(self._cache)))  # the oldest entry
         self._cache[prompt] = conditioning
@@ -129,8 +131,30 @@ def encode_plain(model: LoadedModel, prompts: list[Prompt]) -> list[Conditioning
 @torch.inference_mode()
 def encode_compel(model: LoadedModel, prompt: Prompt) -> Conditioning:
     """compel's weighted embeddings; longer prompts give more than 77 tokens, negative padded alike."""
+    from compel import Compel
+
+    for field, text in (("prompt", prompt.text), ("negative_prompt", prompt.negative)):
+        try:
+            Compel.parse_prompt_string(text)
+        except (Exception, RecursionError) as exc:  # pyparsing's and compel's own, or nesting too deep
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
+            raise JobError(f"{field} {_short(text)} cannot be parsed by compel ({reason})"[:500]) from None
     result = model.compel()(prompt.text, negative_prompt=prompt.negative)
     return Conditioning(result.embeds.to(model.dtype), result.negative_embeds.to(model.dtype))
+
+
+def check_conditioning(prompt: Prompt, conditioning: Conditioning) -> Conditioning:
+    """A prompt whose embeddings are NaN or infinite would make a black image: its job fails instead."""
+    for field, text, embeds in (("prompt", prompt.text, conditioning.embeds),
+                                ("negative_prompt", prompt.negative, conditioning.negative_embeds)):
+        if not bool(torch.isfinite(embeds).all()):
+            hint = " (e.g. a compel blend whose weights are all 0)" if prompt.use_compel else ""
+            raise JobError(f"{field} {_short(text)} gives text conditioning that is not finite (NaN or inf){hint}")
+    return conditioning
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
@@ -142,6 +166,25 @@ def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
 # Stand-in for the UNet call: tests wrap it to simulate a CUDA out-of-memory error.
 UnetCall = Callable[..., torch.Tensor]
 
+# What the loop asks at every step: the job ids whose samples must leave it now (cancelled, or
+# no longer this worker's). Their batch mates carry on unchanged.
+Dropped = Callable[[], "set[str] | frozenset[str]"]
+
+# One sample's outcome: its pixels, None when it left the loop, or the JobError that failed it.
+SampleResult = "np.ndarray | JobError | None"
+
+
+def keep_rows(scheduler: Any, keep: torch.Tensor) -> None:
+    """Drop the rows of leaving samples from per-sample state a multistep scheduler keeps."""
+    for name in ("model_outputs", "derivatives", "ets"):
+        history = getattr(scheduler, name, None)
+        if isinstance(history, list):
+            setattr(scheduler, name, [h[keep] if isinstance(h, torch.Tensor) and h.dim() > 0 else h for h in history])
+    for name in ("sample", "prev_derivative", "dt"):
+        value = getattr(scheduler, name, None)
+        if isinstance(value, torch.Tensor) and value.dim() == 4:
+            setattr(scheduler, name, value[keep])
+
 
 @torch.inference_mode()
 def generate_batch(
@@ -150,8 +193,10 @@ def generate_batch(
     samples: list[Sample],
     conditioning: list[Conditioning],
     unet_call: UnetCall | None = None,
-) -> list[np.ndarray]:
-    """The images of `samples`, in order, as HxWx3 uint8 arrays."""
+    dropped: Dropped | None = None,
+) -> list[Any]:
+    """The images of `samples`, in order, as HxWx3 uint8 arrays (a SampleResult each: None for a
+    sample that left the loop, a JobError for one whose latents or pixels are not finite)."""
     pipe = model.txt2img
     device, dtype = model.device, model.dtype
     unet_call = unet_call or pipe.unet
@@ -191,17 +236,40 @@ def generate_batch(
         noise = torch.cat([randn_tensor(shape, generator=g, device=device, dtype=dtype) for g in generators])
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(n))
 
-    # 5. denoising loop, classifier-free guidance applied per sample
+    # 5. denoising loop, classifier-free guidance applied per sample; samples whose jobs must
+    #    leave (cancelled, lost) drop their rows at the step boundary
+    alive = list(range(n))  # positions in `samples` of the rows still in the loop
     for t in timesteps:
+        gone = dropped() if dropped is not None else ()
+        if gone and any(samples[i].job_id in gone for i in alive):
+            keep = [row for row, i in enumerate(alive) if samples[i].job_id not in gone]
+            alive = [alive[row] for row in keep]
+            if not alive:
+                return [None] * n
+            rows = torch.tensor(keep, device=latents.device)
+            latents, guidance = latents[rows], guidance[rows]
+            half = prompt_embeds.shape[0] // 2
+            prompt_embeds = torch.cat([prompt_embeds[:half][rows], prompt_embeds[half:][rows]])
+            keep_rows(scheduler, rows)
         latent_model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
         noise_pred = unet_call(latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
         noise_uncond, noise_text = noise_pred.chunk(2)
         noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
-    # 6. decode
+    # 6. decode, and refuse what is not finite: a NaN would be a black image recorded as a success
+    finite_latents = torch.isfinite(latents).flatten(1).all(dim=1).tolist()
     images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    return to_uint8(images)
+    finite_pixels = torch.isfinite(images).flatten(1).all(dim=1).tolist()
+    results: list[Any] = [None] * n
+    for row, (i, pixels) in enumerate(zip(alive, to_uint8(images))):
+        if not finite_latents[row]:
+            results[i] = JobError(f"image {samples[i].index} (seed {samples[i].seed}): latents became NaN or inf while denoising")
+        elif not finite_pixels[row]:
+            results[i] = JobError(f"image {samples[i].index} (seed {samples[i].seed}): the VAE decoded NaN or inf pixels")
+        else:
+            results[i] = pixels
+    return results
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

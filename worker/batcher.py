@@ -30,10 +30,16 @@ class Work:
     # a loop, so the group is (key, tokens).
     tokens: int | None = None
     conditioning: list[Any] | None = None
+    lease: Any = None  # models.jobs.Lease of the claim that holds the job
+    seed: int = 0
+    input_key: str | None = None
+    # Its worker died while it shared a batch: it runs in a batch of its own, so that if it is
+    # what kills workers, it is found without charging its batch mates.
+    alone: bool = False
 
     @property
     def group(self) -> Hashable:
-        return (self.key, self.tokens)
+        return (self.key, self.tokens, self.job_id) if self.alone else (self.key, self.tokens)
 
     @property
     def pixels(self) -> int:
@@ -105,6 +111,13 @@ class Batcher:
     def drop(self, work: Work) -> None:
         with self._changed:
             self._pending.remove(work)
+
+    def remove(self, job_ids: set[str]) -> list[Work]:
+        """Take the waiting work of `job_ids` out (cancelled, lost, given back); returns it."""
+        with self._changed:
+            gone = [w for w in self._pending if w.job_id in job_ids]
+            self._pending = [w for w in self._pending if w.job_id not in job_ids]
+            return gone
 
     def take(self, stop: threading.Event, timeout: float = 1.0) -> list[Work]:
         """The next batch, or [] after `timeout` (or on stop) so the caller can prepare new work."""

@@ -4,16 +4,31 @@ Celery task threads claim their jobs and hand them to the engine; the GPU thread
 batch from the batcher, denoises it, and passes the images to the CPU pool, so PNG encoding,
 uploads and database writes run beside the next batch's denoising. At most `max_in_flight`
 finished batches wait for the pool: beyond that the GPU thread waits (bounded memory).
+
+While it serves (`serve`), the engine holds a lease on every job it has: a heartbeat keeps them,
+a job that is no longer ours (cancelled, claimed again) leaves the loop at the next step, and
+every upload and record is checked against the lease. Images the object store cannot take wait
+in the spool; an outage of the database is waited out. How each job ends is the string its
+future resolves to:
+
+    succeeded      its images are stored and recorded
+    failed         it failed by itself (JobError): a prompt compel cannot parse, NaN, a bad input
+    retry          an unexpected error, charged as a failed attempt: back in the queue
+    dead-lettered  that was its last attempt
+    lost           no longer ours: cancelled, or claimed again after our lease expired
+    released       given back without charge (shutdown, an outage we stopped waiting out)
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,14 +36,25 @@ from PIL import Image as PILImage
 
 from models import jobs
 from models.db import Database
+from models.errors import JobError, StorageError
+from models.outage import OutageTooLong, wait_out
+from models.settings import Settings
 from models.storage import Storage, object_key_for
 from models.tables import Batch, Image, utcnow
-from worker.batch import CompatKey, ConditioningCache, Sample, UnetCall, generate_batch, is_out_of_memory
+from worker.batch import CompatKey, ConditioningCache, Dropped, Sample, UnetCall, generate_batch, is_out_of_memory
 from worker.batcher import Batcher, PixelBudget, Work
 from worker.encode import encode_png, sha256_of
+from worker.leases import LeaseKeeper
 from worker.pipeline import LoadedModel, library_versions
+from worker.spool import Spool
 
 log = logging.getLogger(__name__)
+
+Send = Callable[[list[str]], None]
+
+# Tests only: a batch holding a sample with this prompt kills its worker process, as a segfault
+# or the kernel's OOM killer would.
+POISON_ENV = "SDQUEUE_TEST_POISON_PROMPT"
 
 
 def default_pixel_budget(device: str) -> int:
@@ -38,6 +64,10 @@ def default_pixel_budget(device: str) -> int:
         total = torch.cuda.get_device_properties(torch.device(device)).total_memory
         return max(768 * 768, int(8 * 768 * 768 * total / (80 * 2**30)))
     return 16 * 256 * 256
+
+
+class Draining(Exception):
+    """The worker is shutting down and takes no new job."""
 
 
 class Engine:
@@ -56,67 +86,226 @@ class Engine:
         self.model = model
         self.db = db
         self.storage = storage
-        self.hostname = hostname
+        self.hostname = hostname  # also the owner of its leases: unique per worker process
         self.budget = PixelBudget(pixel_budget)
         self.batcher = Batcher(self.budget, window)
         self.conditioning = ConditioningCache(model)
         self.unet_call: UnetCall | None = None  # tests wrap the UNet here
         self.versions = library_versions()
+        self.settings: Settings | None = None
+        self.keeper: LeaseKeeper | None = None
+        self.spool: Spool | None = None
+        self._send: Send | None = None
+        self._held: dict[str, Work] = {}  # every job this engine holds, until it is settled
+        self._lost: set[str] = set()  # held jobs that are no longer ours: their samples leave the loop
+        self._lock = threading.Lock()
         self._cpu = ThreadPoolExecutor(max_workers=cpu_workers, thread_name_prefix="sdqueue-cpu")
         self._in_flight = threading.BoundedSemaphore(max_in_flight)
         self._stop = threading.Event()
+        self._draining = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sdqueue-gpu", daemon=True)
         self._thread.start()
 
-    def submit(self, work: Work) -> Any:
-        """Queue a claimed job; its future resolves to the job's final state."""
-        if self._stop.is_set():
-            raise RuntimeError("the engine has stopped")
-        return self.batcher.put(work)
+    def serve(self, settings: Settings, send: Send) -> None:
+        """Start what a worker serving jobs needs beside the GPU loop: leases, the spool."""
+        self.settings = settings
+        self._send = send
+        self.keeper = LeaseKeeper(settings, self.db, self.hostname, self.lose)
+        assert settings.spool_dir is not None
+        self.spool = Spool.open(settings.spool_dir, settings.spool_max_bytes, self.storage, self._still_held,
+                                give_up_after=settings.outage_timeout)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    # --- what task threads call ------------------------------------------------------------------
+
+    def hold(self, work: Work) -> None:
+        """Keep the lease of a job just claimed alive, from now until it is settled."""
+        assert self.keeper is not None, "the engine is not serving"
+        with self._lock:
+            self._held[work.job_id] = work
+        self.keeper.hold(work.lease)
+
+    def submit(self, work: Work) -> Future:
+        """Queue a held job for a batch; its future resolves to how the job ended."""
+        if self._stop.is_set() or self._draining.is_set():
+            self._cpu.submit(self._give_back, [work])
+        elif work.job_id in self._lost:
+            self.settle(work, "lost")
+        else:
+            self.batcher.put(work)
+        return work.future
+
+    def fail(self, work: Work, error: JobError) -> Future:
+        """The job failed by itself before it reached a batch (e.g. its input image is unreadable)."""
+        self._cpu.submit(self._fail, work, error)
+        return work.future
+
+    def give_back(self, work: Work) -> Future:
+        self._cpu.submit(self._give_back, [work])
+        return work.future
+
+    def send_again(self, job_ids: list[str]) -> None:
+        """Send the messages of queued jobs (given back, or to retry); a broker outage is left to
+        the sweeper, which finds queued jobs without a message."""
+        if not job_ids or self._send is None:
+            return
+        try:
+            self._send(job_ids)
+        except Exception as exc:
+            log.warning("could not send %d message(s) (%s); the sweeper will", len(job_ids), exc)
+
+    # --- leases -----------------------------------------------------------------------------------
+
+    def lose(self, job_ids: set[str]) -> None:
+        """These jobs are no longer ours: waiting ones are dropped, running ones leave the loop."""
+        with self._lock:
+            job_ids = {job_id for job_id in job_ids if job_id in self._held}
+            self._lost |= job_ids
+        for work in self.batcher.remove(job_ids):
+            self.settle(work, "lost")
+        if self.spool is not None:
+            self.spool.drop(job_ids)
+
+    def settle(self, work: Work, outcome: str) -> None:
+        with self._lock:
+            self._held.pop(work.job_id, None)
+            self._lost.discard(work.job_id)
+        if self.keeper is not None:
+            self.keeper.forget(work.job_id)
+        if not work.future.done():
+            work.future.set_result(outcome)
+
+    def _still_held(self, lease: jobs.Lease) -> bool:
+        with self.db.session() as session:
+            try:
+                jobs.check_held(session, lease)
+                return True
+            except jobs.LeaseLost:
+                return False
+
+    def _dropped(self) -> frozenset[str]:
+        return frozenset(self._lost)
+
+    def _outage(self, action: Callable[[], Any], what: str) -> Any:
+        timeout = self.settings.outage_timeout if self.settings is not None else 60.0
+        return wait_out(action, what, timeout=timeout, stop=self._stop)
+
+    # --- shutdown --------------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Warm shutdown: take no new job, let the batch in hand finish, give back the jobs that
+        wait so that other workers run them at once."""
+        self._draining.set()
+        with self._lock:
+            held = set(self._held)
+        waiting = self.batcher.remove(held)
+        if waiting:
+            log.info("shutdown: giving back %d job(s) not started", len(waiting))
+            self._give_back(waiting)
+
+    def abort(self, timeout: float = 10.0) -> None:
+        """Stop now: every held job leaves the loop and goes back to the queue, uncharged."""
+        self._draining.set()
+        with self._lock:
+            held = list(self._held.values())
+            self._lost |= {w.job_id for w in held}
+        log.warning("stopping now: giving back %d job(s)", len(held))
+        if held:
+            self._give_back(held, timeout=timeout)
+
+    def _give_back(self, works: list[Work], timeout: float | None = None) -> None:
+        ids = [w.job_id for w in works]
+        try:
+            with_timeout = timeout if timeout is not None else (self.settings.outage_timeout if self.settings else 60)
+            released = wait_out(lambda: self._release(ids), "giving jobs back", timeout=with_timeout)
+        except OutageTooLong:
+            released = []  # their leases expire and the sweeper gives them to others
+        self.send_again(released)
+        for work in works:
+            self.settle(work, "released")
+
+    def _release(self, ids: list[str]) -> list[str]:
+        with self.db.session() as session:
+            return jobs.release(session, self.hostname, ids)
 
     def stop(self, timeout: float = 60) -> None:
         self._stop.set()
         self._thread.join(timeout)
         self._cpu.shutdown(wait=True)
+        if self.keeper is not None:
+            self.keeper.stop()
+        if self.spool is not None:
+            self.spool.stop()
 
     # --- the GPU thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if self.spool is not None and self.spool.full:
+                self._stop.wait(0.2)  # the store is away and the spool is full: take no more work
+                continue
             for work in self.batcher.unprepared():
                 self._prepare(work)
             batch = self.batcher.take(self._stop, timeout=0.5)
+            batch = [w for w in batch if w.job_id not in self._lost]
+            if not batch:
+                continue
             try:
-                if batch:
-                    self._run(batch)
+                self._run(batch)
             except Exception as exc:  # never leave a task thread waiting on a dead engine
                 log.exception("engine error")
                 for work in batch:
                     if not work.future.done():
-                        work.future.set_exception(exc)
+                        self._cpu.submit(self._charge, work, exc)
 
     def _prepare(self, work: Work) -> None:
-        """Text conditioning for a new job (cached by prompt); a prompt compel cannot parse fails its job alone."""
+        """Text conditioning for a new job (cached by prompt); a prompt compel cannot parse, or
+        whose conditioning is not finite, fails its job alone."""
         try:
             work.conditioning = self.conditioning.get([s.prompt for s in work.samples])
             work.tokens = work.conditioning[0].tokens
         except Exception as exc:
             self.batcher.drop(work)
-            work.future.set_exception(exc)
+            if isinstance(exc, JobError):
+                self._cpu.submit(self._fail, work, exc)
+            else:
+                self._cpu.submit(self._charge, work, exc)
 
     def _run(self, batch: list[Work]) -> None:
         key = batch[0].key
+        if len(batch) == 1 and batch[0].alone and self.settings is not None:
+            # If the worker dies now, this job is the cause: say so before it starts.
+            try:
+                self._outage(lambda: self._mark_alone(batch[0]), f"job {batch[0].job_id}: marking it alone")
+            except (jobs.LeaseLost, OutageTooLong) as exc:
+                log.info("job %s: %s", batch[0].job_id, exc)
+                self.settle(batch[0], "lost")
+                return
         samples = [s for w in batch for s in w.samples]
         conditioning = [c for w in batch for c in w.conditioning or []]
+        poison = os.environ.get(POISON_ENV)
+        if poison and any(s.prompt.text == poison for s in samples):
+            log.critical("%s: a sample's prompt is the poison prompt: this worker process dies now", POISON_ENV)
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.model.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         started, clock = utcnow(), time.perf_counter()
         try:
-            images = self.generate(key, samples, conditioning)
+            results = self.generate(key, samples, conditioning, dropped=self._dropped)
         except Exception as exc:
-            log.exception("batch %s of %d job(s) failed", key, len(batch))
-            for work in batch:
-                work.future.set_exception(exc)
+            if len(batch) > 1:
+                # Which job is it? Each runs alone; only the one that fails again is charged.
+                log.warning("batch %s of %d jobs failed (%s: %s): running each job alone", key, len(batch),
+                            type(exc).__name__, exc)
+                for work in batch:
+                    if work.job_id not in self._lost:
+                        self._run([work])
+                return
+            log.exception("job %s failed in its batch", batch[0].job_id)
+            self._cpu.submit(self._charge, batch[0], exc)
             return
         seconds = time.perf_counter() - clock
         peak = torch.cuda.max_memory_allocated() if self.model.device.startswith("cuda") else None
@@ -128,14 +317,21 @@ class Engine:
         )
         log.info("batch %s: %d job(s), %d image(s) in %.2f s", key, len(batch), len(samples), seconds)
         self._in_flight.acquire()  # back-pressure: wait while the pool is behind
-        self._cpu.submit(self._finish, batch, record, images)
+        self._cpu.submit(self._finish, batch, record, results)
 
-    def generate(self, key: CompatKey, samples: list[Sample], conditioning: list[Any]) -> list[np.ndarray]:
-        """The batch's images; out of memory splits it in halves (same images) and shrinks the budget."""
+    def _mark_alone(self, work: Work) -> None:
+        with self.db.session() as session:
+            jobs.running_alone(session, work.lease)
+
+    def generate(
+        self, key: CompatKey, samples: list[Sample], conditioning: list[Any], dropped: Dropped | None = None
+    ) -> list[Any]:
+        """The batch's images (see batch.SampleResult); out of memory splits it in halves (same
+        images) and shrinks the budget."""
         if key.mode == "img2img" and key.start_step >= key.steps:
             return [np.asarray(s.init_image.convert("RGB")) for s in samples]  # strength 0 keeps the input
         try:
-            return generate_batch(self.model, key, samples, conditioning, self.unet_call)
+            return generate_batch(self.model, key, samples, conditioning, self.unet_call, dropped)
         except Exception as exc:
             if not is_out_of_memory(exc) or len(samples) == 1:
                 raise
@@ -145,52 +341,124 @@ class Engine:
         half = len(samples) // 2
         log.warning("out of memory on %d samples of %s: splitting; budget now %d px", len(samples), key,
                     self.budget.for_key(key))
-        return self.generate(key, samples[:half], conditioning[:half]) + self.generate(
-            key, samples[half:], conditioning[half:]
+        return self.generate(key, samples[:half], conditioning[:half], dropped) + self.generate(
+            key, samples[half:], conditioning[half:], dropped
         )
 
     # --- the CPU pool -------------------------------------------------------------------------
 
-    def _finish(self, batch: list[Work], record: Batch, images: list[np.ndarray]) -> None:
+    def _finish(self, batch: list[Work], record: Batch, results: list[Any]) -> None:
         try:
             record.finished_at = utcnow()
-            with self.db.session() as session:
-                session.add(record)
+            self._outage(lambda: self._add(record), f"recording batch {record.id}")
             position = 0
             for work in batch:
-                mine = images[position : position + len(work.samples)]
-                try:
-                    work.future.set_result(self._store(work, record, position, mine))
-                except Exception as exc:
-                    work.future.set_exception(exc)
+                mine = results[position : position + len(work.samples)]
+                self._guard(work, lambda: self._store(work, record, position, mine))
                 position += len(work.samples)
-        except Exception as exc:
+        except OutageTooLong as exc:
+            log.error("%s: giving the batch's jobs up to the sweeper", exc)
             for work in batch:
-                if not work.future.done():
-                    work.future.set_exception(exc)
+                self.settle(work, "released")
         finally:
             self._in_flight.release()
 
-    def _store(self, work: Work, batch: Batch, first: int, images: list[np.ndarray]) -> str:
-        """Encode, upload, then record one job's images; returns the job's final state."""
-        rows = []
-        for offset, (sample, pixels) in enumerate(zip(work.samples, images)):
+    def _add(self, row: Any) -> None:
+        with self.db.session() as session:
+            session.add(row)
+
+    def _guard(self, work: Work, action: Callable[[], None]) -> None:
+        """Run one job's step on the pool; whatever goes wrong settles the job, never the pool."""
+        try:
+            action()
+        except jobs.LeaseLost as exc:
+            log.info("%s", exc)
+            self.settle(work, "lost")
+        except OutageTooLong as exc:
+            log.error("job %s: %s; its lease will lapse and the sweeper gives it to another worker", work.job_id, exc)
+            self.settle(work, "released")
+        except Exception as exc:
+            log.exception("job %s: recording it failed", work.job_id)
+            self._charge(work, exc)
+
+    def _store(self, work: Work, batch: Batch, first: int, results: list[Any]) -> None:
+        """Encode, upload (or spool), then record one job's images."""
+        if work.job_id in self._lost or any(r is None for r in results):
+            self.settle(work, "lost")
+            return
+        errors = [r for r in results if isinstance(r, JobError)]
+        if errors:
+            self._fail(work, errors[0])
+            return
+        lease = work.lease
+        objects, rows = [], []
+        for offset, (sample, pixels) in enumerate(zip(work.samples, results)):
             picture = PILImage.fromarray(pixels)
             png = encode_png(picture, self.image_record(work, sample, batch, first + offset))
-            key = object_key_for(work.job_id, sample.index)
-            self.storage.put(key, png, content_type="image/png")
+            key = object_key_for(work.job_id, sample.index, lease.token)
+            objects.append((key, png))
             rows.append(Image(
                 job_id=work.job_id, index=sample.index, seed=sample.seed, object_key=key, sha256=sha256_of(png),
                 size_bytes=len(png), width=picture.width, height=picture.height, batch_id=batch.id,
                 batch_size=batch.size, batch_position=first + offset,
             ))
-        with self.db.session() as session:
+        # Say what will be uploaded before uploading it: an object never lies unseen in the store.
+        self._outage(lambda: self._in_session(jobs.record_uploads, lease, [key for key, _ in objects]),
+                     f"job {work.job_id}: recording its uploads")
+        for done, (key, png) in enumerate(objects):
+            if work.job_id in self._lost:
+                self.settle(work, "lost")
+                return
             try:
-                jobs.succeed(session, work.job_id, rows)
-            except jobs.IllegalTransition as exc:
-                log.info("job %s: %s (cancelled while it ran); its images are not recorded", work.job_id, exc)
-                return exc.current.value
-        return "succeeded"
+                self.storage.put(key, png, content_type="image/png")
+            except StorageError as exc:
+                assert self.spool is not None, exc
+                log.warning("job %s: %s; spooling its images", work.job_id, exc)
+                self.spool.add(lease, objects[done:], lambda stored: self._cpu.submit(self._unspooled, work, rows, stored))
+                return
+        self._record(work, rows)
+
+    def _unspooled(self, work: Work, rows: list[Image], stored: bool) -> None:
+        if stored:
+            self._guard(work, lambda: self._record(work, rows))
+        else:  # no longer ours, or the store stayed away too long: either way not ours to record
+            self.settle(work, "lost" if work.job_id in self._lost else "released")
+
+    def _record(self, work: Work, rows: list[Image]) -> None:
+        log.info("job %s: claim %d stored %d image(s)", work.job_id, work.lease.token, len(rows))
+        self._outage(lambda: self._in_session(jobs.succeed, work.lease, rows), f"job {work.job_id}: recording it")
+        self.settle(work, "succeeded")
+
+    def _fail(self, work: Work, error: JobError) -> None:
+        log.warning("job %s failed: %s", work.job_id, error)
+
+        def record_failure() -> None:
+            self._outage(lambda: self._in_session(jobs.fail, work.lease, str(error)), f"job {work.job_id}: failing it")
+            self.settle(work, "failed")
+
+        self._guard(work, record_failure)
+
+    def _charge(self, work: Work, exc: BaseException) -> None:
+        """An unexpected error of this job alone: one failed attempt; retried until the last."""
+        assert self.settings is not None
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        try:
+            again = self._outage(
+                lambda: self._in_session(jobs.charge, work.lease, error, self.settings.max_attempts),
+                f"job {work.job_id}: charging a failed attempt")
+        except jobs.LeaseLost:
+            self.settle(work, "lost")
+            return
+        except OutageTooLong:
+            self.settle(work, "released")
+            return
+        if again:
+            self.send_again([work.job_id])
+        self.settle(work, "retry" if again else "dead-lettered")
+
+    def _in_session(self, action: Callable[..., Any], *args: Any) -> Any:
+        with self.db.session() as session:
+            return action(session, *args)
 
     def image_record(self, work: Work, sample: Sample, batch: Batch, position: int) -> dict[str, Any]:
         """Everything needed to make this image again; embedded in its PNG."""

@@ -1,9 +1,20 @@
-"""`sdqueue worker`: check everything a worker needs, then run the Celery worker."""
+"""`sdqueue worker`: check everything a worker needs, then run the Celery worker.
+
+Shutdown, as an operator expects it:
+- SIGTERM (or Ctrl+C): stop taking jobs, finish the batch in hand, give back the jobs held but not
+  started (queued again and sent at once, so another worker takes them now), exit.
+- a second SIGTERM or Ctrl+C, or SIGQUIT: stop now; every held job is given back, uncharged.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
+import threading
+import warnings
+from typing import Any
 
 from celery.signals import worker_shutdown
 
@@ -26,26 +37,66 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
             "SDQUEUE_BROKER_URL is memory:// (in-process): a worker needs a real broker, "
             "e.g. SDQUEUE_BROKER_URL=redis://127.0.0.1:6379/0"
         )
+    # Celery's notice that running tasks are not cancelled on a lost broker connection: by design,
+    # leases in the database say what is still ours.
+    warnings.filterwarnings("ignore", message="\nIn Celery 5.1 we introduced an optional breaking change")
     # Fail at start, not on the first job: the schema, then the weights and the pipeline,
     # loaded once in this process. Task threads share it through the engine's batches.
     Database(settings.database_url).dispose()
     app = configure(settings)
     from worker.tasks import generate, reset_context
 
-    model = generate.context.engine.model  # loads the pipeline and starts the engine
+    engine = generate.context.engine  # loads the pipeline and starts the engine
+    model = engine.model
     log.info("model %s from %s (revision %s)", model.spec.name, model.source, model.revision or "-")
     worker_shutdown.connect(lambda **_: reset_context(), weak=False)
-    app.worker_main(
-        [
-            "worker",
-            f"--loglevel={loglevel}",
-            # One process per GPU; its threads each hold one job, and the engine batches them.
-            "--pool=threads",
-            f"--concurrency={settings.worker_slots}",
-            f"--queues={settings.queue}",
-            f"--hostname=sdqueue-{settings.queue}@{socket.gethostname()}",
-            "--without-gossip",
-            "--without-mingle",
-        ]
+
+    class Worker(app.Worker):  # type: ignore[name-defined,misc]
+        def install_platform_tweaks(self, worker: Any) -> None:
+            super().install_platform_tweaks(worker)
+            install_shutdown_handlers(engine)
+
+    worker = Worker(
+        hostname=f"sdqueue-{settings.queue}@{socket.gethostname()}",
+        # One process per GPU; its threads each hold one job, and the engine batches them.
+        pool_cls="threads",
+        concurrency=settings.worker_slots,
+        queues=[settings.queue],
+        loglevel=loglevel,
+        without_gossip=True,
+        without_mingle=True,
     )
-    return 0
+    worker.start()
+    return int(worker.exitcode or 0)
+
+
+def install_shutdown_handlers(engine: Any) -> None:
+    """Replace Celery's handlers (its cold shutdown cannot stop the thread pool) with ours; the
+    first SIGTERM still goes through Celery's warm shutdown."""
+    celery_warm = signal.getsignal(signal.SIGTERM)
+    signals_seen = {"stop": 0}
+
+    def on_stop(signum: int, frame: Any) -> None:
+        signals_seen["stop"] += 1
+        if signals_seen["stop"] > 1:
+            stop_now(engine)
+        log.warning("%s: finishing the batch in hand and giving back the jobs not started "
+                    "(again to stop now)", signal.Signals(signum).name)
+        threading.Thread(target=engine.drain, name="sdqueue-drain", daemon=True).start()
+        if callable(celery_warm):
+            celery_warm(signum, frame)  # stop consuming, wait for the running tasks, exit
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGQUIT, lambda signum, frame: stop_now(engine))
+
+
+def stop_now(engine: Any) -> None:
+    """Give every held job back and leave at once, with no traceback."""
+    # Database work off the signal handler: the main thread may hold a lock the handler would need.
+    helper = threading.Thread(target=engine.abort, name="sdqueue-abort", daemon=True)
+    helper.start()
+    helper.join(15)
+    log.warning("stopped")
+    logging.shutdown()
+    os._exit(0)

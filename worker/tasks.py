@@ -3,32 +3,39 @@
 Each job stays its own Celery task, with its own state, acknowledgement, retry and result; the
 worker runs many task threads (`worker_slots`), and the engine runs their jobs in shared batches.
 The message carries only the job id: the job row, written before the message was sent, holds the
-request. Runs are idempotent: object keys come from the job id, seeds from the row, so a
-redelivered job makes the same images again.
+request, and the database decides who runs it: a delivery claims the job with a lease, or finds it
+ended or leased to a live worker and is acknowledged with nothing done. Seeds come from the row, so
+a job run again (its worker died) makes the same images; its object keys carry the claim's token,
+so a stale claim never overwrites a newer one's objects.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
-import traceback
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject
 
 from models import jobs
 from models.constants import GENERATE_TASK
 from models.db import Database
-from models.errors import SdqueueError, StorageError
+from models.errors import JobError, JobNotFound
+from models.outage import OutageTooLong, wait_out
 from models.registry import resolve_model
 from models.settings import Settings
 from models.storage import Storage, open_storage
+from models.sweep import Sweeper
 from worker.app import app
 from worker.batch import compat_key, job_samples
 from worker.batcher import Work
+from worker.sweeping import PeriodicSweeper
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,7 @@ class WorkerContext:
     db: Database
     storage: Storage
     engine: Any  # worker.engine.Engine
+    sweeper: PeriodicSweeper | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> WorkerContext:
@@ -51,15 +59,27 @@ class WorkerContext:
         storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
         model = load_model(resolve_model(settings.model, settings.data_dir), settings.device)
         engine = Engine(
-            model, db, storage, f"{socket.gethostname()}:{uuid.uuid4().hex[:6]}",
+            model, db, storage, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
             pixel_budget=settings.pixel_budget or default_pixel_budget(model.device),
             window=settings.batch_window_ms / 1000,
         )
-        return cls(settings, db, storage, engine)
+        send = partial(send_jobs, settings.queue)
+        engine.serve(settings, send)
+        sweeper = PeriodicSweeper(Sweeper(settings, db, storage, send), settings)
+        return cls(settings, db, storage, engine, sweeper)
 
     def close(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()
         self.engine.stop()
         self.db.dispose()
+
+
+def send_jobs(queue: str, job_ids: list[str]) -> None:
+    """One message per job, as the producer sends them: the job id is the task id."""
+    with app.producer_or_acquire() as producer:
+        for job_id in job_ids:
+            app.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=queue, producer=producer)
 
 
 class PipelineTask(Task):
@@ -86,54 +106,64 @@ def reset_context() -> None:
 
 @app.task(name=GENERATE_TASK, base=PipelineTask, bind=True, max_retries=None)
 def generate(self: PipelineTask, job_id: str) -> str:
-    ctx = self.context
     try:
-        return run_job(ctx, job_id)
-    except StorageError as exc:
-        # Storage is down or refused: the job stays running and comes back later.
-        if self.request.retries + 1 >= ctx.settings.max_attempts:
-            record_failure(ctx, job_id, f"gave up after {ctx.settings.max_attempts} attempts: {exc}")
-            return "failed"
-        log.warning("job %s: %s; retrying", job_id, exc)
-        raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1)))
+        return run_job(self.context, job_id)
+    except OutageTooLong as exc:
+        # The database stayed away for longer than we wait: the message goes back to the queue
+        # rather than being acknowledged with nothing recorded.
+        log.error("job %s: %s; its message goes back to the queue", job_id, exc)
+        raise Reject(str(exc), requeue=True) from None
 
 
 def run_job(ctx: WorkerContext, job_id: str) -> str:
-    """Run one job end to end; returns its final state (or "skipped" when it had ended already)."""
+    """Run one job end to end; returns how it ended (see worker/engine.py), or why it did not run."""
     from worker.pipeline import prepare_input_image
 
-    # 1. claim the job
-    with ctx.db.session() as session:
-        job = jobs.start(session, job_id, ctx.engine.hostname, ctx.engine.model.spec.name)
-        if job is None:
-            log.info("job %s has ended already: skipped", job_id)
-            return "skipped"
-        if job.attempts > ctx.settings.max_attempts:
-            jobs.fail(session, job_id, f"gave up after {job.attempts - 1} attempts (worker lost each time)")
-            return "failed"
-        params, seed, input_key, input_sha256 = dict(job.params), job.seed, job.input_key, job.input_sha256
-        created_at = job.created_at.timestamp()
+    engine = ctx.engine
+    if engine.draining:
+        # Shutting down: leave the job to another worker, without claiming it.
+        engine.send_again([job_id])
+        return "handed back"
+    # 1. claim the job with a lease (a database outage is waited out; the message stays unacknowledged)
     try:
-        # 2. its samples: image i from seed + i
-        init_image = None
-        if input_key is not None:
-            init_image = prepare_input_image(ctx.storage.get(input_key), params["width"], params["height"])
-        samples = job_samples(job_id, params, seed, init_image)
-        work = Work(job_id, compat_key(params, img2img=init_image is not None), samples, created_at,
-                    params=params, input_sha256=input_sha256)
-        # 3. into a batch; the engine uploads and records the images
-        return ctx.engine.submit(work).result()
-    except StorageError:
-        raise
-    except Exception as exc:
-        log.exception("job %s failed", job_id)
-        record_failure(ctx, job_id, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
-        return "failed"
-
-
-def record_failure(ctx: WorkerContext, job_id: str, error: str) -> None:
-    with ctx.db.session() as session:
+        claimed = wait_out(lambda: _claim(ctx, job_id), f"job {job_id}: claiming it",
+                           timeout=ctx.settings.outage_timeout)
+    except JobNotFound:
+        log.warning("job %s: no such job (a message whose submit was taken back): dropped", job_id)
+        return "unknown"
+    if isinstance(claimed, str):
+        log.info("job %s not run: %s", job_id, claimed)
+        return "skipped"
+    work = claimed
+    engine.hold(work)
+    # 2. its samples: image i from seed + i; an img2img input from storage (an outage is waited out)
+    params = work.params
+    init_image = None
+    if work.input_key is not None:
         try:
-            jobs.fail(session, job_id, error)
-        except (jobs.IllegalTransition, SdqueueError) as exc:
-            log.info("job %s: could not record failure: %s", job_id, exc)
+            data = wait_out(lambda: ctx.storage.get(work.input_key), f"job {job_id}: reading its input image",
+                            timeout=ctx.settings.outage_timeout)
+            init_image = prepare_input_image(data, params["width"], params["height"])
+        except OutageTooLong:
+            return engine.give_back(work).result()
+        except Exception as exc:
+            return engine.fail(work, JobError(f"the input image cannot be read ({type(exc).__name__}: {exc})")).result()
+    work.samples = job_samples(job_id, params, work.seed, init_image)
+    work.key = compat_key(params, img2img=init_image is not None)
+    # 3. into a batch; the engine uploads and records the images
+    return engine.submit(work).result()
+
+
+def _claim(ctx: WorkerContext, job_id: str) -> Work | str:
+    """The claimed job as work for the engine, or why it was not claimed."""
+    with ctx.db.session() as session:
+        job, why = jobs.claim(session, job_id, ctx.engine.hostname, ctx.engine.model.spec.name,
+                              lease_seconds=ctx.settings.lease_seconds, max_attempts=ctx.settings.max_attempts)
+        if job is None:
+            return why
+        params = dict(job.params)
+        return Work(
+            job_id, compat_key(params, img2img=job.input_key is not None), [], job.created_at.timestamp(),
+            params=params, input_sha256=job.input_sha256, lease=jobs.lease_of(job), alone=job.suspect,
+            seed=job.seed, input_key=job.input_key,
+        )

@@ -1,0 +1,152 @@
+"""The sweeper: puts back what a dead worker or the broker lost, and deletes objects no job
+references.
+
+Run periodically inside every worker and on demand by `sdqueue sweep`. Several sweepers at once
+are safe: rows are taken with FOR UPDATE SKIP LOCKED on PostgreSQL (a plain transaction on
+SQLite, whose writers take turns), every change is conditional on the state it read, and sending a
+job's message twice only costs the second delivery a look at the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Callable
+
+from sqlalchemy import exists, func, select, update
+
+from models import broker, jobs
+from models.db import Database
+from models.settings import Settings
+from models.storage import Storage
+from models.tables import Image, Job, JobState, Upload, utcnow
+
+log = logging.getLogger(__name__)
+
+# Rows taken per transaction.
+BATCH = 500
+
+Send = Callable[[list[str]], None]
+
+
+@dataclass
+class SweepReport:
+    expired: list[str] = field(default_factory=list)  # leases expired: back in the queue
+    dead_lettered: list[str] = field(default_factory=list)  # their worker died with them alone, once too often
+    resent: list[str] = field(default_factory=list)  # queued, but the broker had no message: sent again
+    orphans: int = 0  # objects deleted that no job references
+
+    def __bool__(self) -> bool:
+        return bool(self.expired or self.dead_lettered or self.resent or self.orphans)
+
+    def __str__(self) -> str:
+        return (f"{len(self.expired)} expired lease(s) requeued, {len(self.dead_lettered)} dead-lettered, "
+                f"{len(self.resent)} lost message(s) sent again, {self.orphans} orphan object(s) deleted")
+
+
+class Sweeper:
+    def __init__(self, settings: Settings, db: Database, storage: Storage, send: Send):
+        self.settings = settings
+        self.db = db
+        self.storage = storage
+        self.send = send
+        self._last_scan = float("-inf")
+
+    def sweep(self, *, expire: bool = True, orphan_grace: float | None = None, force_scan: bool = False) -> SweepReport:
+        report = SweepReport()
+        if expire:
+            self.requeue_expired(report)
+        self.resend_lost(report, force=force_scan)
+        self.delete_orphans(report, self.settings.orphan_grace if orphan_grace is None else orphan_grace)
+        if report:
+            log.info("sweep: %s", report)
+        return report
+
+    # 1. running jobs whose lease expired: their worker died (or lost the database for longer than
+    #    a lease); suspects of a shared crash run alone next, a job that crashed alone is charged.
+    def requeue_expired(self, report: SweepReport) -> None:
+        while True:
+            with self.db.session() as session:
+                expired = session.scalars(
+                    select(Job)
+                    .where(Job.state == JobState.RUNNING.value, Job.lease_expires_at < utcnow())
+                    .limit(BATCH)
+                    .with_for_update(skip_locked=True)
+                ).all()
+                back = []
+                for job in expired:
+                    (back if jobs.requeue_expired(job, self.settings.max_attempts) else report.dead_lettered).append(job.id)
+            report.expired += back
+            self._send(back)
+            if len(expired) < BATCH:
+                return
+
+    # 2. queued jobs without a live message (Redis restarted empty, a producer killed between the
+    #    row and the send, a message dropped): sent again. The broker is read at most once per
+    #    `requeue_after`, and only when some job has waited that long.
+    def resend_lost(self, report: SweepReport, *, force: bool = False) -> None:
+        cutoff = utcnow() - timedelta(seconds=self.settings.requeue_after)
+        with self.db.session() as session:
+            waiting = list(session.scalars(
+                select(Job.id).where(Job.state == JobState.QUEUED.value,
+                                     func.coalesce(Job.enqueued_at, Job.created_at) < cutoff)
+            ))
+        if not waiting:
+            return
+        if not broker.uses_redis(self.settings):
+            return  # the in-process broker of the demo loses nothing while its process lives
+        now = time.monotonic()
+        if not force and now - self._last_scan < self.settings.requeue_after:
+            return
+        self._last_scan = now
+        live = broker.live_job_ids(self.settings)
+        lost = [job_id for job_id in waiting if job_id not in live]
+        for start in range(0, len(lost), BATCH):
+            chunk = lost[start : start + BATCH]
+            with self.db.session() as session:
+                marked = list(session.scalars(
+                    update(Job)
+                    .where(Job.id.in_(chunk), Job.state == JobState.QUEUED.value)
+                    .values(enqueued_at=utcnow())
+                    .returning(Job.id)
+                ))
+            self._send(marked)
+            report.resent += marked
+
+    # 3. objects a claim uploaded but never recorded (cancelled, superseded, crashed), once they
+    #    are older than the grace period and their claim is not still running.
+    def delete_orphans(self, report: SweepReport, grace: float) -> None:
+        cutoff = utcnow() - timedelta(seconds=grace)
+        while True:
+            with self.db.session() as session:
+                rows = session.execute(
+                    select(Upload, Job.state, Job.lease_token)
+                    .join(Job, Job.id == Upload.job_id)
+                    .where(Upload.created_at <= cutoff)
+                    .order_by(Upload.created_at)
+                    .limit(BATCH)
+                    .with_for_update(skip_locked=True, of=Upload)
+                ).all()
+                done = 0
+                for upload, state, token in rows:
+                    if state == JobState.RUNNING.value and token == upload.lease_token:
+                        continue  # its claim still runs (e.g. waiting for the store to come back)
+                    recorded = session.scalar(select(exists().where(Image.object_key == upload.object_key)))
+                    if not recorded:
+                        self.storage.delete(upload.object_key)
+                        report.orphans += 1
+                    session.delete(upload)
+                    done += 1
+            if len(rows) < BATCH or done == 0:
+                return
+
+    def _send(self, job_ids: list[str]) -> None:
+        if not job_ids:
+            return
+        try:
+            self.send(job_ids)
+        except Exception as exc:  # the broker is down: these are found again once `requeue_after` passes
+            log.warning("sweep: could not send %d message(s) (%s); they will be sent again later",
+                        len(job_ids), exc)

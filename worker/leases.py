@@ -1,0 +1,127 @@
+"""The leases a worker holds, kept alive from threads of their own.
+
+The heartbeat pushes every held lease forward each `heartbeat_seconds`, whatever the GPU loop is
+doing, and reports the jobs that are no longer this worker's (cancelled, or claimed again after
+its lease expired). A listener on the broker's cancel channel asks about a job at once when a
+producer cancels it, so its samples leave the loop at the next step rather than the next beat.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from models import jobs
+from models.broker import CANCEL_CHANNEL, redis_client, uses_redis
+from models.db import Database
+from models.outage import is_outage
+from models.settings import Settings
+
+log = logging.getLogger(__name__)
+
+OnLost = Callable[[set[str]], None]
+
+
+class LeaseKeeper:
+    def __init__(self, settings: Settings, db: Database, owner: str, on_lost: OnLost):
+        self.settings = settings
+        self.db = db
+        self.owner = owner
+        self.on_lost = on_lost
+        self._held: dict[str, jobs.Lease] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._beat, name="sdqueue-heartbeat", daemon=True)]
+        if uses_redis(settings):
+            self._threads.append(threading.Thread(target=self._listen, name="sdqueue-cancels", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def hold(self, lease: jobs.Lease) -> None:
+        with self._lock:
+            self._held[lease.job_id] = lease
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._held.pop(job_id, None)
+
+    def held(self) -> list[str]:
+        with self._lock:
+            return list(self._held)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- the heartbeat ------------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_seconds):
+            self.beat()
+
+    def beat(self) -> None:
+        ids = self.held()
+        if not ids:
+            return
+        try:
+            with self.db.session() as session:
+                kept = jobs.renew(session, self.owner, ids, self.settings.lease_seconds)
+        except Exception as exc:
+            # The database is away: the leases run on; a short outage costs nothing, and a long
+            # one lets the sweeper give the jobs to others (our records are then refused).
+            level = logging.WARNING if is_outage(exc) else logging.ERROR
+            log.log(level, "heartbeat: could not renew %d lease(s): %s", len(ids), exc)
+            return
+        lost = {job_id for job_id in ids if job_id not in kept and job_id in self._held}
+        if lost:
+            log.info("heartbeat: %d job(s) are no longer ours (cancelled or claimed again): %s",
+                     len(lost), ", ".join(sorted(lost)))
+            self.on_lost(lost)
+
+    # --- cancel notices -------------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                client = redis_client(self.settings)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CANCEL_CHANNEL)
+                delay = 0.5
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "message":
+                        job_id = message["data"].decode() if isinstance(message["data"], bytes) else message["data"]
+                        if job_id in self._held:
+                            self._check(job_id)
+                pubsub.close()
+                client.close()
+            except Exception as exc:  # the broker is away; the heartbeat still finds cancellations
+                log.debug("cancel listener: %s", exc)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 15.0)
+
+    def _check(self, job_id: str) -> None:
+        with self._lock:
+            lease = self._held.get(job_id)
+        if lease is None:
+            return
+        try:
+            with self.db.session() as session:
+                jobs.check_held(session, lease)
+        except jobs.LeaseLost as exc:
+            log.info("job %s: %s", job_id, exc)
+            self.on_lost({job_id})
+        except Exception as exc:  # the heartbeat will ask again
+            log.debug("cancel check of %s: %s", job_id, exc)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    """Poll `predicate` until it holds or `timeout` passes (tests and shutdown)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(step)
+    return True
