@@ -47,13 +47,13 @@ def redis_client(settings: Settings) -> Any:
     return redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=5)
 
 
-def live_job_ids(settings: Settings) -> set[str]:
-    """The job ids that have a message in the broker: waiting in the queue or held by a worker."""
+def live_job_ids(settings: Settings, queue: str) -> set[str]:
+    """The job ids that have a message in the broker: waiting in `queue` or held by any worker."""
     client = redis_client(settings)
     try:
         ids_in_range = client.register_script(_IDS_IN_RANGE)
         found: set[str] = set()
-        for key in [settings.queue] + [f"{settings.queue}{_PRIORITY_SEP}{n}" for n in range(1, 10)]:
+        for key in [queue] + [f"{queue}{_PRIORITY_SEP}{n}" for n in range(1, 10)]:
             start = 0
             # Consumers pop from the right and producers push on the left: walking from the left
             # may see a message twice but never skips one. Popped ones are in `unacked`, read last.

@@ -53,7 +53,7 @@ def wait_out(
     timeout: float,
     stop: threading.Event | None = None,
     first_delay: float = 0.5,
-    max_delay: float = 15.0,
+    max_delay: float = 5.0,
 ) -> T:
     """Run `action`; while it fails with an outage, retry with jittered exponential back-off.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 # Rows taken per transaction.
 BATCH = 500
 
-Send = Callable[[list[str]], None]
+# Sends the messages of jobs to a queue (None: the sender's own).
+Send = Callable[[list[str], "str | None"], None]
 
 
 @dataclass
@@ -75,11 +77,15 @@ class Sweeper:
                     .limit(BATCH)
                     .with_for_update(skip_locked=True)
                 ).all()
-                back = []
+                back: dict[str | None, list[str]] = defaultdict(list)
                 for job in expired:
-                    (back if jobs.requeue_expired(job, self.settings.max_attempts) else report.dead_lettered).append(job.id)
-            report.expired += back
-            self._send(back)
+                    if jobs.requeue_expired(job, self.settings.max_attempts):
+                        back[job.queue].append(job.id)
+                    else:
+                        report.dead_lettered.append(job.id)
+            for queue, job_ids in back.items():
+                report.expired += job_ids
+                self._send(job_ids, queue)
             if len(expired) < BATCH:
                 return
 
@@ -87,33 +93,35 @@ class Sweeper:
     #    row and the send, a message dropped): sent again. The broker is read at most once per
     #    `requeue_after`, and only when some job has waited that long.
     def resend_lost(self, report: SweepReport, *, force: bool = False) -> None:
-        cutoff = utcnow() - timedelta(seconds=self.settings.requeue_after)
-        with self.db.session() as session:
-            waiting = list(session.scalars(
-                select(Job.id).where(Job.state == JobState.QUEUED.value,
-                                     func.coalesce(Job.enqueued_at, Job.created_at) < cutoff)
-            ))
-        if not waiting:
-            return
         if not broker.uses_redis(self.settings):
             return  # the in-process broker of the demo loses nothing while its process lives
         now = time.monotonic()
         if not force and now - self._last_scan < self.settings.requeue_after:
             return
+        cutoff = utcnow() - timedelta(seconds=self.settings.requeue_after)
+        waiting: dict[str | None, list[str]] = defaultdict(list)
+        with self.db.session() as session:
+            for job_id, queue in session.execute(
+                select(Job.id, Job.queue).where(Job.state == JobState.QUEUED.value,
+                                                func.coalesce(Job.enqueued_at, Job.created_at) < cutoff)
+            ):
+                waiting[queue].append(job_id)
+        if not waiting:
+            return
         self._last_scan = now
-        live = broker.live_job_ids(self.settings)
-        lost = [job_id for job_id in waiting if job_id not in live]
-        for start in range(0, len(lost), BATCH):
-            chunk = lost[start : start + BATCH]
-            with self.db.session() as session:
-                marked = list(session.scalars(
-                    update(Job)
-                    .where(Job.id.in_(chunk), Job.state == JobState.QUEUED.value)
-                    .values(enqueued_at=utcnow())
-                    .returning(Job.id)
-                ))
-            self._send(marked)
-            report.resent += marked
+        for queue, job_ids in waiting.items():
+            live = broker.live_job_ids(self.settings, queue or self.settings.queue)
+            lost = [job_id for job_id in job_ids if job_id not in live]
+            for start in range(0, len(lost), BATCH):
+                with self.db.session() as session:
+                    marked = list(session.scalars(
+                        update(Job)
+                        .where(Job.id.in_(lost[start : start + BATCH]), Job.state == JobState.QUEUED.value)
+                        .values(enqueued_at=utcnow())
+                        .returning(Job.id)
+                    ))
+                self._send(marked, queue)
+                report.resent += marked
 
     # 3. objects a claim uploaded but never recorded (cancelled, superseded, crashed), once they
     #    are older than the grace period and their claim is not still running.
@@ -142,11 +150,11 @@ class Sweeper:
             if len(rows) < BATCH or done == 0:
                 return
 
-    def _send(self, job_ids: list[str]) -> None:
+    def _send(self, job_ids: list[str], queue: str | None) -> None:
         if not job_ids:
             return
         try:
-            self.send(job_ids)
+            self.send(job_ids, queue)
         except Exception as exc:  # the broker is down: these are found again once `requeue_after` passes
             log.warning("sweep: could not send %d message(s) (%s); they will be sent again later",
                         len(job_ids), exc)

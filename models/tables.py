@@ -72,7 +72,9 @@ class Job(Base):
     suspect: Mapped[bool] = mapped_column(default=False)
     # Set while it runs alone on the GPU: a worker that dies then is charged to this job only.
     running_alone: Mapped[bool] = mapped_column(default=False)
-    # When its last message was sent: a queued job whose message the broker lost is sent again.
+    # Where its messages go, and when the last was sent: a queued job whose message the broker
+    # lost is sent again, to its own queue.
+    queue: Mapped[str | None] = mapped_column(String(255), default=None)
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -84,7 +84,7 @@ class Client:
                     id=job_id, state=JobState.QUEUED.value, mode=request.mode, params=params, seed=seed,
                     seed_was_drawn=request.seed is None, width=request.width, height=request.height,
                     num_inference_steps=request.num_inference_steps, num_images=request.num_images,
-                    input_key=input_key, input_sha256=input_sha256, enqueued_at=utcnow(),
+                    input_key=input_key, input_sha256=input_sha256, queue=self.settings.queue, enqueued_at=utcnow(),
                 )
             )
         try:
@@ -96,12 +96,12 @@ class Client:
             ) from exc
         return job_id
 
-    def send(self, job_ids: list[str]) -> None:
+    def send(self, job_ids: list[str], queue: str | None = None) -> None:
         """The jobs' messages, one per job, through one connection; the job id is the task id."""
         sender = self.sender
         with sender.producer_or_acquire() as producer:
             for job_id in job_ids:
-                sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=self.settings.queue,
+                sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=queue or self.settings.queue,
                                  producer=producer)
 
     def _take_back(self, job_id: str, input_key: str | None) -> str:

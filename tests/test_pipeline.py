@@ -63,7 +63,7 @@ def test_a_job_that_cannot_run_is_failed_with_its_error(model, data_dir, tmp_pat
     upgrade(settings.database_url)
     db, storage = Database(settings.database_url), open_storage(settings.storage_url)
     engine = Engine(model, db, storage, "test", pixel_budget=256 * 256, window=0)
-    engine.serve(settings, send=lambda job_ids: None)
+    engine.serve(settings, send=lambda job_ids, queue: None)
     ctx = WorkerContext(settings, db, storage, engine)
     job_id = str(uuid.uuid4())
     ctx.storage.put(input_key_for(job_id), b"corrupted after upload")

@@ -21,7 +21,8 @@ TIMEOUT = 180
 def sweeper(client, sent: list[str], **overrides):  # type: ignore[no-untyped-def]
     from models.settings import load_settings
 
-    return Sweeper(load_settings(**overrides), client.db, client.storage, sent.extend)
+    return Sweeper(load_settings(**overrides), client.db, client.storage,
+                   lambda job_ids, queue: sent.extend((job_id, queue) for job_id in job_ids))
 
 
 def age(client, job_id: str, seconds: float, **columns) -> None:  # type: ignore[no-untyped-def]
@@ -47,9 +48,10 @@ def test_expired_leases_go_back_to_the_queue_and_run(settings, client, worker):
             lease_expires_at=utcnow() - timedelta(seconds=5)))
     sent: list[str] = []
     report = sweeper(client, sent).sweep()
-    assert ghost_id in report.expired and ghost_id in sent  # (with what earlier tests left behind)
+    # (with what earlier tests left behind: the database is the session's)
+    assert ghost_id in report.expired and (ghost_id, f"{settings.queue}-nobody") in sent  # to its own queue
     assert client.get(ghost_id)["state"] == "queued"
-    client.send([ghost_id])  # what the worker's sweeper sends
+    client.send([ghost_id])  # what a sweeper sends, to this test's queue where the worker listens
     record = client.wait(ghost_id, timeout=TIMEOUT)
     assert record["state"] == "succeeded" and record["attempts"] == 2 and record["failures"] == 0
     assert record["images"][0]["key"] == object_key_for(ghost_id, 0, 2)
@@ -60,7 +62,7 @@ def test_queued_jobs_whose_message_was_lost_are_sent_again(settings, client):
     r = redis.Redis.from_url(settings.broker_url)
     messages = r.lrange(settings.queue, 0, -1)
     assert len(messages) == 3
-    assert broker.live_job_ids(settings) >= {lost, kept, fresh}
+    assert broker.live_job_ids(settings, settings.queue) >= {lost, kept, fresh}
     # the broker loses `lost`'s message (e.g. Redis restarted empty after it was sent)
     r.delete(settings.queue)
     r.lpush(settings.queue, *[m for m in messages if lost.encode() not in m])
@@ -69,11 +71,12 @@ def test_queued_jobs_whose_message_was_lost_are_sent_again(settings, client):
         age(client, job_id, 3600)
     sent: list[str] = []
     report = sweeper(client, sent, requeue_after=60).sweep()
-    assert report.resent == [lost] and sent == [lost]  # `fresh` has not waited long enough to be looked at
+    assert lost in report.resent and (lost, settings.queue) in sent
+    assert kept not in report.resent and fresh not in report.resent  # `fresh` has not waited long enough
     with client.db.session() as session:
         assert jobs.get_job(session, lost).enqueued_at > utcnow() - timedelta(seconds=60)
     # a second sweeper right after finds nothing to do: the job was marked as sent
-    assert sweeper(client, [], requeue_after=60).sweep(force_scan=True).resent == []
+    assert lost not in sweeper(client, [], requeue_after=60).sweep(force_scan=True).resent
 
 
 def test_objects_no_job_references_are_deleted_after_the_grace(settings, client):

@@ -50,7 +50,8 @@ from worker.spool import Spool
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[list[str]], None]
+# Sends the messages of jobs (to a queue, or this worker's own when None).
+Send = Callable[[list[str], "str | None"], None]
 
 # Tests only: a batch holding a sample with this prompt kills its worker process, as a segfault
 # or the kernel's OOM killer would.
@@ -153,7 +154,7 @@ class Engine:
         if not job_ids or self._send is None:
             return
         try:
-            self._send(job_ids)
+            self._send(job_ids, None)  # jobs this worker was given come from its own queue
         except Exception as exc:
             log.warning("could not send %d message(s) (%s); the sweeper will", len(job_ids), exc)
 
@@ -235,10 +236,14 @@ class Engine:
         self._stop.set()
         self._thread.join(timeout)
         self._cpu.shutdown(wait=True)
-        if self.keeper is not None:
-            self.keeper.stop()
         if self.spool is not None:
             self.spool.stop()
+        with self._lock:
+            held = list(self._held.values())
+        if held:  # nothing may wait on a stopped engine: what it still holds goes back to the queue
+            self._give_back(held, timeout=5)
+        if self.keeper is not None:
+            self.keeper.stop()
 
     # --- the GPU thread ---------------------------------------------------------------------
 
@@ -351,15 +356,17 @@ class Engine:
         try:
             record.finished_at = utcnow()
             self._outage(lambda: self._add(record), f"recording batch {record.id}")
+        except Exception as exc:
+            log.error("batch %s cannot be recorded (%s): its jobs are given back", record.id, exc)
+            self._in_flight.release()
+            self._give_back(batch, timeout=10)
+            return
+        try:
             position = 0
             for work in batch:
                 mine = results[position : position + len(work.samples)]
                 self._guard(work, lambda: self._store(work, record, position, mine))
                 position += len(work.samples)
-        except OutageTooLong as exc:
-            log.error("%s: giving the batch's jobs up to the sweeper", exc)
-            for work in batch:
-                self.settle(work, "released")
         finally:
             self._in_flight.release()
 

@@ -37,9 +37,6 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
             "SDQUEUE_BROKER_URL is memory:// (in-process): a worker needs a real broker, "
             "e.g. SDQUEUE_BROKER_URL=redis://127.0.0.1:6379/0"
         )
-    # Celery's notice that running tasks are not cancelled on a lost broker connection: by design,
-    # leases in the database say what is still ours.
-    warnings.filterwarnings("ignore", message="\nIn Celery 5.1 we introduced an optional breaking change")
     # Fail at start, not on the first job: the schema, then the weights and the pipeline,
     # loaded once in this process. Task threads share it through the engine's batches.
     Database(settings.database_url).dispose()
@@ -55,6 +52,10 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
         def install_platform_tweaks(self, worker: Any) -> None:
             super().install_platform_tweaks(worker)
             install_shutdown_handlers(engine)
+            # After Celery's logging set-up, which shows all of its own warnings: its notice that
+            # running tasks are not cancelled when the broker connection drops is by design here
+            # (leases in the database say which jobs are still ours).
+            warnings.filterwarnings("ignore", message="\nIn Celery 5.1 we introduced an optional breaking change")
 
     worker = Worker(
         hostname=f"sdqueue-{settings.queue}@{socket.gethostname()}",

@@ -158,7 +158,7 @@ class Spool:
                 self._finish(parcel, False)
                 continue
             self._stop.wait(delay)
-            delay = min(delay * 2, 15.0)
+            delay = min(delay * 2, 5.0)
             if not self._held(parcel):
                 log.info("spool: job %s is no longer ours; its images are dropped", parcel.lease.job_id)
                 self._finish(parcel, False)
@@ -193,4 +193,7 @@ class Spool:
                 path.unlink(missing_ok=True)
                 self._bytes -= size
             parcel.objects.clear()
-        parcel.done(stored)
+        try:
+            parcel.done(stored)
+        except Exception:  # e.g. the engine stopped meanwhile: never let it end the upload thread
+            log.exception("spool: job %s: handing it back failed", parcel.lease.job_id)

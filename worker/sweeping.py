@@ -1,9 +1,9 @@
 """The sweeper inside every worker: models/sweep.py, every `sweep_interval` seconds (jittered, so
 that workers started together do not sweep together).
 
-Expired leases are taken back only once this process has reached the database without a break
-for a whole lease: after an outage, the workers that hold live jobs get one lease's time to renew
-them before anyone treats those jobs as orphaned.
+After this process found the database unreachable, it takes expired leases back only once it has
+reached the database again without a break for a whole lease: the workers that hold live jobs get
+one lease's time to renew them before anyone treats those jobs as orphaned.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ class PeriodicSweeper:
     def __init__(self, sweeper: Sweeper, settings: Settings):
         self.sweeper = sweeper
         self.settings = settings
-        self.reachable_since: float | None = None
+        # Since when the database answers without a break; None while it does not.
+        self.reachable_since: float | None = float("-inf")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sdqueue-sweeper", daemon=True)
         self._thread.start()

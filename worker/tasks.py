@@ -63,7 +63,7 @@ class WorkerContext:
             pixel_budget=settings.pixel_budget or default_pixel_budget(model.device),
             window=settings.batch_window_ms / 1000,
         )
-        send = partial(send_jobs, settings.queue)
+        send = partial(send_jobs, default_queue=settings.queue)
         engine.serve(settings, send)
         sweeper = PeriodicSweeper(Sweeper(settings, db, storage, send), settings)
         return cls(settings, db, storage, engine, sweeper)
@@ -75,11 +75,12 @@ class WorkerContext:
         self.db.dispose()
 
 
-def send_jobs(queue: str, job_ids: list[str]) -> None:
+def send_jobs(job_ids: list[str], queue: str | None = None, *, default_queue: str) -> None:
     """One message per job, as the producer sends them: the job id is the task id."""
     with app.producer_or_acquire() as producer:
         for job_id in job_ids:
-            app.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=queue, producer=producer)
+            app.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=queue or default_queue,
+                          producer=producer)
 
 
 class PipelineTask(Task):

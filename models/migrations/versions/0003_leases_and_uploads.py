@@ -24,6 +24,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('lease_expires_at', sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column('suspect', sa.Boolean(), nullable=False, server_default=sa.false()))
         batch_op.add_column(sa.Column('running_alone', sa.Boolean(), nullable=False, server_default=sa.false()))
+        batch_op.add_column(sa.Column('queue', sa.String(length=255), nullable=True))
         batch_op.add_column(sa.Column('enqueued_at', sa.DateTime(timezone=True), nullable=True))
         batch_op.create_index('ix_jobs_state_lease', ['state', 'lease_expires_at'], unique=False)
 
@@ -47,6 +48,6 @@ def downgrade() -> None:
     op.drop_table('uploads')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_index('ix_jobs_state_lease')
-        for column in ('enqueued_at', 'running_alone', 'suspect', 'lease_expires_at', 'lease_token', 'lease_owner',
+        for column in ('enqueued_at', 'queue', 'running_alone', 'suspect', 'lease_expires_at', 'lease_token', 'lease_owner',
                        'dead_letter', 'failures'):
             batch_op.drop_column(column)

@@ -1,0 +1,455 @@
+"""The fault suite: real servers, real workers, real faults, and an audit of what survived.
+
+    python -m tests.faults            # full: a few hundred jobs, 30 s outages, default lease timings
+    python -m tests.faults --short    # the CI form (tests/test_faults.py): fewer jobs, short outages
+
+It starts its own Redis, PostgreSQL (initdb on a free port) and SeaweedFS, and several `sdqueue
+worker` processes on the tiny model, which it restarts when they die, as a supervisor would. It
+submits waves of jobs and, while they run: kills a worker with SIGKILL mid-batch, delivers messages
+twice, cancels running jobs, restarts Redis empty, stops S3, stops PostgreSQL, and submits a poison
+job that kills whichever worker runs it. Then it audits: every job succeeded, was cancelled or (the
+poison job only) dead-lettered; none stuck; none stored its images twice; no object in S3 that no
+row references, no row whose object is missing, every object's sha256 equal to its row's. It
+prints the time each recovery took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy import select
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models import jobs  # noqa: E402
+from models.constants import GENERATE_TASK  # noqa: E402
+from models.db import upgrade  # noqa: E402
+from models.settings import load_settings  # noqa: E402
+from models.sweep import Sweeper  # noqa: E402
+from models.tables import Image, Job  # noqa: E402
+from tests.servers import (  # noqa: E402
+    S3_ACCESS_KEY, S3_SECRET_KEY, PostgresServer, RedisServer, SeaweedServer, s3_client,
+)
+
+BUCKET = "faults"
+POISON = "a poison pill that kills its worker"
+STORED = re.compile(r"job (\S+): claim (\d+) stored")
+
+
+@dataclass
+class Config:
+    workers: int = 3
+    wave: int = 60  # jobs submitted before each fault
+    outage: float = 30.0  # seconds S3 and PostgreSQL stay down
+    settings: dict[str, str] = field(default_factory=dict)  # SDQUEUE_* for the workers (defaults otherwise)
+    deadline: float = 1500.0  # seconds for everything to end
+
+    @classmethod
+    def short(cls) -> Config:
+        return cls(workers=2, wave=25, outage=8.0, deadline=600.0, settings={
+            "SDQUEUE_LEASE_SECONDS": "5", "SDQUEUE_HEARTBEAT_SECONDS": "1", "SDQUEUE_SWEEP_INTERVAL": "1.5",
+            "SDQUEUE_REQUEUE_AFTER": "6", "SDQUEUE_MAX_ATTEMPTS": "2", "SDQUEUE_ORPHAN_GRACE": "30",
+        })
+
+
+@dataclass
+class Report:
+    submitted: int = 0
+    states: Counter = field(default_factory=Counter)
+    dead_lettered: list[str] = field(default_factory=list)
+    poison_id: str = ""
+    stuck: list[str] = field(default_factory=list)
+    stored_twice: dict[str, int] = field(default_factory=dict)
+    unreferenced_objects: list[str] = field(default_factory=list)
+    missing_objects: list[str] = field(default_factory=list)
+    sha_mismatches: list[str] = field(default_factory=list)
+    worker_deaths: int = 0
+    duplicates_sent: int = 0
+    cancelled_running: list[str] = field(default_factory=list)
+    cancelled_with_images: list[str] = field(default_factory=list)
+    recoveries: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def problems(self) -> list[str]:
+        found = []
+        ended = self.states["succeeded"] + self.states["cancelled"] + len(self.dead_lettered)
+        if ended != self.submitted:
+            found.append(f"submitted {self.submitted} != succeeded + cancelled + dead-lettered {ended} ({dict(self.states)})")
+        if self.dead_lettered != [self.poison_id]:
+            found.append(f"dead letters {self.dead_lettered} are not exactly the poison job {self.poison_id}")
+        for name in ("stuck", "stored_twice", "unreferenced_objects", "missing_objects", "sha_mismatches",
+                     "cancelled_with_images"):
+            if getattr(self, name):
+                found.append(f"{name}: {getattr(self, name)}")
+        if not self.cancelled_running:
+            found.append("no running job was cancelled")
+        return found
+
+    def __str__(self) -> str:
+        lines = [
+            f"jobs submitted            {self.submitted}",
+            f"  succeeded               {self.states['succeeded']}",
+            f"  cancelled               {self.states['cancelled']} ({len(self.cancelled_running)} while running)",
+            f"  dead-lettered           {len(self.dead_lettered)} (the poison job: {self.dead_lettered == [self.poison_id]})",
+            f"  failed otherwise        {self.states['failed'] - len(self.dead_lettered)}",
+            f"stuck (not ended)         {len(self.stuck)}",
+            f"stored twice              {len(self.stored_twice)}",
+            f"objects without a row     {len(self.unreferenced_objects)}",
+            f"rows without an object    {len(self.missing_objects)}",
+            f"sha256 mismatches         {len(self.sha_mismatches)}",
+            f"duplicate messages sent   {self.duplicates_sent}",
+            f"worker processes died     {self.worker_deaths} (restarted by the suite)",
+            "recovery:",
+            *(f"  {name:38} {seconds:6.1f} s" for name, seconds in self.recoveries.items()),
+            f"total                     {self.seconds:.0f} s",
+            "RESULT: " + ("PASS" if not self.problems else "FAIL\n  " + "\n  ".join(self.problems)),
+        ]
+        return "\n".join(lines)
+
+
+class Workers:
+    """`sdqueue worker` processes, restarted when they die (as systemd or Kubernetes would)."""
+
+    def __init__(self, count: int, env: dict[str, str], logdir: Path):
+        self.env = env
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen] = [self._start(i) for i in range(count)]
+        self.deaths = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._supervise, daemon=True)
+        self._thread.start()
+
+    def _start(self, slot: int) -> subprocess.Popen:
+        log = open(self.logdir / f"worker-{slot}.log", "ab")
+        try:
+            return subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO"],
+                                    cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        finally:
+            log.close()
+
+    def _supervise(self) -> None:
+        while not self._stopping:
+            for slot, proc in enumerate(self.procs):
+                if proc.poll() is not None and not self._stopping:
+                    self.deaths += 1
+                    self.procs[slot] = self._start(slot)
+            time.sleep(0.2)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def kill(self, pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._thread.join()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.logdir.glob("worker-*.log")))
+
+
+def starter_png(size: int = 256) -> bytes:
+    from PIL import Image as PILImage, ImageDraw
+
+    img = PILImage.new("RGB", (size, size), (40, 70, 140))
+    ImageDraw.Draw(img).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=(250, 210, 60))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def wave(rng: random.Random, count: int, png: bytes) -> list[dict[str, Any]]:
+    requests = []
+    for i in range(count):
+        request: dict[str, Any] = {
+            "prompt": rng.choice(["a red fox", "a quiet harbour", "a (blue)++ house", "a tree at dusk"]),
+            "width": rng.choice([256, 320]), "height": 256, "num_inference_steps": rng.choice([2, 3]),
+            "num_images": rng.choice([1, 1, 2]), "guidance_scale": rng.choice([1.0, 7.5]), "seed": rng.randrange(10**6),
+        }
+        request["use_compel"] = "++" in request["prompt"]
+        if i % 10 == 9:
+            request.update(image=png, strength=0.6)
+        requests.append(request)
+    return requests
+
+
+class Suite:
+    def __init__(self, cfg: Config, workdir: Path, data_dir: Path | None, log: Callable[[str], None]):
+        self.cfg = cfg
+        self.workdir = workdir
+        self.data_dir = data_dir
+        self.log = log
+        self.rng = random.Random(6)
+        self.report = Report()
+        self.job_ids: list[str] = []
+        self.png = starter_png()
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def rows(self, *where: Any) -> list[Job]:
+        with self.client.db.session() as session:
+            return list(session.scalars(select(Job).where(*where)))
+
+    def state_of(self, job_ids: list[str]) -> dict[str, tuple[str, str | None]]:
+        with self.client.db.session() as session:
+            return {j.id: (j.state, j.lease_owner) for j in session.scalars(select(Job).where(Job.id.in_(job_ids)))}
+
+    def wait(self, what: str, predicate: Callable[[], Any], timeout: float = 300, step: float = 0.1) -> float:
+        started = time.monotonic()
+        while True:
+            try:
+                if predicate():
+                    return time.monotonic() - started
+            except Exception:  # a server this fault stopped: ask again
+                pass
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"{what}: not after {timeout:.0f} s")
+            time.sleep(step)
+
+    def submit_wave(self) -> list[str]:
+        ids = [self.client.submit(r) for r in wave(self.rng, self.cfg.wave, self.png)]
+        self.job_ids += ids
+        return ids
+
+    def running(self, owner_pid: int | None = None) -> list[Job]:
+        """Running jobs (of one worker process), the poison job aside: the faults below leave it alone."""
+        found = self.rows(Job.state == "running", Job.id != self.report.poison_id)
+        if owner_pid is not None:
+            found = [j for j in found if j.lease_owner and f":{owner_pid}:" in j.lease_owner]
+        return found
+
+    def first_success_after(self, moment: float) -> Callable[[], bool]:
+        from datetime import datetime, timezone
+
+        since = datetime.fromtimestamp(moment, timezone.utc)
+        return lambda: any(j.finished_at and jobs.aware(j.finished_at) > since for j in self.rows(Job.state == "succeeded"))
+
+    # --- the run -------------------------------------------------------------------------------------
+
+    def run(self) -> Report:
+        started = time.monotonic()
+        with RedisServer(self.workdir / "redis") as self.redis, \
+                PostgresServer(self.workdir / "postgres") as self.pg, \
+                SeaweedServer(self.workdir / "s3") as self.s3:
+            self.setup()
+            try:
+                self.faults()
+                self.wait("every job ended", lambda: not self.rows(Job.state.in_(("queued", "running"))),
+                          timeout=self.cfg.deadline)
+            except TimeoutError as exc:
+                self.log(f"!! {exc}")
+            finally:
+                self.workers.stop()
+                self.audit()
+                self.client.close()
+        self.report.seconds = time.monotonic() - started
+        return self.report
+
+    def setup(self) -> None:
+        from producer.client import Client
+
+        s3_client(self.s3.endpoint).create_bucket(Bucket=BUCKET)
+        database_url = self.pg.create_database("sdqueue")
+        upgrade(database_url)
+        data_dir = self.data_dir or self.workdir / "data"
+        if not (data_dir / "models" / "tiny" / "model_index.json").is_file():
+            subprocess.run([sys.executable, "-m", "producer.cli", "models", "build-tiny",
+                            str(data_dir / "models" / "tiny")], cwd=ROOT, check=True, capture_output=True)
+        self.env = {
+            **os.environ,
+            "SDQUEUE_BROKER_URL": self.redis.url, "SDQUEUE_DATABASE_URL": database_url,
+            "SDQUEUE_STORAGE_URL": f"s3://{BUCKET}/run", "SDQUEUE_S3_ENDPOINT_URL": self.s3.endpoint,
+            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
+            "SDQUEUE_MODEL": "tiny", "SDQUEUE_DATA_DIR": str(data_dir), "SDQUEUE_DEVICE": "cpu",
+            "SDQUEUE_SPOOL_DIR": str(self.workdir / "spool"), "SDQUEUE_WORKER_SLOTS": "8",
+            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+            "SDQUEUE_TEST_POISON_PROMPT": POISON,
+            **self.cfg.settings,
+        }
+        settings_env = {k.removeprefix("SDQUEUE_").lower(): v for k, v in self.env.items()
+                        if k.startswith("SDQUEUE_") and k != "SDQUEUE_TEST_POISON_PROMPT"}
+        os.environ.update({k: self.env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+        self.settings = load_settings(**settings_env)
+        self.client = Client(self.settings)
+        (self.workdir / "logs").mkdir(exist_ok=True)
+        self.workers = Workers(self.cfg.workers, self.env, self.workdir / "logs")
+        self.wait("workers ready", lambda: self.workers.logs().count(" ready.") >= self.cfg.workers, timeout=240)
+        self.log(f"{self.cfg.workers} workers ready")
+
+    def faults(self) -> None:
+        cfg, report = self.cfg, self.report
+
+        # 1. kill -9 of a worker mid-batch; and the poison job
+        self.submit_wave()
+        poison = self.client.submit({"prompt": POISON, "width": 256, "height": 256, "num_inference_steps": 2})
+        self.job_ids.append(poison)
+        report.poison_id = poison
+        pid = self.wait_for_busy_worker()
+        victims = [j.id for j in self.running(pid)]
+        self.workers.kill(pid)
+        killed = time.monotonic()
+        report.recoveries["kill -9: its jobs running again"] = self.wait(
+            "killed worker's jobs taken over", lambda: all(
+                state != "running" or (owner and f":{pid}:" not in owner)
+                for state, owner in self.state_of(victims).values()), timeout=300)
+        self.log(f"kill -9 of worker {pid} holding {len(victims)} job(s): recovered in "
+                 f"{time.monotonic() - killed:.1f} s")
+
+        # 2. second deliveries of running and queued jobs
+        ids = self.submit_wave()
+        self.wait("jobs running", lambda: len(self.running()) >= 2)
+        picked = [j.id for j in self.running()[:5]] + ids[-5:]
+        for job_id in picked:
+            self.client.sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=self.settings.queue)
+        report.duplicates_sent = len(picked)
+
+        # 3. cancel running jobs
+        self.wait("jobs running", lambda: len(self.running()) >= 3)
+        for job in self.running()[:3]:
+            try:
+                self.client.cancel(job.id)
+                report.cancelled_running.append(job.id)
+            except jobs.IllegalTransition:
+                pass  # it ended in between
+        self.log(f"cancelled {len(report.cancelled_running)} running job(s)")
+
+        # 4. Redis restarted empty while jobs wait
+        ids = self.submit_wave()
+        queued = [j.id for j in self.rows(Job.state == "queued", Job.id.in_(ids))]
+        self.redis.kill()
+        self.redis.start()
+        report.recoveries["Redis restarted empty: queued jobs claimed"] = self.wait(
+            "jobs queued before the Redis restart claimed",
+            lambda: all(state != "queued" for state, _ in self.state_of(queued).values()), timeout=600)
+        self.log(f"Redis restarted empty with {len(queued)} job(s) queued: recovered in "
+                 f"{report.recoveries['Redis restarted empty: queued jobs claimed']:.1f} s")
+
+        # 5. S3 away for `outage` seconds, then 6. PostgreSQL
+        for name, server in (("S3", self.s3), ("PostgreSQL", self.pg)):
+            self.submit_wave()
+            self.wait("jobs running", lambda: len(self.running()) >= 2)
+            server.stop()
+            self.log(f"{name} stopped for {cfg.outage:.0f} s")
+            time.sleep(cfg.outage)
+            server.start()
+            back = time.time()
+            report.recoveries[f"{name} down {cfg.outage:.0f} s: first success after"] = self.wait(
+                f"a job succeeding after {name} came back", self.first_success_after(back), timeout=600)
+            running_then = [j.id for j in self.running()]
+            report.recoveries[f"{name} down {cfg.outage:.0f} s: jobs running then ended"] = self.wait(
+                f"jobs running when {name} came back ended",
+                lambda: all(state != "running" for state, _ in self.state_of(running_then).values()), timeout=600)
+            self.log(f"{name} back: {report.recoveries[f'{name} down {cfg.outage:.0f} s: first success after']:.1f} s "
+                     f"to the first success")
+
+        self.wait("the poison job dead-lettered", lambda: self.rows(Job.id == poison, Job.dead_letter.is_(True)),
+                  timeout=600)
+
+    def wait_for_busy_worker(self) -> int:
+        """The pid of a worker with running jobs."""
+        found: dict[str, int] = {}
+
+        def busy() -> bool:
+            for pid in self.workers.pids():
+                if len(self.running(pid)) >= 2:
+                    found["pid"] = pid
+                    return True
+            return False
+
+        self.wait("a worker with running jobs", busy, timeout=300, step=0.05)
+        return found["pid"]
+
+    # --- the audit -------------------------------------------------------------------------------------
+
+    def audit(self) -> None:
+        report = self.report
+        report.submitted = len(self.job_ids)
+        report.worker_deaths = self.workers.deaths
+        # what no job references any more goes now (the workers are stopped: nothing is in flight)
+        Sweeper(self.settings, self.client.db, self.client.storage, lambda ids, queue: None).sweep(
+            expire=False, orphan_grace=0)
+        with self.client.db.session() as session:
+            all_jobs = list(session.scalars(select(Job).where(Job.id.in_(self.job_ids))))
+            images = list(session.scalars(select(Image)))
+        report.states = Counter(j.state for j in all_jobs)
+        report.dead_lettered = [j.id for j in all_jobs if j.dead_letter]
+        report.stuck = [j.id for j in all_jobs if j.state in ("queued", "running")]
+        stored = Counter(job_id for job_id, _claim in set(STORED.findall(self.workers.logs())))
+        report.stored_twice = {job_id: n for job_id, n in stored.items() if n > 1}
+        cancelled = {j.id for j in all_jobs if j.state == "cancelled"}
+        report.cancelled_with_images = sorted({i.job_id for i in images if i.job_id in cancelled})
+        # the bucket against the rows
+        s3 = s3_client(self.s3.endpoint)
+        objects: dict[str, str] = {}
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="run/"):
+            for item in page.get("Contents", []):
+                objects[item["Key"].removeprefix("run/")] = item["Key"]
+        referenced = {i.object_key: i for i in images} | {j.input_key: None for j in all_jobs if j.input_key}
+        report.unreferenced_objects = sorted(set(objects) - set(referenced))
+        report.missing_objects = sorted(set(referenced) - set(objects))
+        for key, image in referenced.items():
+            if image is not None and key in objects:
+                data = s3.get_object(Bucket=BUCKET, Key=objects[key])["Body"].read()
+                if hashlib.sha256(data).hexdigest() != image.sha256:
+                    report.sha_mismatches.append(key)
+
+
+def run(cfg: Config, workdir: Path, data_dir: Path | None = None, log: Callable[[str], None] = print) -> Report:
+    return Suite(cfg, workdir, data_dir, log).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.faults", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--short", action="store_true", help="the CI form: fewer jobs, 8 s outages, short leases")
+    parser.add_argument("--workers", type=int, help="worker processes (default 3; 2 with --short)")
+    parser.add_argument("--wave", type=int, help="jobs submitted before each fault (default 60; 25 with --short)")
+    parser.add_argument("--outage", type=float, help="seconds S3 and PostgreSQL stay down (default 30; 8 with --short)")
+    parser.add_argument("--dir", type=Path, help="keep servers' data and worker logs here (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="also write the report as JSON here")
+    args = parser.parse_args(argv)
+    cfg = Config.short() if args.short else Config()
+    for name in ("workers", "wave", "outage"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    workdir = args.dir or Path(tempfile.mkdtemp(prefix="sdqueue-faults-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"fault suite: {cfg.workers} workers, waves of {cfg.wave} jobs, {cfg.outage:.0f} s outages, in {workdir}")
+    report = run(cfg, workdir, log=lambda line: print(f"  {line}", flush=True))
+    print(report)
+    if args.json:
+        args.json.write_text(json.dumps({**report.__dict__, "states": dict(report.states),
+                                         "problems": report.problems}, indent=1, default=str))
+    return 0 if not report.problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
