@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     # How often each worker sweeps (expired leases, lost messages, orphan objects); `sdqueue sweep` once.
     sweep_interval: float = Field(default=10, gt=0)
     # A queued job whose message is not in the broker this long after it was sent is sent again.
-    requeue_after: float = Field(default=120, gt=0)
+    requeue_after: float = Field(default=60, gt=0)
     # Objects of cancelled, superseded or crashed claims are deleted this long after their upload.
     orphan_grace: float = Field(default=600, ge=0)
     # How long an outage of the database, broker or storage is waited out before a worker gives a

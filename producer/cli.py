@@ -307,7 +307,9 @@ def _show(record: dict[str, Any], as_json: bool) -> None:
         return
     params = record["params"]
     print(f"job      {record['id']}")
-    print(f"state    {record['state']}  (attempts {record['attempts']})")
+    letter = ", dead letter" if record["dead_letter"] else ""
+    held = f", held by {record['worker']} until {record['lease_expires_at']}" if record["lease_expires_at"] else ""
+    print(f"state    {record['state']}  (attempts {record['attempts']}, failures {record['failures']}{letter}{held})")
     print(f"request  {record['mode']} {params['width']}x{params['height']} steps={params['num_inference_steps']} "
           f"guidance={params['guidance_scale']} num_images={params['num_images']} seed={record['seed']}"
           f"{' (drawn)' if record['seed_was_drawn'] else ''}")

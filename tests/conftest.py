@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -124,6 +126,47 @@ def worker(settings):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
+def trace(settings):  # type: ignore[no-untyped-def]
+    """Counts what a refused submit could have left: job rows, queued messages, stored objects."""
+    import redis
+    from sqlalchemy import create_engine, func, select
+
+    from models.db import normalize_url
+    from models.tables import Job
+
+    engine = create_engine(normalize_url(settings.database_url))
+    broker = redis.Redis.from_url(settings.broker_url)
+    s3 = s3_client(settings.s3_endpoint_url)
+    prefix = settings.storage_url.removeprefix(f"s3://{BUCKET}/")
+
+    def count() -> tuple[int, int, int]:
+        with engine.connect() as conn:
+            jobs = conn.execute(select(func.count()).select_from(Job)).scalar_one()
+        objects = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("KeyCount", 0)
+        return jobs, broker.llen(settings.queue), objects
+
+    yield count
+    engine.dispose()
+    broker.close()
+
+
+@contextmanager
+def counting_unet_calls(engine):  # type: ignore[no-untyped-def]
+    """The rows of every UNet call `engine` makes while inside (2 per sample: guidance)."""
+    calls: list[int] = []
+
+    def counting(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(sample.shape[0])
+        return engine.model.txt2img.unet(sample, *args, **kwargs)
+
+    engine.unet_call = counting
+    try:
+        yield calls
+    finally:
+        engine.unet_call = None
+
+
+@pytest.fixture
 def png_bytes() -> Callable[..., bytes]:
     def make(width: int = 256, height: int = 256, color: tuple[int, int, int] = (200, 80, 40), fmt: str = "PNG") -> bytes:
         from PIL import Image, ImageDraw
@@ -135,6 +178,15 @@ def png_bytes() -> Callable[..., bytes]:
         return buf.getvalue()
 
     return make
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 180, step: float = 0.02) -> Any:
+    """Poll until `predicate` gives something true; that value."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(step)
+    return value
 
 
 def small(**fields: Any) -> dict[str, Any]:

@@ -3,6 +3,8 @@ running job, and jobs that fail by themselves."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from models.constants import GENERATE_TASK
-from tests.conftest import BUCKET, small
+from tests.conftest import BUCKET, counting_unet_calls, small, wait_for
 from tests.servers import s3_client
 from tests.test_end_to_end import pixels, s3_object
 
@@ -23,29 +25,13 @@ def stored_keys(settings, job_id: str) -> list[str]:  # type: ignore[no-untyped-
     return [o["Key"] for o in listed.get("Contents", [])]
 
 
-def wait_for(predicate, timeout: float = TIMEOUT, step: float = 0.02):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(step)
-    return value
-
-
 @pytest.fixture
 def unet_calls(worker):  # type: ignore[no-untyped-def]
     """The rows of every UNet call the worker's engine makes (2 per sample: guidance)."""
     from worker.tasks import generate
 
-    engine = generate.context.engine
-    calls: list[int] = []
-
-    def counting(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(sample.shape[0])
-        return engine.model.txt2img.unet(sample, *args, **kwargs)
-
-    engine.unet_call = counting
-    yield calls
-    engine.unet_call = None
+    with counting_unet_calls(generate.context.engine) as calls:
+        yield calls
 
 
 def test_a_second_delivery_of_a_running_or_ended_job_does_nothing(settings, client, worker, unet_calls):
@@ -123,3 +109,6 @@ def test_an_unexpected_error_is_retried_then_dead_lettered(settings, client, wor
     assert record["state"] == "failed" and record["dead_letter"] and record["failures"] == 2
     assert record["attempts"] == 2 and "illegal memory access" in record["error"]
     assert record["error"].startswith("dead-lettered after 2 failed attempts")
+    shown = subprocess.run([sys.executable, "-m", "producer.cli", "status", job_id], capture_output=True, text=True,
+                           timeout=120)
+    assert "state    failed  (attempts 2, failures 2, dead letter)" in shown.stdout, shown.stdout + shown.stderr

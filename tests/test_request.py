@@ -8,16 +8,10 @@ import subprocess
 import sys
 
 import pytest
-import redis
 from PIL import Image
-from sqlalchemy import create_engine, func, select
 
-from models.db import normalize_url
 from models.errors import InvalidRequest
 from models.request import MAX_SEED, SIZES, parse_request
-from models.tables import Job
-from tests.conftest import BUCKET
-from tests.servers import s3_client
 
 BAD = [
     # field, value, words the error must hold
@@ -129,23 +123,6 @@ def test_real_image_makes_img2img(png_bytes):
 # --- nothing is written or enqueued -------------------------------------------------------
 
 
-@pytest.fixture
-def trace(settings):  # type: ignore[no-untyped-def]
-    """Counts what a refused submit could have left: job rows, queued messages, stored objects."""
-    engine = create_engine(normalize_url(settings.database_url))
-    broker = redis.Redis.from_url(settings.broker_url)
-    s3 = s3_client(settings.s3_endpoint_url)
-    prefix = settings.storage_url.removeprefix(f"s3://{BUCKET}/")
-
-    def count() -> tuple[int, int, int]:
-        with engine.connect() as conn:
-            jobs = conn.execute(select(func.count()).select_from(Job)).scalar_one()
-        objects = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("KeyCount", 0)
-        return jobs, broker.llen(settings.queue), objects
-
-    yield count
-    engine.dispose()
-    broker.close()
 
 
 def test_client_refusal_leaves_no_trace(client, trace, png_bytes):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import small
+from tests.conftest import small, wait_for
 
 TIMEOUT = 240
 
@@ -22,14 +22,6 @@ def start_worker(tmp_path, name: str) -> tuple[subprocess.Popen, object]:  # typ
     proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker"], stdout=log, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True)
     return proc, log
-
-
-def wait_for(predicate, timeout: float = TIMEOUT, step: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(step)
-    return value
 
 
 def held_by_worker(client, job_ids):  # type: ignore[no-untyped-def]

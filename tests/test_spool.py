@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import small
+from tests.conftest import counting_unet_calls, small, wait_for
 from tests.servers import SeaweedServer, s3_client
 
 TIMEOUT = 180
@@ -38,22 +38,13 @@ def test_images_wait_in_the_spool_while_s3_is_down(settings_env, private_s3, mon
     app = configure(settings)
     reset_context()
     engine = generate.context.engine
-    calls: list[int] = []
-
-    def counting(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(sample.shape[0])
-        return engine.model.txt2img.unet(sample, *args, **kwargs)
-
-    engine.unet_call = counting
     try:
-        with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=120,
-                          queues=[settings.queue]):
+        with counting_unet_calls(engine) as calls, start_worker(
+                app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=120,
+                queues=[settings.queue]):
             private_s3.stop()
             job_ids = [client.submit(small(prompt=f"a lighthouse {i}", seed=i, num_inference_steps=3)) for i in range(6)]
-            deadline = time.monotonic() + TIMEOUT
-            while len(engine.spool) == 0:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_for(lambda: len(engine.spool), timeout=TIMEOUT)
             time.sleep(3.0)  # batches that ran while the first upload was failing land in the spool too
             denoised = len(calls)
             time.sleep(3.0)
@@ -63,7 +54,6 @@ def test_images_wait_in_the_spool_while_s3_is_down(settings_env, private_s3, mon
             private_s3.start()
             records = [client.wait(job_id, timeout=TIMEOUT) for job_id in job_ids]
     finally:
-        engine.unet_call = None
         reset_context()
         client.close()
     assert [r["state"] for r in records] == ["succeeded"] * 6

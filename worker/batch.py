@@ -133,23 +133,23 @@ def encode_compel(model: LoadedModel, prompt: Prompt) -> Conditioning:
     """compel's weighted embeddings; longer prompts give more than 77 tokens, negative padded alike."""
     from compel import Compel
 
-    for field, text in (("prompt", prompt.text), ("negative_prompt", prompt.negative)):
+    for name, text in (("prompt", prompt.text), ("negative_prompt", prompt.negative)):
         try:
             Compel.parse_prompt_string(text)
-        except (Exception, RecursionError) as exc:  # pyparsing's and compel's own, or nesting too deep
+        except Exception as exc:  # pyparsing's and compel's own, or RecursionError: nested too deep
             reason = "nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
-            raise JobError(f"{field} {_short(text)} cannot be parsed by compel ({reason})"[:500]) from None
+            raise JobError(f"{name} {_short(text)} cannot be parsed by compel ({reason})"[:500]) from None
     result = model.compel()(prompt.text, negative_prompt=prompt.negative)
     return Conditioning(result.embeds.to(model.dtype), result.negative_embeds.to(model.dtype))
 
 
 def check_conditioning(prompt: Prompt, conditioning: Conditioning) -> Conditioning:
     """A prompt whose embeddings are NaN or infinite would make a black image: its job fails instead."""
-    for field, text, embeds in (("prompt", prompt.text, conditioning.embeds),
-                                ("negative_prompt", prompt.negative, conditioning.negative_embeds)):
+    for name, text, embeds in (("prompt", prompt.text, conditioning.embeds),
+                               ("negative_prompt", prompt.negative, conditioning.negative_embeds)):
         if not bool(torch.isfinite(embeds).all()):
             hint = " (e.g. a compel blend whose weights are all 0)" if prompt.use_compel else ""
-            raise JobError(f"{field} {_short(text)} gives text conditioning that is not finite (NaN or inf){hint}")
+            raise JobError(f"{name} {_short(text)} gives text conditioning that is not finite (NaN or inf){hint}")
     return conditioning
 
 
