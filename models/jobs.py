@@ -153,9 +153,10 @@ def renew(session: Session, owner: str, job_ids: Iterable[str], lease_seconds: f
     return kept
 
 
-def running_alone(session: Session, lease: Lease) -> None:
-    """The job is about to run alone on the GPU: if its worker dies now, the job is the cause."""
-    _held(session, lease).running_alone = True
+def running_alone(session: Session, lease: Lease, alone: bool = True) -> None:
+    """The job is about to run alone on the GPU (True: if its worker dies now, the job is the
+    cause), or has just left it (False: a death later, while it waits to be stored, is not)."""
+    _held(session, lease).running_alone = alone
 
 
 def record_uploads(session: Session, lease: Lease, keys: list[str]) -> None:

@@ -8,7 +8,7 @@ worker` processes on the tiny model, which it restarts when they die, as a super
 submits waves of jobs and, while they run: kills a worker with SIGKILL mid-batch, delivers messages
 twice, cancels running jobs, restarts Redis empty, stops S3, stops PostgreSQL, and submits a poison
 job that kills whichever worker runs it. Then it audits: every job succeeded, was cancelled or (the
-poison job only) dead-lettered; none stuck; none stored its images twice; no object in S3 that no
+poison job only) dead-lettered; none stuck; none run to completion twice; no object in S3 that no
 row references, no row whose object is missing, every object's sha256 equal to its row's. It
 prints the time each recovery took.
 """
@@ -50,7 +50,8 @@ from tests.servers import (  # noqa: E402
 
 BUCKET = "faults"
 POISON = "a poison pill that kills its worker"
-STORED = re.compile(r"job (\S+): claim (\d+) stored")
+# What a worker logs once a claim's images are stored and recorded: a job must never complete twice.
+RECORDED = re.compile(r"job (\S+): claim (\d+) recorded")
 
 
 @dataclass
@@ -76,7 +77,7 @@ class Report:
     dead_lettered: list[str] = field(default_factory=list)
     poison_id: str = ""
     stuck: list[str] = field(default_factory=list)
-    stored_twice: dict[str, int] = field(default_factory=dict)
+    completed_twice: dict[str, int] = field(default_factory=dict)
     unreferenced_objects: list[str] = field(default_factory=list)
     missing_objects: list[str] = field(default_factory=list)
     sha_mismatches: list[str] = field(default_factory=list)
@@ -95,7 +96,7 @@ class Report:
             found.append(f"submitted {self.submitted} != succeeded + cancelled + dead-lettered {ended} ({dict(self.states)})")
         if self.dead_lettered != [self.poison_id]:
             found.append(f"dead letters {self.dead_lettered} are not exactly the poison job {self.poison_id}")
-        for name in ("stuck", "stored_twice", "unreferenced_objects", "missing_objects", "sha_mismatches",
+        for name in ("stuck", "completed_twice", "unreferenced_objects", "missing_objects", "sha_mismatches",
                      "cancelled_with_images"):
             if getattr(self, name):
                 found.append(f"{name}: {getattr(self, name)}")
@@ -111,7 +112,7 @@ class Report:
             f"  dead-lettered           {len(self.dead_lettered)} (the poison job: {self.dead_lettered == [self.poison_id]})",
             f"  failed otherwise        {self.states['failed'] - len(self.dead_lettered)}",
             f"stuck (not ended)         {len(self.stuck)}",
-            f"stored twice              {len(self.stored_twice)}",
+            f"run to completion twice   {len(self.completed_twice)}",
             f"objects without a row     {len(self.unreferenced_objects)}",
             f"rows without an object    {len(self.missing_objects)}",
             f"sha256 mismatches         {len(self.sha_mismatches)}",
@@ -403,8 +404,8 @@ class Suite:
         report.states = Counter(j.state for j in all_jobs)
         report.dead_lettered = [j.id for j in all_jobs if j.dead_letter]
         report.stuck = [j.id for j in all_jobs if j.state in ("queued", "running")]
-        stored = Counter(job_id for job_id, _claim in set(STORED.findall(self.workers.logs())))
-        report.stored_twice = {job_id: n for job_id, n in stored.items() if n > 1}
+        completed = Counter(job_id for job_id, _claim in set(RECORDED.findall(self.workers.logs())))
+        report.completed_twice = {job_id: n for job_id, n in completed.items() if n > 1}
         cancelled = {j.id for j in all_jobs if j.state == "cancelled"}
         report.cancelled_with_images = sorted({i.job_id for i in images if i.job_id in cancelled})
         # the bucket against the rows

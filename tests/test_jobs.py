@@ -118,6 +118,20 @@ def test_a_job_that_kills_its_worker_alone_is_dead_lettered_after_max_attempts(d
     assert "its worker died while running it alone" in row.error and row.error.startswith("dead-lettered after 2")
 
 
+def test_a_worker_dying_after_a_job_left_the_gpu_is_not_charged_to_it(database):
+    job_id = new_job(database)
+    lease, _ = claim(database, job_id, "w1")
+    with database.session() as session:
+        jobs.running_alone(session, lease)
+    with database.session() as session:
+        jobs.running_alone(session, lease, False)  # denoised; its images wait to be stored
+    expire(database, job_id)  # then another job kills the worker
+    with database.session() as session:
+        assert jobs.requeue_expired(jobs.get_job(session, job_id, lock=True), max_attempts=1)
+    row = job(database, job_id)
+    assert row.state == "queued" and row.failures == 0 and row.suspect
+
+
 def test_charged_failures_retry_then_dead_letter(database):
     job_id = new_job(database)
     for attempt in (1, 2, 3):

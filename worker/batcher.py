@@ -108,10 +108,6 @@ class Batcher:
         with self._changed:
             return [w for w in self._pending if w.tokens is None]
 
-    def drop(self, work: Work) -> None:
-        with self._changed:
-            self._pending.remove(work)
-
     def remove(self, job_ids: set[str]) -> list[Work]:
         """Take the waiting work of `job_ids` out (cancelled, lost, given back); returns it."""
         with self._changed:

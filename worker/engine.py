@@ -132,7 +132,7 @@ class Engine:
     def submit(self, work: Work) -> Future:
         """Queue a held job for a batch; its future resolves to how the job ended."""
         if self._stop.is_set() or self._draining.is_set():
-            self._cpu.submit(self._give_back, [work])
+            self._on_pool(self._give_back, [work])
         elif work.job_id in self._lost:
             self.settle(work, "lost")
         else:
@@ -141,12 +141,19 @@ class Engine:
 
     def fail(self, work: Work, error: JobError) -> Future:
         """The job failed by itself before it reached a batch (e.g. its input image is unreadable)."""
-        self._cpu.submit(self._fail, work, error)
+        self._on_pool(self._fail, work, error)
         return work.future
 
     def give_back(self, work: Work) -> Future:
-        self._cpu.submit(self._give_back, [work])
+        self._on_pool(self._give_back, [work])
         return work.future
+
+    def _on_pool(self, action: Callable[..., None], *args: Any) -> None:
+        """On the CPU pool; in the caller's thread once the pool has shut down (the engine stops)."""
+        try:
+            self._cpu.submit(action, *args)
+        except RuntimeError:
+            action(*args)
 
     def send_again(self, job_ids: list[str]) -> None:
         """Send the messages of queued jobs (given back, or to retry); a broker outage is left to
@@ -219,9 +226,10 @@ class Engine:
 
     def _give_back(self, works: list[Work], timeout: float | None = None) -> None:
         ids = [w.job_id for w in works]
+        if timeout is None:
+            timeout = self.settings.outage_timeout if self.settings is not None else 60.0
         try:
-            with_timeout = timeout if timeout is not None else (self.settings.outage_timeout if self.settings else 60)
-            released = wait_out(lambda: self._release(ids), "giving jobs back", timeout=with_timeout)
+            released = wait_out(lambda: self._release(ids), "giving jobs back", timeout=timeout)
         except OutageTooLong:
             released = []  # their leases expire and the sweeper gives them to others
         self.send_again(released)
@@ -254,8 +262,12 @@ class Engine:
                 continue
             for work in self.batcher.unprepared():
                 self._prepare(work)
-            batch = self.batcher.take(self._stop, timeout=0.5)
-            batch = [w for w in batch if w.job_id not in self._lost]
+            batch = []
+            for work in self.batcher.take(self._stop, timeout=0.5):
+                if work.job_id in self._lost:  # lost between the batcher and here
+                    self.settle(work, "lost")
+                else:
+                    batch.append(work)
             if not batch:
                 continue
             try:
@@ -273,7 +285,7 @@ class Engine:
             work.conditioning = self.conditioning.get([s.prompt for s in work.samples])
             work.tokens = work.conditioning[0].tokens
         except Exception as exc:
-            self.batcher.drop(work)
+            self.batcher.remove({work.job_id})
             if isinstance(exc, JobError):
                 self._cpu.submit(self._fail, work, exc)
             else:
@@ -281,14 +293,11 @@ class Engine:
 
     def _run(self, batch: list[Work]) -> None:
         key = batch[0].key
-        if len(batch) == 1 and batch[0].alone and self.settings is not None:
-            # If the worker dies now, this job is the cause: say so before it starts.
-            try:
-                self._outage(lambda: self._mark_alone(batch[0]), f"job {batch[0].job_id}: marking it alone")
-            except (jobs.LeaseLost, OutageTooLong) as exc:
-                log.info("job %s: %s", batch[0].job_id, exc)
-                self.settle(batch[0], "lost")
-                return
+        # A job suspected of killing its worker runs alone, and says so while it is on the GPU:
+        # if the worker dies then, this job is the cause.
+        alone = batch[0] if len(batch) == 1 and batch[0].alone and self.settings is not None else None
+        if alone is not None and not self._mark_alone(alone, True):
+            return
         samples = [s for w in batch for s in w.samples]
         conditioning = [c for w in batch for c in w.conditioning or []]
         poison = os.environ.get(POISON_ENV)
@@ -306,13 +315,17 @@ class Engine:
                 log.warning("batch %s of %d jobs failed (%s: %s): running each job alone", key, len(batch),
                             type(exc).__name__, exc)
                 for work in batch:
-                    if work.job_id not in self._lost:
+                    if work.job_id in self._lost:
+                        self.settle(work, "lost")
+                    else:
                         self._run([work])
                 return
             log.exception("job %s failed in its batch", batch[0].job_id)
             self._cpu.submit(self._charge, batch[0], exc)
             return
         seconds = time.perf_counter() - clock
+        if alone is not None and not self._mark_alone(alone, False):
+            return
         peak = torch.cuda.max_memory_allocated() if self.model.device.startswith("cuda") else None
         record = Batch(
             id=str(uuid.uuid4()), worker=self.hostname, model=self.model.source if self.model.spec.hub_id is None
@@ -324,9 +337,16 @@ class Engine:
         self._in_flight.acquire()  # back-pressure: wait while the pool is behind
         self._cpu.submit(self._finish, batch, record, results)
 
-    def _mark_alone(self, work: Work) -> None:
-        with self.db.session() as session:
-            jobs.running_alone(session, work.lease)
+    def _mark_alone(self, work: Work, alone: bool) -> bool:
+        """Record that `work` is (or no longer is) alone on the GPU; False when it is not ours."""
+        try:
+            self._outage(lambda: self._in_session(jobs.running_alone, work.lease, alone),
+                         f"job {work.job_id}: marking it {'alone' if alone else 'off the GPU'}")
+            return True
+        except (jobs.LeaseLost, OutageTooLong) as exc:
+            log.info("job %s: %s", work.job_id, exc)
+            self.settle(work, "lost")
+            return False
 
     def generate(
         self, key: CompatKey, samples: list[Sample], conditioning: list[Any], dropped: Dropped | None = None
@@ -432,8 +452,8 @@ class Engine:
             self.settle(work, "lost" if work.job_id in self._lost else "released")
 
     def _record(self, work: Work, rows: list[Image]) -> None:
-        log.info("job %s: claim %d stored %d image(s)", work.job_id, work.lease.token, len(rows))
         self._outage(lambda: self._in_session(jobs.succeed, work.lease, rows), f"job {work.job_id}: recording it")
+        log.info("job %s: claim %d recorded %d image(s)", work.job_id, work.lease.token, len(rows))
         self.settle(work, "succeeded")
 
     def _fail(self, work: Work, error: JobError) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Callable
 
 from models import jobs
@@ -116,12 +115,3 @@ class LeaseKeeper:
         except Exception as exc:  # the heartbeat will ask again
             log.debug("cancel check of %s: %s", job_id, exc)
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    """Poll `predicate` until it holds or `timeout` passes (tests and shutdown)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(step)
-    return True

@@ -98,10 +98,6 @@ class Spool:
     def full(self) -> bool:
         return self._bytes >= self.max_bytes
 
-    @property
-    def bytes(self) -> int:
-        return self._bytes
-
     def __len__(self) -> int:
         with self._changed:
             return len(self._parcels)
