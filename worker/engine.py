@@ -441,15 +441,17 @@ class Engine:
             except StorageError as exc:
                 assert self.spool is not None, exc
                 log.warning("job %s: %s; spooling its images", work.job_id, exc)
-                self.spool.add(lease, objects[done:], lambda stored: self._cpu.submit(self._unspooled, work, rows, stored))
+                self.spool.add(lease, objects[done:], lambda stored: self._on_pool(self._unspooled, work, rows, stored))
                 return
         self._record(work, rows)
 
     def _unspooled(self, work: Work, rows: list[Image], stored: bool) -> None:
         if stored:
             self._guard(work, lambda: self._record(work, rows))
-        else:  # no longer ours, or the store stayed away too long: either way not ours to record
-            self.settle(work, "lost" if work.job_id in self._lost else "released")
+        elif work.job_id in self._lost:
+            self.settle(work, "lost")
+        else:  # the store stayed away longer than we wait: another attempt makes the images again
+            self._give_back([work], timeout=10)
 
     def _record(self, work: Work, rows: list[Image]) -> None:
         self._outage(lambda: self._in_session(jobs.succeed, work.lease, rows), f"job {work.job_id}: recording it")
