@@ -113,7 +113,7 @@ class Engine:
         self._send = send
         self.keeper = LeaseKeeper(settings, self.db, self.hostname, self.lose)
         assert settings.spool_dir is not None
-        self.spool = Spool.open(settings.spool_dir, settings.spool_max_bytes, self.storage, self._still_held,
+        self.spool = Spool.open(settings.spool_dir, settings.spool_max_bytes, self.storage, self.keeper.still_held,
                                 give_up_after=settings.outage_timeout)
 
     @property
@@ -185,14 +185,6 @@ class Engine:
             self.keeper.forget(work.job_id)
         if not work.future.done():
             work.future.set_result(outcome)
-
-    def _still_held(self, lease: jobs.Lease) -> bool:
-        with self.db.session() as session:
-            try:
-                jobs.check_held(session, lease)
-                return True
-            except jobs.LeaseLost:
-                return False
 
     def _dropped(self) -> frozenset[str]:
         return frozenset(self._lost)

@@ -101,17 +101,24 @@ class LeaseKeeper:
                 self._stop.wait(delay)
                 delay = min(delay * 2, 15.0)
 
+    def still_held(self, lease: jobs.Lease) -> bool:
+        """Whether `lease` still holds its job (a database error goes to the caller)."""
+        try:
+            with self.db.session() as session:
+                jobs.check_held(session, lease)
+            return True
+        except jobs.LeaseLost as exc:
+            log.info("job %s: %s", lease.job_id, exc)
+            return False
+
     def _check(self, job_id: str) -> None:
         with self._lock:
             lease = self._held.get(job_id)
         if lease is None:
             return
         try:
-            with self.db.session() as session:
-                jobs.check_held(session, lease)
-        except jobs.LeaseLost as exc:
-            log.info("job %s: %s", job_id, exc)
-            self.on_lost({job_id})
+            if not self.still_held(lease):
+                self.on_lost({job_id})
         except Exception as exc:  # the heartbeat will ask again
             log.debug("cancel check of %s: %s", job_id, exc)
 

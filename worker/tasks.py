@@ -150,7 +150,6 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         except Exception as exc:
             return engine.fail(work, JobError(f"the input image cannot be read ({type(exc).__name__}: {exc})")).result()
     work.samples = job_samples(job_id, params, work.seed, init_image)
-    work.key = compat_key(params, img2img=init_image is not None)
     # 3. into a batch; the engine uploads and records the images
     return engine.submit(work).result()
 
