@@ -391,8 +391,30 @@ class SeaweedServer(_Server):
         client = s3_client(self.endpoint)
         try:
             client.list_buckets()
-            return True
         except Exception:  # refused, or up but not yet serving S3 (a 5xx)
             return False
         finally:
             client.close()
+        # S3 can answer before the volume server has told the master about the volumes already on
+        # disk; until it has, reading an object written before a restart is a 500 InternalError.
+        return self._volumes_on_disk() <= self._volumes_known()
+
+    def _volumes_on_disk(self) -> set[int]:
+        return {int(path.stem.rsplit("_", 1)[-1]) for path in self.data_dir.glob("*.dat")}
+
+    def _volumes_known(self) -> set[int]:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['master.port']}/dir/status", timeout=2) as answer:
+                topology = json.load(answer)["Topology"]
+        except (OSError, ValueError, KeyError):
+            return set()
+        known: set[int] = set()
+        for centre in topology.get("DataCenters") or []:
+            for rack in centre.get("Racks") or []:
+                for node in rack.get("DataNodes") or []:
+                    for part in str(node.get("VolumeIds", "")).split():  # "1 3-5"
+                        first, _, last = part.partition("-")
+                        known.update(range(int(first), int(last or first) + 1))
+        return known
