@@ -74,6 +74,16 @@ def live_job_ids(settings: Settings, queue: str) -> set[str]:
         client.close()
 
 
+def take_turn(settings: Settings, what: str, seconds: float) -> bool:
+    """True for one caller per `seconds` across every process of this deployment (its queue): so
+    that of many workers' sweepers one reads a deep queue, not all of them."""
+    client = redis_client(settings)
+    try:
+        return bool(client.set(f"sdqueue:{settings.queue}:turn:{what}", "1", nx=True, ex=max(1, round(seconds))))
+    finally:
+        client.close()
+
+
 def announce_cancel(settings: Settings, job_id: str) -> None:
     """Tell running workers at once that `job_id` was cancelled (best effort: they also poll)."""
     if not uses_redis(settings):

@@ -19,6 +19,12 @@ class JobNotFound(SdqueueError, LookupError):
         super().__init__(f"no job with id {job_id!r}")
 
 
+class RunNotFound(SdqueueError, LookupError):
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"no run named {name!r} (`sdqueue runs` lists them)")
+
+
 class BadDestination(SdqueueError, ValueError):
     """A folder to download into that is not a writable folder. Nothing was downloaded."""
 

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     batch_window_ms: int = Field(default=100, ge=0, le=60_000)
     # Jobs a worker holds at once (Celery thread slots): what its batches are gathered from.
     worker_slots: int = Field(default=16, ge=1, le=1024)
+    # Interactive jobs go before bulk ones (runs), but while bulk jobs wait, at least one batch in
+    # this many is led by the oldest job whatever its priority: 1 ignores priorities then.
+    bulk_share: int = Field(default=4, ge=1)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

@@ -99,16 +99,19 @@ class Sweeper:
         if not force and now - self._last_scan < self.settings.requeue_after:
             return
         cutoff = utcnow() - timedelta(seconds=self.settings.requeue_after)
+        overdue = (Job.state == JobState.QUEUED.value, func.coalesce(Job.enqueued_at, Job.created_at) < cutoff)
+        with self.db.session() as session:
+            if session.scalar(select(Job.id).where(*overdue).limit(1)) is None:
+                return
+        self._last_scan = now
+        # Reading every waiting job and message costs the database and Redis time for each (a run
+        # of 100,000): one sweeper of the deployment does it per `requeue_after`, not every one.
+        if not force and not broker.take_turn(self.settings, "resend-scan", self.settings.requeue_after):
+            return
         waiting: dict[str | None, list[str]] = defaultdict(list)
         with self.db.session() as session:
-            for job_id, queue in session.execute(
-                select(Job.id, Job.queue).where(Job.state == JobState.QUEUED.value,
-                                                func.coalesce(Job.enqueued_at, Job.created_at) < cutoff)
-            ):
+            for job_id, queue in session.execute(select(Job.id, Job.queue).where(*overdue)):
                 waiting[queue].append(job_id)
-        if not waiting:
-            return
-        self._last_scan = now
         for queue, job_ids in waiting.items():
             live = broker.live_job_ids(self.settings, queue or self.settings.queue)
             lost = [job_id for job_id in job_ids if job_id not in live]

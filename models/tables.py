@@ -1,4 +1,4 @@
-"""SQLAlchemy tables: jobs, the images they produced, and the batches images ran in.
+"""SQLAlchemy tables: runs, jobs, the images they produced, and the batches images ran in.
 
 Schema changes go through Alembic (models/migrations); this module is what the migrations
 build, and what `sdqueue db upgrade` brings a database to.
@@ -30,13 +30,46 @@ class JobState(str, enum.Enum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
+class Priority(str, enum.Enum):
+    """Interactive jobs go first; bulk jobs (runs) still get a share of the batches."""
+
+    INTERACTIVE = "interactive"
+    BULK = "bulk"
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
 
 
+class Run(Base):
+    """A named set of jobs enqueued together: from a manifest, a grid, or a schedule's firing."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    # The manifest or grid file as given, and the sha256 of its bytes.
+    source: Mapped[str | None] = mapped_column(String(1024), default=None)
+    source_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    # Request fields given as options: every row without its own value takes these.
+    defaults: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    priority: Mapped[str] = mapped_column(String(16), default=Priority.BULK.value)
+    # Set when a schedule's firing made the run: the schedule's name and the firing's time.
+    schedule: Mapped[str | None] = mapped_column(String(255), default=None, index=True)
+    fire_time: Mapped[datetime | None] = mapped_column(default=None)
+    # Rows of the source that passed validation, and when all of them were written and sent.
+    expected_jobs: Mapped[int | None] = mapped_column(Integer, default=None)
+    sealed_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_state_lease", "state", "lease_expires_at"),)
+    __table_args__ = (
+        Index("ix_jobs_state_lease", "state", "lease_expires_at"),
+        Index("ix_jobs_run_state", "run_id", "state"),
+        UniqueConstraint("run_id", "run_key", name="uq_jobs_run_key"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.QUEUED.value)
@@ -74,8 +107,13 @@ class Job(Base):
     running_alone: Mapped[bool] = mapped_column(default=False)
     # Where its messages go, and when the last was sent: a queued job whose message the broker
     # lost is sent again, to its own queue.
+    # enqueued_at is None while a row written by a run's bulk enqueue has not been sent yet.
     queue: Mapped[str | None] = mapped_column(String(255), default=None)
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
+    priority: Mapped[str] = mapped_column(String(16), default=Priority.INTERACTIVE.value)
+    # The run it belongs to (None: submitted on its own), and its stable key within the run.
+    run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), default=None)
+    run_key: Mapped[str | None] = mapped_column(String(255), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -22,13 +22,13 @@ from sqlalchemy import delete
 
 from models import jobs
 from models.broker import announce_cancel
-from models.constants import GENERATE_TASK
+from models.constants import GENERATE_TASK, queue_for
 from models.db import Database
-from models.errors import BadDestination, ConfigError, JobTimeout, ServiceUnavailable
+from models.errors import BadDestination, ConfigError, InvalidRequest, JobTimeout, ServiceUnavailable
 from models.request import GenerationRequest, parse_request
 from models.settings import Settings, load_settings
 from models.storage import input_key_for, open_storage
-from models.tables import Job, JobState, utcnow
+from models.tables import Job, JobState, Priority, utcnow
 
 # A drawn seed stays short enough to read and type back.
 DRAWN_SEED_BOUND = 2**32
@@ -49,6 +49,7 @@ class Client:
             self.settings.storage_url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region
         )
         self._sender = sender
+        self._publisher: Any = None
 
     @property
     def sender(self) -> Celery:
@@ -61,11 +62,13 @@ class Client:
             self._sender = make_sender(self.settings)
         return self._sender
 
-    def submit(self, request: GenerationRequest | dict[str, Any]) -> str:
+    def submit(self, request: GenerationRequest | dict[str, Any], *, priority: str = Priority.INTERACTIVE.value) -> str:
         """Validate, record and enqueue one job; returns its id."""
         # 1. validate (raises InvalidRequest) and check we can send at all, before any write
         if not isinstance(request, GenerationRequest):
             request = parse_request(request)
+        priority = check_priority(priority)
+        queue = queue_for(self.settings.queue, priority)
         self.sender  # noqa: B018  (refuses the in-process broker before anything is written)
         # 2. resolve the seed: a drawn seed is recorded like a given one
         job_id = str(uuid.uuid4())
@@ -84,11 +87,12 @@ class Client:
                     id=job_id, state=JobState.QUEUED.value, mode=request.mode, params=params, seed=seed,
                     seed_was_drawn=request.seed is None, width=request.width, height=request.height,
                     num_inference_steps=request.num_inference_steps, num_images=request.num_images,
-                    input_key=input_key, input_sha256=input_sha256, queue=self.settings.queue, enqueued_at=utcnow(),
+                    input_key=input_key, input_sha256=input_sha256, queue=queue, enqueued_at=utcnow(),
+                    priority=priority,
                 )
             )
         try:
-            self.send([job_id])
+            self.send([job_id], queue)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             raise ServiceUnavailable(
@@ -97,12 +101,19 @@ class Client:
         return job_id
 
     def send(self, job_ids: list[str], queue: str | None = None) -> None:
-        """The jobs' messages, one per job, through one connection; the job id is the task id."""
+        """The jobs' messages, one per job, pipelined through one connection; the job id is the task id."""
         sender = self.sender
+        queue = queue or self.settings.queue
+        if self._publisher is None and not self.settings.in_process_broker:
+            from producer.publish import BulkPublisher
+
+            self._publisher = BulkPublisher(sender, self.settings.broker_url)
+        if self._publisher is not None:
+            self._publisher.send(job_ids, queue)
+            return
         with sender.producer_or_acquire() as producer:
             for job_id in job_ids:
-                sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=queue or self.settings.queue,
-                                 producer=producer)
+                sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=queue, producer=producer)
 
     def _take_back(self, job_id: str, input_key: str | None) -> str:
         """Undo a submit whose message could not be sent; says what became of the job."""
@@ -187,4 +198,13 @@ class Client:
         return self.get(job_id)
 
     def close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.close()
         self.db.dispose()
+
+
+def check_priority(priority: str) -> str:
+    allowed = [p.value for p in Priority]
+    if priority not in allowed:
+        raise InvalidRequest([f"priority={priority!r}: must be one of {', '.join(allowed)}"])
+    return priority

@@ -65,3 +65,29 @@ def test_submit_and_worker_refuse_an_unmigrated_database(settings_env, tmp_path)
 def test_postgres_url_without_driver_means_psycopg3():
     assert db.normalize_url("postgresql://u@h:5432/d") == "postgresql+psycopg://u@h:5432/d"
     assert db.normalize_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_the_migrations_build_exactly_the_tables_of_models_tables(backend, tmp_path):
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from models.tables import Base
+
+    def compare(url: str) -> None:
+        db.upgrade(url)
+        engine = db.make_engine(url)
+        try:
+            with engine.connect() as conn:
+                assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        finally:
+            engine.dispose()
+        command.downgrade(db.alembic_config(url), "-1")  # the newest migration goes down and up again
+        db.upgrade(url)
+
+    if backend == "postgresql":
+        with postgres_database(POSTGRES_ADMIN_URL) as url:
+            compare(url)
+    else:
+        compare(f"sqlite:///{tmp_path / 'jobs.db'}")
