@@ -113,6 +113,7 @@ def worker(settings):  # type: ignore[no-untyped-def]
     """A real Celery worker (thread pool, in this process) on the test's Redis queue, batching."""
     from celery.contrib.testing.worker import start_worker
 
+    from models.constants import worker_queues
     from worker.app import configure
     from worker.tasks import generate, reset_context
 
@@ -120,7 +121,7 @@ def worker(settings):  # type: ignore[no-untyped-def]
     reset_context()
     generate.context  # noqa: B018  (load the pipeline before the worker takes jobs)
     with start_worker(app, pool="threads", concurrency=settings.worker_slots, perform_ping_check=False, shutdown_timeout=120,
-                      queues=[settings.queue]) as w:
+                      queues=worker_queues(settings.queue)) as w:
         yield w
     reset_context()
 

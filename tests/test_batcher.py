@@ -1,4 +1,5 @@
-"""Grouping: compatibility key, pixel budget, the window, oldest first; and the out-of-memory split."""
+"""Grouping: compatibility key, pixel budget, the window, oldest first; interactive before bulk, with
+bulk's share of the batches; and the out-of-memory split."""
 
 from __future__ import annotations
 
@@ -17,9 +18,14 @@ K768 = CompatKey("txt2img", 768, 768, 25)
 I768 = CompatKey("img2img", 768, 768, 25, start_step=5)
 
 
-def work(job_id: str, key: CompatKey, created: float, images: int = 1, tokens: int = 77, arrived: float = 0.0) -> Work:
+def work(job_id: str, key: CompatKey, created: float, images: int = 1, tokens: int = 77, arrived: float = 0.0,
+         priority: str = "interactive") -> Work:
     samples = [Sample(job_id, i, i, Prompt("p", "", False), 7.5) for i in range(images)]
-    return Work(job_id, key, samples, created, arrived=arrived, tokens=tokens)
+    return Work(job_id, key, samples, created, priority=priority, arrived=arrived, tokens=tokens)
+
+
+def bulk(job_id: str, key: CompatKey, created: float, **kwargs) -> Work:  # type: ignore[no-untyped-def]
+    return work(job_id, key, created, priority="bulk", **kwargs)
 
 
 def ids(batch: list[Work]) -> list[str]:
@@ -86,6 +92,84 @@ def test_batcher_hands_a_batch_to_the_gpu_thread_after_the_window():
     batch = batcher.take(stop, timeout=5)
     assert ids(batch) == ["a", "b"] and time.monotonic() - start >= 0.14  # not full: it waited the window
     assert len(batcher) == 0
+
+
+def test_interactive_group_goes_before_an_older_bulk_one():
+    pending = [bulk("bulk768", K768, 0), bulk("bulk512", K512, 1), work("new512", K512, 5), work("newer768", K768, 6)]
+    batch, _ = plan_batch(pending, PixelBudget(10**9), window=0, now=10)
+    assert ids(batch) == ["new512", "bulk512"]  # the oldest interactive job's group, with its bulk jobs after
+    batch, _ = plan_batch([bulk("b2", K512, 2), bulk("b1", K512, 1)], PixelBudget(10**9), window=0, now=10)
+    assert ids(batch) == ["b1", "b2"]  # no interactive work: bulk by age
+
+
+def test_a_group_fills_with_interactive_work_first_then_bulk():
+    budget = PixelBudget(3 * 512 * 512)
+    pending = [bulk("b0", K512, 0), bulk("b1", K512, 1), work("i5", K512, 5), bulk("b2", K512, 2), work("i6", K512, 6)]
+    batch, _ = plan_batch(pending, budget, window=0, now=10)
+    assert ids(batch) == ["i5", "i6", "b0"]
+    batch, _ = plan_batch(pending, budget, window=0, now=10, by_age=True)
+    assert ids(batch) == ["b0", "b1", "b2"]  # bulk's turn: age alone
+
+
+def test_window_is_that_of_the_batch_leader():
+    budget = PixelBudget(4 * 512 * 512)
+    pending = [bulk("b", K512, 0, arrived=50.0), work("i", K512, 5, arrived=100.0)]
+    batch, wait = plan_batch(pending, budget, window=0.2, now=100.05)
+    assert batch == [] and wait == pytest.approx(0.15)  # the interactive job arrived last: its window is open
+    batch, _ = plan_batch(pending, budget, window=0.2, now=100.05, by_age=True)
+    assert ids(batch) == ["b", "i"]  # the bulk job's window closed long ago
+
+
+def take_all(batcher: Batcher) -> list[list[str]]:
+    order, stop = [], threading.Event()
+    while len(batcher):
+        order.append(ids(batcher.take(stop, timeout=0)))
+    return order
+
+
+@pytest.mark.parametrize("share", [1, 2, 4])
+def test_bulk_leads_at_least_one_batch_in_bulk_share_under_an_interactive_flood(share):
+    batcher = Batcher(PixelBudget(512 * 512), window=0, bulk_share=share)
+    for i in range(3):
+        batcher.put(bulk(f"b{i}", K768, i))  # older, and of another group: no ride in interactive batches
+    for i in range(12):
+        batcher.put(work(f"i{i}", K512, 10 + i))
+    order = take_all(batcher)
+    bulk_turns = [n for n, batch in enumerate(order) if batch[0].startswith("b")]
+    assert bulk_turns == [share - 1, 2 * share - 1, 3 * share - 1]
+    assert [b for b in order if b[0].startswith("i")] == [[f"i{i}"] for i in range(12)]
+
+
+def test_the_guard_counts_only_while_bulk_waits_and_by_age_may_pick_interactive():
+    batcher = Batcher(PixelBudget(512 * 512), window=0, bulk_share=2)
+    for i in range(4):
+        batcher.put(work(f"i{i}", K512, i))
+    assert take_all(batcher) == [["i0"], ["i1"], ["i2"], ["i3"]]  # no bulk waiting: no turn owed
+    batcher.put(work("old0", K512, 0))
+    batcher.put(work("old1", K512, 1))
+    batcher.put(bulk("b", K768, 5))
+    for i in range(2):
+        batcher.put(work(f"new{i}", K512, 10 + i))
+    # The second batch goes by age: "old1" is older than "b", so it leads, and the count starts
+    # again; "b" leads the next turn by age.
+    assert take_all(batcher) == [["old0"], ["old1"], ["new0"], ["b"], ["new1"]]
+
+
+def test_bulk_share_must_be_at_least_one():
+    with pytest.raises(ValueError, match="bulk_share"):
+        Batcher(PixelBudget(512 * 512), window=0, bulk_share=0)
+
+
+def test_bulk_share_is_a_setting(monkeypatch):
+    from models.errors import ConfigError
+    from models.settings import load_settings
+
+    assert load_settings().bulk_share == 4
+    monkeypatch.setenv("SDQUEUE_BULK_SHARE", "2")
+    assert load_settings().bulk_share == 2
+    monkeypatch.setenv("SDQUEUE_BULK_SHARE", "0")
+    with pytest.raises(ConfigError, match="bulk_share|greater than or equal to 1"):
+        load_settings()
 
 
 def test_out_of_memory_splits_the_batch_with_the_same_images(data_dir):

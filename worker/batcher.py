@@ -1,4 +1,5 @@
-"""Which jobs run together: grouping by compatibility key under a pixel budget, oldest first.
+"""Which jobs run together: grouping by compatibility key under a pixel budget; interactive jobs
+first, then the oldest, and bulk jobs never starve.
 
 Pure bookkeeping, no torch: the engine puts each claimed job here and asks for the next batch.
 """
@@ -11,6 +12,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Hashable
 
+from models.tables import Priority
 from worker.batch import CompatKey, Sample
 
 
@@ -22,6 +24,7 @@ class Work:
     key: CompatKey
     samples: list[Sample]
     created_at: float  # the job's creation time: the oldest job's group goes first
+    priority: str = Priority.INTERACTIVE.value  # models.tables.Priority: interactive work goes before bulk
     params: dict[str, Any] = field(default_factory=dict)  # the job's request, for the image records
     input_sha256: str | None = None
     arrived: float = field(default_factory=time.monotonic)
@@ -45,6 +48,10 @@ class Work:
     def pixels(self) -> int:
         return len(self.samples) * self.key.pixels
 
+    @property
+    def bulk(self) -> bool:
+        return self.priority == Priority.BULK.value
+
 
 class PixelBudget:
     """How many pixels one batch may hold: a default, shrunk per shape after out-of-memory."""
@@ -62,40 +69,57 @@ class PixelBudget:
         self._shrunk[(key.width, key.height)] = min(limit, self.for_key(key))
 
 
-def plan_batch(pending: list[Work], budget: PixelBudget, window: float, now: float) -> tuple[list[Work], float]:
+def plan_batch(
+    pending: list[Work], budget: PixelBudget, window: float, now: float, *, by_age: bool = False
+) -> tuple[list[Work], float]:
     """The next batch from `pending`, or ([], seconds to wait) while its window is still open.
 
-    The group of the oldest job goes first; it fills, in age order, up to the pixel budget (a
-    job larger than the budget runs alone). An unfilled batch waits for more compatible jobs
-    until `window` seconds after its oldest job arrived.
+    The group of the oldest interactive job goes first (of the oldest bulk job when there is no
+    interactive one); it fills with its interactive jobs, then its bulk ones, each in age order, up
+    to the pixel budget (a job larger than the budget runs alone). `by_age` forgets priorities:
+    the oldest job's group goes first and fills in age order (the turn that bulk work is owed).
+    An unfilled batch waits for more compatible jobs until `window` seconds after the job that
+    leads it arrived.
     """
     ready = [w for w in pending if w.tokens is not None]
     if not ready:
         return [], float("inf")  # nothing to wait for but new work
-    ready.sort(key=lambda w: (w.created_at, w.arrived))
-    oldest = ready[0]
-    limit = budget.for_key(oldest.key)
+    if by_age:
+        ready.sort(key=lambda w: (w.created_at, w.arrived))
+    else:
+        ready.sort(key=lambda w: (w.bulk, w.created_at, w.arrived))
+    leader = ready[0]
+    limit = budget.for_key(leader.key)
     batch, used, full = [], 0, False
-    for work in (w for w in ready if w.group == oldest.group):
+    for work in (w for w in ready if w.group == leader.group):
         if batch and used + work.pixels > limit:
             full = True
             break
         batch.append(work)
         used += work.pixels
     full = full or used >= limit
-    wait = oldest.arrived + window - now
+    wait = leader.arrived + window - now
     if not full and wait > 0:
         return [], wait
     return batch, 0.0
 
 
 class Batcher:
-    """A thread-safe pending list: task threads put work, the GPU thread takes batches."""
+    """A thread-safe pending list: task threads put work, the GPU thread takes batches.
 
-    def __init__(self, budget: PixelBudget, window: float):
+    Interactive work goes first, but while bulk work waits, at most `bulk_share - 1` batches in a
+    row are led by interactive work: the next one is planned by age alone, so a flood of
+    interactive jobs leaves bulk jobs at least one batch in `bulk_share`.
+    """
+
+    def __init__(self, budget: PixelBudget, window: float, bulk_share: int = 4):
+        if bulk_share < 1:
+            raise ValueError(f"bulk_share={bulk_share!r}: must be at least 1")
         self.budget = budget
         self.window = window
+        self.bulk_share = bulk_share  # SDQUEUE_BULK_SHARE (4 is its default)
         self._pending: list[Work] = []
+        self._ahead_of_bulk = 0  # batches in a row led by interactive work while bulk work waited
         self._changed = threading.Condition()
 
     def put(self, work: Work) -> Future:
@@ -123,10 +147,14 @@ class Batcher:
                 now = time.monotonic()
                 if any(w.tokens is None for w in self._pending):
                     return []  # the caller prepares these first
-                batch, wait = plan_batch(self._pending, self.budget, self.window, now)
+                bulk_waits = any(w.bulk for w in self._pending)
+                by_age = bulk_waits and self._ahead_of_bulk >= self.bulk_share - 1
+                batch, wait = plan_batch(self._pending, self.budget, self.window, now, by_age=by_age)
                 if batch:
                     for work in batch:
                         self._pending.remove(work)
+                    ahead = bulk_waits and not by_age and not batch[0].bulk
+                    self._ahead_of_bulk = self._ahead_of_bulk + 1 if ahead else 0
                     return batch
                 if now >= deadline:
                     return []

@@ -35,6 +35,7 @@ import torch
 from PIL import Image as PILImage
 
 from models import jobs
+from models.constants import queue_for
 from models.db import Database
 from models.errors import JobError, StorageError
 from models.outage import OutageTooLong, wait_out
@@ -81,6 +82,7 @@ class Engine:
         *,
         pixel_budget: int,
         window: float,
+        bulk_share: int = 4,
         cpu_workers: int = 2,
         max_in_flight: int = 2,
     ):
@@ -89,7 +91,7 @@ class Engine:
         self.storage = storage
         self.hostname = hostname  # also the owner of its leases: unique per worker process
         self.budget = PixelBudget(pixel_budget)
-        self.batcher = Batcher(self.budget, window)
+        self.batcher = Batcher(self.budget, window, bulk_share)
         self.conditioning = ConditioningCache(model)
         self.unet_call: UnetCall | None = None  # tests wrap the UNet here
         self.versions = library_versions()
@@ -155,15 +157,25 @@ class Engine:
         except RuntimeError:
             action(*args)
 
-    def send_again(self, job_ids: list[str]) -> None:
-        """Send the messages of queued jobs (given back, or to retry); a broker outage is left to
-        the sweeper, which finds queued jobs without a message."""
+    def send_again(self, job_ids: list[str], queue: str | None = None) -> None:
+        """Send the messages of queued jobs (given back, or to retry) to `queue` (None: this
+        worker's own); a broker outage is left to the sweeper, which finds queued jobs without a
+        message."""
         if not job_ids or self._send is None:
             return
         try:
-            self._send(job_ids, None)  # jobs this worker was given come from its own queue
+            self._send(job_ids, queue)
         except Exception as exc:
             log.warning("could not send %d message(s) (%s); the sweeper will", len(job_ids), exc)
+
+    def _send_back(self, works: list[Work]) -> None:
+        """Each job's message to the queue of its priority: a bulk job given back waits behind
+        interactive ones again, where the sweeper looks for its message."""
+        if self.settings is None:
+            return  # not serving: nothing to send with
+        for priority in sorted({w.priority for w in works}):
+            self.send_again([w.job_id for w in works if w.priority == priority],
+                            queue_for(self.settings.queue, priority))
 
     # --- leases -----------------------------------------------------------------------------------
 
@@ -224,7 +236,8 @@ class Engine:
             released = wait_out(lambda: self._release(ids), "giving jobs back", timeout=timeout)
         except OutageTooLong:
             released = []  # their leases expire and the sweeper gives them to others
-        self.send_again(released)
+        given_back = set(released)
+        self._send_back([w for w in works if w.job_id in given_back])
         for work in works:
             self.settle(work, "released")
 
@@ -474,7 +487,7 @@ class Engine:
             self.settle(work, "released")
             return
         if again:
-            self.send_again([work.job_id])
+            self._send_back([work])
         self.settle(work, "retry" if again else "dead-lettered")
 
     def _in_session(self, action: Callable[..., Any], *args: Any) -> Any:

@@ -18,6 +18,7 @@ from typing import Any
 
 from celery.signals import worker_shutdown
 
+from models.constants import worker_queues
 from models.db import Database
 from models.errors import ConfigError
 from models.settings import Settings
@@ -62,7 +63,7 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
         # One process per GPU; its threads each hold one job, and the engine batches them.
         pool_cls="threads",
         concurrency=settings.worker_slots,
-        queues=[settings.queue],
+        queues=worker_queues(settings.queue),  # interactive and bulk: kombu alternates between them
         loglevel=loglevel,
         without_gossip=True,
         without_mingle=True,

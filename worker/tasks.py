@@ -61,7 +61,7 @@ class WorkerContext:
         engine = Engine(
             model, db, storage, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
             pixel_budget=settings.pixel_budget or default_pixel_budget(model.device),
-            window=settings.batch_window_ms / 1000,
+            window=settings.batch_window_ms / 1000, bulk_share=settings.bulk_share,
         )
         send = partial(send_jobs, default_queue=settings.queue)
         engine.serve(settings, send)
@@ -108,7 +108,8 @@ def reset_context() -> None:
 @app.task(name=GENERATE_TASK, base=PipelineTask, bind=True, max_retries=None)
 def generate(self: PipelineTask, job_id: str) -> str:
     try:
-        return run_job(self.context, job_id)
+        # The queue it came from (interactive or bulk) is where a worker shutting down sends it back.
+        return run_job(self.context, job_id, queue=(self.request.delivery_info or {}).get("routing_key"))
     except OutageTooLong as exc:
         # The database stayed away for longer than we wait: the message goes back to the queue
         # rather than being acknowledged with nothing recorded.
@@ -116,14 +117,15 @@ def generate(self: PipelineTask, job_id: str) -> str:
         raise Reject(str(exc), requeue=True) from None
 
 
-def run_job(ctx: WorkerContext, job_id: str) -> str:
-    """Run one job end to end; returns how it ended (see worker/engine.py), or why it did not run."""
+def run_job(ctx: WorkerContext, job_id: str, queue: str | None = None) -> str:
+    """Run one job end to end; returns how it ended (see worker/engine.py), or why it did not run.
+    `queue`: the one its message came from (None: the worker's own)."""
     from worker.pipeline import prepare_input_image
 
     engine = ctx.engine
     if engine.draining:
         # Shutting down: leave the job to another worker, without claiming it.
-        engine.send_again([job_id])
+        engine.send_again([job_id], queue)
         return "handed back"
     # 1. claim the job with a lease (a database outage is waited out; the message stays unacknowledged)
     try:
@@ -164,6 +166,6 @@ def _claim(ctx: WorkerContext, job_id: str) -> Work | str:
         params = dict(job.params)
         return Work(
             job_id, compat_key(params, img2img=job.input_key is not None), [], job.created_at.timestamp(),
-            params=params, input_sha256=job.input_sha256, lease=jobs.lease_of(job), alone=job.suspect,
-            seed=job.seed, input_key=job.input_key,
+            priority=job.priority, params=params, input_sha256=job.input_sha256, lease=jobs.lease_of(job),
+            alone=job.suspect, seed=job.seed, input_key=job.input_key,
         )
