@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from models.errors import BadDestination, InvalidRequest, JobNotFound, JobTimeout, SdqueueError
-from models.request import MAX_IMAGE_BYTES
+from models.errors import BadDestination, InvalidRequest, JobNotFound, JobTimeout, RunNotFound, SdqueueError
+from models.request import MAX_IMAGE_BYTES, parse_request
 from models.settings import load_settings
 from producer.client import Client
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT = 1, 2, 3, 4
+PRIORITIES = ["interactive", "bulk"]
 
 # Request fields as CLI options: (option, type, help). Only options given are sent, so every
 # default lives in one place, the request schema.
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         submit.add_argument(option, type=kind, help=text)
     submit.add_argument("--image", type=Path, metavar="PATH", help="input image file: makes the job img2img")
     submit.add_argument("--use-compel", action="store_true", default=None, help="weighted prompts with compel")
+    submit.add_argument("--priority", choices=PRIORITIES, default="interactive",
+                        help="interactive (default) runs before bulk work")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
     submit.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
     submit.add_argument("--json", action="store_true", help="print the job record as JSON")
@@ -78,6 +81,45 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--orphan-grace", type=float, metavar="SECONDS",
                        help="delete unreferenced objects uploaded at least this long ago (default: SDQUEUE_ORPHAN_GRACE, 600)")
 
+    run = commands.add_parser(
+        "run", help="enqueue a manifest (JSONL, CSV, Parquet: one request per row) or a grid (TOML) as a named run; "
+        "again with the same name, it enqueues only the rows that are missing")
+    run.add_argument("manifest", type=Path, metavar="MANIFEST")
+    run.add_argument("--name", required=True, help="the run's name, unique (again: resume or complete that run)")
+    for option, kind, text in REQUEST_OPTIONS:
+        run.add_argument(option, type=kind, help=f"default for rows without it: {text}")
+    run.add_argument("--use-compel", action="store_true", default=None, help="default for rows without it: compel")
+    run.add_argument("--priority", choices=PRIORITIES, default="bulk", help="the run's priority class (default bulk)")
+    run.add_argument("--skip-invalid", action="store_true",
+                     help="enqueue the valid rows and write the bad ones to a rejects file (default: refuse the whole file)")
+    run.add_argument("--rejects", type=Path, metavar="PATH",
+                     help="with --skip-invalid: where the bad rows go (default: MANIFEST.rejects.jsonl)")
+    run.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    runs = commands.add_parser("runs", help="list runs with their jobs by state; show, cancel or retry one")
+    runs.add_argument("--json", action="store_true")
+    runs_commands = runs.add_subparsers(dest="runs_command", metavar="COMMAND")
+    runs_show = runs_commands.add_parser("show", help="a run's counts, images done, images/s and ETA")
+    runs_show.add_argument("name")
+    runs_show.add_argument("--watch", action="store_true", help="keep it on screen, updated, until the run ends")
+    runs_show.add_argument("--interval", type=float, default=2.0, help="with --watch: seconds between updates")
+    runs_show.add_argument("--json", action="store_true")
+    runs_cancel = runs_commands.add_parser("cancel", help="cancel a run's queued jobs")
+    runs_cancel.add_argument("name")
+    runs_retry = runs_commands.add_parser("retry", help="queue a run's failed jobs again, with the same seeds")
+    runs_retry.add_argument("name")
+
+    export = commands.add_parser(
+        "export", help="write a run's images as a dataset (image folder, WebDataset shards or a Parquet index) "
+        "to a folder or s3://bucket/prefix, each image checked against its recorded sha256")
+    export.add_argument("run", metavar="RUN", help="the run's name")
+    export.add_argument("dest", metavar="DEST", help="a folder, or s3://bucket/prefix (SDQUEUE_S3_* settings)")
+    export.add_argument("--format", required=True, choices=["imagefolder", "webdataset", "parquet"])
+    export.add_argument("--partial", action="store_true",
+                        help="export the succeeded jobs of a run that has not finished yet")
+    export.add_argument("--shard-size", type=int, default=1000, help="webdataset: samples per shard (default 1000)")
+    export.add_argument("--concurrency", type=int, default=8, help="images fetched at once (default 8)")
+
     db = commands.add_parser("db", help="database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
     db_commands.add_parser("upgrade", help="bring the database to this version's schema (alembic upgrade head)")
@@ -99,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
         build.add_argument("dir", type=Path, nargs="?", help="where to save it (default: the data dir's models/)")
         build.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
+    beat = commands.add_parser(
+        "beat", help="fire cron schedules (a TOML file), each firing one run, exactly once however many beats run")
+    beat.add_argument("--schedules", type=Path, required=True, metavar="FILE", help="the schedules file (TOML)")
+    beat.add_argument("--loglevel", default="INFO")
+
+    schedules = commands.add_parser("schedules", help="check a schedules file and show its next fire times")
+    schedules_commands = schedules.add_subparsers(dest="schedules_command", required=True, metavar="COMMAND")
+    schedules_list = schedules_commands.add_parser("list", help="each schedule, what it enqueues, its next fire times")
+    schedules_list.add_argument("--schedules", type=Path, required=True, metavar="FILE", help="the schedules file (TOML)")
+    schedules_list.add_argument("--count", type=int, default=3, help="fire times shown per schedule (default 3)")
+
     demo = commands.add_parser("demo", help="run a handful of jobs through an in-process broker and worker")
     demo.add_argument("--model", help="registry name or diffusers folder (default: SDQUEUE_MODEL, i.e. sd21)")
     demo.add_argument("--dir", type=Path, default=Path("sdqueue-demo"), help="where the demo keeps its "
@@ -114,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except InvalidRequest as exc:
         return _fail(str(exc), EXIT_USAGE)
-    except JobNotFound as exc:
+    except (JobNotFound, RunNotFound) as exc:
         return _fail(str(exc), EXIT_NOT_FOUND)
     except JobTimeout as exc:
         return _fail(str(exc), EXIT_TIMEOUT)
@@ -138,15 +191,21 @@ def _client() -> Client:
 
 def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The request fields the user gave, as data for the schema."""
-    fields: dict[str, Any] = {"prompt": args.prompt}
+    fields: dict[str, Any] = {"prompt": args.prompt, **defaults_from_args(args)}
+    if args.image is not None:
+        fields["image"] = read_image_file(args.image)
+    return fields
+
+
+def defaults_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The request options given (not the prompt or image)."""
+    fields: dict[str, Any] = {}
     for option, _, _ in REQUEST_OPTIONS:
         name = option.removeprefix("--").replace("-", "_")
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.use_compel:
         fields["use_compel"] = True
-    if args.image is not None:
-        fields["image"] = read_image_file(args.image)
     return fields
 
 
@@ -184,7 +243,7 @@ def read_image_file(path: Path) -> bytes:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     client = _client()
-    job_id = client.submit(request_from_args(args))
+    job_id = client.submit(request_from_args(args), priority=args.priority)
     if args.wait:
         record = client.wait(job_id, timeout=args.timeout)
         _show(record, args.json)
@@ -229,6 +288,115 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     except IllegalTransition as exc:
         return _fail(str(exc), EXIT_ERROR)
     print(f"{record['id']} {record['state']}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from producer.runs.enqueue import enqueue_run
+    from producer.runs.manifest import format_rejects, load_manifest, write_rejects
+
+    defaults = defaults_from_args(args)
+    parse_request({"prompt": "-", **defaults})  # a bad option is refused once, not once per row
+    # 1. every row read and validated before anything is written
+    manifest = load_manifest(args.manifest, defaults)
+    if manifest.rejects:
+        if not args.skip_invalid:
+            print(f"sdqueue: error: {args.manifest}: {len(manifest.rejects)} of "
+                  f"{len(manifest.rejects) + len(manifest.rows)} rows are invalid; nothing was enqueued "
+                  "(--skip-invalid enqueues the valid ones)", file=sys.stderr)
+            print(format_rejects(manifest.rejects), file=sys.stderr)
+            return EXIT_USAGE
+        rejects = args.rejects or args.manifest.with_name(args.manifest.name + ".rejects.jsonl")
+        write_rejects(manifest.rejects, rejects)
+        print(f"{len(manifest.rejects)} invalid row(s) skipped, written to {rejects}", file=sys.stderr)
+    # 2. written and sent in batches; the same command again resumes
+    client = _client()
+    try:
+        report = enqueue_run(client, args.name, manifest, defaults=defaults, priority=args.priority)
+    finally:
+        client.close()
+    assert report is not None
+    print(json.dumps({**vars(report), "rate": round(report.rate, 1)}) if args.json else report)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from producer.runs import status
+
+    client = _client()
+    try:
+        if args.runs_command is None:
+            runs = status.list_runs(client)
+            if args.json:
+                print(json.dumps([run.as_dict() for run in runs], indent=1))
+            else:
+                _show_runs(runs)
+        elif args.runs_command == "show":
+            return _show_run(client, args)
+        elif args.runs_command == "cancel":
+            print(f"{status.cancel_run(client, args.name)} queued job(s) of run {args.name} cancelled")
+        elif args.runs_command == "retry":
+            print(f"{status.retry_run(client, args.name)} failed job(s) of run {args.name} queued again")
+    finally:
+        client.close()
+    return 0
+
+
+def _show_runs(runs: list[Any]) -> None:
+    print(f"{'RUN':32} {'PRIORITY':11} {'CREATED':20} {'QUEUED':>8} {'RUNNING':>8} {'DONE':>8} {'FAILED':>7} "
+          f"{'CANCELLED':>9} {'TOTAL':>8}")
+    for run in runs:
+        jobs = run.jobs
+        print(f"{run.name:32} {run.priority:11} {run.created_at.strftime('%Y-%m-%d %H:%M:%S'):20} {jobs['queued']:>8} "
+              f"{jobs['running']:>8} {jobs['succeeded']:>8} {jobs['failed']:>7} {jobs['cancelled']:>9} {run.total:>8}")
+
+
+def _show_run(client: Client, args: argparse.Namespace) -> int:
+    import time
+
+    from producer.runs import status
+
+    terminal = sys.stdout.isatty()
+    while True:
+        run = status.run_status(client, args.name)
+        if args.json:
+            print(json.dumps(run.as_dict()), flush=True)
+        else:
+            if args.watch and terminal:
+                print("\x1b[H\x1b[J", end="")  # redraw in place
+            print(_describe_run(run), flush=True)
+        if not args.watch or run.finished:
+            return 0
+        time.sleep(args.interval)
+
+
+def _describe_run(run: Any) -> str:
+    jobs, total = run.jobs, run.total
+    done = jobs["succeeded"] + jobs["failed"] + jobs["cancelled"]
+    eta = run.eta_seconds
+    when = "done" if run.finished else ("unknown (no images in the last minutes)" if eta is None else _duration(eta))
+    made = f"from schedule {run.schedule}" if run.schedule else f"{run.priority} priority"
+    sealed = "" if run.sealed else "  (still being enqueued, or its enqueue was interrupted: run it again)"
+    lines = [
+        f"run      {run.name}  ({made}, created {run.created_at.strftime('%Y-%m-%d %H:%M:%S')}){sealed}",
+        f"jobs     {done}/{total} ended: " + ", ".join(f"{n} {state}" for state, n in jobs.items()),
+        f"images   {run.images_done} done of {sum(run.images.values())}; "
+        f"{run.rate:.2f} images/s over the last {_duration(run.window)}; ETA {when}",
+    ]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from producer.runs.export import export_run
+
+    print(export_run(load_settings(), args.run, args.dest, format=args.format, partial=args.partial,
+                     shard_size=args.shard_size, concurrency=args.concurrency))
     return 0
 
 
@@ -281,6 +449,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_beat(args: argparse.Namespace) -> int:
+    from producer.runs.schedules import run_beat
+
+    return run_beat(args.schedules, loglevel=args.loglevel)
+
+
+def cmd_schedules(args: argparse.Namespace) -> int:
+    from producer.runs.schedules import describe, load_schedules
+
+    if args.count < 1:
+        return _fail(f"--count={args.count}: must be at least 1", EXIT_USAGE)
+    print(describe(load_schedules(args.schedules), args.count))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from producer.demo import run_demo
 
@@ -293,10 +476,15 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "wait": cmd_wait,
     "fetch": cmd_fetch,
     "cancel": cmd_cancel,
+    "run": cmd_run,
+    "runs": cmd_runs,
+    "export": cmd_export,
     "sweep": cmd_sweep,
     "db": cmd_db,
     "worker": cmd_worker,
     "models": cmd_models,
+    "beat": cmd_beat,
+    "schedules": cmd_schedules,
     "demo": cmd_demo,
 }
 

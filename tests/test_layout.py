@@ -23,7 +23,10 @@ def loaded_after(code: str) -> list[str]:
 
 
 def test_importing_producer_loads_no_torch_and_no_worker():
-    assert loaded_after("import producer, producer.client, producer.cli, producer.demo, models.tables, models.db") == []
+    modules = ("producer, producer.client, producer.cli, producer.demo, producer.publish, producer.runs.manifest, "
+               "producer.runs.enqueue, producer.runs.status, producer.runs.export, producer.runs.schedules, "
+               "models.tables, models.db")
+    assert loaded_after(f"import {modules}") == []
 
 
 def test_cli_submit_path_loads_no_torch(settings, tmp_path):

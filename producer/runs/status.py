@@ -1,0 +1,139 @@
+"""What `sdqueue runs` shows and does: a run's counts by state, its progress and rate, and
+cancelling or retrying its jobs in bulk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from models.errors import RunNotFound
+from models.jobs import CHUNK, aware
+from models.tables import Image, Job, JobState, Run, utcnow
+from producer.client import Client
+from producer.runs.enqueue import send_marked
+
+STATES = [state.value for state in JobState]
+# images/s is measured over this much of the recent past.
+RATE_WINDOW = 300.0
+
+
+@dataclass
+class RunStatus:
+    name: str
+    priority: str
+    created_at: datetime
+    schedule: str | None
+    sealed: bool
+    expected_jobs: int | None
+    jobs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
+    images: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))  # images asked, by job state
+    images_done: int = 0
+    recent_images: int = 0  # made in the last `window` seconds
+    window: float = RATE_WINDOW  # or less: from the first of those images, when the run began within it
+
+    @property
+    def total(self) -> int:
+        return sum(self.jobs.values())
+
+    @property
+    def finished(self) -> bool:
+        return self.sealed and not (self.jobs["queued"] or self.jobs["running"])
+
+    @property
+    def rate(self) -> float:
+        return self.recent_images / self.window
+
+    @property
+    def eta_seconds(self) -> float | None:
+        left = self.images["queued"] + self.images["running"]
+        if not left:
+            return 0.0
+        return left / self.rate if self.rate > 0 else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "priority": self.priority, "created_at": self.created_at.isoformat(),
+                "schedule": self.schedule, "sealed": self.sealed, "expected_jobs": self.expected_jobs,
+                "jobs": self.jobs, "total": self.total, "images_done": self.images_done,
+                "images_per_second": round(self.rate, 3), "eta_seconds": self.eta_seconds}
+
+
+def _status_of(run: Run) -> RunStatus:
+    return RunStatus(run.name, run.priority, aware(run.created_at) or utcnow(), run.schedule, run.sealed_at is not None,
+                     run.expected_jobs)
+
+
+def list_runs(client: Client, limit: int = 100) -> list[RunStatus]:
+    """The newest runs with their jobs counted by state."""
+    with client.db.session() as session:
+        runs = session.scalars(select(Run).order_by(Run.created_at.desc()).limit(limit)).all()
+        found = {run.id: _status_of(run) for run in runs}
+        if found:
+            for run_id, state, count in session.execute(
+                select(Job.run_id, Job.state, func.count()).where(Job.run_id.in_(list(found)))
+                .group_by(Job.run_id, Job.state)
+            ):
+                found[run_id].jobs[state] = count
+    return list(found.values())
+
+
+def run_status(client: Client, name: str, window: float = RATE_WINDOW) -> RunStatus:
+    """One run: jobs and images by state, images made, images/s over the last `window` seconds."""
+    with client.db.session() as session:
+        run = _get_run(session, name)
+        status = _status_of(run)
+        status.window = window
+        for state, count, images in session.execute(
+            select(Job.state, func.count(), func.sum(Job.num_images)).where(Job.run_id == run.id).group_by(Job.state)
+        ):
+            status.jobs[state] = count
+            status.images[state] = int(images or 0)
+        status.images_done = status.images["succeeded"]
+        now = utcnow()
+        count, first = session.execute(
+            select(func.count(), func.min(Image.created_at)).select_from(Image).join(Job, Job.id == Image.job_id)
+            .where(Job.run_id == run.id, Image.created_at >= now - timedelta(seconds=window))
+        ).one()
+        status.recent_images = count or 0
+        if first is not None:  # a run that began making images within the window: its rate since then
+            status.window = min(window, max((now - aware(first)).total_seconds(), 1.0))
+    return status
+
+
+def cancel_run(client: Client, name: str) -> int:
+    """Cancel the run's queued jobs (running ones finish); returns how many were cancelled."""
+    changed = _change_jobs(client, name, JobState.QUEUED, state=JobState.CANCELLED.value, finished_at=utcnow())
+    return sum(len(ids) for ids in changed.values())
+
+
+def retry_run(client: Client, name: str) -> int:
+    """Queue the run's failed jobs again, with their seeds and a clean failure count; returns how many."""
+    back = _change_jobs(client, name, JobState.FAILED, state=JobState.QUEUED.value, failures=0, dead_letter=False,
+                        error=None, finished_at=None, enqueued_at=None)
+    return send_marked(client, back)
+
+
+def _change_jobs(client: Client, name: str, current: JobState, **values: Any) -> dict[str, list[str]]:
+    """Set `values` on the run's jobs that are in state `current`, a chunk per transaction, each
+    row only if it still is; returns the ids changed, by queue."""
+    with client.db.session() as session:
+        run_id = _get_run(session, name).id
+        ids = list(session.scalars(select(Job.id).where(Job.run_id == run_id, Job.state == current.value)))
+    changed: dict[str, list[str]] = {}
+    for start in range(0, len(ids), CHUNK):
+        with client.db.session() as session:
+            for job_id, queue in session.execute(
+                update(Job).where(Job.id.in_(ids[start : start + CHUNK]), Job.state == current.value)
+                .values(**values).returning(Job.id, Job.queue)
+            ):
+                changed.setdefault(queue or client.settings.queue, []).append(job_id)
+    return changed
+
+
+def _get_run(session: Any, name: str) -> Run:
+    run = session.scalars(select(Run).where(Run.name == name)).one_or_none()
+    if run is None:
+        raise RunNotFound(name)
+    return run
