@@ -498,6 +498,8 @@ def _show(record: dict[str, Any], as_json: bool) -> None:
     letter = ", dead letter" if record["dead_letter"] else ""
     held = f", held by {record['worker']} until {record['lease_expires_at']}" if record["lease_expires_at"] else ""
     print(f"state    {record['state']}  (attempts {record['attempts']}, failures {record['failures']}{letter}{held})")
+    run = f", run {record['run_id']} key {record['run_key']}" if record["run_id"] else ""
+    print(f"priority {record['priority']}{run}")
     print(f"request  {record['mode']} {params['width']}x{params['height']} steps={params['num_inference_steps']} "
           f"guidance={params['guidance_scale']} num_images={params['num_images']} seed={record['seed']}"
           f"{' (drawn)' if record['seed_was_drawn'] else ''}")
