@@ -6,21 +6,27 @@ this code was written for, and says which command brings it up to date.
 
 from __future__ import annotations
 
+import ast
+import re
 from contextlib import contextmanager
-from importlib.resources import files
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.errors import ConfigError, SchemaOutOfDate, ServiceUnavailable
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+# `revision = '0004'` and `down_revision = '0003'` lines of a migration file, as Alembic writes them
+# (with or without a type annotation).
+_REVISION_LINE = re.compile(r"^(revision|down_revision)\s*(?::[^=\n]*)?=\s*(.+?)\s*$", re.MULTILINE)
 
 
 def normalize_url(url: str) -> str:
@@ -54,26 +60,47 @@ def make_engine(url: str) -> Engine:
 
 
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config
+
     config = Config()
-    config.set_main_option("script_location", str(files("models") / "migrations"))
+    config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
     return config
 
 
 def head_revision() -> str:
-    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    head = script.get_current_head()
-    assert head is not None
-    return head
+    """The revision of the newest migration (the one no other names as its down_revision), read from
+    the migration files: the schema check that every start runs imports no Alembic, a tenth of a
+    second of every `sdqueue status` (tests/test_layout.py checks this is Alembic's head)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        for name, value in _REVISION_LINE.findall(path.read_text(encoding="utf-8")):
+            found = ast.literal_eval(value)  # a string, None, or a tuple of strings (a merge)
+            if name == "revision":
+                revisions.add(found)
+            elif found is not None:
+                parents.update((found,) if isinstance(found, str) else found)
+    heads = revisions - parents
+    if len(heads) != 1:
+        raise ConfigError(f"the migrations in {MIGRATIONS / 'versions'} have {len(heads)} heads: {sorted(heads)}")
+    return heads.pop()
 
 
 def current_revision(engine: Engine) -> str | None:
+    """The database's schema revision, as Alembic records it (read with a plain SELECT); None before
+    the first migration."""
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        versions = sorted(conn.execute(text("SELECT version_num FROM alembic_version")).scalars())
+    return ",".join(versions) or None
 
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the database to `revision` (the `sdqueue db upgrade` command)."""
+    from alembic import command
+
     command.upgrade(alembic_config(url), revision)
 
 

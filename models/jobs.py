@@ -21,7 +21,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from models.errors import JobNotFound
-from models.tables import Image, Job, JobState, Upload, utcnow
+from models.tables import Image, Job, JobState, Upload, WebhookDelivery, utcnow
 
 ALLOWED = {
     JobState.QUEUED: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
@@ -75,12 +75,18 @@ def get_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
 
 
 def transition(job: Job, wanted: JobState) -> None:
+    """Every change of a job's state goes through here (the bulk UPDATEs of runs aside: run jobs
+    have no webhook). A job that ends with a webhook_url gets its delivery row in the same
+    transaction: no end goes unannounced, and `sdqueue webhooks` finds it in the table."""
     current = JobState(job.state)
     if wanted not in ALLOWED[current]:
         raise IllegalTransition(job.id, current, wanted)
     job.state = wanted.value
     if wanted.terminal:
-        job.finished_at = utcnow()
+        now = job.finished_at = utcnow()
+        if job.webhook_url is not None and job.webhook is None:  # a job ends once: one delivery
+            # Assigned through the relationship, it joins the job's session (object_session(job)).
+            job.webhook = WebhookDelivery(job_id=job.id, url=job.webhook_url, next_attempt_at=now, created_at=now)
     if wanted is not JobState.RUNNING:
         job.lease_owner = None
         job.lease_expires_at = None
@@ -242,10 +248,31 @@ def cancel(session: Session, job_id: str) -> Job:
 
 
 def job_record(job: Job, *, locate: Any = None) -> dict[str, Any]:
-    """The whole record of a job as plain data (status --json, the Python client)."""
+    """The whole record of a job as plain data (status --json, the Python client, the HTTP API).
+
+    "webhook" is None for a job without a webhook_url; else where its end is POSTed and how that
+    went: state None until the job ends, then pending, delivered or failed, with every try.
+    """
 
     def when(value: Any) -> str | None:
         return value.isoformat() if value is not None else None
+
+    def webhook() -> dict[str, Any] | None:
+        if job.webhook_url is None:
+            return None
+        delivery = job.webhook
+        if delivery is None:
+            return {"url": job.webhook_url, "state": None, "attempts": 0, "next_attempt_at": None,
+                    "finished_at": None, "tries": []}
+        return {
+            "url": delivery.url,
+            "state": delivery.state,
+            "attempts": delivery.attempts,
+            "next_attempt_at": when(delivery.next_attempt_at) if delivery.state == "pending" else None,
+            "finished_at": when(delivery.finished_at),
+            "tries": [{"at": when(t.at), "status_code": t.status_code, "error": t.error, "seconds": t.seconds}
+                      for t in delivery.tries],
+        }
 
     return {
         "id": job.id,
@@ -284,4 +311,5 @@ def job_record(job: Job, *, locate: Any = None) -> dict[str, Any]:
             }
             for image in job.images
         ],
+        "webhook": webhook(),
     }

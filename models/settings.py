@@ -73,6 +73,22 @@ class Settings(BaseSettings):
     # this many is led by the oldest job whatever its priority: 1 ignores priorities then.
     bulk_share: int = Field(default=4, ge=1)
 
+    # The HTTP API (`sdqueue api`): "on" needs a key (`sdqueue keys create`) on every request but
+    # /healthz and /readyz; "off" is for a trusted network only, and says so loudly at start.
+    api_auth: str = "on"
+    # The largest request body the API reads (JSON or multipart with the img2img image).
+    api_max_body_bytes: int = Field(default=24 * 2**20, gt=0)
+    # How long a presigned image URL the API hands out stays valid.
+    api_url_seconds: int = Field(default=300, gt=0, le=7 * 24 * 3600)
+    # Webhooks: a delivery is retried with exponential back-off for this long after the job ended;
+    # each POST waits at most webhook_timeout; URLs to loopback, link-local and private addresses
+    # are refused unless webhook_allow_private.
+    webhook_retry_seconds: float = Field(default=3600, gt=0)
+    webhook_timeout: float = Field(default=10, gt=0)
+    webhook_allow_private: bool = False
+    # Workers publish a job's denoising progress at most this often (seconds), through Redis.
+    progress_interval: float = Field(default=0.25, gt=0)
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
         if not self.database_url:
@@ -106,6 +122,13 @@ class Settings(BaseSettings):
             raise ValueError(f"SDQUEUE_STORAGE_URL={value!r}: scheme must be file:// or s3://")
         if parsed.scheme == "s3" and not parsed.netloc:
             raise ValueError(f"SDQUEUE_STORAGE_URL={value!r}: s3:// needs a bucket, e.g. s3://images/sdqueue")
+        return value
+
+    @field_validator("api_auth")
+    @classmethod
+    def _check_api_auth(cls, value: str) -> str:
+        if value not in ("on", "off"):
+            raise ValueError(f"SDQUEUE_API_AUTH={value!r}: must be on or off")
         return value
 
     @field_validator("device")

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 from models.errors import ConfigError, StorageError, StorageUnavailable
@@ -39,6 +40,10 @@ class Storage(Protocol):
 
     def location(self, key: str) -> str:
         """Where a person finds the object: a path or an s3:// URL."""
+        ...
+
+    def ping(self) -> None:
+        """Raise a StorageError unless the store answers (readiness checks)."""
         ...
 
 
@@ -81,29 +86,51 @@ class LocalStorage:
     def location(self, key: str) -> str:
         return str(self._path(key))
 
+    def ping(self) -> None:
+        """Raise StorageUnavailable unless the folder is there (made if missing) and writable."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable(f"storage folder {self.url} cannot be made ({exc.strerror or exc})") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageUnavailable(f"storage folder {self.url} is not writable")
+
 
 class S3Storage:
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str = "us-east-1"):
-        import boto3
-        from botocore.config import Config
-
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        # A session of its own: the default session caches credentials and is not thread-safe.
-        self.client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region,
-            config=Config(
-                signature_version="s3v4",
-                s3={"addressing_style": "path"} if endpoint_url else {},
-                # A few quick tries here; a longer outage is waited out by the caller (models/outage.py).
-                retries={"max_attempts": 3, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=30,
-            ),
-        )
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self._client: Any = None
+        self._opening = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client, made on first use: importing boto3 and making a client take ~0.2 s,
+        which a command that only reads a job (`sdqueue status`: image locations are plain strings)
+        does not pay."""
+        with self._opening:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                # A session of its own: the default session caches credentials and is not thread-safe.
+                self._client = boto3.session.Session().client(
+                    "s3",
+                    endpoint_url=self.endpoint_url,
+                    region_name=self.region,
+                    config=Config(
+                        signature_version="s3v4",
+                        s3={"addressing_style": "path"} if self.endpoint_url else {},
+                        # A few quick tries here; a longer outage is waited out by the caller (models/outage.py).
+                        retries={"max_attempts": 3, "mode": "standard"},
+                        connect_timeout=5,
+                        read_timeout=30,
+                    ),
+                )
+            return self._client
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -156,6 +183,23 @@ class S3Storage:
 
     def location(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+    def presigned_url(self, key: str, expires: int) -> str:
+        """A URL anyone holding it may GET the object from for `expires` seconds. Signing is local:
+        nothing is sent, so a missing object is found only by whoever follows the URL."""
+        try:
+            return self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires)
+        except Exception as exc:  # no credentials to sign with
+            raise self._error(f"signing a URL for {key!r} in", exc) from exc
+
+    def ping(self) -> None:
+        """One cheap call (HEAD of the bucket): raises StorageUnavailable (or StorageError: no such
+        bucket, no access) unless the store answers."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            raise self._error("checking the bucket of", exc) from exc
 
 
 def open_storage(url: str, *, endpoint_url: str | None = None, region: str = "us-east-1") -> Storage:

@@ -63,6 +63,37 @@ class Run(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class ApiKey(Base):
+    """A key of the HTTP API: what it may do, and the secret its webhooks are signed with. Only the
+    sha256 of its token is stored; the token is shown once, when the key is made."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    token_prefix: Mapped[str] = mapped_column(String(16))  # the token's first characters, to tell keys apart
+    webhook_secret: Mapped[str] = mapped_column(String(128))
+    rate_per_minute: Mapped[int | None] = mapped_column(Integer, default=None)  # None: no limit
+    max_queued: Mapped[int | None] = mapped_column(Integer, default=None)  # None: no cap
+    bulk_only: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class IdempotentRequest(Base):
+    """A POST made with an Idempotency-Key: its answer, given again to a retry of the same request."""
+
+    __tablename__ = "idempotent_requests"
+
+    scope: Mapped[str] = mapped_column(String(36), primary_key=True)  # the API key's id ("-": no auth)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int] = mapped_column(Integer)
+    response: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
@@ -114,12 +145,17 @@ class Job(Base):
     # The run it belongs to (None: submitted on its own), and its stable key within the run.
     run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), default=None)
     run_key: Mapped[str | None] = mapped_column(String(255), default=None)
+    # The API key that submitted it (None: the CLI, the client, a run), and where its end is POSTed.
+    api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), default=None, index=True)
+    webhook_url: Mapped[str | None] = mapped_column(String(2048), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     images: Mapped[list[Image]] = relationship(back_populates="job", order_by="Image.index", lazy="selectin")
+    # Made when it ends, if it has a webhook_url (models.jobs.transition); its row goes with the job's.
+    webhook: Mapped[WebhookDelivery | None] = relationship(lazy="selectin", passive_deletes=True)
 
 
 class Batch(Base):
@@ -176,3 +212,36 @@ class Image(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="images")
+
+
+class WebhookDelivery(Base):
+    """The POST of a job's final record to its webhook_url: made with the job's end, in the same
+    transaction, and delivered by `sdqueue webhooks`, retried with back-off until it succeeds or
+    SDQUEUE_WEBHOOK_RETRY_SECONDS pass."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_state_next", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    tries: Mapped[list[WebhookAttempt]] = relationship(order_by="WebhookAttempt.id", lazy="selectin")
+
+
+class WebhookAttempt(Base):
+    """One try of a delivery: when, what the receiver answered, or why it could not be reached."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    seconds: Mapped[float | None] = mapped_column(Float, default=None)

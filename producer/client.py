@@ -8,34 +8,39 @@ killed between the row and the send leaves a queued job the sweeper sends later.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import secrets
 import time
 import uuid
+from contextlib import suppress
 from pathlib import Path
-from typing import Any
-
-from celery import Celery
+from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import delete
 
 from models import jobs
-from models.broker import announce_cancel
-from models.constants import GENERATE_TASK, queue_for
+from models.broker import announce_cancel, uses_redis
+from models.constants import GENERATE_TASK
 from models.db import Database
 from models.errors import BadDestination, ConfigError, InvalidRequest, JobTimeout, ServiceUnavailable
+from models.events import Subscription, publish_state
 from models.request import GenerationRequest, parse_request
 from models.settings import Settings, load_settings
-from models.storage import input_key_for, open_storage
-from models.tables import Job, JobState, Priority, utcnow
+from models.storage import open_storage
+from models.tables import Job, JobState, Priority
+from producer.bulk import by_queue, insert_jobs, job_row, send_marked
 
-# A drawn seed stays short enough to read and type back.
-DRAWN_SEED_BOUND = 2**32
+if TYPE_CHECKING:  # Celery is imported when a message is sent: reading a job (`sdqueue status`) needs none of it
+    from celery import Celery
+
+# Client.wait reads the job's record again after this many seconds without its end's event: an
+# event lost (the broker restarted, a worker could not publish) costs this much latency at most.
+WAIT_BACKSTOP = 5.0
 
 
 def make_sender(settings: Settings) -> Celery:
     """A Celery app that only sends messages, by task name: no worker code is imported."""
+    from celery import Celery
+
     sender = Celery("sdqueue-producer", broker=settings.broker_url, set_as_current=False)
     sender.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=True)
     return sender
@@ -62,43 +67,59 @@ class Client:
             self._sender = make_sender(self.settings)
         return self._sender
 
-    def submit(self, request: GenerationRequest | dict[str, Any], *, priority: str = Priority.INTERACTIVE.value) -> str:
+    def submit(self, request: GenerationRequest | dict[str, Any], *, priority: str = Priority.INTERACTIVE.value,
+               api_key_id: str | None = None, webhook_url: str | None = None) -> str:
         """Validate, record and enqueue one job; returns its id."""
         # 1. validate (raises InvalidRequest) and check we can send at all, before any write
         if not isinstance(request, GenerationRequest):
             request = parse_request(request)
         priority = check_priority(priority)
-        queue = queue_for(self.settings.queue, priority)
         self.sender  # noqa: B018  (refuses the in-process broker before anything is written)
-        # 2. resolve the seed: a drawn seed is recorded like a given one
-        job_id = str(uuid.uuid4())
-        seed = request.seed if request.seed is not None else secrets.randbelow(DRAWN_SEED_BOUND)
-        params = {**request.parameters(), "seed": seed}
-        # 3. the img2img input goes to storage before the row that names it
-        input_key = input_sha256 = None
-        if request.image is not None:
-            input_key = input_key_for(job_id)
-            input_sha256 = hashlib.sha256(request.image).hexdigest()
-            self.storage.put(input_key, request.image)
-        # 4. the row, then the message
+        # 2. the row's values: the seed resolved (a drawn seed is recorded like a given one), the
+        #    img2img input in storage before the row that names it
+        values = job_row(request, base_queue=self.settings.queue, priority=priority, storage=self.storage,
+                         api_key_id=api_key_id, webhook_url=webhook_url)
+        values["enqueued_at"] = values["created_at"]
+        # 3. the row, then the message
         with self.db.session() as session:
-            session.add(
-                Job(
-                    id=job_id, state=JobState.QUEUED.value, mode=request.mode, params=params, seed=seed,
-                    seed_was_drawn=request.seed is None, width=request.width, height=request.height,
-                    num_inference_steps=request.num_inference_steps, num_images=request.num_images,
-                    input_key=input_key, input_sha256=input_sha256, queue=queue, enqueued_at=utcnow(),
-                    priority=priority,
-                )
-            )
+            session.add(Job(**values))
         try:
-            self.send([job_id], queue)
+            self.send([values["id"]], values["queue"])
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            raise ServiceUnavailable(
-                f"broker {self.settings.broker_url} cannot be reached ({reason}): {self._take_back(job_id, input_key)}"
-            ) from exc
-        return job_id
+            raise ServiceUnavailable(self._unsent(exc, [values])) from exc
+        return values["id"]
+
+    def submit_many(self, requests: list[GenerationRequest | dict[str, Any]], *,
+                    priority: str = Priority.INTERACTIVE.value, api_key_id: str | None = None,
+                    webhook_url: str | None = None) -> list[str]:
+        """Validate all, then record and enqueue all in one transaction and one pipelined send;
+        returns their ids in order. All or nothing: one bad request refuses the whole list
+        (InvalidRequest naming each by its index), and a broker that cannot be reached takes
+        every row back."""
+        problems: list[str] = []
+        parsed: list[GenerationRequest] = []
+        for index, request in enumerate(requests):
+            try:
+                parsed.append(request if isinstance(request, GenerationRequest) else parse_request(request))
+            except InvalidRequest as exc:
+                problems += [f"requests[{index}].{problem}" for problem in exc.problems]
+        if problems:
+            raise InvalidRequest(problems)
+        priority = check_priority(priority)
+        self.sender  # noqa: B018
+        values = [job_row(request, base_queue=self.settings.queue, priority=priority, storage=self.storage,
+                          api_key_id=api_key_id, webhook_url=webhook_url) for request in parsed]
+        with self.db.session() as session:
+            written = insert_jobs(session, values)
+        try:
+            send_marked(self, by_queue(values, written))
+        except Exception as exc:
+            raise ServiceUnavailable(self._unsent(exc, values)) from exc
+        return [value["id"] for value in values]
+
+    def _unsent(self, exc: Exception, values: list[dict[str, Any]]) -> str:
+        reason = f"{type(exc).__name__}: {exc}"
+        return f"broker {self.settings.broker_url} cannot be reached ({reason}): {self._take_back(values)}"
 
     def send(self, job_ids: list[str], queue: str | None = None) -> None:
         """The jobs' messages, one per job, pipelined through one connection; the job id is the task id."""
@@ -115,18 +136,21 @@ class Client:
             for job_id in job_ids:
                 sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=queue, producer=producer)
 
-    def _take_back(self, job_id: str, input_key: str | None) -> str:
-        """Undo a submit whose message could not be sent; says what became of the job."""
+    def _take_back(self, values: list[dict[str, Any]]) -> str:
+        """Undo a submit whose messages could not be sent; says what became of the jobs."""
+        ids = [value["id"] for value in values]
         try:
             with self.db.session() as session:
-                session.execute(delete(Job).where(Job.id == job_id, Job.state == JobState.QUEUED.value))
+                session.execute(delete(Job).where(Job.id.in_(ids), Job.state == JobState.QUEUED.value))
         except Exception:
-            return f"job {job_id} stays recorded as queued and the sweeper sends it once the broker is back"
-        if input_key is not None:
-            try:
-                self.storage.delete(input_key)
-            except Exception:  # an input no job names is harmless; the row is what counts
-                pass
+            what = f"job {ids[0]} stays" if len(ids) == 1 else f"the {len(ids)} jobs stay"
+            return f"{what} recorded as queued and the sweeper sends them once the broker is back"
+        for value in values:
+            if value["input_key"] is not None:
+                try:
+                    self.storage.delete(value["input_key"])
+                except Exception:  # an input no job names is harmless; the row is what counts
+                    pass
         return "nothing was enqueued"
 
     def get(self, job_id: str) -> dict[str, Any]:
@@ -134,16 +158,61 @@ class Client:
         with self.db.session() as session:
             return jobs.job_record(jobs.get_job(session, job_id), locate=self.storage.location)
 
-    def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.25) -> dict[str, Any]:
-        """Block until the job ends; returns its record (raises JobTimeout)."""
+    def wait(
+        self, job_id: str, timeout: float | None = None, poll: float = 0.25,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Block until the job ends; returns its record (raises JobTimeout).
+
+        It sleeps until the job's events (models/events.py) announce its end, then reads the record
+        again to confirm (events are hints; the row is the answer). It subscribes before the first
+        read, so an end between the two is not missed, and reads the record every WAIT_BACKSTOP
+        seconds anyway, so a lost event costs latency, never a hang. `on_event` gets every event:
+        state changes and denoising progress. Without Redis (memory://, the demo), or once it cannot
+        be reached, it reads the record every `poll` seconds instead.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            record = self.get(job_id)
-            if JobState(record["state"]).terminal:
-                return record
-            if deadline is not None and time.monotonic() >= deadline:
-                raise JobTimeout(job_id, record["state"], timeout or 0)
-            time.sleep(poll)
+        ends = {state.value for state in JobState if state.terminal}
+        events: Subscription | None = None
+        if uses_redis(self.settings):
+            try:
+                events = Subscription(self.settings, [job_id])
+            except Exception:  # the broker is away: the record alone tells
+                events = None
+        try:
+            while True:
+                # 1. the record: the answer once the job has ended
+                record = self.get(job_id)
+                if JobState(record["state"]).terminal:
+                    return record
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise JobTimeout(job_id, record["state"], timeout or 0)
+                wake = now + (poll if events is None else WAIT_BACKSTOP)
+                if deadline is not None:
+                    wake = min(wake, deadline)
+                if events is None:
+                    time.sleep(wake - now)
+                    continue
+                # 2. events until one announces the end, or the backstop's read is due
+                while (left := wake - time.monotonic()) > 0:
+                    try:
+                        event = events.get(left)
+                    except Exception:  # the broker went away: poll from now on
+                        with suppress(Exception):
+                            events.close()
+                        events = None
+                        break
+                    if event is None:
+                        break
+                    if on_event is not None:
+                        on_event(event)
+                    if event.get("type") == "state" and event.get("state") in ends:
+                        break
+        finally:
+            if events is not None:
+                with suppress(Exception):
+                    events.close()
 
     def fetch(self, job_id: str, dest: Path | str) -> list[Path]:
         """Download the job's images into the folder `dest` as JOBID-INDEX.png; returns the paths.
@@ -195,6 +264,7 @@ class Client:
             announce_cancel(self.settings, job_id)
         except Exception:  # only a hint: the worker's heartbeat reads the row anyway
             pass
+        publish_state(self.settings, [job_id], JobState.CANCELLED.value)  # wakes waiters; never raises
         return self.get(job_id)
 
     def close(self) -> None:

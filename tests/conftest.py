@@ -45,8 +45,7 @@ def redis_url() -> str:
     import redis
 
     client = redis.Redis.from_url(REDIS_URL)
-    client.ping()
-    client.flushdb()
+    client.ping()  # not flushed: every test has queues of its own, and other sessions may share this database
     client.close()
     return REDIS_URL
 

@@ -11,9 +11,6 @@ the sweeper sends what stays unsent for longer than SDQUEUE_REQUEUE_AFTER.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import secrets
 import sys
 import time
 import uuid
@@ -22,19 +19,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from models.constants import queue_for
 from models.errors import InvalidRequest
-from models.storage import input_key_for
 from models.tables import Job, JobState, Priority, Run, utcnow
-from producer.client import DRAWN_SEED_BOUND, Client, check_priority
+from producer.bulk import BATCH, by_queue, insert_jobs, job_row, send_marked
+from producer.client import Client, check_priority
 
 if TYPE_CHECKING:
     from producer.runs.manifest import Manifest, RunRow
 
-# Rows per transaction and per pipelined publish.
-BATCH = 1000
 # Room for "@" and a fire time after a schedule's name.
 MAX_RUN_NAME = 200
 
@@ -139,68 +133,11 @@ def _write(client: Client, run_id: str, rows: list[RunRow], priority: str) -> di
     """Write one batch of rows (inputs first); returns the ids written, by queue. A row whose key
     another enqueue wrote meanwhile is skipped, not doubled."""
     now = utcnow()
-    values = []
-    for row in rows:
-        request = row.request
-        job_id = str(uuid.uuid4())
-        seed = request.seed if request.seed is not None else secrets.randbelow(DRAWN_SEED_BOUND)
-        input_key = input_sha256 = None
-        if request.image is not None:
-            input_key = input_key_for(job_id)
-            input_sha256 = hashlib.sha256(request.image).hexdigest()
-            client.storage.put(input_key, request.image)
-        row_priority = row.priority or priority
-        values.append(dict(
-            id=job_id, state=JobState.QUEUED.value, mode=request.mode, params={**request.parameters(), "seed": seed},
-            seed=seed, seed_was_drawn=request.seed is None, width=request.width, height=request.height,
-            num_inference_steps=request.num_inference_steps, num_images=request.num_images, input_key=input_key,
-            input_sha256=input_sha256, queue=queue_for(client.settings.queue, row_priority), enqueued_at=None,
-            priority=row_priority, run_id=run_id, run_key=row.key, created_at=now, updated_at=now,
-            attempts=0, failures=0, dead_letter=False, lease_token=0, suspect=False, running_alone=False,
-        ))
+    values = [job_row(row.request, base_queue=client.settings.queue, priority=row.priority or priority,
+                      storage=client.storage, now=now, run_id=run_id, run_key=row.key) for row in rows]
     with client.db.session() as session:
-        if session.get_bind().dialect.name == "postgresql":
-            written = _copy_in(session, values)
-        else:
-            statement = _insert(session, Job).on_conflict_do_nothing(index_elements=["run_id", "run_key"])
-            written = set(session.scalars(statement.returning(Job.id), values))
-    by_queue: dict[str, list[str]] = defaultdict(list)
-    for value in values:
-        if value["id"] in written:
-            by_queue[value["queue"]].append(value["id"])
-    return by_queue
-
-
-def _copy_in(session: Any, values: list[dict[str, Any]]) -> set[str]:
-    """PostgreSQL: the rows through COPY into a temporary table, then into jobs with ON CONFLICT
-    DO NOTHING. A multi-row INSERT of the same rows spends most of its time in the driver, turning
-    20,000 named parameters into positional ones."""
-    columns = list(values[0])
-    names = ", ".join(f'"{c}"' for c in columns)
-    cursor = session.connection().connection.driver_connection.cursor()
-    cursor.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS run_rows ON COMMIT DELETE ROWS AS "
-                   f"SELECT {names} FROM jobs WITH NO DATA")
-    with cursor.copy(f"COPY run_rows ({names}) FROM STDIN") as copy:
-        for value in values:
-            copy.write_row([json.dumps(value[c]) if c == "params" else value[c] for c in columns])
-    cursor.execute(f"INSERT INTO jobs ({names}) SELECT {names} FROM run_rows "
-                   "ON CONFLICT (run_id, run_key) DO NOTHING RETURNING id")
-    return {row[0] for row in cursor.fetchall()}
-
-
-def send_marked(client: Client, by_queue: dict[str, list[str]]) -> int:
-    """Send the messages of rows not yet sent, then mark them sent, a batch at a time; returns
-    how many were sent."""
-    sent = 0
-    for queue, job_ids in by_queue.items():
-        for start in range(0, len(job_ids), BATCH):
-            chunk = job_ids[start : start + BATCH]
-            client.send(chunk, queue)
-            with client.db.session() as session:
-                session.execute(update(Job).where(Job.id.in_(chunk), Job.enqueued_at.is_(None))
-                                .values(enqueued_at=utcnow()))
-            sent += len(chunk)
-    return sent
+        written = insert_jobs(session, values)
+    return by_queue(values, written)
 
 
 def _send_unsent(client: Client, run_id: str) -> int:
@@ -209,10 +146,10 @@ def _send_unsent(client: Client, run_id: str) -> int:
             select(Job.id, Job.queue).where(Job.run_id == run_id, Job.state == JobState.QUEUED.value,
                                             Job.enqueued_at.is_(None))
         ).all()
-    by_queue: dict[str, list[str]] = defaultdict(list)
+    grouped: dict[str, list[str]] = defaultdict(list)
     for job_id, queue in unsent:
-        by_queue[queue or client.settings.queue].append(job_id)
-    return send_marked(client, by_queue)
+        grouped[queue or client.settings.queue].append(job_id)
+    return send_marked(client, grouped)
 
 
 def _insert(session: Any, table: Any) -> Any:

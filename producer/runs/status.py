@@ -13,7 +13,7 @@ from models.errors import RunNotFound
 from models.jobs import CHUNK, aware
 from models.tables import Image, Job, JobState, Run, utcnow
 from producer.client import Client
-from producer.runs.enqueue import send_marked
+from producer.bulk import send_marked
 
 STATES = [state.value for state in JobState]
 # images/s is measured over this much of the recent past.

@@ -1,0 +1,119 @@
+"""Job rows in bulk: made from validated requests, written in one transaction per batch (COPY on
+PostgreSQL), their messages sent pipelined, then marked sent.
+
+A row is written with `enqueued_at` NULL (not sent yet) and marked once its message has gone, so
+whatever stops a producer between the two, the rows it left unsent are found (by the next enqueue
+of the same run, or by the sweeper) and sent; a message sent twice costs its second delivery a
+look at the database. Used by runs (`sdqueue run`, schedules) and by the API's batch submit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import uuid
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy import update
+
+from models.constants import queue_for
+from models.request import GenerationRequest
+from models.storage import Storage, input_key_for
+from models.tables import Job, JobState, utcnow
+
+# Rows per transaction and per pipelined publish.
+BATCH = 1000
+# A drawn seed stays short enough to read and type back.
+DRAWN_SEED_BOUND = 2**32
+# Columns a caller may set beside the request's.
+EXTRA_COLUMNS = ("run_id", "run_key", "api_key_id", "webhook_url")
+
+
+class Sender(Protocol):
+    """What sends and marks: a producer.client.Client."""
+
+    db: Any
+
+    def send(self, job_ids: list[str], queue: str | None = None) -> None: ...
+
+
+def job_row(request: GenerationRequest, *, base_queue: str, priority: str, storage: Storage,
+            now: datetime | None = None, **columns: Any) -> dict[str, Any]:
+    """The values of a new queued job's row, not yet sent; an img2img input goes to storage first.
+    `columns`: any of EXTRA_COLUMNS."""
+    unknown = set(columns) - set(EXTRA_COLUMNS)
+    if unknown:
+        raise TypeError(f"not a job column to set: {', '.join(sorted(unknown))}")
+    now = now or utcnow()
+    job_id = str(uuid.uuid4())
+    seed = request.seed if request.seed is not None else secrets.randbelow(DRAWN_SEED_BOUND)
+    input_key = input_sha256 = None
+    if request.image is not None:
+        input_key = input_key_for(job_id)
+        input_sha256 = hashlib.sha256(request.image).hexdigest()
+        storage.put(input_key, request.image)
+    return {
+        "id": job_id, "state": JobState.QUEUED.value, "mode": request.mode,
+        "params": {**request.parameters(), "seed": seed}, "seed": seed, "seed_was_drawn": request.seed is None,
+        "width": request.width, "height": request.height, "num_inference_steps": request.num_inference_steps,
+        "num_images": request.num_images, "input_key": input_key, "input_sha256": input_sha256,
+        "queue": queue_for(base_queue, priority), "enqueued_at": None, "priority": priority,
+        "created_at": now, "updated_at": now, "attempts": 0, "failures": 0, "dead_letter": False,
+        "lease_token": 0, "suspect": False, "running_alone": False,
+        **dict.fromkeys(EXTRA_COLUMNS), **columns,
+    }
+
+
+def insert_jobs(session: Any, values: list[dict[str, Any]]) -> set[str]:
+    """Write the rows (all of job_row's columns) in the caller's transaction; returns the ids
+    written. A row whose (run_id, run_key) is taken already is skipped, never doubled."""
+    if not values:
+        return set()
+    if session.get_bind().dialect.name == "postgresql":
+        return _copy_in(session, values)
+    from sqlalchemy.dialects.sqlite import insert
+
+    statement = insert(Job).on_conflict_do_nothing(index_elements=["run_id", "run_key"])
+    return set(session.scalars(statement.returning(Job.id), values))
+
+
+def _copy_in(session: Any, values: list[dict[str, Any]]) -> set[str]:
+    """PostgreSQL: the rows through COPY into a temporary table shaped like jobs, then into jobs
+    with ON CONFLICT DO NOTHING. A multi-row INSERT of the same rows spends most of its time in
+    the driver, turning 20,000 named parameters into positional ones."""
+    columns = list(values[0])
+    names = ", ".join(f'"{c}"' for c in columns)
+    cursor = session.connection().connection.driver_connection.cursor()
+    cursor.execute("CREATE TEMPORARY TABLE IF NOT EXISTS job_rows (LIKE jobs) ON COMMIT DELETE ROWS")
+    with cursor.copy(f"COPY job_rows ({names}) FROM STDIN") as copy:
+        for value in values:
+            copy.write_row([json.dumps(value[c]) if c == "params" else value[c] for c in columns])
+    cursor.execute(f"INSERT INTO jobs ({names}) SELECT {names} FROM job_rows "
+                   "ON CONFLICT (run_id, run_key) DO NOTHING RETURNING id")
+    return {row[0] for row in cursor.fetchall()}
+
+
+def by_queue(values: list[dict[str, Any]], written: set[str]) -> dict[str, list[str]]:
+    """The ids written, grouped by the queue their messages go to."""
+    grouped: dict[str, list[str]] = {}
+    for value in values:
+        if value["id"] in written:
+            grouped.setdefault(value["queue"], []).append(value["id"])
+    return grouped
+
+
+def send_marked(client: Sender, grouped: dict[str, list[str]]) -> int:
+    """Send the messages of rows not yet sent, then mark them sent, a batch at a time; returns
+    how many were sent."""
+    sent = 0
+    for queue, job_ids in grouped.items():
+        for start in range(0, len(job_ids), BATCH):
+            chunk = job_ids[start : start + BATCH]
+            client.send(chunk, queue)
+            with client.db.session() as session:
+                session.execute(update(Job).where(Job.id.in_(chunk), Job.enqueued_at.is_(None))
+                                .values(enqueued_at=utcnow()))
+            sent += len(chunk)
+    return sent
