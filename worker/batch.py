@@ -12,6 +12,7 @@ and for a single job gives their images (tests/test_batch.py checks it).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -170,6 +171,11 @@ UnetCall = Callable[..., torch.Tensor]
 # no longer this worker's). Their batch mates carry on unchanged.
 Dropped = Callable[[], "set[str] | frozenset[str]"]
 
+# What the loop reports after each step: (step, steps, job_ids): step `step` (1-based) of the
+# `steps` this loop runs (for img2img, those after its start step) is done for the jobs whose samples
+# are still in it. The worker publishes progress from it; it must be quick and must not raise.
+StepDone = Callable[[int, int, "list[str]"], None]
+
 # One sample's outcome: its pixels, None when it left the loop, or the JobError that failed it.
 SampleResult = "np.ndarray | JobError | None"
 
@@ -194,6 +200,7 @@ def generate_batch(
     conditioning: list[Conditioning],
     unet_call: UnetCall | None = None,
     dropped: Dropped | None = None,
+    step_done: StepDone | None = None,
 ) -> list[Any]:
     """The images of `samples`, in order, as HxWx3 uint8 arrays (a SampleResult each: None for a
     sample that left the loop, a JobError for one whose latents or pixels are not finite)."""
@@ -237,15 +244,19 @@ def generate_batch(
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(n))
 
     # 5. denoising loop, classifier-free guidance applied per sample; samples whose jobs must
-    #    leave (cancelled, lost) drop their rows at the step boundary
+    #    leave (cancelled, lost) drop their rows at the step boundary. A scheduler of order 2 makes
+    #    two model calls a step: progress counts steps, as diffusers' progress bar does.
     alive = list(range(n))  # positions in `samples` of the rows still in the loop
-    for t in timesteps:
+    alive_jobs = list(dict.fromkeys(s.job_id for s in samples))
+    steps = math.ceil(len(timesteps) / scheduler.order)
+    for call, t in enumerate(timesteps, 1):
         gone = dropped() if dropped is not None else ()
         if gone and any(samples[i].job_id in gone for i in alive):
             keep = [row for row, i in enumerate(alive) if samples[i].job_id not in gone]
             alive = [alive[row] for row in keep]
             if not alive:
                 return [None] * n
+            alive_jobs = [job_id for job_id in alive_jobs if job_id not in gone]
             rows = torch.tensor(keep, device=latents.device)
             latents, guidance = latents[rows], guidance[rows]
             half = prompt_embeds.shape[0] // 2
@@ -256,6 +267,8 @@ def generate_batch(
         noise_uncond, noise_text = noise_pred.chunk(2)
         noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        if step_done is not None and (call % scheduler.order == 0 or call == len(timesteps)):
+            step_done(math.ceil(call / scheduler.order), steps, alive_jobs)
 
     # 6. decode, and refuse what is not finite: a NaN would be a black image recorded as a success
     finite_latents = torch.isfinite(latents).flatten(1).all(dim=1).tolist()

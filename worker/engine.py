@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -38,11 +39,14 @@ from models import jobs
 from models.constants import queue_for
 from models.db import Database
 from models.errors import JobError, StorageError
+from models.events import Publisher
 from models.outage import OutageTooLong, wait_out
 from models.settings import Settings
 from models.storage import Storage, object_key_for
 from models.tables import Batch, Image, utcnow
-from worker.batch import CompatKey, ConditioningCache, Dropped, Sample, UnetCall, generate_batch, is_out_of_memory
+from worker.batch import (
+    CompatKey, ConditioningCache, Dropped, Sample, StepDone, UnetCall, generate_batch, is_out_of_memory,
+)
 from worker.batcher import Batcher, PixelBudget, Work
 from worker.encode import encode_png, sha256_of
 from worker.leases import LeaseKeeper
@@ -72,6 +76,53 @@ class Draining(Exception):
     """The worker is shutting down and takes no new job."""
 
 
+# The state a job's row is left in by each way it ends, which its event announces; "lost" has
+# none: whoever took the job (a cancel, another worker, the sweeper) says what it is now.
+STATE_AFTER = {"succeeded": "succeeded", "failed": "failed", "dead-lettered": "failed", "retry": "queued",
+               "released": "queued"}
+
+
+class EventRelay:
+    """Publishes the jobs' events (models/events.py) from a thread of its own: the GPU thread only
+    queues them, so a broker that is slow or away never holds a denoising step. One queue keeps a
+    job's events in order (running, progress, its end); beyond `capacity` waiting, events are
+    dropped: they are hints, and followers read the job's row."""
+
+    def __init__(self, publisher: Publisher, capacity: int = 10_000):
+        self.publisher = publisher
+        self._queue: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.Queue(capacity)
+        self._thread = threading.Thread(target=self._run, name="sdqueue-events", daemon=True)
+        self._thread.start()
+
+    def state(self, job_id: str, state: str) -> None:
+        self._put(self.publisher.state, (job_id, state))
+
+    def progress(self, step: int, steps: int, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            self._put(self.publisher.progress, (job_id, step, steps))
+
+    def _put(self, publish: Callable[..., None], args: tuple[Any, ...]) -> None:
+        try:
+            self._queue.put_nowait((publish, args))
+        except queue.Full:
+            pass
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            publish, args = item
+            publish(*args)  # never raises
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Publish what is queued (for at most `timeout` seconds), then close the connection."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self.publisher.close()
+
+
 class Engine:
     def __init__(
         self,
@@ -98,6 +149,7 @@ class Engine:
         self.settings: Settings | None = None
         self.keeper: LeaseKeeper | None = None
         self.spool: Spool | None = None
+        self.events: EventRelay | None = None
         self._send: Send | None = None
         self._held: dict[str, Work] = {}  # every job this engine holds, until it is settled
         self._lost: set[str] = set()  # held jobs that are no longer ours: their samples leave the loop
@@ -110,9 +162,10 @@ class Engine:
         self._thread.start()
 
     def serve(self, settings: Settings, send: Send) -> None:
-        """Start what a worker serving jobs needs beside the GPU loop: leases, the spool."""
+        """Start what a worker serving jobs needs beside the GPU loop: leases, the spool, events."""
         self.settings = settings
         self._send = send
+        self.events = EventRelay(Publisher(settings))
         self.keeper = LeaseKeeper(settings, self.db, self.hostname, self.lose)
         assert settings.spool_dir is not None
         self.spool = Spool.open(settings.spool_dir, settings.spool_max_bytes, self.storage, self.keeper.still_held,
@@ -123,6 +176,11 @@ class Engine:
         return self._draining.is_set()
 
     # --- what task threads call ------------------------------------------------------------------
+
+    def announce(self, job_id: str, state: str) -> None:
+        """Publish that the job is now in `state` (its row says so already)."""
+        if self.events is not None:
+            self.events.state(job_id, state)
 
     def hold(self, work: Work) -> None:
         """Keep the lease of a job just claimed alive, from now until it is settled."""
@@ -195,8 +253,11 @@ class Engine:
             self._lost.discard(work.job_id)
         if self.keeper is not None:
             self.keeper.forget(work.job_id)
-        if not work.future.done():
-            work.future.set_result(outcome)
+        if work.future.done():
+            return
+        if outcome in STATE_AFTER:
+            self.announce(work.job_id, STATE_AFTER[outcome])
+        work.future.set_result(outcome)
 
     def _dropped(self) -> frozenset[str]:
         return frozenset(self._lost)
@@ -257,6 +318,8 @@ class Engine:
             self._give_back(held, timeout=5)
         if self.keeper is not None:
             self.keeper.stop()
+        if self.events is not None:
+            self.events.close()
 
     # --- the GPU thread ---------------------------------------------------------------------
 
@@ -313,7 +376,8 @@ class Engine:
             torch.cuda.reset_peak_memory_stats()
         started, clock = utcnow(), time.perf_counter()
         try:
-            results = self.generate(key, samples, conditioning, dropped=self._dropped)
+            results = self.generate(key, samples, conditioning, dropped=self._dropped,
+                                    step_done=self.events.progress if self.events is not None else None)
         except Exception as exc:
             if len(batch) > 1:
                 # Which job is it? Each runs alone; only the one that fails again is charged.
@@ -354,14 +418,15 @@ class Engine:
             return False
 
     def generate(
-        self, key: CompatKey, samples: list[Sample], conditioning: list[Any], dropped: Dropped | None = None
+        self, key: CompatKey, samples: list[Sample], conditioning: list[Any], dropped: Dropped | None = None,
+        step_done: StepDone | None = None,
     ) -> list[Any]:
         """The batch's images (see batch.SampleResult); out of memory splits it in halves (same
         images) and shrinks the budget."""
         if key.mode == "img2img" and key.start_step >= key.steps:
             return [np.asarray(s.init_image.convert("RGB")) for s in samples]  # strength 0 keeps the input
         try:
-            return generate_batch(self.model, key, samples, conditioning, self.unet_call, dropped)
+            return generate_batch(self.model, key, samples, conditioning, self.unet_call, dropped, step_done)
         except Exception as exc:
             if not is_out_of_memory(exc) or len(samples) == 1:
                 raise
@@ -371,8 +436,8 @@ class Engine:
         half = len(samples) // 2
         log.warning("out of memory on %d samples of %s: splitting; budget now %d px", len(samples), key,
                     self.budget.for_key(key))
-        return self.generate(key, samples[:half], conditioning[:half], dropped) + self.generate(
-            key, samples[half:], conditioning[half:], dropped
+        return self.generate(key, samples[:half], conditioning[:half], dropped, step_done) + self.generate(
+            key, samples[half:], conditioning[half:], dropped, step_done
         )
 
     # --- the CPU pool -------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from models.registry import resolve_model
 from models.settings import Settings
 from models.storage import Storage, open_storage
 from models.sweep import Sweeper
+from models.tables import JobState
 from worker.app import app
 from worker.batch import compat_key, job_samples
 from worker.batcher import Work
@@ -139,6 +140,7 @@ def run_job(ctx: WorkerContext, job_id: str, queue: str | None = None) -> str:
         return "skipped"
     work = claimed
     engine.hold(work)
+    engine.announce(job_id, JobState.RUNNING.value)
     # 2. its samples: image i from seed + i; an img2img input from storage (an outage is waited out)
     params = work.params
     init_image = None
