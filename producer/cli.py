@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("job_id")
     wait.add_argument("--timeout", type=float, help="give up after this many seconds (exit 4)")
     wait.add_argument("--json", action="store_true")
+    wait.add_argument("--progress", action="store_true", help="show the job's state and denoising steps on stderr")
 
     fetch = commands.add_parser("fetch", help="download a job's images into a folder")
     fetch.add_argument("job_id")
@@ -132,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: SDQUEUE_WORKER_SLOTS or 16)")
     worker.add_argument("--loglevel", default="INFO")
 
+    webhooks = commands.add_parser(
+        "webhooks", help="deliver webhooks: POST each ended job's record to its webhook_url, signed, with retries "
+        "(no GPU; run one or more beside the API)")
+    webhooks.add_argument("--concurrency", type=int, default=8, help="POSTs at once (default 8)")
+    webhooks.add_argument("--loglevel", default="INFO")
+
     models = commands.add_parser("models", help="model registry; build offline test models")
     model_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
     model_commands.add_parser("list", help="show the registry")
@@ -151,6 +158,27 @@ def build_parser() -> argparse.ArgumentParser:
     schedules_list = schedules_commands.add_parser("list", help="each schedule, what it enqueues, its next fire times")
     schedules_list.add_argument("--schedules", type=Path, required=True, metavar="FILE", help="the schedules file (TOML)")
     schedules_list.add_argument("--count", type=int, default=3, help="fire times shown per schedule (default 3)")
+
+    api = commands.add_parser(
+        "api", help="serve the HTTP API (OpenAPI at /openapi.json, docs at /docs); keys from `sdqueue keys create`, "
+        "none with SDQUEUE_API_AUTH=off")
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    api.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    api.add_argument("--loglevel", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    keys = commands.add_parser("keys", help="API keys: create (shows the token once), list, revoke")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    keys_create = keys_commands.add_parser("create", help="make a key; prints its token and webhook secret, once")
+    keys_create.add_argument("name", help="the key's name, unique")
+    keys_create.add_argument("--rate", metavar="R/min", help="at most R submits a minute (default: no limit)")
+    keys_create.add_argument("--max-queued", type=int, metavar="N",
+                             help="at most N of its jobs queued or running at once (default: no cap)")
+    keys_create.add_argument("--bulk-only", action="store_true", help="its jobs are bulk priority, never interactive")
+    keys_list = keys_commands.add_parser("list", help="every key, with its limits; never a token")
+    keys_list.add_argument("--json", action="store_true")
+    keys_revoke = keys_commands.add_parser("revoke", help="revoke a key: its token is refused from now on")
+    keys_revoke.add_argument("name")
 
     demo = commands.add_parser("demo", help="run a handful of jobs through an in-process broker and worker")
     demo.add_argument("--model", help="registry name or diffusers folder (default: SDQUEUE_MODEL, i.e. sd21)")
@@ -261,7 +289,32 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    record = _client().wait(args.job_id, timeout=args.timeout)
+    client = _client()
+    try:
+        if not args.progress:
+            record = client.wait(args.job_id, timeout=args.timeout)
+        else:
+            from tqdm import tqdm
+
+            # The steps of the attempt in hand (a retry starts again at 1), the job's state as the label.
+            bar = tqdm(desc="waiting", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+            def show(event: dict[str, Any]) -> None:
+                if event.get("type") == "progress":
+                    step, steps = event["step"], event["steps"]
+                    if steps != bar.total or step < bar.n:
+                        bar.reset(total=steps)
+                    bar.set_description_str("running", refresh=False)
+                    bar.update(step - bar.n)
+                elif event.get("type") == "state":
+                    bar.set_description_str(event["state"])
+
+            try:
+                record = client.wait(args.job_id, timeout=args.timeout, on_event=show)
+            finally:
+                bar.close()
+    finally:
+        client.close()
     _show(record, args.json)
     return 0 if record["state"] == "succeeded" else EXIT_ERROR
 
@@ -433,6 +486,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(load_settings(**overrides), loglevel=args.loglevel)
 
 
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    from producer.webhooks import run_webhooks
+
+    if args.concurrency < 1:
+        return _fail(f"--concurrency={args.concurrency}: must be at least 1", EXIT_USAGE)
+    return run_webhooks(load_settings(), concurrency=args.concurrency, loglevel=args.loglevel)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from models.registry import REGISTRY, built_models_dir
 
@@ -464,6 +525,55 @@ def cmd_schedules(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    from producer.api.serve import run_api
+
+    return run_api(load_settings(), host=args.host, port=args.port, workers=args.workers, log_level=args.loglevel)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from models.db import Database
+    from producer.api import keys
+
+    rate = args.rate.removesuffix("/min") if getattr(args, "rate", None) else None
+    if rate is not None and not rate.isdigit():
+        return _fail(f"--rate={args.rate!r}: must be a number of submits a minute, e.g. 60 or 60/min", EXIT_USAGE)
+    db = Database(load_settings().database_url)
+    try:
+        if args.keys_command == "create":
+            made = keys.create_key(db, args.name, rate_per_minute=int(rate) if rate else None,
+                                   max_queued=args.max_queued, bulk_only=args.bulk_only)
+            print(f"API key {made.key.name!r} created. Its token is shown this once: keep it now.")
+            print(f"token           {made.token}")
+            print(f"webhook secret  {made.key.webhook_secret}")
+        elif args.keys_command == "list":
+            _show_keys(keys.list_keys(db), args.json)
+        elif args.keys_command == "revoke":
+            key = keys.revoke_key(db, args.name)
+            print(f"API key {key.name!r} revoked at {key.revoked_at:%Y-%m-%d %H:%M:%S}")
+    except keys.BadKeyOption as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except keys.KeyNotFound as exc:
+        return _fail(str(exc), EXIT_NOT_FOUND)
+    finally:
+        db.dispose()
+    return 0
+
+
+def _show_keys(found: list[Any], as_json: bool) -> None:
+    rows = [{"name": k.name, "token_prefix": k.token_prefix, "rate_per_minute": k.rate_per_minute,
+             "max_queued": k.max_queued, "bulk_only": k.bulk_only, "created_at": k.created_at.isoformat(),
+             "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None} for k in found]
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{'NAME':24} {'TOKEN':16} {'RATE/MIN':>8} {'MAX QUEUED':>10} {'BULK ONLY':9} {'CREATED':20} REVOKED")
+    for row in rows:
+        print(f"{row['name']:24} {row['token_prefix'] + '...':16} {row['rate_per_minute'] or '-':>8} "
+              f"{row['max_queued'] or '-':>10} {'yes' if row['bulk_only'] else 'no':9} {row['created_at'][:19]:20} "
+              f"{(row['revoked_at'] or '-')[:19]}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from producer.demo import run_demo
 
@@ -482,10 +592,13 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "sweep": cmd_sweep,
     "db": cmd_db,
     "worker": cmd_worker,
+    "webhooks": cmd_webhooks,
     "models": cmd_models,
     "beat": cmd_beat,
     "schedules": cmd_schedules,
     "demo": cmd_demo,
+    "api": cmd_api,
+    "keys": cmd_keys,
 }
 
 

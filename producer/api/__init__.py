@@ -1,0 +1,23 @@
+"""The HTTP API: a FastAPI app that submits jobs, reads them, streams their events and hands out
+their images, for many callers at once, each with an API key of its own.
+
+    app.py          create_app(settings): the app, its middleware and the shared backend
+    errors.py       the one place where errors become HTTP answers (4xx, 503 with Retry-After)
+    bodies.py       reading a request body within its bound; JSON or multipart into fields
+    schemas.py      what the OpenAPI document says of bodies and answers
+    keys.py         API keys: made, listed, revoked (`sdqueue keys`); tokens kept as sha256
+    auth.py         the caller of a request: its key, from `Authorization: Bearer TOKEN`
+    limits.py       per-key rate limit (Redis) and cap on queued jobs
+    idempotency.py  `Idempotency-Key`: one answer per key, given again to a retry
+    jobs.py         /v1/jobs routes: submit, batch, read, list, images, cancel
+    events.py       /v1/jobs/{id}/events: Server-Sent Events of a job's state and progress
+    health.py       /healthz and /readyz
+    serve.py        `sdqueue api`: uvicorn
+
+It imports no worker code: it reaches the database, the broker and storage through models/ and
+producer.client.Client, like the CLI.
+"""
+
+from producer.api.app import create_app
+
+__all__ = ["create_app"]

@@ -1,0 +1,143 @@
+"""GET /v1/jobs/{id}/events: a job's life as Server-Sent Events.
+
+    event: state      the job's record, first as it is now, then at every change of state
+    event: progress   {"step": 7, "steps": 25} while it denoises
+    event: end        its final record, once it has ended; then the stream closes
+    : keep-alive      a comment, after KEEPALIVE_SECONDS without an event (proxies close idle streams)
+
+The stream subscribes to the job's events (models.events) before it reads the record, so nothing
+that happens between the two is missed; and it reads the record again every REREAD_SECONDS, so a
+lost event (they are hints) or a broker that stops answering costs latency, never a wrong end.
+
+Redis pub/sub is read through redis-py, which blocks: each open stream holds a thread of its own
+pool (STREAM_THREADS), not one of the pool the other routes use, so followers never starve
+submits. The stream stops when the client goes away (Starlette cancels it; a blocked read ends
+within POLL_SECONDS).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, AsyncIterator
+
+import anyio
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from models.events import Subscription
+from models.tables import JobState
+from producer.api import schemas
+from producer.api.app import Backend, backend, root
+from producer.api.auth import Caller, caller
+from producer.api.jobs import read_record
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+POLL_SECONDS = 1.0
+REREAD_SECONDS = 5.0
+KEEPALIVE_SECONDS = 15.0
+# Threads for blocked pub/sub reads, shared by every stream of the process.
+STREAM_THREADS = 512
+
+
+def frame(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def ended(state: str) -> bool:
+    return JobState(state).terminal
+
+
+@router.get("/jobs/{job_id}/events", response_model=None, summary="Follow a job (Server-Sent Events)",
+            response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                             "description": "events `state`, `progress` and, last, `end`"},
+                       **schemas.refusals(401, 404, 503)})
+async def follow(job_id: str, request: Request, who: Caller = Depends(caller),
+                 shared: Backend = Depends(backend)) -> StreamingResponse:
+    """The job's state and denoising progress as they happen, ending with its final record."""
+    limiter = threads(request)
+    prefix = root(request)
+    # 1. subscribe, then read: an event between the two is seen twice at worst, never missed
+    subscription: Subscription | None
+    try:
+        subscription = await anyio.to_thread.run_sync(Subscription, shared.settings, [canonical_id(job_id)],
+                                                      limiter=limiter)
+    except Exception:  # the broker does not answer: the stream reads the record every REREAD_SECONDS
+        subscription = None
+    try:
+        record = await run_in_threadpool(read_record, shared, who, job_id, prefix)
+    except BaseException:
+        if subscription is not None:
+            subscription.close()
+        raise
+    return StreamingResponse(stream(shared, who, record, subscription, limiter, prefix),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def stream(shared: Backend, who: Caller, record: dict[str, Any], subscription: Subscription | None,
+                 limiter: anyio.CapacityLimiter, prefix: str) -> AsyncIterator[bytes]:
+    try:
+        # 2. the record as it is now
+        yield frame("state", record)
+        sent_state = record["state"]
+        if ended(sent_state):
+            yield frame("end", record)
+            return
+        last_sent = last_read = time.monotonic()
+        while True:
+            # 3. the next event, or a second without one
+            event = None
+            if subscription is not None:
+                try:
+                    event = await anyio.to_thread.run_sync(subscription.get, POLL_SECONDS, limiter=limiter)
+                except Exception:  # the broker went away: the record, read every REREAD_SECONDS, carries on
+                    subscription.close()
+                    subscription = None
+            else:
+                await anyio.sleep(POLL_SECONDS)
+            now = time.monotonic()
+            kind = event.get("type") if isinstance(event, dict) else None
+            if kind == "progress" and isinstance(event.get("step"), int) and isinstance(event.get("steps"), int):
+                yield frame("progress", {"step": event["step"], "steps": event["steps"]})
+                last_sent = now
+            # 4. the record again at a change of state, and every REREAD_SECONDS whatever came
+            if kind == "state" or now - last_read >= REREAD_SECONDS:
+                last_read = now
+                try:
+                    record = await run_in_threadpool(read_record, shared, who, record["id"], prefix)
+                except Exception:  # the database does not answer: try again at the next re-read
+                    continue
+                if record["state"] != sent_state:
+                    yield frame("state", record)
+                    sent_state, last_sent = record["state"], now
+                if ended(sent_state):
+                    yield frame("end", record)
+                    return
+            if now - last_sent >= KEEPALIVE_SECONDS:
+                yield b": keep-alive\n\n"
+                last_sent = now
+    finally:
+        if subscription is not None:
+            subscription.close()
+
+
+def canonical_id(job_id: str) -> str:
+    import uuid
+
+    try:
+        return str(uuid.UUID(job_id))
+    except ValueError:
+        return "-"  # read_record answers 404 for it
+
+
+def threads(request: Request) -> anyio.CapacityLimiter:
+    """The process's pool of threads for streams (made in the event loop, on first use)."""
+    state = request.app.state
+    if getattr(state, "stream_threads", None) is None:
+        state.stream_threads = anyio.CapacityLimiter(STREAM_THREADS)
+    return state.stream_threads  # type: ignore[no-any-return]

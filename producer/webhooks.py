@@ -1,0 +1,226 @@
+"""`sdqueue webhooks`: POSTs each ended job's final record to its webhook_url, signed.
+
+A small Celery worker (thread pool, no torch, no worker code) on the queue QUEUE.webhooks, plus a
+scan thread. The database is the truth and a message only a hint: every second the scan takes
+the deliveries that are due, marks them in flight and sends a message for each; one whose message
+is lost is due again once its time in flight passes, and found again. GPU workers only write the
+delivery row with the job's end (models.jobs.transition); they never wait on a receiver.
+
+A try (models/webhooks.py keeps the rules and the states):
+1. claim it in the database (a second message for the same try finds it claimed, and does nothing)
+2. check the URL again (DNS can change) and connect to the address just checked
+3. POST the record, with X-Sdqueue-Signature (HMAC of the job's API key's webhook_secret; a job
+   submitted without a key, which only a trusted caller can make, is not signed),
+   X-Sdqueue-Delivery (to deduplicate: delivery is at least once) and X-Sdqueue-Attempt
+4. record the try; a 2xx answer delivers it, 410 Gone ends it as failed, anything else (other
+   4xx included: receivers misbehave for a while too, or a redirect, which is never followed) is
+   tried again with back-off until SDQUEUE_WEBHOOK_RETRY_SECONDS after the job ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from models import webhooks
+from models.db import Database
+from models.errors import ConfigError, InvalidRequest
+from models.settings import Settings
+from models.tables import utcnow
+from models.webhooks import Outcome, Prepared
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+log = logging.getLogger("webhooks")
+
+DELIVER_TASK = "sdqueue.deliver_webhook"
+QUEUE_SUFFIX = ".webhooks"
+# How often each deliverer looks for due deliveries.
+SCAN_INTERVAL = 1.0
+# A try in flight is not due again for 3 x SDQUEUE_WEBHOOK_TIMEOUT (connecting, sending and the
+# answer each wait at most that long) plus this: by then its deliverer died, or its message was lost.
+IN_FLIGHT_MARGIN = 10.0
+# Of an answer that is not 2xx, this much of the body is kept with the try.
+ERROR_BODY_BYTES = 200
+USER_AGENT = "sdqueue-webhooks"
+
+
+def webhook_queue(base: str) -> str:
+    return base + QUEUE_SUFFIX
+
+
+class Deliverer:
+    """The scan and the tries: the database work and the POSTs, messages sent through `send`."""
+
+    def __init__(self, settings: Settings, db: Database, *, locate: Callable[[str], str] | None = None):
+        self.settings = settings
+        self.db = db
+        self.locate = locate
+        self.in_flight_seconds = 3 * settings.webhook_timeout + IN_FLIGHT_MARGIN
+
+    def scan(self, send: Callable[[int, int], None]) -> int:
+        """Send a message for every delivery due now; how many were sent."""
+        sent = 0
+        while True:
+            with self.db.session() as session:
+                due = webhooks.take_due(session, in_flight_seconds=self.in_flight_seconds)
+            for delivery_id, attempt in due:
+                send(delivery_id, attempt)
+            sent += len(due)
+            if len(due) < webhooks.TAKE_BATCH:
+                return sent
+
+    def deliver(self, delivery_id: int, attempt: int) -> str:
+        """Make try `attempt` of the delivery; the delivery's state afterwards ("skipped": the try
+        was made already, or the delivery ended)."""
+        # 1. claim the try
+        with self.db.session() as session:
+            prepared = webhooks.start_attempt(session, delivery_id, attempt, in_flight_seconds=self.in_flight_seconds,
+                                              locate=self.locate)
+        if prepared is None:
+            log.info("delivery %s try %s: made already, or the delivery ended", delivery_id, attempt)
+            return "skipped"
+        # 2.-3. check and POST, outside any transaction
+        outcome = post(prepared, timeout=self.settings.webhook_timeout, allow_private=self.settings.webhook_allow_private)
+        # 4. record it
+        with self.db.session() as session:
+            state = webhooks.finish_attempt(session, prepared, outcome, retry_seconds=self.settings.webhook_retry_seconds)
+        log.info("delivery %s try %s to %s: %s (%.2f s) -> %s", delivery_id, attempt, prepared.url,
+                 outcome.status_code or outcome.error, outcome.seconds, state)
+        return state
+
+
+def post(prepared: Prepared, *, timeout: float, allow_private: bool) -> Outcome:
+    """One POST of the prepared body; what the receiver answered, or why there was no answer."""
+    import httpx
+
+    at, started = utcnow(), time.monotonic()
+    try:
+        address = webhooks.webhook_addresses(prepared.url, allow_private=allow_private)[0]
+    except InvalidRequest as exc:
+        return Outcome(at, None, "; ".join(exc.problems), 0.0)
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        webhooks.DELIVERY_HEADER: str(prepared.delivery_id),
+        webhooks.ATTEMPT_HEADER: str(prepared.attempt),
+    }
+    if prepared.secret is not None:
+        headers[webhooks.SIGNATURE_HEADER] = webhooks.sign(prepared.secret, prepared.body, int(time.time()))
+    try:
+        url = httpx.URL(prepared.url)
+        host = url.raw_host.decode("ascii")
+        headers["Host"] = url.netloc.decode("ascii")  # the name, though we connect to the address checked
+        # No proxy from the environment (it would reach what the URL check refused), no redirects.
+        with httpx.Client(timeout=timeout, trust_env=False, follow_redirects=False) as client, client.stream(
+            "POST", url.copy_with(host=address), content=prepared.body, headers=headers,
+            extensions={"sni_hostname": host},  # TLS still checks the certificate against the name
+        ) as response:
+            error = None
+            if not 200 <= response.status_code < 300:
+                error = f"HTTP {response.status_code} {response.reason_phrase}".strip()
+                text = _first_bytes(response, ERROR_BODY_BYTES).decode("utf-8", "replace").strip()
+                if text:
+                    error += f": {text}"
+            return Outcome(at, response.status_code, error, time.monotonic() - started)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        return Outcome(at, None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
+                       time.monotonic() - started)
+
+
+def _first_bytes(response: Any, limit: int) -> bytes:
+    data = b""
+    try:
+        for chunk in response.iter_bytes():
+            data += chunk
+            if len(data) >= limit:
+                break
+    except Exception:  # the body of a refusal is a courtesy: the status code is what counts
+        pass
+    return data[:limit]
+
+
+def make_app(settings: Settings, deliverer: Deliverer | None = None) -> Celery:
+    """The Celery app of the deliverer: sends `sdqueue.deliver_webhook` messages, and runs them
+    when given a `deliverer`."""
+    from celery import Celery
+
+    app = Celery("sdqueue-webhooks", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=webhook_queue(settings.queue),
+        task_ignore_result=True,  # deliveries live in the database
+        task_serializer="json",
+        accept_content=["json"],
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    if deliverer is not None:
+
+        @app.task(name=DELIVER_TASK, shared=False)
+        def deliver_webhook(delivery_id: int, attempt: int) -> str:
+            return deliverer.deliver(delivery_id, attempt)
+
+    return app
+
+
+def sender(app: Celery, settings: Settings) -> Callable[[int, int], None]:
+    queue = webhook_queue(settings.queue)
+
+    def send(delivery_id: int, attempt: int) -> None:
+        app.send_task(DELIVER_TASK, args=[delivery_id, attempt], queue=queue)
+
+    return send
+
+
+def scan_forever(deliverer: Deliverer, send: Callable[[int, int], None], stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            deliverer.scan(send)
+        except Exception as exc:  # the database or the broker is down: what is due stays due
+            log.warning("webhook scan: %s: %s; trying again", type(exc).__name__, exc)
+        stop.wait(SCAN_INTERVAL)
+
+
+def run_webhooks(settings: Settings, *, concurrency: int = 8, loglevel: str = "INFO") -> int:
+    """`sdqueue webhooks`: the scan thread and the Celery worker that makes the tries, until stopped."""
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # each try is logged once, by us, with its outcome
+    if settings.in_process_broker:
+        raise ConfigError(
+            "SDQUEUE_BROKER_URL is memory:// (in-process): `sdqueue webhooks` needs a real broker, "
+            "e.g. SDQUEUE_BROKER_URL=redis://127.0.0.1:6379/0"
+        )
+    from models.storage import open_storage
+
+    db = Database(settings.database_url)  # refuses a schema out of date, at start
+    storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    deliverer = Deliverer(settings, db, locate=storage.location)
+    app = make_app(settings, deliverer)
+    stop = threading.Event()
+    scanner = threading.Thread(target=scan_forever, args=(deliverer, sender(app, settings), stop),
+                               name="webhook-scan", daemon=True)
+    scanner.start()
+    worker = app.Worker(
+        hostname=f"sdqueue-webhooks-{settings.queue}-{os.getpid()}@{socket.gethostname()}",
+        pool_cls="threads",
+        concurrency=concurrency,
+        queues=[webhook_queue(settings.queue)],
+        loglevel=loglevel,
+        without_gossip=True,
+        without_mingle=True,
+    )
+    try:
+        worker.start()
+    finally:
+        stop.set()
+        scanner.join(timeout=10)
+        db.dispose()
+    return int(worker.exitcode or 0)
