@@ -40,7 +40,7 @@ def picture(width: int = 320, height: int = 256) -> Image.Image:
     return Image.fromarray((smooth * 0.7 + rng.integers(0, 70, smooth.shape)).astype("uint8")).resize((256, 256))
 
 
-@pytest.mark.parametrize("guidance", [6.0, 1.0])  # at 1.0 diffusers skips guidance; we apply it per sample
+@pytest.mark.parametrize("guidance", [6.0, 1.0])  # at 1.0 both run the conditional row only
 def test_txt2img_equals_diffusers(model, cache, guidance):
     import torch
 
@@ -53,6 +53,25 @@ def test_txt2img_equals_diffusers(model, cache, guidance):
     ).images
     for mine, theirs in zip(ours, reference):
         assert max_diff(mine, theirs) <= 1
+
+
+def test_guidance_one_runs_only_its_conditional_row_beside_guided_mates(model, cache):
+    import torch
+
+    key = CompatKey("txt2img", 256, 256, 3)
+    samples = job("a", "a red fox", 3, guidance=1.0) + job("b", "a lighthouse", 5, guidance=6.0)
+    rows: list[int] = []
+
+    def counting(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
+        rows.append(sample.shape[0])
+        return model.txt2img.unet(sample, *args, **kwargs)
+
+    ours = generate_batch(model, key, samples, cache.get([s.prompt for s in samples]), unet_call=counting)
+    assert rows == [3, 3, 3]  # per step: the guided sample's two rows, the unguided one's one
+    reference = model.txt2img(prompt="a red fox", width=256, height=256, num_inference_steps=3, guidance_scale=1.0,
+                              output_type="pil", generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert max_diff(ours[0], reference) <= 1
+    assert max_diff(ours[1], run(model, cache, key, job("b", "a lighthouse", 5, guidance=6.0))[0]) <= 1
 
 
 def test_img2img_equals_diffusers(model, cache):

@@ -217,9 +217,13 @@ def generate_batch(
         raise ValueError(f"batch {key}: every img2img sample needs an input image, and only those")
     n = len(samples)
 
-    # 2. text conditioning: unconditional first, as diffusers concatenates it
-    prompt_embeds = torch.cat([c.negative_embeds for c in conditioning] + [c.embeds for c in conditioning]).to(device)
+    # 2. text conditioning. A sample with guidance 1.0 runs its conditional row only (as diffusers
+    #    does: guidance 1 is the conditional prediction); the others also run their unconditional
+    #    (negative prompt) row, placed first as diffusers concatenates it.
+    negative_embeds = torch.cat([c.negative_embeds for c in conditioning]).to(device)
+    text_embeds = torch.cat([c.embeds for c in conditioning]).to(device)
     guidance = torch.tensor([s.guidance_scale for s in samples], device=device, dtype=dtype).view(n, 1, 1, 1)
+    guided = torch.tensor([s.guidance_scale > 1.0 for s in samples], device=device)
 
     # 3. timesteps, on a scheduler of this batch's own (schedulers keep a step index)
     scheduler = copy.deepcopy(pipe.scheduler)
@@ -258,14 +262,16 @@ def generate_batch(
                 return [None] * n
             alive_jobs = [job_id for job_id in alive_jobs if job_id not in gone]
             rows = torch.tensor(keep, device=latents.device)
-            latents, guidance = latents[rows], guidance[rows]
-            half = prompt_embeds.shape[0] // 2
-            prompt_embeds = torch.cat([prompt_embeds[:half][rows], prompt_embeds[half:][rows]])
+            latents, guidance, guided = latents[rows], guidance[rows], guided[rows]
+            negative_embeds, text_embeds = negative_embeds[rows], text_embeds[rows]
             keep_rows(scheduler, rows)
-        latent_model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        latent_model_input = scheduler.scale_model_input(torch.cat([latents[guided], latents]), t)
+        prompt_embeds = torch.cat([negative_embeds[guided], text_embeds])
         noise_pred = unet_call(latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
-        noise_uncond, noise_text = noise_pred.chunk(2)
-        noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
+        uncond_rows = int(guided.sum())
+        noise_uncond, noise_text = noise_pred[:uncond_rows], noise_pred[uncond_rows:]
+        noise_pred = noise_text.clone()
+        noise_pred[guided] = noise_uncond + guidance[guided] * (noise_text[guided] - noise_uncond)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
         if step_done is not None and (call % scheduler.order == 0 or call == len(timesteps)):
             step_done(math.ceil(call / scheduler.order), steps, alive_jobs)
