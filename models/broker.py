@@ -9,6 +9,7 @@ are the `headers.id` of those entries.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from models.settings import Settings
@@ -19,6 +20,7 @@ CANCEL_CHANNEL = "sdqueue:cancel"
 
 _PRIORITY_SEP = "\x06\x16"
 _UNACKED = "unacked"
+_UNACKED_INDEX = "unacked_index"  # delivery tag -> when a worker took the message
 _CHUNK = 1000
 
 # Decoding in Redis keeps a deep queue's scan to the ids: 36 bytes a message instead of ~1 KB.
@@ -48,7 +50,8 @@ def redis_client(settings: Settings) -> Any:
 
 
 def live_job_ids(settings: Settings, queue: str) -> set[str]:
-    """The job ids that have a message in the broker: waiting in `queue` or held by any worker."""
+    """The job ids that have a live message in the broker: waiting in `queue`, or taken by a worker
+    within the last `requeue_after` seconds."""
     client = redis_client(settings)
     try:
         ids_in_range = client.register_script(_IDS_IN_RANGE)
@@ -63,7 +66,16 @@ def live_job_ids(settings: Settings, queue: str) -> set[str]:
                 if entries < _CHUNK:
                     break
                 start += _CHUNK
-        for _tag, raw in client.hscan_iter(_UNACKED, count=_CHUNK):
+        # A message a worker took but has held for longer than requeue_after without its job being
+        # claimed (the job is still queued, or the caller would not ask) is not live: its worker
+        # died between taking it and claiming the job, and Redis would give it back only after
+        # the visibility timeout. A live worker claims a job the moment it takes its message (one
+        # message per slot), so sending it again costs at most a second delivery that is dropped.
+        fresh = {tag.decode() if isinstance(tag, bytes) else tag
+                 for tag in client.zrangebyscore(_UNACKED_INDEX, time.time() - settings.requeue_after, "+inf")}
+        for tag, raw in client.hscan_iter(_UNACKED, count=_CHUNK):
+            if (tag.decode() if isinstance(tag, bytes) else tag) not in fresh:
+                continue
             try:
                 message = json.loads(raw)[0]
                 found.add(message["headers"]["id"])

@@ -106,3 +106,32 @@ def test_sweep_command(settings_env):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "expired lease(s) requeued" in result.stdout and "orphan object(s) deleted" in result.stdout
+
+
+def test_a_message_taken_by_a_worker_that_died_before_claiming_is_sent_again(settings, client):
+    import json
+    import time
+
+    taken, held = (client.submit(small(prompt=f"taken {i}")) for i in range(2))
+    r = redis.Redis.from_url(settings.broker_url)
+    try:
+        # both messages taken by a worker (kombu moves them to `unacked`): `taken` 10 minutes ago by
+        # a worker that died before claiming its job, `held` just now by a live one
+        for job_id, when in ((taken, time.time() - 600), (held, time.time())):
+            raw = next(m for m in r.lrange(settings.queue, 0, -1) if job_id.encode() in m)
+            r.lrem(settings.queue, 1, raw)
+            tag = f"tag-{job_id}"
+            r.hset("unacked", tag, json.dumps([json.loads(raw), "", settings.queue]))
+            r.zadd("unacked_index", {tag: when})
+        live = broker.live_job_ids(settings, settings.queue)
+        assert held in live and taken not in live
+        for job_id in (taken, held):
+            age(client, job_id, 3600)
+        sent: list[str] = []
+        report = sweeper(client, sent, requeue_after=60).sweep(force_scan=True)
+        assert taken in report.resent and held not in report.resent
+    finally:
+        for job_id in (taken, held):
+            r.hdel("unacked", f"tag-{job_id}")
+            r.zrem("unacked_index", f"tag-{job_id}")
+        r.close()
