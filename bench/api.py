@@ -35,7 +35,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.enqueue import postgres_database  # noqa: E402
+from bench.enqueue import postgres_database, write_results  # noqa: E402
 
 REQUEST = {"prompt": "a watercolour of a lighthouse at dusk", "width": 512, "height": 512,
            "num_inference_steps": 20}
@@ -170,10 +170,7 @@ def main() -> int:
                 lines.append(line)
         finally:
             stop()
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"api-cpu-{time.strftime('%Y%m%d')}.txt"
-    out.write_text("\n".join(lines) + "\n")
-    print(f"written to {out}")
+    write_results(args.out, "api", lines)
     return 0
 
 

@@ -126,11 +126,17 @@ def main() -> int:
                 client.close()
                 drop()
     broker.flushdb()
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"enqueue-cpu-{time.strftime('%Y%m%d')}.txt"
+    write_results(args.out, "enqueue", lines)
+    return 0
+
+
+def write_results(folder: Path, name: str, lines: list[str]) -> Path:
+    """The figures as bench/results/NAME-cpu-DATE.txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{name}-cpu-{time.strftime('%Y%m%d')}.txt"
     out.write_text("\n".join(lines) + "\n")
     print(f"written to {out}")
-    return 0
+    return out
 
 
 if __name__ == "__main__":

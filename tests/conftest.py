@@ -166,6 +166,30 @@ def counting_unet_calls(engine):  # type: ignore[no-untyped-def]
         engine.unet_call = None
 
 
+@pytest.fixture(scope="module")
+def model(data_dir):  # type: ignore[no-untyped-def]
+    """The tiny model loaded on the CPU, once per test module."""
+    from models.registry import resolve_model
+    from worker.pipeline import load_model
+
+    return load_model(resolve_model("tiny", data_dir), "cpu")
+
+
+@pytest.fixture(scope="module")
+def cache(model):  # type: ignore[no-untyped-def]
+    """The model's text-conditioning cache."""
+    from worker.batch import ConditioningCache
+
+    return ConditioningCache(model)
+
+
+def max_diff(a: Any, b: Any) -> int:
+    """The largest difference between two images' channel values (0..255)."""
+    import numpy as np
+
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
 @pytest.fixture
 def png_bytes() -> Callable[..., bytes]:
     def make(width: int = 256, height: int = 256, color: tuple[int, int, int] = (200, 80, 40), fmt: str = "PNG") -> bytes:

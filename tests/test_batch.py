@@ -6,20 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.registry import resolve_model
+from tests.conftest import max_diff
 from worker.batch import CompatKey, ConditioningCache, Prompt, Sample, compat_key, generate_batch, start_step
-
-
-@pytest.fixture(scope="module")
-def model(data_dir):  # type: ignore[no-untyped-def]
-    from worker.pipeline import load_model
-
-    return load_model(resolve_model("tiny", data_dir), "cpu")
-
-
-@pytest.fixture(scope="module")
-def cache(model):  # type: ignore[no-untyped-def]
-    return ConditioningCache(model)
 
 
 def run(model, cache, key, samples):  # type: ignore[no-untyped-def]
@@ -28,10 +16,6 @@ def run(model, cache, key, samples):  # type: ignore[no-untyped-def]
 
 def job(job_id, prompt, seed, count=1, guidance=7.5, negative="", compel=False, image=None):  # type: ignore[no-untyped-def]
     return [Sample(job_id, i, seed + i, Prompt(prompt, negative, compel), guidance, image) for i in range(count)]
-
-
-def max_diff(a, b) -> int:  # type: ignore[no-untyped-def]
-    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
 
 
 def picture(width: int = 320, height: int = 256) -> Image.Image:

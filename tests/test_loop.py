@@ -11,31 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from models.registry import resolve_model
-from worker.batch import CompatKey, ConditioningCache, Prompt, Sample, generate_batch, start_step
+from tests.conftest import max_diff
+from worker.batch import CompatKey, Prompt, Sample, generate_batch, start_step
 from worker.loop import ContinuousLoop, drain
 
 SIZE = 256
 
 
-@pytest.fixture(scope="module")
-def model(data_dir):  # type: ignore[no-untyped-def]
-    from worker.pipeline import load_model
-
-    return load_model(resolve_model("tiny", data_dir), "cpu")
-
-
-@pytest.fixture(scope="module")
-def cache(model):  # type: ignore[no-untyped-def]
-    return ConditioningCache(model)
-
-
 def job(job_id, prompt, seed, count=1, guidance=7.5, negative="", image=None):  # type: ignore[no-untyped-def]
     return [Sample(job_id, i, seed + i, Prompt(prompt, negative, False), guidance, image) for i in range(count)]
-
-
-def max_diff(a, b) -> int:  # type: ignore[no-untyped-def]
-    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
 
 
 def picture(seed: int = 0) -> Image.Image:

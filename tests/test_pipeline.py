@@ -14,13 +14,6 @@ from models.storage import input_key_for, open_storage
 from models.tables import Job
 
 
-@pytest.fixture(scope="module")
-def model(data_dir):  # type: ignore[no-untyped-def]
-    from worker.pipeline import load_model
-
-    return load_model(resolve_model("tiny", data_dir), "cpu")
-
-
 def params(**fields):  # type: ignore[no-untyped-def]
     base = {"prompt": "a cat", "negative_prompt": "", "num_images": 1, "num_inference_steps": 3,
             "guidance_scale": 7.5, "strength": 0.8, "width": 256, "height": 256, "use_compel": False}
