@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from models.events import Subscription
 from tests.conftest import small, wait_for
 
 TIMEOUT = 240
@@ -34,7 +35,10 @@ def test_shutdown_gives_back_what_did_not_start(settings_env, client, tmp_path, 
     proc, log = start_worker(tmp_path, "worker")
     try:
         job_ids = [client.submit(small(prompt=f"a long night {i}", num_inference_steps=120, seed=i)) for i in range(4)]
-        wait_for(lambda: held_by_worker(client, job_ids))  # all four claimed; one on the loop, three waiting
+        with Subscription(client.settings, job_ids) as events:
+            wait_for(lambda: held_by_worker(client, job_ids))  # all four claimed
+            # and one of them denoising (claimed is not yet started: CI once signalled in between)
+            wait_for(lambda: (events.get(timeout=1) or {}).get("type") == "progress", timeout=TIMEOUT)
         proc.send_signal(signal.SIGTERM)
         if second is not None:
             time.sleep(0.5)
