@@ -308,6 +308,9 @@ def job_record(job: Job, *, locate: Any = None) -> dict[str, Any]:
                 "batch_id": image.batch_id,
                 "batch_size": image.batch_size,
                 "batch_position": image.batch_position,
+                "steps_run": image.steps_run,
+                "shared_max": image.shared_max,
+                "shared_mean": image.shared_mean,
             }
             for image in job.images
         ],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, field_validator, model_validator
@@ -65,8 +66,15 @@ class Settings(BaseSettings):
     # Batching: the most pixels (width x height x images) one denoising loop holds; 0 sizes it
     # from the GPU's memory (8 images of 768x768 on an 80 GB card).
     pixel_budget: int = Field(default=0, ge=0)
-    # How long a batch that is not full waits for more compatible jobs.
+    # How long a batch that is not full waits for more compatible jobs (window batching only).
     batch_window_ms: int = Field(default=100, ge=0, le=60_000)
+    # "continuous": jobs of one size join a running denoising loop at the next step and leave when
+    # their own steps end (steps, strength and guidance may differ); "window": a batch of jobs that
+    # share size, steps and strength forms in a window and runs to its end (the older engine).
+    batching: Literal["continuous", "window"] = "continuous"
+    # torch.compile of the UNet per (size, batch bucket): "auto" is "default" on CUDA and "off"
+    # on the CPU; "max-autotune" compiles longer for faster kernels (and CUDA graphs).
+    compile: Literal["auto", "off", "default", "max-autotune"] = "auto"
     # Jobs a worker holds at once (Celery thread slots): what its batches are gathered from.
     worker_slots: int = Field(default=16, ge=1, le=1024)
     # Interactive jobs go before bulk ones (runs), but while bulk jobs wait, at least one batch in
@@ -143,6 +151,15 @@ class Settings(BaseSettings):
         return urlparse(self.broker_url).scheme == "memory"
 
 
+def _problem(error: dict) -> str:
+    """One validation error, naming the variable unless the message does (the validators' own)."""
+    text = str(error.get("ctx", {}).get("error", error["msg"]))
+    if error.get("loc") and "SDQUEUE_" not in text:
+        name = "SDQUEUE_" + str(error["loc"][0]).upper()
+        text = f"{name}={error.get('input')!r}: {text}"
+    return text
+
+
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment, with explicit overrides; a bad value is a ConfigError."""
     try:
@@ -150,6 +167,6 @@ def load_settings(**overrides: object) -> Settings:
     except ValueError as exc:
         errors = getattr(exc, "errors", None)
         if callable(errors):
-            problems = "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in errors())
+            problems = "; ".join(_problem(e) for e in errors())
             raise ConfigError(f"bad setting: {problems}") from None
         raise ConfigError(f"bad setting: {exc}") from None

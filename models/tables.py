@@ -206,9 +206,17 @@ class Image(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
+    # The run that made it (worker, model, versions). Window batching: its batch, with the batch's
+    # size and the image's position in it. Continuous batching: the jobs that finished in the same
+    # step; size and position stay empty, and what it shared is below.
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"), default=None, index=True)
     batch_size: Mapped[int | None] = mapped_column(Integer, default=None)
     batch_position: Mapped[int | None] = mapped_column(Integer, default=None)
+    # Continuous batching: model calls it ran in, the most samples one of them held (itself
+    # included), and the mean over its calls.
+    steps_run: Mapped[int | None] = mapped_column(Integer, default=None)
+    shared_max: Mapped[int | None] = mapped_column(Integer, default=None)
+    shared_mean: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="images")

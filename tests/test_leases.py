@@ -54,15 +54,15 @@ def test_a_cancelled_running_job_leaves_the_loop_and_its_mate_carries_on(setting
     mate = small(prompt="a lighthouse", num_inference_steps=steps, seed=21)
     doomed_id = client.submit(small(prompt="a shipwreck", num_inference_steps=steps, seed=22, num_images=2))
     mate_id = client.submit(mate)
-    wait_for(lambda: len(unet_calls) >= 5)  # both in one loop: 3 samples, 6 rows
-    assert unet_calls[0] == 6
+    wait_for(lambda: unet_calls.count(6) >= 3)  # both in one loop: 3 samples, 6 rows
     client.cancel(doomed_id)
     cancelled_at = len(unet_calls)
     record = client.wait(mate_id, timeout=TIMEOUT)
     assert record["state"] == "succeeded"
-    left = unet_calls.index(2)  # from here on only the mate's rows
+    left = unet_calls.index(2, unet_calls.index(6))  # from here on only the mate's rows
     assert left - cancelled_at <= 3, (left, cancelled_at)  # within a step or two of the notice
-    assert unet_calls[left:] == [2] * (len(unet_calls) - left) and len(unet_calls) == steps
+    assert unet_calls[left:] == [2] * (len(unet_calls) - left)
+    assert sum(rows in (2, 6) for rows in unet_calls) == steps  # the mate's calls (the doomed alone: 4 rows)
     time.sleep(1.0)
     doomed = client.get(doomed_id)
     assert doomed["state"] == "cancelled" and doomed["images"] == []

@@ -27,9 +27,12 @@ TIMEOUT = 120
 
 @pytest.fixture
 def settings(settings_env, monkeypatch, request):  # type: ignore[no-untyped-def]
-    """Two 256x256 images a batch, the default bulk share; the worker slots as the test's parameter."""
+    """Window batching (its batches are what these tests read; tests/test_continuous.py checks
+    the continuous loops' priorities), two 256x256 images a batch, the default bulk share; the
+    worker slots as the test's parameter."""
     from models.settings import load_settings
 
+    monkeypatch.setenv("SDQUEUE_BATCHING", "window")
     monkeypatch.setenv("SDQUEUE_PIXEL_BUDGET", str(2 * 256 * 256))
     monkeypatch.setenv("SDQUEUE_BATCH_WINDOW_MS", "20")
     monkeypatch.setenv("SDQUEUE_WORKER_SLOTS", str(request.param))

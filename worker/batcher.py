@@ -10,7 +10,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 from models.tables import Priority
 from worker.batch import CompatKey, Sample
@@ -39,6 +39,9 @@ class Work:
     # Its worker died while it shared a batch: it runs in a batch of its own, so that if it is
     # what kills workers, it is found without charging its batch mates.
     alone: bool = False
+    # A continuous loop it was in failed: it runs in a loop of its own (no database mark), so that
+    # only the job that fails again is charged.
+    isolated: bool = False
 
     @property
     def group(self) -> Hashable:
@@ -51,6 +54,13 @@ class Work:
     @property
     def bulk(self) -> bool:
         return self.priority == Priority.BULK.value
+
+
+def loop_group(work: Work) -> Hashable:
+    """The continuous loop a job joins: its size and conditioning length (steps, strength and
+    guidance may differ), or a loop of its own when it must run alone."""
+    shape = (work.key.width, work.key.height, work.tokens)
+    return (*shape, work.job_id) if work.alone or work.isolated else shape
 
 
 class PixelBudget:
@@ -160,6 +170,49 @@ class Batcher:
                     return []
                 self._changed.wait(min(wait, deadline - now))
         return []
+
+    def admit(self, room: Callable[[Work], tuple[int, int]], wait: float = 0.0,
+              stop: threading.Event | None = None) -> list[Work]:
+        """Continuous batching: the waiting prepared jobs that fit in their loops now, in priority
+        order (interactive, then by age, with the bulk share kept as `take` keeps it). `room(work)`
+        is (pixels in the loop it would join, that loop's budget); an empty loop takes any one job.
+        Within a loop no job overtakes an older one that does not fit. With nothing to admit, waits
+        up to `wait` seconds for new work (an idle worker starts a job the moment it arrives).
+        """
+        deadline = time.monotonic() + wait
+        with self._changed:
+            while True:
+                ready = [w for w in self._pending if w.tokens is not None]
+                bulk_waits = any(w.bulk for w in ready)
+                by_age = bulk_waits and self._ahead_of_bulk >= self.bulk_share - 1
+                ready.sort(key=(lambda w: (w.created_at, w.arrived)) if by_age
+                           else (lambda w: (w.bulk, w.created_at, w.arrived)))
+                admitted: list[Work] = []
+                used: dict[Hashable, int] = {}
+                blocked: set[Hashable] = set()
+                for work in ready:
+                    group = loop_group(work)
+                    if group in blocked:
+                        continue
+                    if group not in used:
+                        used[group], limit = room(work)
+                    else:
+                        limit = room(work)[1]
+                    if used[group] and used[group] + work.pixels > limit:
+                        blocked.add(group)
+                        continue
+                    used[group] += work.pixels
+                    admitted.append(work)
+                if admitted:
+                    for work in admitted:
+                        self._pending.remove(work)
+                    ahead = bulk_waits and not by_age and not admitted[0].bulk
+                    self._ahead_of_bulk = self._ahead_of_bulk + 1 if ahead else 0
+                    return admitted
+                left = deadline - time.monotonic()
+                if left <= 0 or (stop is not None and stop.is_set()) or any(w.tokens is None for w in self._pending):
+                    return []
+                self._changed.wait(left)
 
     def __len__(self) -> int:
         with self._changed:

@@ -48,6 +48,7 @@ from worker.batch import (
     CompatKey, ConditioningCache, Dropped, Sample, StepDone, UnetCall, generate_batch, is_out_of_memory,
 )
 from worker.batcher import Batcher, PixelBudget, Work
+from worker.loop import Finished, LoopFailed, Loops
 from worker.encode import encode_png, sha256_of
 from worker.leases import LeaseKeeper
 from worker.pipeline import LoadedModel, library_versions
@@ -136,6 +137,7 @@ class Engine:
         bulk_share: int = 4,
         cpu_workers: int = 2,
         max_in_flight: int = 2,
+        batching: str = "continuous",
     ):
         self.model = model
         self.db = db
@@ -143,8 +145,11 @@ class Engine:
         self.hostname = hostname  # also the owner of its leases: unique per worker process
         self.budget = PixelBudget(pixel_budget)
         self.batcher = Batcher(self.budget, window, bulk_share)
+        if batching not in ("continuous", "window"):
+            raise ValueError(f"batching={batching!r}: must be continuous or window")
+        self.batching = batching
+        self.loops = Loops(model, self.budget, bulk_share=bulk_share)
         self.conditioning = ConditioningCache(model)
-        self.unet_call: UnetCall | None = None  # tests wrap the UNet here
         self.versions = library_versions()
         self.settings: Settings | None = None
         self.keeper: LeaseKeeper | None = None
@@ -170,6 +175,18 @@ class Engine:
         assert settings.spool_dir is not None
         self.spool = Spool.open(settings.spool_dir, settings.spool_max_bytes, self.storage, self.keeper.still_held,
                                 give_up_after=settings.outage_timeout)
+
+    @property
+    def unet_call(self) -> UnetCall | None:
+        """What both kinds of batching call for the UNet: None is the model's own (tests wrap it;
+        the compiled one replaces it)."""
+        return self.loops.unet_call
+
+    @unet_call.setter
+    def unet_call(self, call: UnetCall | None) -> None:
+        self.loops.unet_call = call
+        for loop in self.loops.loops.values():
+            loop.unet_call = call or self.model.txt2img.unet
 
     @property
     def draining(self) -> bool:
@@ -324,6 +341,9 @@ class Engine:
     # --- the GPU thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.batching == "continuous":
+            self._continuous()
+            return
         while not self._stop.is_set():
             if self.spool is not None and self.spool.full:
                 self._stop.wait(0.2)  # the store is away and the spool is full: take no more work
@@ -345,6 +365,114 @@ class Engine:
                 for work in batch:
                     if not work.future.done():
                         self._cpu.submit(self._charge, work, exc)
+
+    def _continuous(self) -> None:
+        """Continuous batching: at every step boundary, jobs that wait join their loops (an idle
+        worker starts one the moment it arrives), cancelled and lost ones leave, one loop makes
+        one UNet call, and jobs whose schedules ended go to the CPU pool."""
+        loops = self.loops
+        while not self._stop.is_set():
+            self._prepare_all(self.batcher.unprepared())
+            lost = self._dropped()
+            if lost:
+                for work in loops.drop(lost):
+                    self.settle(work, "lost")
+            taking = self.spool is None or not self.spool.full  # the store is away and the spool full
+            if taking:
+                for work in self.batcher.admit(loops.room, wait=0.0 if len(loops) else 0.5, stop=self._stop):
+                    self._join(work)
+            if not len(loops):
+                if not taking:
+                    self._stop.wait(0.2)
+                continue
+            try:
+                finished, again = loops.step(self.events.progress if self.events is not None else None)
+            except LoopFailed as exc:
+                self._loop_failed(exc)
+                continue
+            for work in again:  # out of memory: they start again when there is room
+                self.batcher.put(work)
+            if finished:
+                self._finished(finished)
+
+    def _join(self, work: Work) -> None:
+        if work.job_id in self._lost:  # lost between the batcher and here
+            self.settle(work, "lost")
+            return
+        # A job suspected of killing its worker runs alone, and says so while it is on the GPU.
+        if work.alone and self.settings is not None and not self._mark_alone(work, True):
+            return
+        poison = os.environ.get(POISON_ENV)
+        if poison and any(s.prompt.text == poison for s in work.samples):
+            log.critical("%s: a sample's prompt is the poison prompt: this worker process dies now", POISON_ENV)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.model.device.startswith("cuda") and not len(self.loops):
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            ready = self.loops.admit(work)
+        except Exception as exc:  # e.g. an input image the loop cannot take: this job alone
+            log.exception("job %s could not join its loop", work.job_id)
+            self._cpu.submit(self._charge, work, exc)
+            return
+        if ready is not None:  # img2img of strength 0: its input is its image
+            self._finished([ready])
+
+    def _loop_failed(self, failure: LoopFailed) -> None:
+        """A model call failed: each of its jobs runs again in a loop of its own, and only a job
+        that fails alone is charged."""
+        if len(failure.members) > 1:
+            log.warning("a loop of %d jobs failed (%s): running each job alone", len(failure.members), failure)
+            for member in failure.members:
+                member.work.isolated = True
+                self.submit(member.work)
+            return
+        work = failure.members[0].work
+        log.error("job %s failed in its loop: %s", work.job_id, failure, exc_info=failure.cause)
+        self._cpu.submit(self._charge, work, failure.cause)
+
+    def _finished(self, finished: list[Finished]) -> None:
+        """Jobs whose images are made: one record of the run for those that ended in this step,
+        then encoding, uploads and rows on the CPU pool."""
+        works = [member.work for member, _, _ in finished]
+        for work in [w for w in works if w.alone and self.settings is not None]:
+            if not self._mark_alone(work, False):
+                works.remove(work)
+        finished = [f for f in finished if f[0].work in works]
+        if not finished:
+            return
+        first = min(finished, key=lambda f: f[0].admitted)[0]
+        key = works[0].key
+        peak = torch.cuda.max_memory_allocated() if self.model.device.startswith("cuda") else None
+        size = sum(len(images) for _, images, _ in finished)
+        record = self._batch_record(
+            f"loop-{key.width}x{key.height}-{works[0].tokens}t", size, len(works),
+            seconds=time.perf_counter() - first.admitted, started=first.started_at, peak=peak)
+        results = [image for _, images, _ in finished for image in images]
+        stats = [shared for _, _, per_image in finished for shared in per_image]
+        log.info("loop %s: %d job(s) done, %d image(s)", record.compat_key, len(works), size)
+        self._in_flight.acquire()  # back-pressure: wait while the pool is behind
+        self._cpu.submit(self._finish, works, record, results, stats)
+
+    def _batch_record(self, compat: str, size: int, jobs: int, *, seconds: float, started: Any,
+                      peak: int | None) -> Batch:
+        """The record of a run of the model (its images point to it): who made them, how."""
+        return Batch(
+            id=str(uuid.uuid4()), worker=self.hostname, model=self.model.source if self.model.spec.hub_id is None
+            else self.model.spec.hub_id, model_revision=self.model.revision, scheduler=self.model.scheduler_name,
+            device=self.model.device, dtype=self.model.dtype_name, size=size, versions=self.versions,
+            compat_key=compat, jobs=jobs, seconds=seconds, peak_memory_bytes=peak, started_at=started,
+        )
+
+    def _prepare_all(self, works: list[Work]) -> None:
+        """Text conditioning for the new jobs in one encoder call for all their plain prompts;
+        if any prompt fails, each job is prepared by itself, so that only its own job fails."""
+        if len(works) > 1:
+            try:
+                self.conditioning.get([s.prompt for w in works for s in w.samples])
+            except Exception:
+                pass  # found again below, job by job
+        for work in works:
+            self._prepare(work)
 
     def _prepare(self, work: Work) -> None:
         """Text conditioning for a new job (cached by prompt); a prompt compel cannot parse, or
@@ -396,12 +524,7 @@ class Engine:
         if alone is not None and not self._mark_alone(alone, False):
             return
         peak = torch.cuda.max_memory_allocated() if self.model.device.startswith("cuda") else None
-        record = Batch(
-            id=str(uuid.uuid4()), worker=self.hostname, model=self.model.source if self.model.spec.hub_id is None
-            else self.model.spec.hub_id, model_revision=self.model.revision, scheduler=self.model.scheduler_name,
-            device=self.model.device, dtype=self.model.dtype_name, size=len(samples), versions=self.versions,
-            compat_key=str(key), jobs=len(batch), seconds=seconds, peak_memory_bytes=peak, started_at=started,
-        )
+        record = self._batch_record(str(key), len(samples), len(batch), seconds=seconds, started=started, peak=peak)
         log.info("batch %s: %d job(s), %d image(s) in %.2f s", key, len(batch), len(samples), seconds)
         self._in_flight.acquire()  # back-pressure: wait while the pool is behind
         self._cpu.submit(self._finish, batch, record, results)
@@ -442,7 +565,10 @@ class Engine:
 
     # --- the CPU pool -------------------------------------------------------------------------
 
-    def _finish(self, batch: list[Work], record: Batch, results: list[Any]) -> None:
+    def _finish(self, batch: list[Work], record: Batch, results: list[Any],
+                stats: list[tuple[int, int, float]] | None = None) -> None:
+        """Record the run, then store each job's images. `stats`, per image, what it shared in a
+        continuous loop (None: a window batch, whose images record their batch position)."""
         try:
             record.finished_at = utcnow()
             self._outage(lambda: self._add(record), f"recording batch {record.id}")
@@ -455,7 +581,8 @@ class Engine:
             position = 0
             for work in batch:
                 mine = results[position : position + len(work.samples)]
-                self._guard(work, lambda: self._store(work, record, position, mine))
+                shared = stats[position : position + len(work.samples)] if stats is not None else None
+                self._guard(work, lambda: self._store(work, record, position, mine, shared))
                 position += len(work.samples)
         finally:
             self._in_flight.release()
@@ -478,7 +605,8 @@ class Engine:
             log.exception("job %s: recording it failed", work.job_id)
             self._charge(work, exc)
 
-    def _store(self, work: Work, batch: Batch, first: int, results: list[Any]) -> None:
+    def _store(self, work: Work, batch: Batch, first: int, results: list[Any],
+               shared: list[tuple[int, int, float]] | None = None) -> None:
         """Encode, upload (or spool), then record one job's images."""
         if work.job_id in self._lost or any(r is None for r in results):
             self.settle(work, "lost")
@@ -491,13 +619,17 @@ class Engine:
         objects, rows = [], []
         for offset, (sample, pixels) in enumerate(zip(work.samples, results)):
             picture = PILImage.fromarray(pixels)
-            png = encode_png(picture, self.image_record(work, sample, batch, first + offset))
+            if shared is None:  # a window batch: its size and the image's place in it
+                batching: dict[str, Any] = {"batch_size": batch.size, "batch_position": first + offset}
+            else:
+                steps_run, most, mean = shared[offset]
+                batching = {"steps_run": steps_run, "shared_max": most, "shared_mean": mean}
+            png = encode_png(picture, self.image_record(work, sample, batch, batching))
             key = object_key_for(work.job_id, sample.index, lease.token)
             objects.append((key, png))
             rows.append(Image(
                 job_id=work.job_id, index=sample.index, seed=sample.seed, object_key=key, sha256=sha256_of(png),
-                size_bytes=len(png), width=picture.width, height=picture.height, batch_id=batch.id,
-                batch_size=batch.size, batch_position=first + offset,
+                size_bytes=len(png), width=picture.width, height=picture.height, batch_id=batch.id, **batching,
             ))
         # Say what will be uploaded before uploading it: an object never lies unseen in the store.
         self._outage(lambda: self._in_session(jobs.record_uploads, lease, [key for key, _ in objects]),
@@ -559,7 +691,7 @@ class Engine:
         with self.db.session() as session:
             return action(session, *args)
 
-    def image_record(self, work: Work, sample: Sample, batch: Batch, position: int) -> dict[str, Any]:
+    def image_record(self, work: Work, sample: Sample, batch: Batch, batching: dict[str, Any]) -> dict[str, Any]:
         """Everything needed to make this image again; embedded in its PNG."""
         return {
             **work.params,
@@ -576,8 +708,7 @@ class Engine:
             "device": self.model.device,
             "dtype": self.model.dtype_name,
             "batch_id": batch.id,
-            "batch_size": batch.size,
-            "batch_position": position,
+            **batching,
             "compat_key": batch.compat_key,
             "versions": self.versions,
         }

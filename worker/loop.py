@@ -16,14 +16,19 @@ Scheduler state per sample:
 - any other scheduler: a deep copy of the scheduler per sample, with scale_model_input and step
   called row by row (slower, but right for multistep schedulers that keep history).
 
-Not yet wired into the worker engine (issue 9).
+`Loops` runs many such loops, one per size: it admits claimed jobs under the pixel budget and picks
+the loop that steps next, so that no size starves. The worker's engine (SDQUEUE_BATCHING=continuous)
+and `run_direct` (the benchmark's loop without a queue) drive it.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import math
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Hashable, Iterable
 
 import numpy as np
 import torch
@@ -32,8 +37,12 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
 from diffusers.utils.torch_utils import randn_tensor
 
 from models.errors import JobError
-from worker.batch import Conditioning, Sample, UnetCall, to_uint8
+from models.tables import utcnow
+from worker.batch import Conditioning, Sample, StepDone, UnetCall, is_out_of_memory
+from worker.batcher import PixelBudget, Work, loop_group
 from worker.pipeline import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -49,6 +58,8 @@ class LoopSample:
     first_index: int  # the scheduler's step index at its first timestep
     latents: torch.Tensor = field(repr=False)  # [1, C, h, w]
     calls: int = 0  # model calls done so far
+    shared_max: int = 0  # the most samples (itself included) of a model call it was in
+    shared_total: int = 0  # the sum over its calls of the samples in each: shared_total / calls is the mean
 
     @property
     def job_id(self) -> str:
@@ -197,6 +208,8 @@ class ContinuousLoop:
                 s.latents = s.scheduler.step(noise_pred[row : row + 1], s.t, s.latents, return_dict=False)[0]
         for s in active:
             s.calls += 1
+            s.shared_max = max(s.shared_max, len(active))
+            s.shared_total += len(active)
         finished = [s for s in active if s.done]
         self.active = [s for s in active if not s.done]
         return finished
@@ -237,24 +250,47 @@ class ContinuousLoop:
     @torch.inference_mode()
     def decode(self, finished: list[LoopSample]) -> list[Any]:
         """The finished samples' images as HxWx3 uint8 arrays, in order; a JobError for a sample
-        whose latents or pixels are not finite (a NaN would be a black image recorded as a success)."""
+        whose latents or pixels are not finite (a NaN would be a black image recorded as a success).
+        Out of memory while decoding decodes again one sample at a time: the denoising is kept."""
         if not finished:
             return []
-        vae = self.model.txt2img.vae
         latents = torch.cat([s.latents for s in finished])
         finite_latents = torch.isfinite(latents).flatten(1).all(dim=1).tolist()
-        images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        finite_pixels = torch.isfinite(images).flatten(1).all(dim=1).tolist()
+        try:
+            pixels, finite_pixels = self._decode(latents)
+        except Exception as exc:
+            if not is_out_of_memory(exc) or len(finished) == 1:
+                raise
+            if self.model.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            slices = [self._decode(latents[row : row + 1]) for row in range(len(finished))]
+            pixels = [p for one, _ in slices for p in one]
+            finite_pixels = [ok for _, oks in slices for ok in oks]
         results: list[Any] = []
-        for s, pixels, ok_latents, ok_pixels in zip(finished, to_uint8(images), finite_latents, finite_pixels):
+        for s, image, ok_latents, ok_pixels in zip(finished, pixels, finite_latents, finite_pixels):
             what = f"image {s.sample.index} (seed {s.sample.seed})"
             if not ok_latents:
                 results.append(JobError(f"{what}: latents became NaN or inf while denoising"))
             elif not ok_pixels:
                 results.append(JobError(f"{what}: the VAE decoded NaN or inf pixels"))
             else:
-                results.append(pixels)
+                results.append(image)
         return results
+
+    def _decode(self, latents: torch.Tensor) -> tuple[list[np.ndarray], list[bool]]:
+        """VAE decode, then uint8 on the device (rounded as to_uint8 rounds, in float32) and one
+        copy to the host: into pinned memory without blocking on CUDA."""
+        vae = self.model.txt2img.vae
+        images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        finite = torch.isfinite(images).flatten(1).all(dim=1)
+        pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        if pixels.is_cuda:
+            host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(pixels, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+        else:
+            host = pixels.contiguous()
+        return list(host.numpy()), finite.tolist()
 
 
 def drain(loop: ContinuousLoop) -> list[tuple[LoopSample, np.ndarray | JobError]]:
@@ -264,3 +300,223 @@ def drain(loop: ContinuousLoop) -> list[tuple[LoopSample, np.ndarray | JobError]
         finished = loop.step()
         out.extend(zip(finished, loop.decode(finished)))
     return out
+
+
+# --- many loops: admission under the pixel budget, and which loop steps next ----------------------
+
+
+@dataclass(eq=False)
+class Member:
+    """A job in a loop: its samples finish together (one schedule for all of a job's images)."""
+
+    work: Work
+    samples: list[LoopSample]
+    admitted: float = field(default_factory=time.perf_counter)
+    started_at: Any = field(default_factory=utcnow)
+
+
+# A finished job (its Member: work, when it joined), its images in sample order (arrays, or a
+# JobError per failed image), and per image what it shared: (steps run, most samples in one call,
+# mean samples per call).
+Finished = tuple[Member, list[Any], list[tuple[int, int, float]]]
+
+
+class LoopFailed(Exception):
+    """A model call failed for a loop's members (not out of memory): `members` are out of it."""
+
+    def __init__(self, members: list[Member], cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.members = members
+        self.cause = cause
+
+
+class Loops:
+    """The worker's continuous loops, one per (width, height, conditioning length), plus a loop of
+    its own for a job that must run alone (`Work.alone`, `Work.isolated`).
+
+    Admission (`admit`): a job joins its loop when the loop's pixels plus its own fit the budget
+    for that size (an empty loop takes any one job). Each `step()` runs one UNet call on one loop:
+    the loop holding the interactive job that has waited longest since its creation (the oldest
+    job when only bulk work runs), except that while a bulk-only loop waits, every `bulk_share`-th
+    step goes to the loop of the oldest job whatever its priority. So a size never starves: a
+    newer job of another size never overtakes an older one for long, as its loop only steps while
+    it holds the oldest job.
+    """
+
+    def __init__(self, model: LoadedModel, budget: PixelBudget, unet_call: UnetCall | None = None,
+                 bulk_share: int = 4):
+        self.model = model
+        self.budget = budget
+        self.unet_call = unet_call
+        self.bulk_share = bulk_share
+        self.loops: dict[Hashable, ContinuousLoop] = {}
+        self.members: dict[Hashable, list[Member]] = {}
+        self._ahead_of_bulk = 0
+
+    group = staticmethod(loop_group)
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self.members.values())
+
+    def jobs(self) -> list[str]:
+        return [m.work.job_id for ms in self.members.values() for m in ms]
+
+    def room(self, work: Work) -> tuple[int, int]:
+        """(pixels in the loop `work` would join, the budget of its size)."""
+        used = sum(m.work.pixels for m in self.members.get(self.group(work), []))
+        return used, self.budget.for_key(work.key)
+
+    # -- joining and leaving ------------------------------------------------------------------
+
+    def admit(self, work: Work) -> Finished | None:
+        """Put a prepared job into its loop from the next step. An img2img job of strength 0 runs
+        no step: its images are its input, returned at once (as diffusers returns them)."""
+        key = work.key
+        if key.mode == "img2img" and key.start_step >= key.steps:
+            images = [np.asarray(s.init_image.convert("RGB")) for s in work.samples]
+            return Member(work, []), images, [(0, 0, 0.0)] * len(images)
+        group = self.group(work)
+        loop = self.loops.get(group)
+        if loop is None:
+            loop = self.loops[group] = ContinuousLoop(self.model, key.width, key.height, work.tokens, self.unet_call)
+            self.members[group] = []
+        strength = work.params.get("strength") if key.mode == "img2img" else None
+        try:
+            samples = loop.admit(work.samples, work.conditioning or [], key.steps, strength)
+        except Exception:
+            self._forget_if_empty(group)
+            raise
+        self.members[group].append(Member(work, samples))
+        return None
+
+    def drop(self, job_ids: set[str] | frozenset[str]) -> list[Work]:
+        """Take the jobs of `job_ids` out of their loops (cancelled, lost, given back)."""
+        gone: list[Work] = []
+        for group, members in list(self.members.items()):
+            leaving = [m for m in members if m.work.job_id in job_ids]
+            if leaving:
+                self.loops[group].drop(m.work.job_id for m in leaving)
+                self.members[group] = [m for m in members if m.work.job_id not in job_ids]
+                gone += [m.work for m in leaving]
+                self._forget_if_empty(group)
+        return gone
+
+    def _forget_if_empty(self, group: Hashable) -> None:
+        if not self.members[group]:
+            del self.members[group], self.loops[group]
+
+    # -- stepping -------------------------------------------------------------------------------
+
+    def next_group(self) -> Hashable | None:
+        def oldest(members: list[Member], interactive_first: bool) -> tuple[Any, ...]:
+            if interactive_first:
+                return min((m.work.bulk, m.work.created_at, m.work.arrived) for m in members)
+            return min((m.work.created_at, m.work.arrived) for m in members)
+
+        if not self.members:
+            return None
+        bulk_waits = any(all(m.work.bulk for m in ms) for ms in self.members.values())
+        by_age = bulk_waits and self._ahead_of_bulk >= self.bulk_share - 1
+        group = min(self.members, key=lambda g: oldest(self.members[g], not by_age))
+        led_by_interactive = not all(m.work.bulk for m in self.members[group])
+        self._ahead_of_bulk = self._ahead_of_bulk + 1 if bulk_waits and not by_age and led_by_interactive else 0
+        return group
+
+    def step(self, step_done: StepDone | None = None) -> tuple[list[Finished], list[Work]]:
+        """One UNet call on the loop that goes next. Returns the jobs it finished, and the jobs it
+        put out of the loop to start again later (out of memory: the newest ones, after the
+        budget of their size shrank); a LoopFailed for any other error of the call."""
+        group = self.next_group()
+        if group is None:
+            return [], []
+        loop, members = self.loops[group], self.members[group]
+        try:
+            finished = loop.step()
+        except Exception as exc:
+            if is_out_of_memory(exc) and len(members) > 1:
+                return [], self._shed(group)
+            del self.members[group], self.loops[group]
+            raise LoopFailed(members, exc) from exc
+        if step_done is not None:
+            for m in members:
+                first = m.samples[0]
+                order = getattr(first.scheduler, "order", 1)
+                steps = math.ceil(len(first.timesteps) / order)
+                step_done(math.ceil(first.calls / order), steps, [m.work.job_id])
+        if not finished:
+            return [], []
+        ending = [m for m in members if all(s.done for s in m.samples)]
+        self.members[group] = [m for m in members if m not in ending]
+        self._forget_if_empty(group)
+        try:
+            images = dict(zip(map(id, finished), loop.decode(finished)))
+        except Exception as exc:
+            raise LoopFailed(ending, exc) from exc
+        done: list[Finished] = []
+        for m in ending:
+            stats = [(s.calls, s.shared_max, round(s.shared_total / max(1, s.calls), 3)) for s in m.samples]
+            done.append((m, [images[id(s)] for s in m.samples], stats))
+        return done, []
+
+    def _shed(self, group: Hashable) -> list[Work]:
+        """Out of memory: the size's budget shrinks below what the loop held, and its newest jobs
+        leave until the rest fit; they start again later (same seeds, same images)."""
+        members = self.members[group]
+        used = sum(m.work.pixels for m in members)
+        key = members[0].work.key
+        self.budget.shrink(key, used)
+        if self.model.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        limit = self.budget.for_key(key)
+        shed: list[Member] = []
+        while len(members) - len(shed) > 1 and used > limit:
+            newest = max((m for m in members if m not in shed), key=lambda m: m.admitted)
+            shed.append(newest)
+            used -= newest.work.pixels
+        log.warning("out of memory on %d samples of %dx%d: %d job(s) start again later; budget now %d px",
+                    sum(len(m.samples) for m in members), key.width, key.height, len(shed), limit)
+        return self.drop({m.work.job_id for m in shed})
+
+
+def run_direct(model: LoadedModel, jobs: list[dict[str, Any]], pixel_budget: int,
+               unet_call: UnetCall | None = None) -> dict[str, list[np.ndarray]]:
+    """The worker's continuous loops driven in this process, without queue, database or storage:
+    each job (job_id, params, seed, init_image, arrive_at seconds after the start) is admitted from
+    its arrival as the engine admits it. Its images, by job id. For benchmarks and tests."""
+    from worker.batch import ConditioningCache, compat_key, job_samples
+    from worker.batcher import Batcher
+
+    cache = ConditioningCache(model)
+    budget = PixelBudget(pixel_budget)
+    loops = Loops(model, budget, unet_call)
+    batcher = Batcher(budget, window=0.0)
+    pending = sorted(jobs, key=lambda j: j.get("arrive_at", 0.0))
+    images: dict[str, list[np.ndarray]] = {}
+    started = time.perf_counter()
+    while len(images) < len(jobs):
+        now = time.perf_counter() - started
+        while pending and pending[0].get("arrive_at", 0.0) <= now:
+            job = pending.pop(0)
+            params = job["params"]
+            work = Work(job["job_id"], compat_key(params, job.get("init_image") is not None),
+                        job_samples(job["job_id"], params, job["seed"], job.get("init_image")),
+                        created_at=started + job.get("arrive_at", 0.0), params=params)
+            work.conditioning = cache.get([s.prompt for s in work.samples])
+            work.tokens = work.conditioning[0].tokens
+            batcher.put(work)
+        for work in batcher.admit(loops.room, wait=0.0 if len(loops) else 0.01):
+            if (ready := loops.admit(work)) is not None:
+                images[work.job_id] = ready[1]
+        if not len(loops):
+            if pending and not len(batcher):
+                time.sleep(max(0.0, min(0.01, pending[0].get("arrive_at", 0.0) - now)))
+            continue
+        finished, again = loops.step()
+        for work in again:
+            batcher.put(work)
+        for member, results, _ in finished:
+            errors = [r for r in results if isinstance(r, JobError)]
+            if errors:
+                raise errors[0]
+            images[member.work.job_id] = results
+    return images

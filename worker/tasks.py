@@ -62,7 +62,7 @@ class WorkerContext:
         engine = Engine(
             model, db, storage, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
             pixel_budget=settings.pixel_budget or default_pixel_budget(model.device),
-            window=settings.batch_window_ms / 1000, bulk_share=settings.bulk_share,
+            window=settings.batch_window_ms / 1000, bulk_share=settings.bulk_share, batching=settings.batching,
         )
         send = partial(send_jobs, default_queue=settings.queue)
         engine.serve(settings, send)

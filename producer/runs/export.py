@@ -56,7 +56,8 @@ COLUMNS: list[tuple[str, str]] = [
     ("num_images", "int64"), ("use_compel", "bool_"), ("seed", "int64"), ("image_index", "int64"),
     ("model", "string"), ("model_revision", "string"), ("scheduler", "string"), ("object_uri", "string"),
     ("sha256", "string"), ("size_bytes", "int64"), ("batch_id", "string"), ("batch_size", "int64"),
-    ("batch_position", "int64"), ("created_at", "string"),
+    ("batch_position", "int64"), ("steps_run", "int64"), ("shared_max", "int64"), ("shared_mean", "float64"),
+    ("created_at", "string"),
 ]
 
 
@@ -207,6 +208,7 @@ def _index_rows(db: Database, run_id: str, run_name: str, source: Storage) -> It
                     "scheduler": scheduler, "object_uri": _locate(source, image.object_key),
                     "sha256": image.sha256, "size_bytes": image.size_bytes, "batch_id": image.batch_id,
                     "batch_size": image.batch_size, "batch_position": image.batch_position,
+                    "steps_run": image.steps_run, "shared_max": image.shared_max, "shared_mean": image.shared_mean,
                     "created_at": image.created_at.isoformat() if image.created_at else None,
                 }
                 yield row, image.object_key
