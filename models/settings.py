@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # torch.compile of the UNet per (size, batch bucket): "auto" is "default" on CUDA and "off"
     # on the CPU; "max-autotune" compiles longer for faster kernels (and CUDA graphs).
     compile: Literal["auto", "off", "default", "max-autotune"] = "auto"
+    # Sizes whose graphs compile at worker start, before it takes jobs ("768x768,512x512"); empty:
+    # the model's native size. Other sizes compile on their first job.
+    warmup_sizes: str = ""
     # Jobs a worker holds at once (Celery thread slots): what its batches are gathered from.
     worker_slots: int = Field(default=16, ge=1, le=1024)
     # Interactive jobs go before bulk ones (runs), but while bulk jobs wait, at least one batch in
@@ -111,6 +114,20 @@ class Settings(BaseSettings):
                 f"SDQUEUE_LEASE_SECONDS={self.lease_seconds:g}: a lease must survive a missed heartbeat"
             )
         return self
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _check_sizes(cls, value: str) -> str:
+        for size in filter(None, (part.strip() for part in value.split(","))):
+            width, _, height = size.partition("x")
+            if not (width.isdigit() and height.isdigit() and int(width) % 8 == 0 and int(height) % 8 == 0):
+                raise ValueError(f"SDQUEUE_WARMUP_SIZES={value!r}: {size!r} is not WIDTHxHEIGHT in multiples of 8")
+        return value
+
+    @property
+    def warmup_size_list(self) -> list[tuple[int, int]]:
+        sizes = (part.strip().partition("x") for part in self.warmup_sizes.split(",") if part.strip())
+        return [(int(width), int(height)) for width, _, height in sizes]
 
     @field_validator("broker_url")
     @classmethod

@@ -149,7 +149,7 @@ def test_dropping_a_job_leaves_the_others_unchanged(model, cache):
     assert max_diff(images["c", 0], alone(model, cache, c, 6, 0.9)[0]) <= 1
 
 
-@pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "HeunDiscreteScheduler"])
 def test_other_schedulers_run_a_scheduler_per_sample(model, cache, name):
     with scheduler(model, name):
         loop = ContinuousLoop(model, SIZE, SIZE)

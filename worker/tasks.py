@@ -64,6 +64,7 @@ class WorkerContext:
             pixel_budget=settings.pixel_budget or default_pixel_budget(model.device),
             window=settings.batch_window_ms / 1000, bulk_share=settings.bulk_share, batching=settings.batching,
         )
+        engine.unet_call = compiled_unet(settings, model, engine.budget.default)
         send = partial(send_jobs, default_queue=settings.queue)
         engine.serve(settings, send)
         sweeper = PeriodicSweeper(Sweeper(settings, db, storage, send), settings)
@@ -74,6 +75,25 @@ class WorkerContext:
             self.sweeper.stop()
         self.engine.stop()
         self.db.dispose()
+
+
+def compiled_unet(settings: Settings, model: Any, pixel_budget: int) -> Any:
+    """The UNet call per SDQUEUE_COMPILE (None: the plain UNet), its graphs compiled for the
+    warm-up sizes and every batch bucket the budget allows, before the worker takes a job; the
+    compile cache lives in the data dir, so a restarted worker compiles from it."""
+    from worker.compiled import buckets_up_to, compile_mode, prepare_unet, save_compile_cache, use_compile_cache, warm_up
+
+    cache = settings.data_dir / "compile-cache"
+    if compile_mode(settings.compile, model.device) is not None:
+        use_compile_cache(cache)
+    call = prepare_unet(model, settings.compile)
+    if call is not None:
+        native = model.spec.native_size
+        sizes = settings.warmup_size_list or [(native, native)]
+        rows = 2 * max(1, pixel_budget // min(w * h for w, h in sizes))  # guided: two rows a sample
+        warm_up(call, model, sizes, buckets_up_to(rows))
+        save_compile_cache(cache)
+    return call
 
 
 def send_jobs(job_ids: list[str], queue: str | None = None, *, default_queue: str) -> None:
