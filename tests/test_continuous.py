@@ -16,7 +16,7 @@ from tests.test_end_to_end import pixels, s3_object
 from tests.test_loop import picture
 from worker.batch import CompatKey, Prompt, Sample, compat_key, generate_batch, job_samples
 from worker.batcher import Batcher, PixelBudget, Work
-from worker.loop import Loops, run_direct
+from worker.loop import ContinuousLoop, Loops, drain, run_direct
 
 TIMEOUT = 180
 
@@ -41,7 +41,7 @@ def test_jobs_that_join_running_loops_get_the_images_they_get_alone(model, cache
         {"job_id": "a", "params": params(8, 7.0, count=2), "seed": 1},
         {"job_id": "b", "params": params(3, 1.0, prompt="a harbour"), "seed": 2, "arrive_at": 0.05},
         {"job_id": "c", "params": params(5, 4.0, size=320, prompt="a tree"), "seed": 3, "arrive_at": 0.1},
-        {"job_id": "d", "params": params(6, 5.0, strength=0.5, prompt="a lake"), "seed": 4, "init_image": picture(1),
+        {"job_id": "d", "params": params(6, 5.0, count=2, strength=0.5, prompt="a lake"), "seed": 4, "init_image": picture(1),
          "arrive_at": 0.15},
         {"job_id": "e", "params": params(4, 1.0, strength=0.0), "seed": 5, "init_image": picture(2), "arrive_at": 0.2},
         {"job_id": "f", "params": params(2, 12.0, count=3, prompt="a boat"), "seed": 6, "arrive_at": 0.3},
@@ -112,6 +112,35 @@ def test_out_of_memory_sheds_the_newest_jobs_which_start_again_with_the_same_ima
     assert rows[:4] == [10, 8, 6, 4] and max(rows[3:]) <= 4
     for job in jobs:
         assert max_diff(images[job["job_id"]][0], alone(model, cache, job)[0]) <= 1
+
+
+def test_out_of_memory_in_the_decode_decodes_one_at_a_time_and_keeps_the_denoising(model, cache):
+    vae = model.txt2img.vae
+    decode = vae.decode
+    decoded: list[int] = []
+    calls: list[int] = []
+
+    def small_gpu(latents, *args, **kwargs):  # type: ignore[no-untyped-def]
+        decoded.append(latents.shape[0])
+        if latents.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB (simulated)")
+        return decode(latents, *args, **kwargs)
+
+    def counting(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(sample.shape[0])
+        return model.txt2img.unet(sample, *args, **kwargs)
+
+    samples = [Sample("a", i, 9 + i, Prompt("a red fox", "", False), 5.0) for i in range(3)]
+    loop = ContinuousLoop(model, 256, 256, unet_call=counting)
+    loop.admit(samples, cache.get([s.prompt for s in samples]), steps=3)
+    vae.decode = small_gpu
+    try:
+        images = [image for _, image in drain(loop)]
+    finally:
+        vae.decode = decode
+    assert decoded == [3, 1, 1, 1] and calls == [6, 6, 6]  # denoised once
+    reference = generate_batch(model, CompatKey("txt2img", 256, 256, 3), samples, cache.get([s.prompt for s in samples]))
+    assert max(max_diff(a, b) for a, b in zip(images, reference)) <= 1
 
 
 def test_admission_fits_loops_in_priority_order_and_nobody_overtakes_in_a_loop():

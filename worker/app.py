@@ -19,7 +19,10 @@ def configure(settings: Settings) -> Celery:
     """Point the app at `settings` (once per process in a worker; again in tests and the demo)."""
     if app._pool is not None:  # connections made for an earlier broker URL
         app._pool.force_close_all()
-        app._after_fork()  # drops the connection and producer pools
+    # Drop the connection and producer pools whatever their state: a worker that stopped (tests,
+    # the demo) closes its pool and forgets it, but its producer pool stays, and sends through it
+    # would fail with "Acquire on closed pool".
+    app._after_fork()
     app.conf.update(
         broker_url=settings.broker_url,
         task_default_queue=settings.queue,

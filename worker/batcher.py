@@ -157,19 +157,27 @@ class Batcher:
                 now = time.monotonic()
                 if any(w.tokens is None for w in self._pending):
                     return []  # the caller prepares these first
-                bulk_waits = any(w.bulk for w in self._pending)
-                by_age = bulk_waits and self._ahead_of_bulk >= self.bulk_share - 1
+                bulk_waits, by_age = self._turn(self._pending)
                 batch, wait = plan_batch(self._pending, self.budget, self.window, now, by_age=by_age)
                 if batch:
-                    for work in batch:
-                        self._pending.remove(work)
-                    ahead = bulk_waits and not by_age and not batch[0].bulk
-                    self._ahead_of_bulk = self._ahead_of_bulk + 1 if ahead else 0
-                    return batch
+                    return self._hand_out(batch, bulk_waits, by_age)
                 if now >= deadline:
                     return []
                 self._changed.wait(min(wait, deadline - now))
         return []
+
+    def _turn(self, pending: list[Work]) -> tuple[bool, bool]:
+        """(does bulk work wait, is it the turn that bulk work is owed: plan by age alone)."""
+        bulk_waits = any(w.bulk for w in pending)
+        return bulk_waits, bulk_waits and self._ahead_of_bulk >= self.bulk_share - 1
+
+    def _hand_out(self, works: list[Work], bulk_waits: bool, by_age: bool) -> list[Work]:
+        """Take `works` out of the pending list, counting interactive-led turns while bulk waits."""
+        for work in works:
+            self._pending.remove(work)
+        ahead = bulk_waits and not by_age and not works[0].bulk
+        self._ahead_of_bulk = self._ahead_of_bulk + 1 if ahead else 0
+        return works
 
     def admit(self, room: Callable[[Work], tuple[int, int]], wait: float = 0.0,
               stop: threading.Event | None = None) -> list[Work]:
@@ -183,8 +191,7 @@ class Batcher:
         with self._changed:
             while True:
                 ready = [w for w in self._pending if w.tokens is not None]
-                bulk_waits = any(w.bulk for w in ready)
-                by_age = bulk_waits and self._ahead_of_bulk >= self.bulk_share - 1
+                bulk_waits, by_age = self._turn(ready)
                 ready.sort(key=(lambda w: (w.created_at, w.arrived)) if by_age
                            else (lambda w: (w.bulk, w.created_at, w.arrived)))
                 admitted: list[Work] = []
@@ -204,11 +211,7 @@ class Batcher:
                     used[group] += work.pixels
                     admitted.append(work)
                 if admitted:
-                    for work in admitted:
-                        self._pending.remove(work)
-                    ahead = bulk_waits and not by_age and not admitted[0].bulk
-                    self._ahead_of_bulk = self._ahead_of_bulk + 1 if ahead else 0
-                    return admitted
+                    return self._hand_out(admitted, bulk_waits, by_age)
                 left = deadline - time.monotonic()
                 if left <= 0 or (stop is not None and stop.is_set()) or any(w.tokens is None for w in self._pending):
                     return []

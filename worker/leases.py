@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from typing import Callable, Iterable
 
 from models import jobs
 from models.broker import CANCEL_CHANNEL, redis_client, uses_redis
@@ -60,7 +60,9 @@ class LeaseKeeper:
             self.beat()
 
     def beat(self) -> None:
-        ids = self.held()
+        with self._lock:
+            leases = dict(self._held)
+        ids = list(leases)
         if not ids:
             return
         try:
@@ -72,7 +74,7 @@ class LeaseKeeper:
             level = logging.WARNING if is_outage(exc) else logging.ERROR
             log.log(level, "heartbeat: could not renew %d lease(s): %s", len(ids), exc)
             return
-        lost = {job_id for job_id in ids if job_id not in kept and job_id in self._held}
+        lost = self._still_these((job_id for job_id in ids if job_id not in kept), leases)
         if lost:
             log.info("heartbeat: %d job(s) are no longer ours (cancelled or claimed again): %s",
                      len(lost), ", ".join(sorted(lost)))
@@ -101,6 +103,13 @@ class LeaseKeeper:
                 self._stop.wait(delay)
                 delay = min(delay * 2, 15.0)
 
+    def _still_these(self, job_ids: Iterable[str], leases: dict[str, jobs.Lease] | None = None) -> set[str]:
+        """Of `job_ids` found lost, those still held under the lease that was checked: a job given
+        back and claimed again by this worker meanwhile holds a new lease, which is not lost."""
+        with self._lock:
+            return {job_id for job_id in job_ids
+                    if job_id in self._held and (leases is None or self._held[job_id] is leases[job_id])}
+
     def still_held(self, lease: jobs.Lease) -> bool:
         """Whether `lease` still holds its job (a database error goes to the caller)."""
         try:
@@ -117,7 +126,7 @@ class LeaseKeeper:
         if lease is None:
             return
         try:
-            if not self.still_held(lease):
+            if not self.still_held(lease) and self._still_these([job_id], {job_id: lease}):
                 self.on_lost({job_id})
         except Exception as exc:  # the heartbeat will ask again
             log.debug("cancel check of %s: %s", job_id, exc)
