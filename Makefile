@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdqueue-installed
 
-.PHONY: install demo test services clean
+.PHONY: install demo test services browser clean
 
 install: $(STAMP)
 
@@ -18,11 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/sdqueue demo
 
-test: install services
+test: install services browser
 	$(PY) -m pytest
 
 services:
 	deploy/dev-services.sh
+
+# Chromium for the dashboard's browser test, from apt where it is missing
+browser:
+	deploy/dev-browser.sh
 
 clean:
 	rm -rf $(VENV) sdqueue-demo .pytest_cache

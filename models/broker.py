@@ -86,6 +86,14 @@ def live_job_ids(settings: Settings, queue: str) -> set[str]:
         client.close()
 
 
+def queue_depth(client: Any, queue: str) -> int:
+    """Messages waiting in `queue`: the lengths of its lists, one per priority step."""
+    pipe = client.pipeline(transaction=False)
+    for key in [queue] + [f"{queue}{_PRIORITY_SEP}{n}" for n in range(1, 10)]:
+        pipe.llen(key)
+    return sum(pipe.execute())
+
+
 def take_turn(settings: Settings, what: str, seconds: float) -> bool:
     """True for one caller per `seconds` across every process of this deployment (its queue): so
     that of many workers' sweepers one reads a deep queue, not all of them."""

@@ -56,7 +56,12 @@ class StorageUnavailable(StorageError, ServiceUnavailable):
 
 class JobError(SdqueueError):
     """A job fails by itself in a way another attempt would not mend (a prompt compel cannot
-    parse, NaN conditioning, latents or pixels): it fails at once, alone."""
+    parse, NaN conditioning, latents or pixels): it fails at once, alone. `reason`, a short name
+    of what went wrong, labels the workers' failure metrics."""
+
+    def __init__(self, message: str, reason: str = "job-error"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class JobTimeout(SdqueueError, TimeoutError):

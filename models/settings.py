@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False
     # Workers publish a job's denoising progress at most this often (seconds), through Redis.
     progress_interval: float = Field(default=0.25, gt=0)
+    # Workers publish their status (what they run, images/s) this often, for `sdqueue top`; a
+    # status not renewed for three intervals is gone (its worker was killed).
+    status_interval: float = Field(default=2.0, gt=0)
+    # Each worker serves Prometheus metrics over HTTP here (0: none). When the port is taken (several
+    # workers on one host) it takes the next free one of the 16 from it, and logs which.
+    metrics_port: int = Field(default=9300, ge=0, le=65535)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

@@ -1,6 +1,6 @@
 """The `sdqueue` command.
 
-Producer commands (submit, status, wait, fetch, cancel, db) import no worker code and no torch.
+Producer commands (submit, status, wait, fetch, cancel, top, db) import no worker code and no torch.
 Worker commands (worker, models build-*, demo) import the worker lazily, when they run.
 Errors a user can cause print one line and exit non-zero; no stack trace.
 """
@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import stat
 import sys
 from pathlib import Path
@@ -109,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     runs_cancel.add_argument("name")
     runs_retry = runs_commands.add_parser("retry", help="queue a run's failed jobs again, with the same seeds")
     runs_retry.add_argument("name")
+
+    top = commands.add_parser(
+        "top", help="the deployment live: workers and what they run, queue depths, jobs by state, runs in progress")
+    top.add_argument("--once", action="store_true", help="print one frame and exit (also when not on a terminal)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between frames (default 2)")
+    top.add_argument("--json", action="store_true", help="one frame as JSON")
 
     export = commands.add_parser(
         "export", help="write a run's images as a dataset (image folder, WebDataset shards or a Parquet index) "
@@ -445,6 +452,28 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from producer import top
+
+    if args.interval <= 0:
+        return _fail(f"--interval={args.interval:g}: must be more than 0", EXIT_USAGE)
+    client = _client()
+    try:
+        if args.json:
+            print(json.dumps(top.snapshot(client), indent=1))
+        elif args.once or not sys.stdout.isatty():
+            width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 10_000  # a pipe: whole lines
+            print("\n".join(top.render(top.snapshot(client), width)))
+        else:
+            try:
+                top.watch(client, args.interval)
+            except KeyboardInterrupt:  # how one leaves it
+                pass
+    finally:
+        client.close()
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from producer.runs.export import export_run
 
@@ -588,6 +617,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "cancel": cmd_cancel,
     "run": cmd_run,
     "runs": cmd_runs,
+    "top": cmd_top,
     "export": cmd_export,
     "sweep": cmd_sweep,
     "db": cmd_db,

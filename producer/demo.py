@@ -85,6 +85,7 @@ def run_demo(model: str, workdir: Path) -> int:
         database_url=f"sqlite:///{workdir / 'sdqueue.db'}",
         storage_url=(workdir / "storage").as_uri(),
         model=model,
+        metrics_port=0,  # one process, gone in a minute: nothing to scrape
     )
     upgrade(settings.database_url)
     app = configure(settings)

@@ -139,7 +139,8 @@ def encode_compel(model: LoadedModel, prompt: Prompt) -> Conditioning:
             Compel.parse_prompt_string(text)
         except Exception as exc:  # pyparsing's and compel's own, or RecursionError: nested too deep
             reason = "nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
-            raise JobError(f"{name} {_short(text)} cannot be parsed by compel ({reason})"[:500]) from None
+            raise JobError(f"{name} {_short(text)} cannot be parsed by compel ({reason})"[:500],
+                           "prompt-unparsable") from None
     result = model.compel()(prompt.text, negative_prompt=prompt.negative)
     return Conditioning(result.embeds.to(model.dtype), result.negative_embeds.to(model.dtype))
 
@@ -150,7 +151,8 @@ def check_conditioning(prompt: Prompt, conditioning: Conditioning) -> Conditioni
                                ("negative_prompt", prompt.negative, conditioning.negative_embeds)):
         if not bool(torch.isfinite(embeds).all()):
             hint = " (e.g. a compel blend whose weights are all 0)" if prompt.use_compel else ""
-            raise JobError(f"{name} {_short(text)} gives text conditioning that is not finite (NaN or inf){hint}")
+            raise JobError(f"{name} {_short(text)} gives text conditioning that is not finite (NaN or inf){hint}",
+                           "conditioning-not-finite")
     return conditioning
 
 
@@ -283,9 +285,11 @@ def generate_batch(
     results: list[Any] = [None] * n
     for row, (i, pixels) in enumerate(zip(alive, to_uint8(images))):
         if not finite_latents[row]:
-            results[i] = JobError(f"image {samples[i].index} (seed {samples[i].seed}): latents became NaN or inf while denoising")
+            results[i] = JobError(f"image {samples[i].index} (seed {samples[i].seed}): latents became NaN or inf while denoising",
+                                  "latents-not-finite")
         elif not finite_pixels[row]:
-            results[i] = JobError(f"image {samples[i].index} (seed {samples[i].seed}): the VAE decoded NaN or inf pixels")
+            results[i] = JobError(f"image {samples[i].index} (seed {samples[i].seed}): the VAE decoded NaN or inf pixels",
+                                  "pixels-not-finite")
         else:
             results[i] = pixels
     return results

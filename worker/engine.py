@@ -44,6 +44,7 @@ from models.outage import OutageTooLong, wait_out
 from models.settings import Settings
 from models.storage import Storage, object_key_for
 from models.tables import Batch, Image, utcnow
+from worker import metrics
 from worker.batch import (
     CompatKey, ConditioningCache, Dropped, Sample, StepDone, UnetCall, generate_batch, is_out_of_memory,
 )
@@ -53,6 +54,7 @@ from worker.encode import encode_png, sha256_of
 from worker.leases import LeaseKeeper
 from worker.pipeline import LoadedModel, library_versions
 from worker.spool import Spool
+from worker.status import StatusReporter
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +158,9 @@ class Engine:
         self.spool: Spool | None = None
         self.events: EventRelay | None = None
         self._send: Send | None = None
+        self.reporter: StatusReporter | None = None  # publishes what it runs, for `sdqueue top`
+        self.images_done = 0  # images stored and recorded since it started
+        self.on_gpu: list[Work] = []  # window batching: the batch denoising now
         self._held: dict[str, Work] = {}  # every job this engine holds, until it is settled
         self._lost: set[str] = set()  # held jobs that are no longer ours: their samples leave the loop
         self._lock = threading.Lock()
@@ -175,6 +180,7 @@ class Engine:
         assert settings.spool_dir is not None
         self.spool = Spool.open(settings.spool_dir, settings.spool_max_bytes, self.storage, self.keeper.still_held,
                                 give_up_after=settings.outage_timeout)
+        self.reporter = StatusReporter(settings, self)
 
     @property
     def unet_call(self) -> UnetCall | None:
@@ -266,12 +272,16 @@ class Engine:
 
     def settle(self, work: Work, outcome: str) -> None:
         with self._lock:
-            self._held.pop(work.job_id, None)
-            self._lost.discard(work.job_id)
-        if self.keeper is not None:
+            # Only this claim's: a job sent again may already be held again, by a new claim.
+            ours = self._held.get(work.job_id) in (work, None)
+            if ours:
+                self._held.pop(work.job_id, None)
+                self._lost.discard(work.job_id)
+        if self.keeper is not None and ours:
             self.keeper.forget(work.job_id)
         if work.future.done():
             return
+        metrics.ended(outcome)
         if outcome in STATE_AFTER:
             self.announce(work.job_id, STATE_AFTER[outcome])
         work.future.set_result(outcome)
@@ -315,9 +325,9 @@ class Engine:
         except OutageTooLong:
             released = []  # their leases expire and the sweeper gives them to others
         given_back = set(released)
-        self._send_back([w for w in works if w.job_id in given_back])
-        for work in works:
+        for work in works:  # settled before they are sent: the next delivery may come back here
             self.settle(work, "released")
+        self._send_back([w for w in works if w.job_id in given_back])
 
     def _release(self, ids: list[str]) -> list[str]:
         with self.db.session() as session:
@@ -337,6 +347,8 @@ class Engine:
             self.keeper.stop()
         if self.events is not None:
             self.events.close()
+        if self.reporter is not None:
+            self.reporter.stop()  # its status leaves the registry
 
     # --- the GPU thread ---------------------------------------------------------------------
 
@@ -390,6 +402,10 @@ class Engine:
             except LoopFailed as exc:
                 self._loop_failed(exc)
                 continue
+            if loops.last_call is not None:
+                metrics.steps(*loops.last_call)
+            if again:
+                metrics.OUT_OF_MEMORY.inc()
             for work in again:  # out of memory: they start again when there is room
                 self.batcher.put(work)
             if finished:
@@ -440,6 +456,7 @@ class Engine:
         finished = [f for f in finished if f[0].work in works]
         if not finished:
             return
+        metrics.on_gpu(time.perf_counter() - member.admitted for member, _, _ in finished)
         first = min(finished, key=lambda f: f[0].admitted)[0]
         key = works[0].key
         peak = torch.cuda.max_memory_allocated() if self.model.device.startswith("cuda") else None
@@ -503,6 +520,7 @@ class Engine:
         if self.model.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         started, clock = utcnow(), time.perf_counter()
+        self.on_gpu = batch
         try:
             results = self.generate(key, samples, conditioning, dropped=self._dropped,
                                     step_done=self.events.progress if self.events is not None else None)
@@ -520,7 +538,12 @@ class Engine:
             log.exception("job %s failed in its batch", batch[0].job_id)
             self._cpu.submit(self._charge, batch[0], exc)
             return
+        finally:
+            self.on_gpu = []
         seconds = time.perf_counter() - clock
+        metrics.on_gpu([seconds] * len(batch))
+        if key.steps > key.start_step:  # a mean over the batch's steps, its decode included
+            metrics.steps(len(samples), seconds / (key.steps - key.start_step), key.steps - key.start_step)
         if alone is not None and not self._mark_alone(alone, False):
             return
         peak = torch.cuda.max_memory_allocated() if self.model.device.startswith("cuda") else None
@@ -554,6 +577,7 @@ class Engine:
             if not is_out_of_memory(exc) or len(samples) == 1:
                 raise
         self.budget.shrink(key, len(samples) * key.pixels)
+        metrics.OUT_OF_MEMORY.inc()
         if self.model.device.startswith("cuda"):
             torch.cuda.empty_cache()
         half = len(samples) // 2
@@ -657,6 +681,9 @@ class Engine:
 
     def _record(self, work: Work, rows: list[Image]) -> None:
         self._outage(lambda: self._in_session(jobs.succeed, work.lease, rows), f"job {work.job_id}: recording it")
+        metrics.IMAGES.inc(len(rows))
+        with self._lock:
+            self.images_done += len(rows)
         log.info("job %s: claim %d recorded %d image(s)", work.job_id, work.lease.token, len(rows))
         self.settle(work, "succeeded")
 
@@ -665,6 +692,7 @@ class Engine:
 
         def record_failure() -> None:
             self._outage(lambda: self._in_session(jobs.fail, work.lease, str(error)), f"job {work.job_id}: failing it")
+            metrics.failed(error)
             self.settle(work, "failed")
 
         self._guard(work, record_failure)
@@ -683,9 +711,10 @@ class Engine:
         except OutageTooLong:
             self.settle(work, "released")
             return
-        if again:
-            self._send_back([work])
+        metrics.failed(exc)
         self.settle(work, "retry" if again else "dead-lettered")
+        if again:  # after settling: the next delivery may come back to this worker
+            self._send_back([work])
 
     def _in_session(self, action: Callable[..., Any], *args: Any) -> Any:
         with self.db.session() as session:

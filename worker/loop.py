@@ -140,24 +140,36 @@ class ContinuousLoop:
 
         # 3. initial latents, one CPU generator per sample, as generate_batch makes them
         shape = (1, pipe.unet.config.in_channels, self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor)
+        generators = [torch.Generator("cpu").manual_seed(sample.seed) for sample in samples]
+        if img2img:
+            init_latents = self._encode(samples, generators)
         admitted = []
-        for sample, cond in zip(samples, conditioning):
-            generator = torch.Generator("cpu").manual_seed(sample.seed)
+        for row, (sample, cond, generator) in enumerate(zip(samples, conditioning, generators)):
             own = copy.deepcopy(scheduler)  # one each: multistep schedulers keep history
             if not img2img:
                 latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * own.init_noise_sigma
             else:
-                pixels = pipe.image_processor.preprocess(sample.init_image).to(device=device, dtype=dtype)
-                if pixels.shape[-2:] != (self.height, self.width):
-                    raise ValueError(f"input image of {sample.job_id} is {pixels.shape[-1]}x{pixels.shape[-2]}, "
-                                     f"the loop runs {self.width}x{self.height}")
-                init = pipe.vae.config.scaling_factor * retrieve_latents(pipe.vae.encode(pixels), generator=generator)
                 noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-                latents = own.add_noise(init, noise, timesteps[:1])
+                latents = own.add_noise(init_latents[row : row + 1], noise, timesteps[:1])
             admitted.append(LoopSample(sample, cond, steps, strength, own, timesteps, first_index, latents))
         self.tokens = tokens.pop()
         self.active.extend(admitted)
         return admitted
+
+    def _encode(self, samples: list[Sample], generators: list[torch.Generator]) -> torch.Tensor:
+        """The img2img samples' initial latents, in one VAE call: each distinct input image is
+        prepared once, and each row's latent sample drawn from its own generator (as alone)."""
+        pipe = self.model.txt2img
+        prepared: dict[int, torch.Tensor] = {}
+        for sample in samples:
+            if id(sample.init_image) not in prepared:
+                pixels = pipe.image_processor.preprocess(sample.init_image)
+                if pixels.shape[-2:] != (self.height, self.width):
+                    raise ValueError(f"input image of {sample.job_id} is {pixels.shape[-1]}x{pixels.shape[-2]}, "
+                                     f"the loop runs {self.width}x{self.height}")
+                prepared[id(sample.init_image)] = pixels.to(device=self.model.device, dtype=self.model.dtype)
+        pixels = torch.cat([prepared[id(sample.init_image)] for sample in samples])
+        return pipe.vae.config.scaling_factor * retrieve_latents(pipe.vae.encode(pixels), generator=generators)
 
     def drop(self, job_ids: Iterable[str]) -> list[LoopSample]:
         """Remove the samples of `job_ids` (cancelled, lost); the others carry on unchanged."""
@@ -270,9 +282,9 @@ class ContinuousLoop:
         for s, image, ok_latents, ok_pixels in zip(finished, pixels, finite_latents, finite_pixels):
             what = f"image {s.sample.index} (seed {s.sample.seed})"
             if not ok_latents:
-                results.append(JobError(f"{what}: latents became NaN or inf while denoising"))
+                results.append(JobError(f"{what}: latents became NaN or inf while denoising", "latents-not-finite"))
             elif not ok_pixels:
-                results.append(JobError(f"{what}: the VAE decoded NaN or inf pixels"))
+                results.append(JobError(f"{what}: the VAE decoded NaN or inf pixels", "pixels-not-finite"))
             else:
                 results.append(image)
         return results
@@ -352,6 +364,8 @@ class Loops:
         self.loops: dict[Hashable, ContinuousLoop] = {}
         self.members: dict[Hashable, list[Member]] = {}
         self._ahead_of_bulk = 0
+        # The last step's UNet call: (samples in it, seconds); None when it failed (the metrics).
+        self.last_call: tuple[int, float] | None = None
 
     group = staticmethod(loop_group)
 
@@ -430,8 +444,10 @@ class Loops:
         if group is None:
             return [], []
         loop, members = self.loops[group], self.members[group]
+        self.last_call, samples, clock = None, len(loop), time.perf_counter()
         try:
             finished = loop.step()
+            self.last_call = samples, time.perf_counter() - clock
         except Exception as exc:
             if is_out_of_memory(exc) and len(members) > 1:
                 return [], self._shed(group)

@@ -33,6 +33,7 @@ from models.settings import Settings
 from models.storage import Storage, open_storage
 from models.sweep import Sweeper
 from models.tables import JobState
+from worker import metrics
 from worker.app import app
 from worker.batch import compat_key, job_samples
 from worker.batcher import Work
@@ -50,6 +51,7 @@ class WorkerContext:
     storage: Storage
     engine: Any  # worker.engine.Engine
     sweeper: PeriodicSweeper | None = None
+    metrics_server: metrics.MetricsServer | None = None  # /metrics on SDQUEUE_METRICS_PORT
 
     @classmethod
     def open(cls, settings: Settings) -> WorkerContext:
@@ -68,9 +70,10 @@ class WorkerContext:
         send = partial(send_jobs, default_queue=settings.queue)
         engine.serve(settings, send)
         sweeper = PeriodicSweeper(Sweeper(settings, db, storage, send), settings)
-        return cls(settings, db, storage, engine, sweeper)
+        return cls(settings, db, storage, engine, sweeper, metrics.serve(settings, engine))
 
     def close(self) -> None:
+        metrics.stop(self.metrics_server)
         if self.sweeper is not None:
             self.sweeper.stop()
         self.engine.stop()
@@ -98,7 +101,10 @@ def compiled_unet(settings: Settings, model: Any, pixel_budget: int) -> Any:
 
 def send_jobs(job_ids: list[str], queue: str | None = None, *, default_queue: str) -> None:
     """One message per job, as the producer sends them: the job id is the task id."""
-    with app.producer_or_acquire() as producer:
+    # A connection of its own, not the process-wide producer pool: kombu keeps one pool per broker
+    # URL for the whole process, and a Celery worker that stopped in it (tests, the demo) leaves it
+    # closed ("Acquire on closed pool"). These sends are rare (give-backs, retries, sweeps).
+    with app.connection_for_write() as connection, connection.Producer() as producer:
         for job_id in job_ids:
             app.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=queue or default_queue,
                           producer=producer)
@@ -172,7 +178,8 @@ def run_job(ctx: WorkerContext, job_id: str, queue: str | None = None) -> str:
         except OutageTooLong:
             return engine.give_back(work).result()
         except Exception as exc:
-            return engine.fail(work, JobError(f"the input image cannot be read ({type(exc).__name__}: {exc})")).result()
+            error = JobError(f"the input image cannot be read ({type(exc).__name__}: {exc})", "input-unreadable")
+            return engine.fail(work, error).result()
     work.samples = job_samples(job_id, params, work.seed, init_image)
     # 3. into a batch; the engine uploads and records the images
     return engine.submit(work).result()
@@ -185,6 +192,8 @@ def _claim(ctx: WorkerContext, job_id: str) -> Work | str:
                               lease_seconds=ctx.settings.lease_seconds, max_attempts=ctx.settings.max_attempts)
         if job is None:
             return why
+        if job.attempts == 1:  # time in queue: to its first claim
+            metrics.claimed(jobs.aware(job.created_at), jobs.aware(job.started_at))
         params = dict(job.params)
         return Work(
             job_id, compat_key(params, img2img=job.input_key is not None), [], job.created_at.timestamp(),

@@ -95,7 +95,7 @@ def root(request: Request) -> str:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from producer.api import events, health, jobs
+    from producer.api import dashboard, events, health, jobs, metrics
 
     settings = settings or load_settings()
     shared = Backend(settings)
@@ -112,6 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(events.router)
     app.include_router(health.router)
+    app.include_router(dashboard.router)  # the web pages, left out of the OpenAPI document
+    metrics.install(app, shared)
     return app
 
 

@@ -52,7 +52,11 @@ async def caller(request: Request, credentials: HTTPAuthorizationCredentials | N
         given = "authorization" in request.headers
         raise Unauthorized("an `Authorization: Bearer TOKEN` header is needed (`sdqueue keys create` makes a key)"
                            if not given else "the Authorization header must be `Bearer TOKEN`", token_given=given)
-    token = credentials.credentials
+    return await caller_of_token(shared, credentials.credentials)
+
+
+async def caller_of_token(shared: Backend, token: str) -> Caller:
+    """The caller a token names (the header's, or the dashboard's cookie); Unauthorized when no live key has it."""
     key = None
     if token.startswith(TOKEN_PREFIX) and len(token) < 100:
         key = await run_in_threadpool(lambda: find_key(shared.client.db, token))

@@ -7,7 +7,12 @@ starts processes that each make their own from the environment (the same SDQUEUE
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator
 
 from models.errors import ConfigError, ServiceUnavailable
 from models.settings import Settings
@@ -43,9 +48,28 @@ def run_api(settings: Settings, *, host: str, port: int, workers: int = 1, log_l
 
         uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
     else:
-        uvicorn.run("producer.api.app:create_app_from_environment", factory=True, workers=workers,
-                    **common)  # type: ignore[arg-type]
+        with _shared_metrics():
+            uvicorn.run("producer.api.app:create_app_from_environment", factory=True, workers=workers,
+                        **common)  # type: ignore[arg-type]
     return 0
+
+
+@contextmanager
+def _shared_metrics() -> Iterator[None]:
+    """Worker processes count their requests in files of one folder, which /metrics sums
+    (prometheus_client's multiprocess mode); a folder given in PROMETHEUS_MULTIPROC_DIR is kept."""
+    from producer.api.metrics import MULTIPROCESS_ENV
+
+    if os.environ.get(MULTIPROCESS_ENV):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="sdqueue-api-metrics-")
+    os.environ[MULTIPROCESS_ENV] = folder
+    try:
+        yield
+    finally:
+        del os.environ[MULTIPROCESS_ENV]
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_database(settings: Settings) -> None:

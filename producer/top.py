@@ -1,0 +1,200 @@
+"""`sdqueue top`: the deployment at a glance, as plain text that any terminal (and SSH) shows.
+
+One frame is a snapshot of four sources, each read on its own so that one that does not answer
+costs its section only: the workers' live statuses (models/workers.py), the depth of the
+interactive and bulk queues (Redis), the jobs by state (the database, every queue, as /metrics
+counts them) and the runs not finished. On a terminal the frame is redrawn in place every
+`interval` seconds, on the alternate screen as `top` does; otherwise (a pipe, `--once`) it is
+printed once.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable, TextIO
+
+from sqlalchemy import func, select
+
+from models.broker import queue_depth, redis_client, uses_redis
+from models.constants import worker_queues
+from models.jobs import aware
+from models.tables import Job, JobState
+from models.workers import list_workers
+from producer.client import Client
+
+STATES = [state.value for state in JobState]
+# Runs shown at most (the newest first), and how many of the newest runs are looked at.
+MAX_RUNS, RECENT_RUNS = 8, 100
+# A running job's progress bar, in characters.
+BAR = 10
+
+
+def snapshot(client: Client) -> dict[str, Any]:
+    """What one frame shows, as data (`sdqueue top --json` prints it)."""
+    settings = client.settings
+    frame: dict[str, Any] = {"at": time.time(), "queue": settings.queue, "errors": {}}
+    sources: list[tuple[str, Callable[[], Any]]] = [
+        ("workers", lambda: list_workers(settings)),
+        ("queues", lambda: _queue_depths(client)),
+        ("jobs", lambda: _jobs_by_state(client)),
+        ("runs", lambda: _runs_in_progress(client)),
+    ]
+    for name, read in sources:
+        try:
+            frame[name] = read()
+        except Exception as exc:  # a source away is shown as such; the others still are
+            frame[name] = None
+            frame["errors"][name] = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+    return frame
+
+
+def _queue_depths(client: Client) -> dict[str, int] | None:
+    if not uses_redis(client.settings):
+        return None  # the in-process broker: nothing outside the process can see it
+    redis = redis_client(client.settings)
+    try:
+        return {queue: queue_depth(redis, queue) for queue in worker_queues(client.settings.queue)}
+    finally:
+        redis.close()
+
+
+def _jobs_by_state(client: Client) -> dict[str, Any]:
+    with client.db.session() as session:
+        rows = session.execute(select(Job.state, func.count(), func.min(Job.created_at)).group_by(Job.state)).all()
+    counts = dict.fromkeys(STATES, 0) | {state: count for state, count, _ in rows}
+    oldest = next((aware(first) for state, _, first in rows if state == JobState.QUEUED.value), None)
+    return {"counts": counts, "oldest_queued_s": None if oldest is None else
+            max(0.0, (datetime.now(timezone.utc) - oldest).total_seconds())}
+
+
+def _runs_in_progress(client: Client) -> list[dict[str, Any]]:
+    from producer.runs import status
+
+    runs = [run for run in status.list_runs(client, limit=RECENT_RUNS) if not run.finished][:MAX_RUNS]
+    return [status.run_status(client, run.name).as_dict() for run in runs]
+
+
+# --- one frame as text -----------------------------------------------------------------------------
+
+
+def render(frame: dict[str, Any], width: int = 100) -> list[str]:
+    """The frame's lines, none wider than `width`."""
+    at = datetime.fromtimestamp(frame["at"]).strftime("%Y-%m-%d %H:%M:%S")
+    lines = [f"sdqueue top - queue {frame['queue']} - {at}", ""]
+    lines += _workers_section(frame)
+    lines += [""] + _queues_section(frame)
+    lines += [""] + _runs_section(frame)
+    return [line[:width] for line in lines]
+
+
+def _unavailable(frame: dict[str, Any], source: str) -> list[str]:
+    return [f"  unavailable: {frame['errors'][source]}"] if source in frame["errors"] else []
+
+
+def _workers_section(frame: dict[str, Any]) -> list[str]:
+    workers = frame["workers"]
+    if workers is None:
+        return ["WORKERS"] + _unavailable(frame, "workers")
+    rate = sum(w.get("images_per_s") or 0.0 for w in workers)
+    lines = [f"WORKERS {len(workers)}   {rate:.2f} images/s"]
+    if not workers:
+        return lines + ["  none (a worker publishes its status every SDQUEUE_STATUS_INTERVAL seconds)"]
+    for w in workers:
+        state = "draining" if w.get("draining") else "serving"
+        age = frame["at"] - w.get("updated_at", frame["at"])
+        if age > 10:
+            state += f", last seen {_duration(age)} ago"
+        up = _duration(max(0.0, frame["at"] - w.get("started_at", frame["at"])))
+        lines.append(f"  {w.get('name')}  (host {w.get('host')}, pid {w.get('pid')})  {state}, up {up}")
+        lines.append(f"    {w.get('model')} on {w.get('device')} {w.get('dtype')} ({w.get('batching')})  "
+                     f"held {w.get('held', 0)}  waiting {w.get('waiting', 0)}  done {w.get('images_done', 0)}  "
+                     f"{w.get('images_per_s', 0.0):.2f} images/s")
+        running = w.get("running", [])
+        for index, loop in enumerate(w.get("loops", [])):
+            lines.append(f"    loop {loop['size']}: {loop['jobs']} job(s), {loop['samples']} sample(s)")
+            for job in running:
+                if job.get("loop") == index:
+                    lines.append(f"      {job['job_id']}  x{job.get('images', 1)}  "
+                                 f"{_progress(job.get('step'), job.get('steps'))}")
+        if not running:
+            lines.append("    idle" if not w.get("held") else "    nothing denoising")
+    return lines
+
+
+def _progress(step: int | None, steps: int | None) -> str:
+    if not steps:
+        return ""
+    if step is None:
+        return f"{steps} steps"
+    filled = round(BAR * min(step, steps) / steps)
+    return f"[{'#' * filled}{'.' * (BAR - filled)}] step {step}/{steps}"
+
+
+def _queues_section(frame: dict[str, Any]) -> list[str]:
+    lines = ["QUEUES (messages waiting)"]
+    if frame["queues"] is None:
+        lines += _unavailable(frame, "queues") or ["  in-process broker (memory://): not visible from here"]
+    else:
+        lines += [f"  {queue:40} {depth:>8}" for queue, depth in frame["queues"].items()]
+    lines.append("")
+    jobs = frame["jobs"]
+    if jobs is None:
+        return lines + ["JOBS"] + _unavailable(frame, "jobs")
+    counts = "  ".join(f"{state} {count}" for state, count in jobs["counts"].items())
+    oldest = jobs["oldest_queued_s"]
+    waited = f"   (oldest queued: {_duration(oldest)})" if oldest is not None else ""
+    return lines + [f"JOBS  {counts}{waited}"]
+
+
+def _runs_section(frame: dict[str, Any]) -> list[str]:
+    runs = frame["runs"]
+    if runs is None:
+        return ["RUNS IN PROGRESS"] + _unavailable(frame, "runs")
+    if not runs:
+        return ["RUNS IN PROGRESS  none"]
+    lines = ["RUNS IN PROGRESS", f"  {'RUN':32} {'ENDED':>13} {'QUEUED':>7} {'RUNNING':>7} {'FAILED':>6} "
+             f"{'IMG/S':>7} {'ETA':>8}"]
+    for run in runs:
+        jobs = run["jobs"]
+        ended = jobs["succeeded"] + jobs["failed"] + jobs["cancelled"]
+        eta = run["eta_seconds"]
+        done = f"{ended}/{run['total']}"
+        lines.append(f"  {run['name']:32} {done:>13} {jobs['queued']:>7} {jobs['running']:>7} "
+                     f"{jobs['failed']:>6} {run['images_per_second']:>7.2f} "
+                     f"{'-' if eta is None else _duration(eta):>8}")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+# --- on a terminal -----------------------------------------------------------------------------------
+
+# The alternate screen (left as it was found on exit), the cursor hidden while it shows.
+ENTER, LEAVE = "\x1b[?1049h\x1b[?25l", "\x1b[?25h\x1b[?1049l"
+HOME, CLEAR_LINE, CLEAR_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
+
+
+def watch(client: Client, interval: float, out: TextIO = sys.stdout, frames: int | None = None) -> None:
+    """Redraw the frame in place every `interval` seconds until Ctrl-C (or `frames` frames).
+    Each line overwrites the last frame's and clears what is left of it: no flicker over SSH."""
+    out.write(ENTER)
+    try:
+        shown = 0
+        while frames is None or shown < frames:
+            size = shutil.get_terminal_size()
+            lines = render(snapshot(client), size.columns)[: max(1, size.lines - 1)]
+            out.write(HOME + "".join(line + CLEAR_LINE + "\n" for line in lines) + CLEAR_BELOW)
+            out.flush()
+            shown += 1
+            if frames is None or shown < frames:
+                time.sleep(interval)
+    finally:
+        out.write(LEAVE)
+        out.flush()

@@ -1,0 +1,295 @@
+"""`sdqueue top` and the live worker registry it reads (models/workers.py, worker/status.py)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import pytest
+
+from models.workers import list_workers, publish_status, registry_key
+from tests.conftest import small, wait_for
+
+TIMEOUT = 180
+# A gated job stops after this many UNet calls, until the test lets it go on.
+GATE_AFTER = 3
+
+
+@pytest.fixture
+def settings(settings_env, monkeypatch):  # type: ignore[no-untyped-def]
+    """The test set-up with workers publishing their status often (the CLI's subprocesses too)."""
+    from models.settings import load_settings
+
+    monkeypatch.setenv("SDQUEUE_STATUS_INTERVAL", "0.2")
+    return load_settings()
+
+
+@pytest.fixture
+def clean_queues(settings) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """This test's queues leave no message behind in the shared Redis database."""
+    yield
+    from models.broker import redis_client
+    from models.constants import worker_queues
+
+    redis = redis_client(settings)
+    redis.delete(*worker_queues(settings.queue))
+    redis.close()
+
+
+@contextmanager
+def gated_steps() -> Iterator[threading.Event]:
+    """The test's worker stops before its UNet call GATE_AFTER + 1 until the event is set."""
+    from worker.tasks import generate
+
+    engine = generate.context.engine
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def gated(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(sample.shape[0])
+        if len(calls) > GATE_AFTER:
+            gate.wait(TIMEOUT)
+        return engine.model.txt2img.unet(sample, *args, **kwargs)
+
+    engine.unet_call = gated
+    try:
+        yield gate
+    finally:
+        gate.set()
+        engine.unet_call = None
+
+
+def sdqueue(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "producer.cli", *args], capture_output=True, text=True,
+                          timeout=TIMEOUT)
+
+
+def read_tty(master: int, until: Any, timeout: float = 60) -> str:
+    """What the program on the pseudo-terminal wrote, read until `until(text)` or it closes."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while not until(seen.decode(errors="replace")):
+        assert time.monotonic() < deadline, f"timed out; the terminal showed:\n{seen.decode(errors='replace')}"
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen.decode(errors="replace")
+
+
+def test_top_shows_the_worker_what_it_runs_and_the_queues(settings, client, worker):
+    from producer.top import ENTER, HOME, LEAVE
+    from worker.tasks import generate, reset_context
+
+    engine = generate.context.engine
+    with gated_steps() as gate:
+        job_id = client.submit(small(prompt="a lighthouse", num_inference_steps=60))
+
+        # (a) the registry shows the worker, its job at step 3 of 60, and the loop it is in
+        def at_the_gate() -> dict[str, Any] | None:
+            found = [w for w in list_workers(settings) if w["name"] == engine.hostname]
+            running = found[0]["running"] if found else []
+            return found[0] if running and running[0]["step"] == GATE_AFTER else None
+
+        status = wait_for(at_the_gate, timeout=TIMEOUT)
+        assert [w["name"] for w in list_workers(settings)] == [engine.hostname]  # this test's queue only
+        assert status["running"] == [
+            {"job_id": job_id, "size": "256x256", "images": 1, "step": GATE_AFTER, "steps": 60, "loop": 0}]
+        assert status["loops"] == [{"size": "256x256", "jobs": 1, "samples": 1}]
+        assert (status["held"], status["waiting"], status["draining"]) == (1, 0, False)
+        assert (status["model"], status["device"], status["dtype"], status["batching"]) == (
+            "tiny", "cpu", "float32", "continuous")
+        assert status["queue"] == settings.queue and status["pid"] == os.getpid()
+        assert status["updated_at"] >= status["started_at"] and status["images_done"] == 0
+
+        # (b) one frame, as a pipe gets it: the worker, its job, the queues, the jobs by state
+        once = sdqueue("top", "--once")
+        assert once.returncode == 0, once.stderr
+        frame = once.stdout
+        assert "\x1b" not in frame  # plain text when not on a terminal
+        assert "WORKERS 1" in frame and engine.hostname in frame
+        assert "tiny on cpu float32 (continuous)  held 1  waiting 0  done 0" in frame
+        assert "loop 256x256: 1 job(s), 1 sample(s)" in frame
+        assert re.search(rf"{job_id}  x1  \[[#.]{{10}}\] step {GATE_AFTER}/60", frame), frame
+        assert re.search(rf"^  {re.escape(settings.queue)} +\d+$", frame, re.M), frame
+        assert re.search(rf"^  {re.escape(settings.queue)}\.bulk +\d+$", frame, re.M), frame
+        assert re.search(r"^JOBS .*running [1-9]", frame, re.M), frame
+        assert "RUNS IN PROGRESS" in frame
+
+        # (c) live on a terminal (a pseudo-terminal of 40x120): drawn on the alternate screen,
+        # redrawn in place, and the terminal given back as it was on Ctrl-C
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        live = subprocess.Popen([sys.executable, "-m", "producer.cli", "top", "--interval", "0.2"],
+                                stdin=slave, stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+        try:
+            shown = read_tty(master, lambda text: text.count(HOME) >= 3 and job_id in text.split(HOME)[-2])
+            live.send_signal(signal.SIGINT)
+            assert live.wait(TIMEOUT) == 0
+            shown += read_tty(master, lambda text: False, timeout=TIMEOUT)  # to the end
+        finally:
+            if live.poll() is None:
+                live.kill()
+            os.close(master)
+        assert shown.startswith(ENTER) and shown.rstrip("\r\n").endswith(LEAVE)
+        frames = shown.split(HOME)[1:]
+        assert len(frames) >= 3
+        last = frames[-2]  # a whole frame (the last one ends with the terminal's restore)
+        lines = [line.rstrip("\r") for line in last.replace("\x1b[K", "").split("\n")]
+        assert all(len(line) <= 120 for line in lines)
+        assert engine.hostname in last and f"step {GATE_AFTER}/60" in last and "WORKERS 1" in last
+        gate.set()
+
+    record = client.wait(job_id, timeout=TIMEOUT)
+    assert record["state"] == "succeeded", record["error"]
+    # the image counted, and the rate with it
+    done = wait_for(lambda: [w for w in list_workers(settings) if w["images_done"] == 1 and not w["held"]],
+                    timeout=TIMEOUT)[0]
+    assert done["running"] == [] and done["loops"] == [] and done["images_per_s"] > 0
+
+    # (d) a worker that stops cleanly leaves the registry at once
+    reset_context()
+    assert list_workers(settings) == []
+
+
+def test_a_killed_workers_status_expires(settings):
+    status = {"name": "killed-worker", "host": "gone", "pid": 1, "updated_at": time.time(), "running": []}
+    # the live one first: the killed one's short time to live must not cut the set's short
+    assert publish_status(settings, {**status, "name": "another"}, ttl=30)
+    assert publish_status(settings, status, ttl=0.3)
+    assert [w["name"] for w in list_workers(settings)] == ["another", "killed-worker"]
+    wait_for(lambda: [w["name"] for w in list_workers(settings)] == ["another"], timeout=10)
+    # the reader pruned its name too; the other's forget takes both away
+    from models.broker import redis_client
+    from models.workers import forget, status_key
+
+    redis = redis_client(settings)
+    try:
+        assert redis.zscore(registry_key(settings), "killed-worker") is None
+        forget(settings, "another")
+        assert list_workers(settings) == []
+        assert not redis.exists(status_key(settings, "another"), registry_key(settings))
+    finally:
+        redis.close()
+
+
+def test_publishing_never_raises_when_the_broker_is_away(settings):
+    away = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    started = time.monotonic()
+    assert publish_status(away, {"name": "w"}) is False
+    assert time.monotonic() - started < 10
+    # the in-process broker (the demo): nothing to publish to, nothing listed
+    memory = settings.model_copy(update={"broker_url": "memory://"})
+    assert publish_status(memory, {"name": "w"}) is False and list_workers(memory) == []
+
+
+def test_top_once_without_workers_counts_queues_and_jobs(settings, client, clean_queues):
+    from producer.cli import main
+
+    interactive = [client.submit(small(prompt="a cat")) for _ in range(2)]
+    bulk = client.submit(small(prompt="a dog"), priority="bulk")
+    try:
+        once = sdqueue("top", "--json")
+        assert once.returncode == 0, once.stderr
+        frame = json.loads(once.stdout)
+        assert frame["errors"] == {} and frame["workers"] == []
+        assert frame["queues"] == {settings.queue: 2, f"{settings.queue}.bulk": 1}
+        assert frame["jobs"]["counts"]["queued"] >= 3 and frame["jobs"]["oldest_queued_s"] >= 0
+        text = sdqueue("top", "--once").stdout
+        assert "WORKERS 0" in text and "  none (a worker publishes" in text
+        assert re.search(rf"^  {re.escape(settings.queue)}\.bulk +1$", text, re.M), text
+        assert main(["top", "--once", "--interval", "0"]) == 2
+    finally:
+        for job_id in [*interactive, bulk]:
+            client.cancel(job_id)
+
+
+def test_top_reads_no_worker_code_and_shows_a_source_that_is_away(settings, capsys):
+    from tests.test_layout import NOT_FOR_READS, loaded_after
+
+    # no Celery, torch, Alembic or boto3: it starts as fast as `sdqueue status`
+    assert loaded_after("from producer.cli import main\nassert main(['top', '--once']) == 0\n",
+                        ("worker",) + NOT_FOR_READS) == []
+    # a broker that does not answer costs its sections only
+    from producer.top import render, snapshot
+    from producer.client import Client
+
+    away = Client(settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"}))
+    try:
+        frame = snapshot(away)
+    finally:
+        away.close()
+    assert set(frame["errors"]) == {"workers", "queues"} and frame["jobs"] is not None
+    text = "\n".join(render(frame))
+    assert text.count("unavailable: ConnectionError") == 2 and "JOBS  queued" in text
+
+
+def test_render_window_batching_and_a_stale_worker():
+    from producer.top import render
+
+    now = time.time()
+    worker = {"name": "w1", "host": "h", "pid": 7, "model": "sd21", "device": "cuda:0", "dtype": "fp16",
+              "batching": "window", "started_at": now - 3700, "updated_at": now - 12, "held": 2, "waiting": 1,
+              "loops": [{"size": "768x768", "jobs": 1, "samples": 4}], "images_done": 40, "images_per_s": 1.5,
+              "running": [{"job_id": "j1", "size": "768x768", "images": 4, "step": None, "steps": 25, "loop": 0}],
+              "draining": True}
+    frame = {"at": now, "queue": "q", "errors": {}, "workers": [worker], "queues": {"q": 0, "q.bulk": 5},
+             "jobs": {"counts": {"queued": 5, "running": 1}, "oldest_queued_s": 4000.0}, "runs": []}
+    lines = render(frame, width=60)
+    assert all(len(line) <= 60 for line in lines)
+    text = "\n".join(render(frame, width=200))
+    assert "draining, last seen 0m12s ago, up 1h01m" in text
+    assert "loop 768x768: 1 job(s), 4 sample(s)" in text and "      j1  x4  25 steps" in text
+    assert "(oldest queued: 1h06m)" in text and "RUNS IN PROGRESS  none" in text
+
+
+def test_the_reporter_under_window_batching_and_its_rate(settings, monkeypatch):
+    from types import SimpleNamespace
+
+    from worker import status as status_module
+    from worker.batch import CompatKey
+    from worker.batcher import Batcher, PixelBudget, Work
+
+    batch = [Work(f"job-{n}", CompatKey("img2img", 512, 768, 30, 6), [object()] * 2, 0.0) for n in range(2)]
+    engine = SimpleNamespace(
+        hostname="w-window", batching="window", on_gpu=batch, keeper=None, draining=False, images_done=0,
+        batcher=Batcher(PixelBudget(512 * 768 * 8), 0.1), loops=None,
+        model=SimpleNamespace(spec=SimpleNamespace(name="sd21"), device="cuda:0", dtype_name="float16"))
+    clock = [1000.0]
+    monkeypatch.setattr(status_module.time, "monotonic", lambda: clock[0])
+    reporter = status_module.StatusReporter(settings.model_copy(update={"broker_url": "memory://"}), engine)
+    try:
+        first = reporter.status()
+        assert first["loops"] == [{"size": "512x768", "jobs": 2, "samples": 4}]
+        assert [(r["job_id"], r["step"], r["steps"]) for r in first["running"]] == [
+            ("job-0", None, 24), ("job-1", None, 24)]
+        assert first["images_per_s"] == 0.0 and first["held"] == 0 and first["waiting"] == 0
+        # 30 images in the first 10 s, then 60 in the next 60 s: the rate is over the last minute
+        for seconds, done in ((10, 30), (70, 90)):
+            clock[0], engine.images_done = 1000.0 + seconds, done
+            rate = reporter.status()["images_per_s"]
+        assert rate == pytest.approx(60 / 60, abs=0.05)
+        engine.on_gpu = []
+        assert reporter.status()["running"] == [] and reporter.status()["loops"] == []
+    finally:
+        reporter.stop()
