@@ -29,6 +29,19 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _REVISION_LINE = re.compile(r"^(revision|down_revision)\s*(?::[^=\n]*)?=\s*(.+?)\s*$", re.MULTILINE)
 
 
+# A client cut off in the middle of a transaction (its host's link down, its machine gone) keeps its
+# row locks until PostgreSQL notices it is gone, which by default is TCP keepalive's two hours; until
+# then every sweeper and every claim that touches one of those rows waits as well (tests/multihost.py
+# saw a claim cut off this way stop the sweepers of every host). So the server drops a connection,
+# rolling its transaction back, once it has been silent for about 30 s (the default lease): probed
+# after 10 s, gone after 4 probes 5 s apart unanswered, or after data unacknowledged for 30 s. This
+# end gives up alike on a server it cannot reach (and on a connect after 10 s): an outage, waited out.
+_PG_SERVER_SILENCE = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5, "tcp_keepalives_count": 4,
+                      "tcp_user_timeout": 30_000}
+_PG_CLIENT_SILENCE = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 4,
+                      "tcp_user_timeout": 30_000, "connect_timeout": 10}
+
+
 def normalize_url(url: str) -> str:
     """postgresql:// means psycopg 3 here (the driver sdqueue installs), not psycopg2."""
     try:
@@ -56,7 +69,19 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    if parsed.get_backend_name() != "postgresql":
+        return create_engine(url, pool_pre_ping=True)
+    given = set(parsed.query)  # what the URL itself sets wins
+    engine = create_engine(url, pool_pre_ping=True,
+                           connect_args={k: v for k, v in _PG_CLIENT_SILENCE.items() if k not in given})
+
+    @event.listens_for(engine, "connect")
+    def _server_gives_up(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        with dbapi_conn.cursor() as cursor:
+            cursor.execute("; ".join(f"SET {name} = {value}" for name, value in _PG_SERVER_SILENCE.items()))
+        dbapi_conn.commit()
+
+    return engine
 
 
 def alembic_config(url: str) -> Config:

@@ -8,9 +8,9 @@ worker` processes on the tiny model, which it restarts when they die, as a super
 submits waves of jobs and, while they run: kills a worker with SIGKILL mid-batch, delivers messages
 twice, cancels running jobs, restarts Redis empty, stops S3, stops PostgreSQL, and submits a poison
 job that kills whichever worker runs it. Then it audits: every job succeeded, was cancelled or (the
-poison job only) dead-lettered; none stuck; none run to completion twice; no object in S3 that no
-row references, no row whose object is missing, every object's sha256 equal to its row's. It
-prints the time each recovery took.
+poison job only) dead-lettered; none stuck; none run to completion twice; each success one image
+per index, from one claim; no object in S3 that no row references, no row whose object is missing,
+every object's sha256 equal to its row's. It prints the time each recovery took.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from models.settings import load_settings  # noqa: E402
 from models.sweep import Sweeper  # noqa: E402
 from models.tables import Image, Job  # noqa: E402
 from tests.servers import (  # noqa: E402
-    S3_ACCESS_KEY, S3_SECRET_KEY, PostgresServer, RedisServer, SeaweedServer, s3_client,
+    LOOPBACK, S3_ACCESS_KEY, S3_SECRET_KEY, PostgresServer, RedisServer, SeaweedServer, s3_client,
 )
 
 BUCKET = "faults"
@@ -81,6 +81,7 @@ class Report:
     unreferenced_objects: list[str] = field(default_factory=list)
     missing_objects: list[str] = field(default_factory=list)
     sha_mismatches: list[str] = field(default_factory=list)
+    image_sets_wrong: list[str] = field(default_factory=list)  # succeeded, but not one image per index from one claim
     worker_deaths: int = 0
     duplicates_sent: int = 0
     cancelled_running: list[str] = field(default_factory=list)
@@ -90,18 +91,23 @@ class Report:
 
     @property
     def problems(self) -> list[str]:
+        found = self.exactly_once_problems()
+        if self.dead_lettered != [self.poison_id]:
+            found.append(f"dead letters {self.dead_lettered} are not exactly the poison job {self.poison_id}")
+        if not self.cancelled_running:
+            found.append("no running job was cancelled")
+        return found
+
+    def exactly_once_problems(self) -> list[str]:
+        """What the audit found against "every job ended, and each that succeeded did so once"."""
         found = []
         ended = self.states["succeeded"] + self.states["cancelled"] + len(self.dead_lettered)
         if ended != self.submitted:
             found.append(f"submitted {self.submitted} != succeeded + cancelled + dead-lettered {ended} ({dict(self.states)})")
-        if self.dead_lettered != [self.poison_id]:
-            found.append(f"dead letters {self.dead_lettered} are not exactly the poison job {self.poison_id}")
         for name in ("stuck", "completed_twice", "unreferenced_objects", "missing_objects", "sha_mismatches",
-                     "cancelled_with_images"):
+                     "image_sets_wrong", "cancelled_with_images"):
             if getattr(self, name):
                 found.append(f"{name}: {getattr(self, name)}")
-        if not self.cancelled_running:
-            found.append("no running job was cancelled")
         return found
 
     def __str__(self) -> str:
@@ -116,6 +122,7 @@ class Report:
             f"objects without a row     {len(self.unreferenced_objects)}",
             f"rows without an object    {len(self.missing_objects)}",
             f"sha256 mismatches         {len(self.sha_mismatches)}",
+            f"image sets not one claim  {len(self.image_sets_wrong)}",
             f"duplicate messages sent   {self.duplicates_sent}",
             f"worker processes died     {self.worker_deaths} (restarted by the suite)",
             "recovery:",
@@ -204,8 +211,10 @@ def wave(rng: random.Random, count: int, png: bytes) -> list[dict[str, Any]]:
 
 
 class Suite:
-    def __init__(self, cfg: Config, workdir: Path, data_dir: Path | None, log: Callable[[str], None]):
+    def __init__(self, cfg: Config, workdir: Path, data_dir: Path | None, log: Callable[[str], None],
+                 host: str = LOOPBACK):
         self.cfg = cfg
+        self.host = host  # where the servers listen
         self.workdir = workdir
         self.data_dir = data_dir
         self.log = log
@@ -258,9 +267,9 @@ class Suite:
 
     def run(self) -> Report:
         started = time.monotonic()
-        with RedisServer(self.workdir / "redis") as self.redis, \
-                PostgresServer(self.workdir / "postgres") as self.pg, \
-                SeaweedServer(self.workdir / "s3") as self.s3:
+        with RedisServer(self.workdir / "redis", host=self.host) as self.redis, \
+                PostgresServer(self.workdir / "postgres", host=self.host) as self.pg, \
+                SeaweedServer(self.workdir / "s3", host=self.host) as self.s3:
             self.setup()
             try:
                 self.faults()
@@ -302,9 +311,12 @@ class Suite:
         self.settings = load_settings(**settings_env)
         self.client = Client(self.settings)
         (self.workdir / "logs").mkdir(exist_ok=True)
-        self.workers = Workers(self.cfg.workers, self.env, self.workdir / "logs")
+        self.workers = self.start_workers()
         self.wait("workers ready", lambda: self.workers.logs().count(" ready.") >= self.cfg.workers, timeout=240)
         self.log(f"{self.cfg.workers} workers ready")
+
+    def start_workers(self) -> Workers:
+        return Workers(self.cfg.workers, self.env, self.workdir / "logs")
 
     def faults(self) -> None:
         cfg, report = self.cfg, self.report
@@ -404,6 +416,7 @@ class Suite:
         report.states = Counter(j.state for j in all_jobs)
         report.dead_lettered = [j.id for j in all_jobs if j.dead_letter]
         report.stuck = [j.id for j in all_jobs if j.state in ("queued", "running")]
+        report.image_sets_wrong = image_sets_wrong(all_jobs, images)
         completed = Counter(job_id for job_id, _claim in set(RECORDED.findall(self.workers.logs())))
         report.completed_twice = {job_id: n for job_id, n in completed.items() if n > 1}
         cancelled = {j.id for j in all_jobs if j.state == "cancelled"}
@@ -422,6 +435,23 @@ class Suite:
                 data = s3.get_object(Bucket=BUCKET, Key=objects[key])["Body"].read()
                 if hashlib.sha256(data).hexdigest() != image.sha256:
                     report.sha_mismatches.append(key)
+
+
+def image_sets_wrong(all_jobs: list[Job], images: list[Image]) -> list[str]:
+    """Succeeded jobs whose recorded images are not exactly one per index, all made by one claim
+    (object keys are images/JOB/CLAIM/INDEX.png): a job recorded twice would show here."""
+    recorded: dict[str, list[Image]] = {}
+    for image in images:
+        recorded.setdefault(image.job_id, []).append(image)
+    wrong = []
+    for job in all_jobs:
+        if job.state != "succeeded":
+            continue
+        made = recorded.get(job.id, [])
+        claims = {image.object_key.split("/")[-2] for image in made}
+        if sorted(image.index for image in made) != list(range(job.num_images)) or len(claims) != 1:
+            wrong.append(job.id)
+    return wrong
 
 
 def run(cfg: Config, workdir: Path, data_dir: Path | None = None, log: Callable[[str], None] = print) -> Report:

@@ -3,7 +3,9 @@ and a Redis database number. Nothing here is a mock.
 
 For fault injection there are also private, restartable servers (RedisServer, PostgresServer,
 SeaweedServer): each keeps its port across stop()/kill()/start(), so clients configured with its
-URL see an outage and then the same server back."""
+URL see an outage and then the same server back. They listen on loopback unless given another
+`host` (an address of this machine: tests/multihost.py binds them to a bridge that network
+namespaces reach)."""
 
 from __future__ import annotations
 
@@ -24,9 +26,12 @@ from typing import Iterator, Self
 S3_ACCESS_KEY, S3_SECRET_KEY = "sdqueue-test", "sdqueue-test-secret"
 
 
-def free_port() -> int:
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -190,16 +195,19 @@ class RedisServer(_Server):
 
     name = "redis"
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, host: str = LOOPBACK) -> None:
         super().__init__(workdir)
-        self.port = port or free_port()
+        self.host = host
+        self.port = port or free_port(host)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def _command(self) -> list[str]:
-        return [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+        # Without a password, protected mode answers only loopback clients; elsewhere it is ours to open.
+        return [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(self.port), "--bind", self.host,
+                "--protected-mode", "yes" if self.host == LOOPBACK else "no",
                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"]
 
     def _answers(self) -> bool:
@@ -209,7 +217,7 @@ class RedisServer(_Server):
         from redis.retry import Retry
 
         # One try: the start loop is the retry (redis-py's own retries make a wrong port take 15 s).
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1, socket_timeout=1,
+        client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=1, socket_timeout=1,
                              retry=Retry(NoBackoff(), 0))
         try:
             return bool(client.ping())
@@ -237,14 +245,16 @@ class PostgresServer(_Server):
 
     initdb and postgres refuse to run as root, so as root they run as the `postgres` user, and the
     cluster lives in a fresh directory under /tmp that this user can reach (pytest's tmp dirs are
-    0700 root). The log stays in `workdir`."""
+    0700 root). The log stays in `workdir`. On an address other than loopback it trusts clients on
+    the networks the server is directly connected to (`samenet`), as it trusts loopback."""
 
     name = "postgres"
     stop_signal = signal.SIGINT  # "fast shutdown": roll back sessions, checkpoint, exit; SIGTERM waits for clients
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, host: str = LOOPBACK) -> None:
         super().__init__(workdir)
-        self.port = port or free_port()
+        self.host = host
+        self.port = port or free_port(host)
         self.bindir = postgres_bindir()
         self._as_root = os.geteuid() == 0
         self.cluster_dir = Path(tempfile.mkdtemp(prefix="sdqueue-pg-")) if self._as_root else workdir
@@ -253,10 +263,10 @@ class PostgresServer(_Server):
 
     @property
     def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql+psycopg://postgres@{self.host}:{self.port}/postgres"
 
     def conninfo(self, database: str = "postgres") -> str:
-        return f"host=127.0.0.1 port={self.port} user=postgres dbname={database}"
+        return f"host={self.host} port={self.port} user=postgres dbname={database}"
 
     def create_database(self, name: str) -> str:
         """CREATE DATABASE `name`; returns its SQLAlchemy URL."""
@@ -264,7 +274,7 @@ class PostgresServer(_Server):
 
         with psycopg.connect(self.conninfo(), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+        return f"postgresql+psycopg://postgres@{self.host}:{self.port}/{name}"
 
     def close(self) -> None:
         """Stop, and remove the cluster's directory under /tmp if this object made one."""
@@ -288,8 +298,14 @@ class PostgresServer(_Server):
         if self._as_root:
             for path in (self.cluster_dir, self.socket_dir):
                 shutil.chown(path, "postgres", "postgres")
-        if (self.data_dir / "PG_VERSION").exists():
-            return
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb()
+        hba, trusted = self.data_dir / "pg_hba.conf", "host all all samenet trust"
+        if self.host != LOOPBACK and trusted not in hba.read_text().splitlines():
+            with open(hba, "a") as lines:
+                lines.write(trusted + "\n")
+
+    def _initdb(self) -> None:
         with open(self.log_path, "ab") as log:
             done = subprocess.run(
                 [str(self.bindir / "initdb"), "-D", str(self.data_dir), "-A", "trust", "-U", "postgres",
@@ -304,7 +320,7 @@ class PostgresServer(_Server):
         # outlives the process. synchronous_commit stays on: off, a COMMIT returns before its WAL
         # leaves shared memory, and a kill() soon after loses rows the client saw committed.
         return [str(self.bindir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-                "-c", "listen_addresses=127.0.0.1", "-k", str(self.socket_dir),
+                "-c", f"listen_addresses={self.host}", "-k", str(self.socket_dir),
                 "-c", "fsync=off", "-c", "full_page_writes=off"]
 
     def _answers(self) -> bool:
@@ -357,19 +373,20 @@ class SeaweedServer(_Server):
 
     name = "weed"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, host: str = LOOPBACK) -> None:
         super().__init__(workdir)
+        self.host = host
         self.config = workdir / "s3.json"
         self.data_dir = workdir / "data"
-        self.s3_port = free_port()
-        self.ports = {name: free_port() for name in (
+        self.s3_port = free_port(host)
+        self.ports = {name: free_port(host) for name in (
             "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
             "admin.port", "admin.port.grpc", "s3.port.grpc",
         )}
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
+        return f"http://{self.host}:{self.s3_port}"
 
     def _prepare(self) -> None:
         self.config.write_text(json.dumps({"identities": [{
@@ -381,7 +398,7 @@ class SeaweedServer(_Server):
 
     def _command(self) -> list[str]:
         return [
-            weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            weed_binary(), "mini", f"-dir={self.data_dir}", f"-ip={self.host}", f"-ip.bind={self.host}",
             f"-s3.port={self.s3_port}", f"-s3.config={self.config}", "-master.telemetry=false", "-webdav=false",
             "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             *(f"-{name}={port}" for name, port in self.ports.items()),
@@ -406,7 +423,7 @@ class SeaweedServer(_Server):
         import urllib.request
 
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['master.port']}/dir/status", timeout=2) as answer:
+            with urllib.request.urlopen(f"http://{self.host}:{self.ports['master.port']}/dir/status", timeout=2) as answer:
                 topology = json.load(answer)["Topology"]
         except (OSError, ValueError, KeyError):
             return set()

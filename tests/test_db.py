@@ -62,6 +62,21 @@ def test_submit_and_worker_refuse_an_unmigrated_database(settings_env, tmp_path)
         run_worker(load_settings(database_url=url))
 
 
+def test_postgres_drops_a_silent_connection_after_about_30_s():
+    """A client cut off mid-transaction must not keep its row locks for TCP keepalive's two hours
+    (tests/multihost.py cuts a host's link with a claim in flight)."""
+    engine = db.make_engine(POSTGRES_ADMIN_URL + "?connect_timeout=7")
+    try:
+        with engine.connect() as conn:
+            shown = {name: conn.execute(text(f"SHOW {name}")).scalar() for name in
+                     ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout")}
+            assert shown == {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "4",
+                             "tcp_user_timeout": "30000"}
+            assert conn.connection.dbapi_connection.info.get_parameters()["connect_timeout"] == "7"  # the URL's wins
+    finally:
+        engine.dispose()
+
+
 def test_postgres_url_without_driver_means_psycopg3():
     assert db.normalize_url("postgresql://u@h:5432/d") == "postgresql+psycopg://u@h:5432/d"
     assert db.normalize_url("sqlite:///x.db") == "sqlite:///x.db"
