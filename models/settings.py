@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     # Each worker serves Prometheus metrics over HTTP here (0: none). When the port is taken (several
     # workers on one host) it takes the next free one of the 16 from it, and logs which.
     metrics_port: int = Field(default=9300, ge=0, le=65535)
+    # How the long-running commands log (worker, api, webhooks, beat, sweep, run): "text" lines, or
+    # "json", one object a line with the job, run and batch ids it is about (models/logs.py).
+    log_format: Literal["text", "json"] = "text"
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

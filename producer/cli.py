@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from models.errors import BadDestination, InvalidRequest, JobNotFound, JobTimeout, RunNotFound, SdqueueError
+from models.logs import configure_logging
 from models.request import MAX_IMAGE_BYTES, parse_request
 from models.settings import load_settings
 from producer.client import Client
@@ -370,7 +371,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         write_rejects(manifest.rejects, rejects)
         print(f"{len(manifest.rejects)} invalid row(s) skipped, written to {rejects}", file=sys.stderr)
     # 2. written and sent in batches; the same command again resumes
-    client = _client()
+    settings = load_settings()
+    configure_logging(settings, "WARNING")  # the report is the output; the log says what went wrong
+    client = Client(settings)
     try:
         report = enqueue_run(client, args.name, manifest, defaults=defaults, priority=args.priority)
     finally:
@@ -485,7 +488,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from models.sweep import Sweeper
 
-    client = _client()
+    settings = load_settings()
+    configure_logging(settings, "WARNING")  # the report is the output; the log says what went wrong
+    client = Client(settings)
     report = Sweeper(client.settings, client.db, client.storage, client.send).sweep(
         orphan_grace=args.orphan_grace, force_scan=True)
     print(report)

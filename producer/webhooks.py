@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from models import webhooks
 from models.db import Database
 from models.errors import ConfigError, InvalidRequest
+from models.logs import configure_logging
 from models.settings import Settings
 from models.tables import utcnow
 from models.webhooks import Outcome, Prepared
@@ -191,7 +192,10 @@ def scan_forever(deliverer: Deliverer, send: Callable[[int, int], None], stop: t
 
 def run_webhooks(settings: Settings, *, concurrency: int = 8, loglevel: str = "INFO") -> int:
     """`sdqueue webhooks`: the scan thread and the Celery worker that makes the tries, until stopped."""
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from celery.signals import setup_logging
+
+    configure_logging(settings, loglevel)
+    setup_logging.connect(lambda **_: None, weak=False)  # Celery's lines go through our handler too
     logging.getLogger("httpx").setLevel(logging.WARNING)  # each try is logged once, by us, with its outcome
     if settings.in_process_broker:
         raise ConfigError(
@@ -216,6 +220,7 @@ def run_webhooks(settings: Settings, *, concurrency: int = 8, loglevel: str = "I
         loglevel=loglevel,
         without_gossip=True,
         without_mingle=True,
+        quiet=settings.log_format == "json",  # no banner on stdout: every line is a JSON object
     )
     try:
         worker.start()

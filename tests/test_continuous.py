@@ -228,3 +228,26 @@ def test_a_failing_loop_runs_each_job_alone_and_charges_only_the_culprit(setting
     assert culprit_rows.is_set()
     assert good["state"] == "succeeded" and good["failures"] == 0
     assert bad["failures"] >= 1 and "illegal memory access" in (bad["error"] or "")
+
+
+def test_a_job_suspected_of_killing_its_worker_runs_with_nothing_else_in_the_process():
+    def w(job_id: str, created: float, alone: bool = False) -> Work:
+        item = Work(job_id, CompatKey("txt2img", 256, 256, 3), [Sample(job_id, 0, 1, Prompt("p", "", False), 5.0)],
+                    created, alone=alone)
+        item.tokens = 77
+        return item
+
+    def room(item: Work) -> tuple[int, int]:
+        return 0, 8 * 256 * 256
+
+    batcher = Batcher(PixelBudget(8 * 256 * 256), window=0.0)
+    for item in [w("other", 2.0), w("suspect", 1.0, alone=True), w("suspect-2", 3.0, alone=True), w("late", 4.0)]:
+        batcher.put(item)
+    # the oldest is a suspect: while jobs run nothing joins (the loops drain), then it runs alone
+    assert batcher.admit(room, running=2) == []
+    assert [i.job_id for i in batcher.admit(room)] == ["suspect"]
+    assert batcher.admit(room, running=1, solo=True) == []
+    # the other suspect waits for its turn at the head of the line; the rest run together
+    assert [i.job_id for i in batcher.admit(room)] == ["other", "late"]
+    assert batcher.admit(room, running=2) == []
+    assert [i.job_id for i in batcher.admit(room)] == ["suspect-2"]

@@ -36,6 +36,7 @@ class Work:
     lease: Any = None  # models.jobs.Lease of the claim that holds the job
     seed: int = 0
     input_key: str | None = None
+    run_id: str | None = None  # the run it belongs to, for the logs
     # Its worker died while it shared a batch: it runs in a batch of its own, so that if it is
     # what kills workers, it is found without charging its batch mates.
     alone: bool = False
@@ -180,12 +181,15 @@ class Batcher:
         return works
 
     def admit(self, room: Callable[[Work], tuple[int, int]], wait: float = 0.0,
-              stop: threading.Event | None = None) -> list[Work]:
+              stop: threading.Event | None = None, running: int = 0, solo: bool = False) -> list[Work]:
         """Continuous batching: the waiting prepared jobs that fit in their loops now, in priority
         order (interactive, then by age, with the bulk share kept as `take` keeps it). `room(work)`
         is (pixels in the loop it would join, that loop's budget); an empty loop takes any one job.
         Within a loop no job overtakes an older one that does not fit. With nothing to admit, waits
         up to `wait` seconds for new work (an idle worker starts a job the moment it arrives).
+        A job that must run alone (`Work.alone`: suspected of killing its worker) runs with nothing
+        else in the process: `running` jobs in the loops now, `solo` when such a job runs. Once it
+        leads the order, nothing more is admitted until the loops are empty, so it cannot starve.
         """
         deadline = time.monotonic() + wait
         with self._changed:
@@ -197,6 +201,13 @@ class Batcher:
                 admitted: list[Work] = []
                 used: dict[Hashable, int] = {}
                 blocked: set[Hashable] = set()
+                leads_alone = bool(ready) and ready[0].alone
+                if solo or (leads_alone and running):
+                    ready = []  # the loops drain first
+                elif leads_alone:
+                    ready = ready[:1]
+                else:  # one not first in line waits until it leads
+                    ready = [w for w in ready if not w.alone]
                 for work in ready:
                     group = loop_group(work)
                     if group in blocked:

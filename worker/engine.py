@@ -40,6 +40,7 @@ from models.constants import queue_for
 from models.db import Database
 from models.errors import JobError, StorageError
 from models.events import Publisher
+from models.logs import about
 from models.outage import OutageTooLong, wait_out
 from models.settings import Settings
 from models.storage import Storage, object_key_for
@@ -282,6 +283,7 @@ class Engine:
         if work.future.done():
             return
         metrics.ended(outcome)
+        log.debug("job %s: %s", work.job_id, outcome, extra=about(work.job_id, work.run_id))
         if outcome in STATE_AFTER:
             self.announce(work.job_id, STATE_AFTER[outcome])
         work.future.set_result(outcome)
@@ -391,7 +393,8 @@ class Engine:
                     self.settle(work, "lost")
             taking = self.spool is None or not self.spool.full  # the store is away and the spool full
             if taking:
-                for work in self.batcher.admit(loops.room, wait=0.0 if len(loops) else 0.5, stop=self._stop):
+                for work in self.batcher.admit(loops.room, wait=0.0 if len(loops) else 0.5, stop=self._stop,
+                                               running=len(loops), solo=loops.solo):
                     self._join(work)
             if not len(loops):
                 if not taking:
@@ -427,7 +430,7 @@ class Engine:
         try:
             ready = self.loops.admit(work)
         except Exception as exc:  # e.g. an input image the loop cannot take: this job alone
-            log.exception("job %s could not join its loop", work.job_id)
+            log.exception("job %s could not join its loop", work.job_id, extra=about(work.job_id, work.run_id))
             self._cpu.submit(self._charge, work, exc)
             return
         if ready is not None:  # img2img of strength 0: its input is its image
@@ -443,7 +446,8 @@ class Engine:
                 self.submit(member.work)
             return
         work = failure.members[0].work
-        log.error("job %s failed in its loop: %s", work.job_id, failure, exc_info=failure.cause)
+        log.error("job %s failed in its loop: %s", work.job_id, failure, exc_info=failure.cause,
+                  extra=about(work.job_id, work.run_id))
         self._cpu.submit(self._charge, work, failure.cause)
 
     def _finished(self, finished: list[Finished]) -> None:
@@ -466,7 +470,8 @@ class Engine:
             seconds=time.perf_counter() - first.admitted, started=first.started_at, peak=peak)
         results = [image for _, images, _ in finished for image in images]
         stats = [shared for _, _, per_image in finished for shared in per_image]
-        log.info("loop %s: %d job(s) done, %d image(s)", record.compat_key, len(works), size)
+        log.info("loop %s: %d job(s) done, %d image(s)", record.compat_key, len(works), size,
+                 extra=about(batch_id=record.id))
         self._in_flight.acquire()  # back-pressure: wait while the pool is behind
         self._cpu.submit(self._finish, works, record, results, stats)
 
@@ -535,7 +540,7 @@ class Engine:
                     else:
                         self._run([work])
                 return
-            log.exception("job %s failed in its batch", batch[0].job_id)
+            log.exception("job %s failed in its batch", batch[0].job_id, extra=about(batch[0].job_id, batch[0].run_id))
             self._cpu.submit(self._charge, batch[0], exc)
             return
         finally:
@@ -548,7 +553,8 @@ class Engine:
             return
         peak = torch.cuda.max_memory_allocated() if self.model.device.startswith("cuda") else None
         record = self._batch_record(str(key), len(samples), len(batch), seconds=seconds, started=started, peak=peak)
-        log.info("batch %s: %d job(s), %d image(s) in %.2f s", key, len(batch), len(samples), seconds)
+        log.info("batch %s: %d job(s), %d image(s) in %.2f s", key, len(batch), len(samples), seconds,
+                 extra=about(batch_id=record.id))
         self._in_flight.acquire()  # back-pressure: wait while the pool is behind
         self._cpu.submit(self._finish, batch, record, results)
 
@@ -559,7 +565,7 @@ class Engine:
                          f"job {work.job_id}: marking it {'alone' if alone else 'off the GPU'}")
             return True
         except (jobs.LeaseLost, OutageTooLong) as exc:
-            log.info("job %s: %s", work.job_id, exc)
+            log.info("job %s: %s", work.job_id, exc, extra=about(work.job_id, work.run_id))
             self.settle(work, "lost")
             return False
 
@@ -597,7 +603,8 @@ class Engine:
             record.finished_at = utcnow()
             self._outage(lambda: self._add(record), f"recording batch {record.id}")
         except Exception as exc:
-            log.error("batch %s cannot be recorded (%s): its jobs are given back", record.id, exc)
+            log.error("batch %s cannot be recorded (%s): its jobs are given back", record.id, exc,
+                      extra=about(batch_id=record.id))
             self._in_flight.release()
             self._give_back(batch, timeout=10)
             return
@@ -620,13 +627,14 @@ class Engine:
         try:
             action()
         except jobs.LeaseLost as exc:
-            log.info("%s", exc)
+            log.info("%s", exc, extra=about(work.job_id, work.run_id))
             self.settle(work, "lost")
         except OutageTooLong as exc:
-            log.error("job %s: %s; its lease will lapse and the sweeper gives it to another worker", work.job_id, exc)
+            log.error("job %s: %s; its lease will lapse and the sweeper gives it to another worker", work.job_id, exc,
+                      extra=about(work.job_id, work.run_id))
             self.settle(work, "released")
         except Exception as exc:
-            log.exception("job %s: recording it failed", work.job_id)
+            log.exception("job %s: recording it failed", work.job_id, extra=about(work.job_id, work.run_id))
             self._charge(work, exc)
 
     def _store(self, work: Work, batch: Batch, first: int, results: list[Any],
@@ -666,7 +674,8 @@ class Engine:
                 self.storage.put(key, png, content_type="image/png")
             except StorageError as exc:
                 assert self.spool is not None, exc
-                log.warning("job %s: %s; spooling its images", work.job_id, exc)
+                log.warning("job %s: %s; spooling its images", work.job_id, exc,
+                            extra=about(work.job_id, work.run_id, batch.id))
                 self.spool.add(lease, objects[done:], lambda stored: self._on_pool(self._unspooled, work, rows, stored))
                 return
         self._record(work, rows)
@@ -684,11 +693,12 @@ class Engine:
         metrics.IMAGES.inc(len(rows))
         with self._lock:
             self.images_done += len(rows)
-        log.info("job %s: claim %d recorded %d image(s)", work.job_id, work.lease.token, len(rows))
+        log.info("job %s: claim %d recorded %d image(s)", work.job_id, work.lease.token, len(rows),
+                 extra=about(work.job_id, work.run_id, rows[0].batch_id if rows else None))
         self.settle(work, "succeeded")
 
     def _fail(self, work: Work, error: JobError) -> None:
-        log.warning("job %s failed: %s", work.job_id, error)
+        log.warning("job %s failed: %s", work.job_id, error, extra=about(work.job_id, work.run_id))
 
         def record_failure() -> None:
             self._outage(lambda: self._in_session(jobs.fail, work.lease, str(error)), f"job {work.job_id}: failing it")
@@ -712,6 +722,8 @@ class Engine:
             self.settle(work, "released")
             return
         metrics.failed(exc)
+        log.warning("job %s: a failed attempt charged (%s); %s", work.job_id, error.splitlines()[0],
+                    "queued again" if again else "that was its last: dead-lettered", extra=about(work.job_id, work.run_id))
         self.settle(work, "retry" if again else "dead-lettered")
         if again:  # after settling: the next delivery may come back to this worker
             self._send_back([work])

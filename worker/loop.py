@@ -372,6 +372,11 @@ class Loops:
     def __len__(self) -> int:
         return sum(len(m) for m in self.members.values())
 
+    @property
+    def solo(self) -> bool:
+        """Whether a job that must run alone (suspected of killing its worker) is in a loop."""
+        return any(m.work.alone for ms in self.members.values() for m in ms)
+
     def jobs(self) -> list[str]:
         return [m.work.job_id for ms in self.members.values() for m in ms]
 

@@ -16,23 +16,23 @@ import threading
 import warnings
 from typing import Any
 
-from celery.signals import worker_shutdown
+from celery.signals import setup_logging, worker_shutdown
 
 from models.constants import worker_queues
 from models.db import Database
 from models.errors import ConfigError
+from models.logs import configure_logging
 from models.settings import Settings
 from worker.app import configure
 
 log = logging.getLogger("worker")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
-    setup_logging(loglevel)
+    configure_logging(settings, loglevel)
+    # A receiver of this signal tells Celery to set up no logging of its own: its lines go through
+    # the root handler above, as JSON with SDQUEUE_LOG_FORMAT=json.
+    setup_logging.connect(lambda **_: None, weak=False)
     if settings.in_process_broker:
         raise ConfigError(
             "SDQUEUE_BROKER_URL is memory:// (in-process): a worker needs a real broker, "
@@ -67,6 +67,7 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
         loglevel=loglevel,
         without_gossip=True,
         without_mingle=True,
+        quiet=settings.log_format == "json",  # no banner on stdout: every line is a JSON object
     )
     worker.start()
     return int(worker.exitcode or 0)

@@ -27,6 +27,7 @@ from models import jobs
 from models.constants import GENERATE_TASK
 from models.db import Database
 from models.errors import JobError, JobNotFound
+from models.logs import job_context
 from models.outage import OutageTooLong, wait_out
 from models.registry import resolve_model
 from models.settings import Settings
@@ -134,14 +135,15 @@ def reset_context() -> None:
 
 @app.task(name=GENERATE_TASK, base=PipelineTask, bind=True, max_retries=None)
 def generate(self: PipelineTask, job_id: str) -> str:
-    try:
-        # The queue it came from (interactive or bulk) is where a worker shutting down sends it back.
-        return run_job(self.context, job_id, queue=(self.request.delivery_info or {}).get("routing_key"))
-    except OutageTooLong as exc:
-        # The database stayed away for longer than we wait: the message goes back to the queue
-        # rather than being acknowledged with nothing recorded.
-        log.error("job %s: %s; its message goes back to the queue", job_id, exc)
-        raise Reject(str(exc), requeue=True) from None
+    with job_context(job_id=job_id):  # what this task thread logs is about this job
+        try:
+            # The queue it came from (interactive or bulk) is where a worker shutting down sends it back.
+            return run_job(self.context, job_id, queue=(self.request.delivery_info or {}).get("routing_key"))
+        except OutageTooLong as exc:
+            # The database stayed away for longer than we wait: the message goes back to the queue
+            # rather than being acknowledged with nothing recorded.
+            log.error("job %s: %s; its message goes back to the queue", job_id, exc)
+            raise Reject(str(exc), requeue=True) from None
 
 
 def run_job(ctx: WorkerContext, job_id: str, queue: str | None = None) -> str:
@@ -198,5 +200,5 @@ def _claim(ctx: WorkerContext, job_id: str) -> Work | str:
         return Work(
             job_id, compat_key(params, img2img=job.input_key is not None), [], job.created_at.timestamp(),
             priority=job.priority, params=params, input_sha256=job.input_sha256, lease=jobs.lease_of(job),
-            alone=job.suspect, seed=job.seed, input_key=job.input_key,
+            alone=job.suspect, seed=job.seed, input_key=job.input_key, run_id=job.run_id,
         )

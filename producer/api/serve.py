@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from contextlib import contextmanager
 from typing import Iterator
 
 from models.errors import ConfigError, ServiceUnavailable
+from models.logs import configure_logging, json_dict_config
 from models.settings import Settings
 
 log = logging.getLogger("sdqueue.api")
@@ -34,8 +34,7 @@ def run_api(settings: Settings, *, host: str, port: int, workers: int = 1, log_l
                           "would see the API's jobs. Set SDQUEUE_BROKER_URL=redis://HOST:6379/0")
     if workers < 1:
         raise ConfigError(f"--workers={workers}: must be at least 1")
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings, log_level)
     # 2. say loudly what auth off means, and whether the database is there (it may come later)
     if settings.api_auth == "off":
         log.warning(AUTH_OFF_WARNING.format(where=f"{host}:{port}"))
@@ -43,6 +42,8 @@ def run_api(settings: Settings, *, host: str, port: int, workers: int = 1, log_l
     # 3. serve
     common = {"host": host, "port": port, "log_level": log_level, "ws": "none", "lifespan": "on",
               "timeout_graceful_shutdown": 10}
+    if settings.log_format == "json":  # uvicorn's loggers through the root's JSON handler, in each process
+        common["log_config"] = json_dict_config(log_level)
     if workers == 1:
         from producer.api.app import create_app
 

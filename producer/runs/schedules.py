@@ -574,12 +574,12 @@ def beat_scheduler_class() -> type:
 def run_beat(path: Path | str, *, loglevel: str = "INFO") -> int:
     """`sdqueue beat`: fire the file's schedules until SIGTERM or SIGINT."""
     import signal
-    import sys
     from functools import partial
 
     from celery.beat import Service
 
     from models.errors import ConfigError, ServiceUnavailable
+    from models.logs import configure_logging, level_number
     from models.settings import load_settings
     from producer.client import Client, make_sender
 
@@ -589,13 +589,9 @@ def run_beat(path: Path | str, *, loglevel: str = "INFO") -> int:
     if settings.in_process_broker:
         raise ConfigError("sdqueue beat enqueues through a broker workers share: "
                           "set SDQUEUE_BROKER_URL=redis://HOST:6379/0")
-    level = loglevel.upper()
-    if not isinstance(logging.getLevelName(level), int):
-        raise ConfigError(f"--loglevel={loglevel!r}: must be one of DEBUG, INFO, WARNING, ERROR")
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
+    configure_logging(settings, loglevel, text_format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     for chatty in ("alembic", "botocore"):  # the schema check and the credentials search, at every start
-        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, level_number(loglevel)))
     # 2. the database (its runs are the state) and a sender
     client = Client(settings)
     app = make_sender(settings)
