@@ -377,9 +377,6 @@ class Loops:
         """Whether a job that must run alone (suspected of killing its worker) is in a loop."""
         return any(m.work.alone for ms in self.members.values() for m in ms)
 
-    def jobs(self) -> list[str]:
-        return [m.work.job_id for ms in self.members.values() for m in ms]
-
     def room(self, work: Work) -> tuple[int, int]:
         """(pixels in the loop `work` would join, the budget of its size)."""
         used = sum(m.work.pixels for m in self.members.get(self.group(work), []))
