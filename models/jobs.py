@@ -13,9 +13,11 @@ caller's transaction.
 
 from __future__ import annotations
 
+import uuid
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
@@ -33,6 +35,13 @@ ALLOWED = {
 
 # IN lists of at most this many ids per statement.
 CHUNK = 500
+
+# Why `claim` does not claim a job this worker holds already (a second delivery).
+HELD_HERE = "this worker holds it already"
+
+# Why `claim` leaves a job alone that failed on this worker as often as it may fail: another
+# worker is to try it (the caller sends its message again).
+LEFT_TO_OTHERS = "it failed on this worker before: left to another worker"
 
 
 class IllegalTransition(Exception):
@@ -94,13 +103,17 @@ def transition(job: Job, wanted: JobState) -> None:
 
 
 def claim(
-    session: Session, job_id: str, owner: str, model: str, *, lease_seconds: float, max_attempts: int
+    session: Session, job_id: str, owner: str, model: str, *, lease_seconds: float, max_attempts: int,
+    healthy_workers: Callable[[], int] | None = None, live_workers: Callable[[], set[str]] | None = None,
 ) -> tuple[Job | None, str]:
     """Claim a job for `owner`: (the job, "claimed") or (None, why it was not claimed).
 
     A job that ended, or whose lease is live (another worker's, or this one's: a second delivery),
     is not claimed, whatever message arrived. A lease that expired is taken over as the sweeper
-    would have: its holder died.
+    would have: its holder died (but a group of suspects that died together is the sweeper's to
+    split, and a holder whose heartbeat is fresh in the registry, `live_workers()`, lives: its
+    lease ran out in a database outage, and it renews it once the database is back). A job that failed on `owner` as often as it may fail is left to another worker
+    (LEFT_TO_OTHERS) while `healthy_workers()` says there is one.
     """
     job = get_job(session, job_id, lock=True)
     now = utcnow()
@@ -109,11 +122,26 @@ def claim(
     if job.state == JobState.RUNNING.value:
         expires = aware(job.lease_expires_at)
         if job.lease_owner == owner:
-            return None, "this worker holds it already"
+            return None, HELD_HERE
         if expires is not None and expires > now:
             return None, f"{job.lease_owner} holds it until {expires.isoformat(timespec='seconds')}"
-        if not requeue_expired(job, max_attempts):
+        if live_workers is not None:
+            try:
+                alive = job.lease_owner in live_workers()
+            except Exception:  # the registry cannot be read: live cannot be told from dead
+                return None, "its lease ran out, and whether its worker lives cannot be read: the sweeper decides"
+            if alive:
+                return None, f"{job.lease_owner} lives (its heartbeat is fresh): its lease ran out in an outage"
+        if job.running_alone and session.scalar(
+                select(Job.id).where(Job.lease_owner == job.lease_owner, Job.state == JobState.RUNNING.value,
+                                     Job.running_alone.is_(True), Job.id != job.id).limit(1)) is not None:
+            return None, "its worker died running a group of suspects: the sweeper splits the group"
+        requeued, _ = requeue_dead([job], max_attempts, healthy_workers() if healthy_workers else 1)
+        if not requeued:
             return None, "dead-lettered"
+    if (job.failures >= max_attempts and owner in (job.failed_on or []) and healthy_workers is not None
+            and healthy_workers() > 1):
+        return None, LEFT_TO_OTHERS
     transition(job, JobState.RUNNING)
     job.attempts += 1
     job.lease_token += 1
@@ -159,6 +187,30 @@ def renew(session: Session, owner: str, job_ids: Iterable[str], lease_seconds: f
     return kept
 
 
+def release_forgotten(session: Session, owner: str, held: list[str]) -> list[tuple[str, str | None]]:
+    """Running jobs in `owner`'s name, their leases run out, that it does not hold (`held`): a claim
+    whose commit's answer it never got. Queued again, uncharged; returns (id, queue) to send."""
+    query = (update(Job)
+             .where(Job.state == JobState.RUNNING.value, Job.lease_expires_at < utcnow(), Job.lease_owner == owner)
+             .values(state=JobState.QUEUED.value, lease_owner=None, lease_expires_at=None, running_alone=False,
+                     enqueued_at=utcnow())
+             .returning(Job.id, Job.queue))
+    if held and len(held) <= CHUNK:
+        query = query.where(Job.id.not_in(held))
+    elif held:  # too many to list: only those outside `held`, checked here
+        return [(job_id, queue) for job_id, queue in _forgotten_one_by_one(session, owner, set(held))]
+    return [(job_id, queue) for job_id, queue in session.execute(query)]
+
+
+def _forgotten_one_by_one(session: Session, owner: str, held: set[str]) -> list[tuple[str, str | None]]:
+    found = session.execute(select(Job.id, Job.queue).where(
+        Job.state == JobState.RUNNING.value, Job.lease_expires_at < utcnow(), Job.lease_owner == owner)).all()
+    forgotten = [(job_id, queue) for job_id, queue in found if job_id not in held]
+    if forgotten:
+        release(session, owner, [job_id for job_id, _ in forgotten])
+    return forgotten
+
+
 def running_alone(session: Session, lease: Lease, alone: bool = True) -> None:
     """The job is about to run alone on the GPU (True: if its worker dies now, the job is the
     cause), or has just left it (False: a death later, while it waits to be stored, is not)."""
@@ -177,6 +229,7 @@ def succeed(session: Session, lease: Lease, images: list[Image]) -> Job:
     transition(job, JobState.SUCCEEDED)
     job.error = None
     job.suspect = False
+    job.suspect_group = None
     for image in images:
         session.add(image)
     session.flush()
@@ -193,35 +246,103 @@ def fail(session: Session, lease: Lease, error: str) -> Job:
     return job
 
 
-def charge(session: Session, lease: Lease, error: str, max_attempts: int) -> bool:
+def charge(session: Session, lease: Lease, error: str, max_attempts: int, healthy_workers: int = 1) -> bool:
     """An attempt that failed by the job's own fault. True: back to the queue for another
-    attempt (send it); False: that was its last, it is failed and dead-lettered."""
+    attempt (send it); False: that was its last, it is failed and dead-lettered.
+
+    Dead-lettered only once it failed `max_attempts` times AND on at least two different workers,
+    or on the only healthy one (`healthy_workers`, the live workers not quarantined): one host's
+    repeated fault never dead-letters a job that others could run."""
     job = _held(session, lease)
-    return _charge(job, error, max_attempts)
+    return _charge(job, error, max_attempts, lease.owner, healthy_workers)
 
 
-def _charge(job: Job, error: str, max_attempts: int) -> bool:
+def _charge(job: Job, error: str, max_attempts: int, worker: str | None, healthy_workers: int) -> bool:
     job.failures += 1
     job.error = error
-    if job.failures >= max_attempts:
+    failed_on = [*(job.failed_on or []), *([worker] if worker is not None else [])]
+    job.failed_on = failed_on  # a new list (one entry a charge): the JSON column sees the change
+    if job.failures >= max_attempts and (len(set(failed_on)) >= 2 or healthy_workers <= 1):
         transition(job, JobState.FAILED)
         job.dead_letter = True
         job.error = f"dead-lettered after {job.failures} failed attempts; the last: {error}"
         return False
-    transition(job, JobState.QUEUED)
-    job.enqueued_at = utcnow()
+    _requeue(job)
     return True
 
 
-def requeue_expired(job: Job, max_attempts: int) -> bool:
-    """A running job whose lease expired: its holder died. True when it goes back to the queue."""
-    if job.running_alone:
-        return _charge(job, f"its worker died while running it alone (attempt {job.attempts})", max_attempts)
-    # It shared its worker with others: the next claim runs it alone to see whether it is the cause.
-    job.suspect = True
+def _requeue(job: Job) -> None:
     transition(job, JobState.QUEUED)
     job.enqueued_at = utcnow()
-    return True
+
+
+def refund(session: Session, job_ids: Iterable[str], worker: str) -> list[str]:
+    """Take back the attempts `worker` charged to these jobs (they turned out to be faults of its
+    own host), unless the job has ended. Returns the ids refunded."""
+    refunded = []
+    for job in session.scalars(select(Job).where(Job.id.in_(list(job_ids))).with_for_update()):
+        charged = (job.failed_on or []).count(worker)
+        if JobState(job.state).terminal or not charged:
+            continue
+        job.failures = max(0, job.failures - charged)
+        job.failed_on = [w for w in job.failed_on or [] if w != worker]
+        if not job.failures:
+            job.error = None
+        refunded.append(job.id)
+    return refunded
+
+
+def requeue_dead(dead: list[Job], max_attempts: int, healthy_workers: int = 1) -> tuple[list[Job], list[Job]]:
+    """Running jobs whose leases expired, locked by the caller: their workers died. Returns
+    (requeued: send them, dead-lettered).
+
+    By dead worker (lease owner): if it was running suspects (`running_alone`: a suspect group
+    with nothing else in its process), one of them killed it. A group of one is charged; a larger
+    group is split in halves, each a new group, so that a job that kills its worker is found in
+    log2(n) deaths, not n; its other jobs (held, not on the GPU) go back as they were. With no
+    suspects on its GPU, every job it held becomes a suspect, all of them one group: they run
+    together again (in loops, with nothing else), and split only if that kills a worker too.
+    """
+    by_owner: dict[str | None, list[Job]] = defaultdict(list)
+    for job in dead:
+        by_owner[job.lease_owner].append(job)
+    requeued: list[Job] = []
+    lettered: list[Job] = []
+    for owner, held in by_owner.items():
+        suspects = sorted((j for j in held if j.running_alone), key=lambda j: j.id)
+        innocent = [j for j in held if not j.running_alone]
+        if len(suspects) == 1:
+            job = suspects[0]
+            error = f"its worker died while running it alone (attempt {job.attempts})"
+            (requeued if _charge(job, error, max_attempts, owner, healthy_workers) else lettered).append(job)
+        elif suspects:
+            half = len(suspects) // 2
+            for group in (suspects[:half], suspects[half:]):
+                _suspects(group)
+            for job in suspects:
+                _requeue(job)
+            requeued += suspects
+        if not suspects:
+            _suspects(innocent)
+        for job in innocent:
+            _requeue(job)
+        requeued += innocent
+    return requeued, lettered
+
+
+def _suspects(group: list[Job]) -> None:
+    """`group` runs again together as suspects of one group of their own, with nothing else."""
+    name = uuid.uuid4().hex[:16]
+    for job in group:
+        job.suspect = True
+        job.suspect_group = name
+
+
+def requeue_expired(job: Job, max_attempts: int, healthy_workers: int = 1) -> bool:
+    """One running job whose lease expired (its holder died), as `requeue_dead` takes it back.
+    True when it goes back to the queue."""
+    requeued, _ = requeue_dead([job], max_attempts, healthy_workers)
+    return bool(requeued)
 
 
 def release(session: Session, owner: str, job_ids: Iterable[str]) -> list[str]:
@@ -241,9 +362,13 @@ def release(session: Session, owner: str, job_ids: Iterable[str]) -> list[str]:
     return released
 
 
-def cancel(session: Session, job_id: str) -> Job:
+def cancel(session: Session, job_id: str, *, reason: str | None = None) -> Job:
+    """Cancel a queued or running job (IllegalTransition once it has ended). `reason`, when given
+    (a cancel that did not come from `sdqueue cancel`), is kept in the job's error."""
     job = get_job(session, job_id, lock=True)
     transition(job, JobState.CANCELLED)
+    if reason is not None:
+        job.error = reason
     return job
 
 

@@ -60,8 +60,16 @@ GPU_MEMORY_RESERVED = Metric("sdqueue_worker_gpu_memory_reserved_bytes", "gauge"
 GPU_UTILIZATION = Metric("sdqueue_worker_gpu_utilization_ratio", "gauge",
                          "share of the last sample period a kernel ran on the GPU (NVML; absent without it)", ("device",))
 
+QUARANTINED = Metric("sdqueue_worker_quarantined", "gauge",
+                     "1 while the worker is quarantined: it saw a fault of its host and takes no work until a "
+                     "probe passes (worker/quarantine.py)")
+SPOOL_BYTES = Metric("sdqueue_worker_spool_bytes", "gauge", "images waiting in the spool for the object store")
+SPOOL_DISK_FULL = Metric("sdqueue_worker_spool_disk_full", "gauge",
+                         "1 while the spool's disk is too full to take images: no new batch starts")
+
 WORKER = (WORKER_INFO, IMAGES, JOBS_ENDED, FAILURES, OUT_OF_MEMORY, OCCUPANCY, STEP_SECONDS, QUEUE_SECONDS,
-          GPU_SECONDS, JOBS_HELD, GPU_MEMORY_ALLOCATED, GPU_MEMORY_RESERVED, GPU_UTILIZATION)
+          GPU_SECONDS, JOBS_HELD, GPU_MEMORY_ALLOCATED, GPU_MEMORY_RESERVED, GPU_UTILIZATION, QUARANTINED,
+          SPOOL_BYTES, SPOOL_DISK_FULL)
 
 # --- the API: the database and the broker, read at every scrape --------------------------------
 

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # worker stops starting batches until uploads drain it. Empty: the data dir's spool/.
     spool_dir: Path | None = None
     spool_max_bytes: int = Field(default=2 * 2**30, gt=0)
+    # The spool's disk: while the spool is in use with less than this free, or once an image did not
+    # fit, the worker starts no batch until there is room again (or the object store is back).
+    spool_min_free_bytes: int = Field(default=256 * 2**20, ge=0)
     # Batching: the most pixels (width x height x images) one denoising loop holds; 0 sizes it
     # from the GPU's memory (8 images of 768x768 on an 80 GB card).
     pixel_budget: int = Field(default=0, ge=0)
@@ -83,6 +86,15 @@ class Settings(BaseSettings):
     # Interactive jobs go before bulk ones (runs), but while bulk jobs wait, at least one batch in
     # this many is led by the oldest job whatever its priority: 1 ignores priorities then.
     bulk_share: int = Field(default=4, ge=1)
+    # Quarantine (worker/quarantine.py): a worker that fails this many different jobs in a row with
+    # the same error, while other workers succeed with jobs like them, stops taking work as it
+    # does on a fault of its host; it probes itself first after probe_interval seconds, then at
+    # twice the interval after each failed probe (up to 10 minutes). quarantine_exit: 0 stays up
+    # and probes; any other value is the status the worker exits with, for its orchestrator to
+    # restart or replace it.
+    quarantine_after: int = Field(default=3, ge=2, le=1000)
+    probe_interval: float = Field(default=30, gt=0, le=3600)
+    quarantine_exit: int = Field(default=0, ge=0, le=255)
 
     # The HTTP API (`sdqueue api`): "on" needs a key (`sdqueue keys create`) on every request but
     # /healthz and /readyz; "off" is for a trusted network only, and says so loudly at start.

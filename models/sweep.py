@@ -5,6 +5,12 @@ Run periodically inside every worker and on demand by `sdqueue sweep`. Several s
 are safe: rows are taken with FOR UPDATE SKIP LOCKED on PostgreSQL (a plain transaction on
 SQLite, whose writers take turns), every change is conditional on the state it read, and sending a
 job's message twice only costs the second delivery a look at the database.
+
+A lease runs past its expiry while its worker cannot reach the database (its heartbeat cannot
+renew it), so a lease that expired does not prove its worker dead. Two things keep a sweeper off
+a live worker's jobs: it takes no lease whose owner's heartbeat is fresh in the worker registry
+(models/workers.py), and it takes none until the database has answered it for a whole lease since
+the database came back to it, or since the database started (`expiry_wait`, `settle`).
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import exists, func, or_, select, text, update
+from sqlalchemy.orm import Session
 
 from models import broker, jobs
 from models.db import Database
+from models.outage import wait_out
 from models.settings import Settings
 from models.storage import Storage
 from models.tables import Image, Job, JobState, Upload, utcnow
+from models.workers import healthy_workers, live_worker_names
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,71 @@ class Sweeper:
         self.storage = storage
         self.send = send
         self._last_scan = float("-inf")
+        # Since when (monotonic) the database answers this sweeper without a break; None after it
+        # could not be reached, until it answers again. -inf: no outage seen.
+        self.reachable_since: float | None = float("-inf")
+
+    # 0. whether leases may be taken back yet: not before the database has answered for a whole
+    #    lease since it came back or started, so that the workers whose heartbeats it could not
+    #    take meanwhile renew their leases first.
+    def database_lost(self) -> None:
+        """The database could not be reached (before this sweeper was made, say): its next answer
+        counts as its return."""
+        self.reachable_since = None
+
+    def expiry_wait(self) -> tuple[float, str]:
+        """Seconds before this sweeper may take leases back (0: now), and why not before. Asks the
+        database: raises its error while it cannot be reached, and then counts the next answer as
+        its return."""
+        try:
+            with self.db.session() as session:
+                uptime = self._database_uptime(session)
+        except Exception:
+            self.reachable_since = None
+            raise
+        now = time.monotonic()
+        if self.reachable_since is None:
+            self.reachable_since = now
+        lease = self.settings.lease_seconds
+        wait, why = self.reachable_since + lease - now, f"the database came back {now - self.reachable_since:.0f} s ago"
+        if uptime is not None and lease - uptime > wait:
+            wait, why = lease - uptime, f"the database started {uptime:.0f} s ago"
+        return max(0.0, wait), why
+
+    def settle(self, *, say: Callable[[str], None] | None = None, poll: float = 1.0) -> float:
+        """Return once this sweeper may take leases back (`expiry_wait` says 0), asking the database
+        every `poll` seconds meanwhile; an outage is waited out (up to `outage_timeout`, then
+        OutageTooLong) and starts the lease again. `say` hears once how long it waits and why.
+        Returns the seconds waited."""
+        started = time.monotonic()
+        told = False
+        while True:
+            left, why = wait_out(self.expiry_wait, "sweep: the database", timeout=self.settings.outage_timeout)
+            if left <= 0:
+                return time.monotonic() - started
+            if say is not None and not told:
+                say(f"waiting {left:.0f} s before taking any lease back: {why}, and its workers get one lease "
+                    f"({self.settings.lease_seconds:g} s) to renew theirs")
+                told = True
+            time.sleep(min(left, poll))
+
+    def _database_uptime(self, session: Session) -> float | None:
+        """Seconds since the PostgreSQL server started, by its own clock (None on SQLite)."""
+        if self.db.engine.dialect.name != "postgresql":
+            session.execute(text("SELECT 1"))
+            return None
+        return float(session.scalar(text("SELECT EXTRACT(EPOCH FROM now() - pg_postmaster_start_time())")))
+
+    def live_workers(self) -> set[str] | None:
+        """The names (lease owners) of the workers whose heartbeat is fresh in the registry; empty
+        with the in-process broker, which has no registry (the database alone decides); None when
+        the registry cannot be read."""
+        try:
+            return live_worker_names(self.settings)
+        except Exception as exc:
+            log.warning("sweep: no lease expired this time: the worker registry cannot be read (%s), so live "
+                        "workers cannot be told from dead ones", exc)
+            return None
 
     def sweep(self, *, expire: bool = True, orphan_grace: float | None = None, force_scan: bool = False) -> SweepReport:
         report = SweepReport()
@@ -68,21 +142,28 @@ class Sweeper:
 
     # 1. running jobs whose lease expired: their worker died (or lost the database for longer than
     #    a lease); suspects of a shared crash run alone next, a job that crashed alone is charged.
+    #    Not a lease whose worker's heartbeat is fresh in the registry: that worker lives, and its
+    #    lease ran out only because it could not reach the database to renew it.
     def requeue_expired(self, report: SweepReport) -> None:
+        live = self.live_workers()
+        if live is None:
+            return  # the registry cannot be read: live workers' leases cannot be told from dead ones'
         while True:
             with self.db.session() as session:
                 expired = session.scalars(
                     select(Job)
-                    .where(Job.state == JobState.RUNNING.value, Job.lease_expires_at < utcnow())
+                    .where(Job.state == JobState.RUNNING.value, Job.lease_expires_at < utcnow(),
+                           or_(Job.lease_owner.is_(None), Job.lease_owner.not_in(live)))
                     .limit(BATCH)
                     .with_for_update(skip_locked=True)
                 ).all()
                 back: dict[str | None, list[str]] = defaultdict(list)
-                for job in expired:
-                    if jobs.requeue_expired(job, self.settings.max_attempts):
+                if expired:
+                    requeued, lettered = jobs.requeue_dead(list(expired), self.settings.max_attempts,
+                                                           healthy_workers(self.settings))
+                    for job in requeued:
                         back[job.queue].append(job.id)
-                    else:
-                        report.dead_lettered.append(job.id)
+                    report.dead_lettered += [job.id for job in lettered]
             for queue, job_ids in back.items():
                 report.expired += job_ids
                 self._send(job_ids, queue)

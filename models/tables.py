@@ -131,10 +131,16 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(255), default=None)
     lease_token: Mapped[int] = mapped_column(Integer, default=0)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
-    # Its worker died while it shared a batch: the next claim runs it alone, so a job that kills
-    # its worker is found without charging its batch mates.
+    # The worker (lease owner) of each charged failure: it is dead-lettered only once it failed on
+    # two of them (or on the only healthy one), never by one host's repeated fault.
+    failed_on: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    # Its worker died while it shared the GPU: it runs again with the other suspects of its group
+    # and nothing else, so a job that kills its worker is found without charging its batch mates;
+    # each death of a group splits it in halves (models/jobs.py `requeue_dead`).
     suspect: Mapped[bool] = mapped_column(default=False)
-    # Set while it runs alone on the GPU: a worker that dies then is charged to this job only.
+    suspect_group: Mapped[str | None] = mapped_column(String(36), default=None)
+    # Set while it runs on the GPU with its suspect group only: a worker that dies then was killed
+    # by one of that group (a group of one: by this job, which is charged).
     running_alone: Mapped[bool] = mapped_column(default=False)
     # Where its messages go, and when the last was sent: a queued job whose message the broker
     # lost is sent again, to its own queue.

@@ -24,6 +24,11 @@ job rows say what really happened. A status holds:
     images_done   images stored and recorded since it started
     images_per_s  over the last minute (or since it started, if that is less)
     draining      shutting down: it takes no new job
+    quarantined   None, or why it takes no work: {"reason", "since" (Unix time), "probes" (failed so
+                  far), "next_probe" (Unix time)}: it saw a fault of its host, gave back its jobs,
+                  and takes work again once a short known job (the probe) passes
+    spool         {"bytes", "max_bytes", "free_bytes", "disk_full"}: images waiting for the object
+                  store, and the free space of the spool's disk (disk_full: no new batch starts)
 """
 
 from __future__ import annotations
@@ -145,6 +150,28 @@ def list_workers(settings: Settings) -> list[dict[str, Any]]:
         return registry.workers()
     finally:
         registry.close()
+
+
+def live_worker_names(settings: Settings) -> set[str]:
+    """The names (lease owners) of the workers whose status is fresh in the registry; empty with the
+    in-process broker, which has none. Raises the broker's error when it cannot be read."""
+    if not uses_redis(settings):
+        return set()
+    return {str(status["name"]) for status in list_workers(settings) if status.get("name")}
+
+
+def healthy_workers(settings: Settings) -> int:
+    """How many live workers of this deployment are not quarantined (at least 1: the asker, or
+    whoever will run the job next). 1 with the in-process broker, or when the registry cannot be
+    read: one host's faults are then judged as if it were alone."""
+    if not uses_redis(settings):
+        return 1
+    try:
+        statuses = list_workers(settings)
+    except Exception as exc:
+        log.debug("worker registry not read: %s", exc)
+        return 1
+    return max(1, sum(1 for status in statuses if not status.get("quarantined")))
 
 
 def forget(settings: Settings, name: str) -> None:

@@ -486,15 +486,33 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from models.errors import ServiceUnavailable
+    from models.outage import wait_out
     from models.sweep import Sweeper
 
     settings = load_settings()
     configure_logging(settings, "WARNING")  # the report is the output; the log says what went wrong
-    client = Client(settings)
-    report = Sweeper(client.settings, client.db, client.storage, client.send).sweep(
-        orphan_grace=args.orphan_grace, force_scan=True)
-    print(report)
-    client.close()
+    unreachable: list[ServiceUnavailable] = []
+
+    def connect() -> Client:
+        try:
+            return Client(settings)
+        except ServiceUnavailable as exc:
+            unreachable.append(exc)
+            raise
+
+    # Run during an outage (a CronJob fires whatever the database does), it waits the outage out;
+    # then, like every sweeper, it takes no lease back before the database has answered for a
+    # whole lease since it came back or started: its workers renew their leases first.
+    client = wait_out(connect, "sweep: the database", timeout=settings.outage_timeout)
+    try:
+        sweeper = Sweeper(client.settings, client.db, client.storage, client.send)
+        if unreachable:
+            sweeper.database_lost()
+        sweeper.settle(say=lambda line: print(line, flush=True))
+        print(sweeper.sweep(orphan_grace=args.orphan_grace, force_scan=True))
+    finally:
+        client.close()
     return 0
 
 

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any, Callable
 from sqlalchemy import delete
 
 from models import jobs
-from models.broker import announce_cancel, uses_redis
+from models.broker import uses_redis
+from models.cancel import cancel_job
 from models.constants import GENERATE_TASK
 from models.db import Database
 from models.errors import BadDestination, ConfigError, InvalidRequest, JobTimeout, ServiceUnavailable
-from models.events import Subscription, publish_state
+from models.events import Subscription
 from models.request import GenerationRequest, parse_request
 from models.settings import Settings, load_settings
 from models.storage import open_storage
@@ -258,13 +259,7 @@ class Client:
         its worker hears of it (at once through the broker, or at its next heartbeat), and none
         of its images is recorded.
         """
-        with self.db.session() as session:
-            jobs.cancel(session, job_id)
-        try:
-            announce_cancel(self.settings, job_id)
-        except Exception:  # only a hint: the worker's heartbeat reads the row anyway
-            pass
-        publish_state(self.settings, [job_id], JobState.CANCELLED.value)  # wakes waiters; never raises
+        cancel_job(self.settings, self.db, job_id)
         return self.get(job_id)
 
     def close(self) -> None:

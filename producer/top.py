@@ -5,7 +5,8 @@ costs its section only: the workers' live statuses (models/workers.py), the dept
 interactive and bulk queues (Redis), the jobs by state (the database, every queue, as /metrics
 counts them) and the runs not finished. On a terminal the frame is redrawn in place every
 `interval` seconds, on the alternate screen as `top` does; otherwise (a pipe, `--once`) it is
-printed once.
+printed once. A worker that takes no work says why under its name: quarantined (a fault of its
+host: the reason, and when it probes itself again), or its spool's disk full.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sqlalchemy import func, select
 from models.broker import queue_depth, redis_client, uses_redis
 from models.constants import worker_queues
 from models.jobs import aware
+from models.settings import Settings
 from models.tables import Job, JobState
 from models.workers import list_workers
 from producer.client import Client
@@ -37,7 +39,7 @@ def snapshot(client: Client) -> dict[str, Any]:
     settings = client.settings
     frame: dict[str, Any] = {"at": time.time(), "queue": settings.queue, "errors": {}}
     sources: list[tuple[str, Callable[[], Any]]] = [
-        ("workers", lambda: list_workers(settings)),
+        ("workers", lambda: _workers(settings)),
         ("queues", lambda: _queue_depths(client)),
         ("jobs", lambda: _jobs_by_state(client)),
         ("runs", lambda: _runs_in_progress(client)),
@@ -49,6 +51,12 @@ def snapshot(client: Client) -> dict[str, Any]:
             frame[name] = None
             frame["errors"][name] = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
     return frame
+
+
+def _workers(settings: Settings) -> list[dict[str, Any]]:
+    """The registry's statuses, each with `quarantined` and `spool` (None: not quarantined; no
+    spool, or a worker too old to say)."""
+    return [{"quarantined": None, "spool": None} | status for status in list_workers(settings)]
 
 
 def _queue_depths(client: Client) -> dict[str, int] | None:
@@ -87,7 +95,8 @@ def render(frame: dict[str, Any], width: int = 100) -> list[str]:
     lines += _workers_section(frame)
     lines += [""] + _queues_section(frame)
     lines += [""] + _runs_section(frame)
-    return [line[:width] for line in lines]
+    # Statuses are other processes' words: no control character reaches the terminal.
+    return ["".join(ch if ch.isprintable() else "?" for ch in line)[:width] for line in lines]
 
 
 def _unavailable(frame: dict[str, Any], source: str) -> list[str]:
@@ -99,16 +108,29 @@ def _workers_section(frame: dict[str, Any]) -> list[str]:
     if workers is None:
         return ["WORKERS"] + _unavailable(frame, "workers")
     rate = sum(w.get("images_per_s") or 0.0 for w in workers)
-    lines = [f"WORKERS {len(workers)}   {rate:.2f} images/s"]
+    quarantined = sum(1 for w in workers if w.get("quarantined"))
+    disk_full = sum(1 for w in workers if (w.get("spool") or {}).get("disk_full"))
+    out = []  # workers that take no work, or start no batch
+    if quarantined:
+        out.append(f"{quarantined} QUARANTINED")
+    if disk_full:
+        out.append(f"{disk_full} spool disk full")
+    lines = [f"WORKERS {len(workers)}{' (' + ', '.join(out) + ')' if out else ''}   {rate:.2f} images/s"]
     if not workers:
         return lines + ["  none (a worker publishes its status every SDQUEUE_STATUS_INTERVAL seconds)"]
     for w in workers:
-        state = "draining" if w.get("draining") else "serving"
+        states = []
+        if w.get("draining"):
+            states.append("draining")
+        if w.get("quarantined"):
+            states.append("quarantined")
+        state = ", ".join(states) or "serving"
         age = frame["at"] - w.get("updated_at", frame["at"])
         if age > 10:
             state += f", last seen {_duration(age)} ago"
         up = _duration(max(0.0, frame["at"] - w.get("started_at", frame["at"])))
         lines.append(f"  {w.get('name')}  (host {w.get('host')}, pid {w.get('pid')})  {state}, up {up}")
+        lines += _trouble(w, frame["at"])
         lines.append(f"    {w.get('model')} on {w.get('device')} {w.get('dtype')} ({w.get('batching')})  "
                      f"held {w.get('held', 0)}  waiting {w.get('waiting', 0)}  done {w.get('images_done', 0)}  "
                      f"{w.get('images_per_s', 0.0):.2f} images/s")
@@ -122,6 +144,42 @@ def _workers_section(frame: dict[str, Any]) -> list[str]:
         if not running:
             lines.append("    idle" if not w.get("held") else "    nothing denoising")
     return lines
+
+
+def _trouble(w: dict[str, Any], at: float) -> list[str]:
+    """Why a worker takes no work, and its spool: the lines under its name (none when all is well).
+    The probe comes before the reason, which is long, so that a narrow terminal still shows it."""
+    lines = []
+    quarantine = w.get("quarantined")
+    if isinstance(quarantine, dict):
+        since, next_probe = quarantine.get("since"), quarantine.get("next_probe")
+        held = f" {_duration(max(0.0, at - since))}" if isinstance(since, (int, float)) else ""
+        probe = f"probe {int(quarantine.get('probes') or 0) + 1}"
+        if isinstance(next_probe, (int, float)):
+            probe += f" in {_duration(next_probe - at)}" if next_probe > at else " due now"
+        reason = " ".join(str(quarantine.get("reason") or "no reason given").split())
+        lines.append(f"    QUARANTINED{held} ({probe}): {reason}")
+    spool = w.get("spool")
+    if isinstance(spool, dict):
+        spooled, most = spool.get("bytes") or 0, spool.get("max_bytes")
+        held_bytes = f"{_bytes(spooled)} spooled" + (f" of {_bytes(most)}" if most else "")
+        if spool.get("disk_full"):
+            free = spool.get("free_bytes")
+            lines.append(f"    spool disk full (free {'unknown' if free is None else _bytes(free)}): "
+                         f"no new batch starts; {held_bytes}")
+        elif most and spooled >= most:
+            lines.append(f"    spool full: no new batch starts; {held_bytes} for the object store")
+        elif spooled:
+            lines.append(f"    {held_bytes} for the object store")
+    return lines
+
+
+def _bytes(count: float) -> str:
+    """Decimal units, as the spool logs them: 512 B, 12 MB, 3.5 GB."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.{0 if count >= 10 * size else 1}f} {unit}"
+    return f"{int(count)} B"
 
 
 def _progress(step: int | None, steps: int | None) -> str:

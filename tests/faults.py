@@ -4,13 +4,19 @@
     python -m tests.faults --short    # the CI form (tests/test_faults.py): fewer jobs, short outages
 
 It starts its own Redis, PostgreSQL (initdb on a free port) and SeaweedFS, and several `sdqueue
-worker` processes on the tiny model, which it restarts when they die, as a supervisor would. It
-submits waves of jobs and, while they run: kills a worker with SIGKILL mid-batch, delivers messages
-twice, cancels running jobs, restarts Redis empty, stops S3, stops PostgreSQL, and submits a poison
-job that kills whichever worker runs it. Then it audits: every job succeeded, was cancelled or (the
-poison job only) dead-lettered; none stuck; none run to completion twice; each success one image
-per index, from one claim; no object in S3 that no row references, no row whose object is missing,
-every object's sha256 equal to its row's. It prints the time each recovery took.
+worker` processes on the tiny model, which it restarts when they die, as a supervisor would; their
+spool lies on a small filesystem of its own (a tmpfs, where it may mount one), so that it fills.
+Beside them it starts a broken worker (a module on its path that cannot be imported: a broken
+image) and submits compel jobs, which that worker cannot run. It submits waves of jobs and, while
+they run: kills a worker with SIGKILL mid-batch, delivers messages twice, cancels running jobs,
+revokes queued and running jobs through Celery, restarts Redis empty, stops S3 (the spool's disk
+fills), stops PostgreSQL and runs `sdqueue sweep` the moment it is back, and submits a poison job
+that kills whichever worker runs it. Then it audits: every job succeeded, was cancelled or (the
+poison job only) dead-lettered; none charged an attempt but the poison job (host faults are not
+the jobs'); none stuck; none run to completion twice; each success one image per index, from one
+claim; no object in S3 that no row references, no row whose object is missing, every object's
+sha256 equal to its row's; no file left in the spool; no healthy worker quarantined. It prints the
+time each recovery took.
 """
 
 from __future__ import annotations
@@ -61,12 +67,20 @@ class Config:
     outage: float = 30.0  # seconds S3 and PostgreSQL stay down
     settings: dict[str, str] = field(default_factory=dict)  # SDQUEUE_* for the workers (defaults otherwise)
     deadline: float = 1500.0  # seconds for everything to end
+    broken_jobs: int = 0  # compel jobs submitted beside a broken worker (0: no broken worker)
+    revokes: int = 0  # jobs revoked through Celery (half queued, half running)
+    spool_disk: str = ""  # the size of the workers' spool filesystem (a tmpfs), e.g. "2m"; "": not limited
+
+    @classmethod
+    def full(cls) -> Config:
+        return cls(broken_jobs=30, revokes=6, spool_disk="2m")
 
     @classmethod
     def short(cls) -> Config:
-        return cls(workers=2, wave=25, outage=8.0, deadline=600.0, settings={
+        return cls(workers=2, wave=25, outage=8.0, deadline=600.0, broken_jobs=12, revokes=4, spool_disk="2m", settings={
             "SDQUEUE_LEASE_SECONDS": "5", "SDQUEUE_HEARTBEAT_SECONDS": "1", "SDQUEUE_SWEEP_INTERVAL": "1.5",
             "SDQUEUE_REQUEUE_AFTER": "6", "SDQUEUE_MAX_ATTEMPTS": "2", "SDQUEUE_ORPHAN_GRACE": "30",
+            "SDQUEUE_PROBE_INTERVAL": "2",
         })
 
 
@@ -86,6 +100,18 @@ class Report:
     duplicates_sent: int = 0
     cancelled_running: list[str] = field(default_factory=list)
     cancelled_with_images: list[str] = field(default_factory=list)
+    charged: list[str] = field(default_factory=list)  # jobs charged an attempt, the poison job aside
+    broken_jobs: list[str] = field(default_factory=list)  # compel jobs submitted beside the broken worker
+    broken_quarantined: bool = False  # the broken worker quarantined itself
+    broken_exit: int | None = None  # its exit status on SIGTERM
+    healthy_quarantined: list[str] = field(default_factory=list)  # log lines: a healthy worker quarantined
+    revoked: list[str] = field(default_factory=list)
+    revoked_not_cancelled: list[str] = field(default_factory=list)  # revoked, yet not cancelled with the reason
+    spool_disk_full: int = 0  # jobs given back uncharged because the spool's disk was full (logged)
+    spool_left: list[str] = field(default_factory=list)  # files left in the spool at the end
+    sweep_after_outage: str = ""  # what `sdqueue sweep` printed, run the moment PostgreSQL was back
+    rerun_after_outage: list[str] = field(default_factory=list)  # jobs running then, claimed again since
+    poison_deaths: int = 0  # workers the poison job killed before it was dead-lettered
     recoveries: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -96,6 +122,15 @@ class Report:
             found.append(f"dead letters {self.dead_lettered} are not exactly the poison job {self.poison_id}")
         if not self.cancelled_running:
             found.append("no running job was cancelled")
+        for name in ("charged", "healthy_quarantined", "revoked_not_cancelled", "spool_left", "rerun_after_outage"):
+            if getattr(self, name):
+                found.append(f"{name}: {getattr(self, name)}")
+        if self.broken_jobs and not self.broken_quarantined:
+            found.append("the broken worker did not quarantine itself")
+        if self.broken_jobs and self.broken_exit != 0:
+            found.append(f"the broken worker exited {self.broken_exit} on SIGTERM")
+        if self.sweep_after_outage and "0 expired lease(s) requeued" not in self.sweep_after_outage:
+            found.append(f"sdqueue sweep right after the outage took leases: {self.sweep_after_outage}")
         return found
 
     def exactly_once_problems(self) -> list[str]:
@@ -124,7 +159,15 @@ class Report:
             f"sha256 mismatches         {len(self.sha_mismatches)}",
             f"image sets not one claim  {len(self.image_sets_wrong)}",
             f"duplicate messages sent   {self.duplicates_sent}",
-            f"worker processes died     {self.worker_deaths} (restarted by the suite)",
+            f"worker processes died     {self.worker_deaths} (restarted by the suite; {self.poison_deaths} by the poison job)",
+            f"charged, not the poison   {len(self.charged)}",
+            f"broken worker             {len(self.broken_jobs)} compel jobs beside it; quarantined: "
+            f"{self.broken_quarantined}; exit on SIGTERM: {self.broken_exit}",
+            f"healthy ones quarantined  {len(self.healthy_quarantined)}",
+            f"revoked through Celery    {len(self.revoked)} ({len(self.revoked_not_cancelled)} not cancelled)",
+            f"spool disk full           {self.spool_disk_full} job(s) given back for it; files left: {len(self.spool_left)}",
+            f"sweep right after PG back {self.sweep_after_outage or '-'}",
+            f"re-run after that sweep   {len(self.rerun_after_outage)}",
             "recovery:",
             *(f"  {name:38} {seconds:6.1f} s" for name, seconds in self.recoveries.items()),
             f"total                     {self.seconds:.0f} s",
@@ -267,20 +310,26 @@ class Suite:
 
     def run(self) -> Report:
         started = time.monotonic()
-        with RedisServer(self.workdir / "redis", host=self.host) as self.redis, \
-                PostgresServer(self.workdir / "postgres", host=self.host) as self.pg, \
-                SeaweedServer(self.workdir / "s3", host=self.host) as self.s3:
-            self.setup()
-            try:
-                self.faults()
-                self.wait("every job ended", lambda: not self.rows(Job.state.in_(("queued", "running"))),
-                          timeout=self.cfg.deadline)
-            except TimeoutError as exc:
-                self.log(f"!! {exc}")
-            finally:
-                self.workers.stop()
-                self.audit()
-                self.client.close()
+        spool = self.workdir / "spool"
+        mounted = self.cfg.spool_disk and small_disk(spool, self.cfg.spool_disk, self.log)
+        try:
+            with RedisServer(self.workdir / "redis", host=self.host) as self.redis, \
+                    PostgresServer(self.workdir / "postgres", host=self.host) as self.pg, \
+                    SeaweedServer(self.workdir / "s3", host=self.host) as self.s3:
+                self.setup()
+                try:
+                    self.faults()
+                    self.wait("every job ended", lambda: not self.rows(Job.state.in_(("queued", "running"))),
+                              timeout=self.cfg.deadline)
+                except TimeoutError as exc:
+                    self.log(f"!! {exc}")
+                finally:
+                    self.workers.stop()
+                    self.audit()
+                    self.client.close()
+        finally:
+            if mounted:
+                subprocess.run(["umount", "-l", str(spool)], check=False)
         self.report.seconds = time.monotonic() - started
         return self.report
 
@@ -303,6 +352,8 @@ class Suite:
             "SDQUEUE_SPOOL_DIR": str(self.workdir / "spool"), "SDQUEUE_WORKER_SLOTS": "8",
             "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
             "SDQUEUE_TEST_POISON_PROMPT": POISON,
+            # the spool's small disk fills for real: no margin kept, so writes run out of space
+            **({"SDQUEUE_SPOOL_MIN_FREE_BYTES": "0"} if self.cfg.spool_disk else {}),
             **self.cfg.settings,
         }
         settings_env = {k.removeprefix("SDQUEUE_").lower(): v for k, v in self.env.items()
@@ -321,6 +372,10 @@ class Suite:
     def faults(self) -> None:
         cfg, report = self.cfg, self.report
 
+        # 0. a broken worker beside the healthy ones: compel cannot be imported where it runs
+        if cfg.broken_jobs:
+            self.broken_worker()
+
         # 1. kill -9 of a worker mid-batch; and the poison job
         self.submit_wave()
         poison = self.client.submit({"prompt": POISON, "width": 256, "height": 256, "num_inference_steps": 2})
@@ -336,6 +391,9 @@ class Suite:
                 for state, owner in self.state_of(victims).values()), timeout=300)
         self.log(f"kill -9 of worker {pid} holding {len(victims)} job(s): recovered in "
                  f"{time.monotonic() - killed:.1f} s")
+        self.wait("killed worker's jobs ended", lambda: all(
+            state not in ("queued", "running") for state, _ in self.state_of(victims).values()), timeout=600)
+        report.recoveries[f"kill -9: its {len(victims)} jobs ended (as suspects)"] = time.monotonic() - killed
 
         # 2. second deliveries of running and queued jobs
         ids = self.submit_wave()
@@ -355,6 +413,10 @@ class Suite:
                 pass  # it ended in between
         self.log(f"cancelled {len(report.cancelled_running)} running job(s)")
 
+        # 3b. revoke queued and running jobs through Celery (as Flower or `celery control revoke` does)
+        if cfg.revokes:
+            self.revoke()
+
         # 4. Redis restarted empty while jobs wait
         ids = self.submit_wave()
         queued = [j.id for j in self.rows(Job.state == "queued", Job.id.in_(ids))]
@@ -366,15 +428,19 @@ class Suite:
         self.log(f"Redis restarted empty with {len(queued)} job(s) queued: recovered in "
                  f"{report.recoveries['Redis restarted empty: queued jobs claimed']:.1f} s")
 
-        # 5. S3 away for `outage` seconds, then 6. PostgreSQL
+        # 5. S3 away for `outage` seconds (the spool's disk fills), then 6. PostgreSQL (and
+        #    `sdqueue sweep` run the moment it is back, as the deploy's sweep CronJob may)
         for name, server in (("S3", self.s3), ("PostgreSQL", self.pg)):
             self.submit_wave()
             self.wait("jobs running", lambda: len(self.running()) >= 2)
+            held = {j.id: j.lease_token for j in self.running()}
             server.stop()
             self.log(f"{name} stopped for {cfg.outage:.0f} s")
             time.sleep(cfg.outage)
             server.start()
             back = time.time()
+            if server is self.pg:
+                self.sweep_after_outage(held)
             report.recoveries[f"{name} down {cfg.outage:.0f} s: first success after"] = self.wait(
                 f"a job succeeding after {name} came back", self.first_success_after(back), timeout=600)
             running_then = [j.id for j in self.running()]
@@ -386,6 +452,70 @@ class Suite:
 
         self.wait("the poison job dead-lettered", lambda: self.rows(Job.id == poison, Job.dead_letter.is_(True)),
                   timeout=600)
+
+    def broken_worker(self) -> None:
+        """A worker whose image is broken (a module on its path raises ImportError: compel cannot
+        load) beside the healthy ones, and compel jobs: it must quarantine itself and charge none."""
+        report = self.report
+        broken = self.workdir / "broken-image" / "pyparsing"
+        broken.mkdir(parents=True, exist_ok=True)
+        (broken / "__init__.py").write_text('raise ImportError("this host\'s image is broken: pyparsing (fault suite)")\n')
+        log_path = self.workdir / "logs" / "broken-worker.log"
+        env = {**self.env, "PYTHONPATH": os.pathsep.join([str(broken.parent), str(ROOT)])}
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO"], cwd=ROOT,
+                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.wait("the broken worker ready", lambda: " ready." in log_path.read_text(errors="replace"), timeout=240)
+            started = time.monotonic()
+            ids = [self.client.submit({"prompt": f"a ({word})++ lantern", "use_compel": True, "width": 256,
+                                       "height": 256, "num_inference_steps": 2, "seed": i})
+                   for i, word in enumerate(["red", "green", "blue", "amber", "white", "violet"] * 10)][:self.cfg.broken_jobs]
+            self.job_ids += ids
+            report.broken_jobs = ids
+            report.recoveries[f"broken worker: quarantined after"] = self.wait(
+                "the broken worker quarantined", lambda: "quarantined:" in log_path.read_text(errors="replace"),
+                timeout=300)
+            report.broken_quarantined = True
+            report.recoveries[f"broken worker: its {len(ids)} compel jobs ended"] = self.wait(
+                "the compel jobs ended", lambda: all(state not in ("queued", "running")
+                                                   for state, _ in self.state_of(ids).values()), timeout=600)
+            self.log(f"broken worker quarantined; {len(ids)} compel jobs ended in "
+                     f"{time.monotonic() - started:.1f} s")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                report.broken_exit = proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                report.broken_exit = proc.wait()
+
+    def revoke(self) -> None:
+        report = self.report
+        ids = self.submit_wave()
+        self.wait("jobs running", lambda: len(self.running()) >= 2)
+        half = self.cfg.revokes // 2
+        running = [j.id for j in self.running()[:half]]
+        queued = [j.id for j in self.rows(Job.state == "queued", Job.id.in_(ids))][: self.cfg.revokes - len(running)]
+        report.revoked = running + queued
+        self.client.sender.control.revoke(report.revoked)
+        report.recoveries["Celery revoke: jobs cancelled"] = self.wait(
+            "revoked jobs cancelled", lambda: all(j.state in ("cancelled", "succeeded")
+                                                  for j in self.rows(Job.id.in_(report.revoked))), timeout=120)
+        self.log(f"revoked {len(running)} running and {len(queued)} queued job(s) through Celery")
+
+    def sweep_after_outage(self, held: dict[str, int]) -> None:
+        """`sdqueue sweep` the moment PostgreSQL is back: it must take no lease of a live worker
+        (theirs ran out while they could not renew them); those jobs must not run again."""
+        done = subprocess.run([sys.executable, "-m", "producer.cli", "sweep"], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=600)
+        self.report.sweep_after_outage = " / ".join(
+            line for line in done.stdout.splitlines() if line.strip()) or f"exit {done.returncode}: {done.stderr[-300:]}"
+        self.log(f"sdqueue sweep right after PostgreSQL came back: {self.report.sweep_after_outage}")
+        self.wait("jobs running before the outage ended", lambda: all(
+            j.state not in ("queued", "running") for j in self.rows(Job.id.in_(list(held)))), timeout=600)
+        self.report.rerun_after_outage = [j.id for j in self.rows(Job.id.in_(list(held)))
+                                          if j.lease_token != held[j.id] and j.state == "succeeded"]
 
     def wait_for_busy_worker(self) -> int:
         """The pid of a worker with running jobs."""
@@ -407,6 +537,14 @@ class Suite:
         report = self.report
         report.submitted = len(self.job_ids)
         report.worker_deaths = self.workers.deaths
+        logs = self.workers.logs()
+        report.poison_deaths = logs.count("the poison prompt: this worker process dies now")
+        report.healthy_quarantined = [line for line in logs.splitlines() if "quarantined:" in line]
+        report.spool_disk_full = sum(1 for line in logs.splitlines()
+                                     if "out of space" in line and "given back uncharged" in line)
+        spool = self.workdir / "spool"
+        report.spool_left = sorted(str(p.relative_to(spool)) for p in spool.rglob("*") if p.is_file()
+                                   and not p.name.endswith(".lock")) if spool.is_dir() else []
         # what no job references any more goes now (the workers are stopped: nothing is in flight)
         Sweeper(self.settings, self.client.db, self.client.storage, lambda ids, queue: None).sweep(
             expire=False, orphan_grace=0)
@@ -415,6 +553,9 @@ class Suite:
             images = list(session.scalars(select(Image)))
         report.states = Counter(j.state for j in all_jobs)
         report.dead_lettered = [j.id for j in all_jobs if j.dead_letter]
+        report.charged = [j.id for j in all_jobs if j.failures and j.id != report.poison_id]
+        report.revoked_not_cancelled = [j.id for j in all_jobs if j.id in report.revoked and j.state != "succeeded"
+                                        and not (j.state == "cancelled" and "revoked" in (j.error or ""))]
         report.stuck = [j.id for j in all_jobs if j.state in ("queued", "running")]
         report.image_sets_wrong = image_sets_wrong(all_jobs, images)
         completed = Counter(job_id for job_id, _claim in set(RECORDED.findall(self.workers.logs())))
@@ -435,6 +576,18 @@ class Suite:
                 data = s3.get_object(Bucket=BUCKET, Key=objects[key])["Body"].read()
                 if hashlib.sha256(data).hexdigest() != image.sha256:
                     report.sha_mismatches.append(key)
+
+
+def small_disk(folder: Path, size: str, log: Callable[[str], None]) -> bool:
+    """Mount a tmpfs of `size` at `folder` (root only); False, said once, where that is not allowed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        log(f"the spool's disk is not limited (mount: {done.stderr.strip() or done.returncode})")
+        return False
+    log(f"the workers' spool is a {size} tmpfs: it fills while S3 is down")
+    return True
 
 
 def image_sets_wrong(all_jobs: list[Job], images: list[Image]) -> list[str]:
@@ -467,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, help="keep servers' data and worker logs here (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = parser.parse_args(argv)
-    cfg = Config.short() if args.short else Config()
+    cfg = Config.short() if args.short else Config.full()
     for name in ("workers", "wave", "outage"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))

@@ -180,6 +180,66 @@ def test_dashboard_pages_in_chromium(settings, client, worker, chromium, artifac
     assert sorted(p.name for p in artifacts.glob("*.png")) == ["again.png", "job.png", "live.png", "overview.png", "run.png"]
 
 
+def test_the_workers_panel_says_which_worker_takes_no_work(settings, chromium, make_key):  # noqa: F811
+    """A quarantined worker and one whose spool's disk is full, as their statuses reach the registry
+    (the worker registry of this test's queue), on the overview in Chromium and for a key."""
+    from models.settings import load_settings
+    from models.workers import forget, publish_status
+
+    now = time.time()
+    base = {"host": "gpu-7", "pid": 4242, "model": "sd21", "device": "cuda:0", "dtype": "float16",
+            "batching": "continuous", "started_at": now - 3600, "updated_at": now, "running": [], "loops": [],
+            "images_per_s": 0.0, "draining": False}
+    # the reason is the worker's words, markup included: shown as text, never as a tag
+    reason = "a module cannot be imported (ModuleNotFoundError: No module named '<img src=x id=injected>')"
+    statuses = [
+        {**base, "name": "w-sick", "quarantined": {"reason": reason, "since": now - 130, "probes": 2,
+                                                   "next_probe": now + 40},
+         "spool": {"bytes": 0, "max_bytes": 10**9, "free_bytes": 50 * 10**9, "disk_full": False}},
+        {**base, "name": "w-full", "quarantined": None,
+         "spool": {"bytes": 35_200_000, "max_bytes": 10**9, "free_bytes": 12_000_000, "disk_full": True}},
+        {**base, "name": "w-old"},  # older than quarantine: says neither
+    ]
+    try:
+        for status in statuses:
+            assert publish_status(settings, status, ttl=120)
+        with serving(load_settings(api_auth="off")) as url:
+            page = chromium.new_page(viewport=VIEWPORT)
+            assert page.goto(f"{url}/").status == 200
+            assert page.locator("#quarantined-count").inner_text() == "1 quarantined"
+
+            def row(name: str) -> Any:
+                return page.locator("#workers tr", has=page.locator("code", has_text=name))
+
+            sick = row("w-sick")
+            badge = sick.locator(".badge.quarantined")
+            assert badge.is_visible() and badge.inner_text() == "quarantined"
+            assert sick.locator(".reason").inner_text() == reason
+            assert page.locator("#injected").count() == 0 and sick.locator("img").count() == 0
+            health = sick.locator("td.health").inner_text()
+            assert "for 2m 1" in health and "probe 3 in 3" in health, health  # 40 s less the page's time
+            assert sick.locator(".spool, .spool-bytes").count() == 0  # an empty spool on a roomy disk
+            full = row("w-full")
+            assert full.locator(".badge.disk-full").is_visible()
+            assert full.locator(".spool").inner_text() == "spool disk full free 12.0 MB: no new batch starts"
+            assert full.locator(".spool-bytes").inner_text() == "35.2 MB spooled of 1.0 GB, for the object store"
+            assert "serving" in full.locator("td.health").inner_text()
+            assert full.locator(".badge.quarantined").count() == 0
+            assert row("w-old").locator("td.health").inner_text().strip() == "serving"
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)  # beside the other test's pages, which it clears
+            page.locator("#workers").screenshot(path=str(ARTIFACTS / "workers.png"))
+            page.close()
+        # with a key: the badge, but not the reason (it may quote a job's error, as ids are a job's)
+        with serving(settings) as url, httpx.Client(base_url=url, timeout=30) as http:
+            http.post("/login", data={"token": make_key(), "next": "/"})
+            overview = http.get("/")
+            assert overview.status_code == 200 and "1 quarantined" in overview.text
+            assert "ModuleNotFoundError" not in overview.text and "a fault of its host" in overview.text
+    finally:
+        for status in statuses:
+            forget(settings, status["name"])
+
+
 def workers_shown(page: Any) -> int:
     page.reload()
     return page.locator("#workers td code").count()  # type: ignore[no-any-return]

@@ -188,3 +188,80 @@ def test_illegal_transitions(database):
 
 def test_terminal_states():
     assert {s for s in JobState if s.terminal} == {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+
+
+def test_one_workers_repeated_failures_never_dead_letter_a_job_others_could_run(database):
+    job_id = new_job(database)
+    two_healthy = lambda: 2  # noqa: E731  (the registry's count of workers not quarantined)
+    for attempt in (1, 2):
+        with database.session() as session:
+            found, _ = jobs.claim(session, job_id, "broken", "tiny", lease_seconds=LEASE, max_attempts=2,
+                                  healthy_workers=two_healthy)
+            lease = jobs.lease_of(found)
+        with database.session() as session:
+            assert jobs.charge(session, lease, "RuntimeError: boom", max_attempts=2, healthy_workers=2)
+    row = job(database, job_id)
+    assert row.state == "queued" and row.failures == 2 and row.failed_on == ["broken"] * 2 and not row.dead_letter
+    # the worker it failed on leaves it to another, while there is one
+    with database.session() as session:
+        assert jobs.claim(session, job_id, "broken", "tiny", lease_seconds=LEASE, max_attempts=2,
+                          healthy_workers=two_healthy) == (None, jobs.LEFT_TO_OTHERS)
+    # a second worker fails it too: now it is the job's fault
+    lease, _ = claim(database, job_id, "healthy", max_attempts=2)
+    with database.session() as session:
+        assert not jobs.charge(session, lease, "RuntimeError: boom", max_attempts=2, healthy_workers=2)
+    row = job(database, job_id)
+    assert row.dead_letter and row.failed_on == ["broken", "broken", "healthy"] and row.failures == 3
+
+
+def test_charges_of_a_host_found_at_fault_are_refunded(database):
+    job_id = new_job(database)
+    lease, _ = claim(database, job_id, "broken")
+    with database.session() as session:
+        jobs.charge(session, lease, "RuntimeError: boom", max_attempts=3, healthy_workers=2)
+    with database.session() as session:
+        assert jobs.refund(session, [job_id], "other") == []  # only the charging worker's own
+        assert jobs.refund(session, [job_id], "broken") == [job_id]
+    row = job(database, job_id)
+    assert row.failures == 0 and row.failed_on == [] and row.state == "queued"
+
+
+def test_suspects_that_die_together_are_split_in_halves_until_one_is_charged(database):
+    """A worker dies holding 8 jobs: all become one suspect group. The group runs with nothing
+    else and kills a worker again: halves of 4, then 2, then 1, which is charged: log2(8) rounds."""
+    ids = [new_job(database) for _ in range(8)]
+    poison = ids[5]
+    for job_id in ids:
+        claim(database, job_id, "w0")
+        expire(database, job_id)
+
+    def sweep() -> tuple[list[str], list[str]]:
+        with database.session() as session:
+            dead = list(session.scalars(select(Job).where(Job.state == "running", Job.id.in_(ids)).with_for_update()))
+            requeued, lettered = jobs.requeue_dead(dead, max_attempts=1)
+            return [j.id for j in requeued], [j.id for j in lettered]
+
+    requeued, _ = sweep()
+    assert sorted(requeued) == sorted(ids)
+    rows = [job(database, i) for i in ids]
+    assert all(r.suspect and r.failures == 0 for r in rows) and len({r.suspect_group for r in rows}) == 1
+    rounds = 0
+    while True:
+        # the poison job's group runs on a fresh worker (with nothing else), which dies
+        group = job(database, poison).suspect_group
+        members = [i for i in ids if job(database, i).suspect_group == group and job(database, i).state == "queued"]
+        rounds += 1
+        owner = f"w{rounds}"
+        for job_id in members:
+            lease, _ = claim(database, job_id, owner)
+            with database.session() as session:
+                jobs.running_alone(session, lease)
+            expire(database, job_id)
+        requeued, lettered = sweep()
+        if lettered:
+            break
+        assert len(members) > 1 and sorted(requeued) == sorted(members)
+        halves = {job(database, i).suspect_group for i in members}
+        assert len(halves) == 2 and group not in halves
+    assert lettered == [poison] and rounds == 4  # groups of 8, 4, 2, then the poison job alone
+    assert all(job(database, i).failures == 0 for i in ids if i != poison)

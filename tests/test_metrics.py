@@ -171,6 +171,7 @@ def test_a_worker_serves_its_metrics(settings, client, worker):
     assert info["model"] == "tiny" and info["device"] == "cpu" and info["batching"] == "continuous"
     assert not any(name.startswith("sdqueue_worker_gpu_memory") for name, _ in after)  # the CPU has none
     assert any(name.startswith("process_") for name, _ in after)  # prometheus_client's own
+    assert ("sdqueue_worker_quarantined", frozenset()) in after and value(after, "sdqueue_worker_quarantined") == 0
 
 
 def test_a_taken_metrics_port_moves_to_the_next_and_0_is_off(settings):
@@ -203,6 +204,7 @@ def test_cuda_memory_and_utilisation_are_read_at_scrape_time(monkeypatch):
     monkeypatch.setattr(torch.cuda, "utilization", lambda device: 87)
     collector = EngineCollector()
     collector.engine = SimpleNamespace(hostname="gpu-1", batching="continuous", _held={"a": 1, "b": 2},
+                                       quarantined=False, spool=None,
                                        model=SimpleNamespace(device="cuda:0", spec=SimpleNamespace(name="sd21")))
     registry = CollectorRegistry()
     registry.register(collector)  # type: ignore[arg-type]
@@ -212,6 +214,16 @@ def test_cuda_memory_and_utilisation_are_read_at_scrape_time(monkeypatch):
     assert value(samples, "sdqueue_worker_gpu_memory_reserved_bytes", device="cuda:0") == 4 * 2**30
     assert value(samples, "sdqueue_worker_gpu_utilization_ratio", device="cuda:0") == 0.87
     assert value(samples, "sdqueue_worker_jobs_held") == 2
+    assert ("sdqueue_worker_quarantined", frozenset()) in samples and value(samples, "sdqueue_worker_quarantined") == 0
+    assert not any(name.startswith("sdqueue_worker_spool") for name, _ in samples)  # no spool: no series
+    # quarantined, its spool's disk full: what the dashboard's "Quarantined workers" and "Spool" plot
+    collector.engine.quarantined = True
+    collector.engine.spool = SimpleNamespace(bytes=35_200_000, disk_full=True)
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    assert value(samples, "sdqueue_worker_quarantined") == 1
+    assert value(samples, "sdqueue_worker_spool_bytes") == 35_200_000
+    assert value(samples, "sdqueue_worker_spool_disk_full") == 1
     monkeypatch.setattr(torch.cuda, "utilization", lambda device: (_ for _ in ()).throw(ModuleNotFoundError("pynvml")))
     assert b"utilization" not in generate_latest(registry)  # no NVML: no series, and the rest still served
     assert b"sdqueue_worker_gpu_memory_reserved_bytes" in generate_latest(registry)

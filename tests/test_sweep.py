@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import sys
+import uuid
 from datetime import timedelta
 
+import psycopg
+import pytest
 import redis
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from models import broker, jobs
 from models.storage import object_key_for
-from models.sweep import Sweeper
+from models.sweep import Sweeper, SweepReport
 from models.tables import Job, Upload, utcnow
-from tests.conftest import small
+from models.workers import forget, list_workers, publish_status
+from tests.conftest import small, wait_for
+from tests.servers import free_port
 
 TIMEOUT = 180
 
@@ -135,3 +144,216 @@ def test_a_message_taken_by_a_worker_that_died_before_claiming_is_sent_again(set
             r.hdel("unacked", f"tag-{job_id}")
             r.zrem("unacked_index", f"tag-{job_id}")
         r.close()
+
+
+# Leases that ran out while their worker lived (PostgreSQL down: heartbeats could not renew them).
+
+def running_job(db, owner: str, queue: str) -> str:  # type: ignore[no-untyped-def]
+    """A job row (no message sent) claimed by `owner`, whose lease expired 5 s ago."""
+    from models.request import parse_request
+    from producer.bulk import job_row
+
+    values = job_row(parse_request(small(prompt=f"held by {owner}")), base_queue=queue, priority="interactive",
+                     storage=None)  # type: ignore[arg-type]  (no input image: storage is not used)
+    values.update(state="running", lease_owner=owner, lease_token=1, attempts=1, enqueued_at=utcnow(),
+                  started_at=utcnow(), lease_expires_at=utcnow() - timedelta(seconds=5))
+    with db.session() as session:
+        session.add(Job(**values))
+    return values["id"]
+
+
+def state_of(db, job_id: str) -> str:  # type: ignore[no-untyped-def]
+    with db.session() as session:
+        return session.scalar(select(Job.state).where(Job.id == job_id))
+
+
+def drop_jobs(db, *job_ids: str) -> None:  # type: ignore[no-untyped-def]
+    with db.session() as session:
+        session.execute(delete(Job).where(Job.id.in_(job_ids)))
+
+
+def drop_queue(settings) -> None:  # type: ignore[no-untyped-def]
+    """What sending this test's jobs left in Redis: its queues' lists and kombu's bindings."""
+    r = redis.Redis.from_url(settings.broker_url)
+    try:
+        keys = list(r.scan_iter(match=f"*{settings.queue}*"))
+        if keys:
+            r.delete(*keys)
+    finally:
+        r.close()
+
+
+def test_a_lease_whose_worker_still_publishes_its_status_is_not_taken(settings, client):
+    owner = f"live-{uuid.uuid4().hex[:8]}"
+    job_id = running_job(client.db, owner, settings.queue)
+    sent: list[str] = []
+    try:
+        # its worker lives (it publishes its status) but could not renew its lease
+        assert publish_status(settings, {"name": owner}, ttl=60)
+        report = SweepReport()
+        sweeper(client, sent).requeue_expired(report)
+        assert job_id not in report.expired and job_id not in report.dead_lettered
+        assert state_of(client.db, job_id) == "running"
+        # it dies: its last status expires, and then its lease is taken back
+        assert publish_status(settings, {"name": owner}, ttl=1)
+        wait_for(lambda: owner not in {status["name"] for status in list_workers(settings)}, timeout=60, step=0.2)
+        report = SweepReport()
+        sweeper(client, sent).requeue_expired(report)
+        assert job_id in report.expired and (job_id, settings.queue) in sent
+        assert state_of(client.db, job_id) == "queued"
+    finally:
+        forget(settings, owner)
+        drop_jobs(client.db, job_id)
+
+
+def test_no_lease_is_taken_while_the_worker_registry_cannot_be_read(settings, client, caplog):
+    job_id = running_job(client.db, f"dead-{uuid.uuid4().hex[:8]}", settings.queue)
+    sent: list[str] = []
+    try:
+        cut_off = sweeper(client, sent, broker_url=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+        report = SweepReport()
+        with caplog.at_level(logging.WARNING, logger="models.sweep"):
+            cut_off.requeue_expired(report)
+        assert not report.expired and not report.dead_lettered and not sent
+        assert state_of(client.db, job_id) == "running"
+        assert any("worker registry cannot be read" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+        # the registry readable again, and its owner absent from it: taken back
+        report = SweepReport()
+        sweeper(client, sent).requeue_expired(report)
+        assert job_id in report.expired
+    finally:
+        drop_jobs(client.db, job_id)
+
+
+def test_with_the_in_process_broker_the_database_alone_decides(settings, client):
+    owner = f"live-{uuid.uuid4().hex[:8]}"
+    job_id = running_job(client.db, owner, settings.queue)
+    try:
+        assert publish_status(settings, {"name": owner}, ttl=60)  # a registry the demo's sweeper has no access to
+        report = SweepReport()
+        sweeper(client, [], broker_url="memory://").requeue_expired(report)
+        assert job_id in report.expired
+    finally:
+        forget(settings, owner)
+        drop_jobs(client.db, job_id)
+
+
+def test_a_sweeper_takes_no_lease_until_a_lease_after_the_database_came_back(settings):
+    from models.db import Database
+    from models.settings import load_settings
+    from tests.conftest import POSTGRES_ADMIN_URL
+    from tests.servers import postgres_database
+
+    with postgres_database(POSTGRES_ADMIN_URL) as url:
+        db = Database(url, check=False)  # expiry_wait asks the server, not the tables
+        name = make_url(url).database
+        admin = make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+        try:
+            sw = Sweeper(load_settings(lease_seconds=4, heartbeat_seconds=1), db, None, lambda ids, queue: None)  # type: ignore[arg-type]
+            assert sw.expiry_wait()[0] == 0  # no outage seen, and the server has been up for longer than a lease
+            # the database goes away for this sweeper (its connections dropped, no new one taken) ...
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", [name])
+            with pytest.raises(OperationalError):
+                sw.expiry_wait()
+            # ... and comes back: a whole lease to wait
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            left, why = sw.expiry_wait()
+            assert left > 0 and "came back" in why, (left, why)
+            heard: list[str] = []
+            sw.settle(say=heard.append)
+            assert sw.expiry_wait()[0] == 0
+            assert len(heard) == 1 and heard[0].startswith("waiting ") and "came back" in heard[0]
+        finally:
+            db.dispose()
+
+
+@pytest.fixture(scope="module")
+def private_postgres(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A PostgreSQL server of this module's own, to restart, with the sdqueue schema in `sdqueue`."""
+    from models.db import upgrade
+    from tests.servers import PostgresServer
+
+    with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
+        url = server.create_database("sdqueue")
+        upgrade(url)
+        yield server, url
+
+
+# Long enough that the command starts within it on a busy machine.
+LEASE = 10
+
+
+def sweep_command(url: str) -> subprocess.Popen:
+    env = {**os.environ, "SDQUEUE_DATABASE_URL": url, "SDQUEUE_LEASE_SECONDS": str(LEASE)}
+    return subprocess.Popen([sys.executable, "-m", "producer.cli", "sweep"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def requeued_after_start(db, job_id: str) -> float:  # type: ignore[no-untyped-def]
+    """Seconds between the server's start and the job's requeue, by the one machine's clock."""
+    with db.session() as session:
+        started = session.scalar(text("SELECT pg_postmaster_start_time()"))
+        updated = session.scalar(select(Job.updated_at).where(Job.id == job_id))
+    return (jobs.aware(updated) - started).total_seconds()
+
+
+def test_the_sweep_command_waits_a_lease_after_the_database_started(settings, private_postgres):
+    from models.db import Database
+
+    server, url = private_postgres
+    db = Database(url)
+    job_id = running_job(db, f"dead-{uuid.uuid4().hex[:8]}", settings.queue)
+    sweep: subprocess.Popen | None = None
+    try:
+        server.restart()  # a restart the sweep never saw (the CronJob starts after it)
+        sweep = sweep_command(url)
+        assert sweep.stdout is not None
+        line = sweep.stdout.readline()
+        assert line.startswith("waiting ") and "the database started" in line, line
+        assert state_of(db, job_id) == "running"
+        out, err = sweep.communicate(timeout=120)
+        assert sweep.returncode == 0, err
+        assert out.startswith("1 expired lease(s) requeued"), out
+        assert state_of(db, job_id) == "queued"
+        assert requeued_after_start(db, job_id) >= LEASE
+    finally:
+        if sweep is not None and sweep.poll() is None:
+            sweep.kill()
+            sweep.communicate()
+        drop_jobs(db, job_id)
+        db.dispose()
+        drop_queue(settings)
+
+
+def test_the_sweep_command_started_during_an_outage_waits_it_out_then_a_lease(settings, private_postgres):
+    from models.db import Database
+
+    server, url = private_postgres
+    db = Database(url)
+    job_id = running_job(db, f"dead-{uuid.uuid4().hex[:8]}", settings.queue)
+    sweep: subprocess.Popen | None = None
+    try:
+        server.stop()
+        sweep = sweep_command(url)
+        assert sweep.stdout is not None and sweep.stderr is not None
+        assert any("waiting for it to come back" in line for line in sweep.stderr), "no word of the outage"
+        server.start()
+        line = sweep.stdout.readline()
+        assert line.startswith("waiting ") and "before taking any lease back" in line, line
+        assert state_of(db, job_id) == "running"
+        out, err = sweep.communicate(timeout=120)
+        assert sweep.returncode == 0, err
+        assert out.startswith("1 expired lease(s) requeued"), out
+        assert requeued_after_start(db, job_id) >= LEASE
+    finally:
+        if sweep is not None and sweep.poll() is None:
+            sweep.kill()
+            sweep.communicate()
+        if not server.running:
+            server.start()
+        drop_jobs(db, job_id)
+        db.dispose()
+        drop_queue(settings)

@@ -269,11 +269,12 @@ def test_the_reporter_under_window_batching_and_its_rate(settings, monkeypatch):
     from worker import status as status_module
     from worker.batch import CompatKey
     from worker.batcher import Batcher, PixelBudget, Work
+    from worker.quarantine import Health
 
     batch = [Work(f"job-{n}", CompatKey("img2img", 512, 768, 30, 6), [object()] * 2, 0.0) for n in range(2)]
     engine = SimpleNamespace(
         hostname="w-window", batching="window", on_gpu=batch, keeper=None, draining=False, images_done=0,
-        batcher=Batcher(PixelBudget(512 * 768 * 8), 0.1), loops=None,
+        batcher=Batcher(PixelBudget(512 * 768 * 8), 0.1), loops=None, health=Health(probe_interval=30), spool=None,
         model=SimpleNamespace(spec=SimpleNamespace(name="sd21"), device="cuda:0", dtype_name="float16"))
     clock = [1000.0]
     monkeypatch.setattr(status_module.time, "monotonic", lambda: clock[0])
@@ -284,6 +285,7 @@ def test_the_reporter_under_window_batching_and_its_rate(settings, monkeypatch):
         assert [(r["job_id"], r["step"], r["steps"]) for r in first["running"]] == [
             ("job-0", None, 24), ("job-1", None, 24)]
         assert first["images_per_s"] == 0.0 and first["held"] == 0 and first["waiting"] == 0
+        assert first["quarantined"] is None and first["spool"] is None  # healthy, and no spool
         # 30 images in the first 10 s, then 60 in the next 60 s: the rate is over the last minute
         for seconds, done in ((10, 30), (70, 90)):
             clock[0], engine.images_done = 1000.0 + seconds, done
@@ -291,5 +293,101 @@ def test_the_reporter_under_window_batching_and_its_rate(settings, monkeypatch):
         assert rate == pytest.approx(60 / 60, abs=0.05)
         engine.on_gpu = []
         assert reporter.status()["running"] == [] and reporter.status()["loops"] == []
+        # a fault of its host: why, since when, and when it probes itself, as `sdqueue top` shows them
+        engine.health.enter(SICK_REASON)
+        quarantined = reporter.status()["quarantined"]
+        assert quarantined["reason"] == SICK_REASON and quarantined["probes"] == 0
+        assert quarantined["since"] <= time.time()
+        assert quarantined["next_probe"] == pytest.approx(time.time() + 30, abs=5)
+        engine.spool = SimpleNamespace(bytes=7, max_bytes=100, free_bytes=None, disk_full=True)
+        assert reporter.status()["spool"] == {"bytes": 7, "max_bytes": 100, "free_bytes": None, "disk_full": True}
     finally:
         reporter.stop()
+
+
+# A worker in quarantine, one whose spool's disk is full, and one too old to say either, as their
+# statuses reach the registry (worker/status.py publishes these fields).
+SICK_REASON = "a module cannot be imported (ModuleNotFoundError: No module named 'pyparsing')"
+
+
+def out_of_service(now: float) -> list[dict[str, Any]]:
+    base = {"host": "gpu-7", "pid": 4242, "model": "sd21", "device": "cuda:0", "dtype": "float16",
+            "batching": "continuous", "started_at": now - 3600, "updated_at": now, "held": 0, "waiting": 0,
+            "running": [], "loops": [], "images_done": 12, "images_per_s": 0.0, "draining": False}
+    return [
+        {**base, "name": "w-full", "quarantined": None,
+         "spool": {"bytes": 35_200_000, "max_bytes": 10**9, "free_bytes": 12_000_000, "disk_full": True}},
+        {**base, "name": "w-old"},
+        {**base, "name": "w-sick", "quarantined": {"reason": SICK_REASON, "since": now - 130, "probes": 2,
+                                                   "next_probe": now + 40},
+         "spool": {"bytes": 0, "max_bytes": 10**9, "free_bytes": 50 * 10**9, "disk_full": False}},
+    ]
+
+
+def test_top_shows_a_quarantined_worker_and_a_full_spool_disk(settings, client):
+    from models.workers import forget
+    from producer.top import render, snapshot
+
+    statuses = out_of_service(time.time())
+    try:
+        for status in statuses:
+            assert publish_status(settings, status, ttl=120)
+
+        # (a) the frame: the count in the header, then under each worker why it takes no work
+        once = sdqueue("top", "--once")
+        assert once.returncode == 0, once.stderr
+        lines = once.stdout.splitlines()
+        assert "WORKERS 3 (1 QUARANTINED, 1 spool disk full)   0.00 images/s" in lines, once.stdout
+
+        def under(name: str) -> list[str]:
+            start = next(n for n, line in enumerate(lines) if line.startswith(f"  {name}  "))
+            end = next((n for n in range(start + 1, len(lines)) if not lines[n].startswith("    ")), len(lines))
+            return lines[start:end]
+
+        sick = under("w-sick")
+        assert "(host gpu-7, pid 4242)  quarantined, up 1h00m" in sick[0]
+        # 2m10s in quarantine and the third probe 40 s away, give or take the second the CLI took
+        probe = r"    QUARANTINED 2m1\ds \(probe 3 in 0m[23]\ds\): "
+        assert re.fullmatch(probe + re.escape(SICK_REASON), sick[1]), sick
+        assert sick[2].startswith("    sd21 on cuda:0 float16 (continuous)  held 0") and sick[3] == "    idle"
+        assert not any("spool" in line for line in sick)  # an empty spool on a roomy disk: nothing to say
+        full = under("w-full")
+        assert "  serving, up 1h00m" in full[0]
+        assert full[1] == "    spool disk full (free 12 MB): no new batch starts; 35 MB spooled of 1.0 GB", full
+        old = under("w-old")  # no quarantine or spool in its status: nothing said of either
+        assert "  serving, up 1h00m" in old[0] and len(old) == 3
+
+        # (b) --json: the statuses as published; a worker too old to say has them as null
+        shown = sdqueue("top", "--json")
+        assert shown.returncode == 0, shown.stderr
+        workers = {w["name"]: w for w in json.loads(shown.stdout)["workers"]}
+        assert workers["w-sick"]["quarantined"] == statuses[2]["quarantined"]
+        assert workers["w-full"]["spool"] == statuses[0]["spool"] and workers["w-full"]["quarantined"] is None
+        assert workers["w-old"]["quarantined"] is None and workers["w-old"]["spool"] is None
+
+        # (c) a narrow terminal cuts lines, never the probe: it comes before the reason
+        narrow = render(snapshot(client), width=48)
+        assert all(len(line) <= 48 for line in narrow)
+        assert any(re.fullmatch(r"    QUARANTINED 2m\d\ds \(probe 3 in 0m\d\ds\): a.*", line) for line in narrow)
+    finally:
+        for status in statuses:
+            forget(settings, status["name"])
+
+
+def test_render_a_spool_waiting_and_a_reason_that_is_no_terminals_business():
+    from producer.top import render
+
+    now = time.time()
+    sick, full = out_of_service(now)[2], out_of_service(now)[0]
+    sick = {**sick, "quarantined": {**sick["quarantined"], "reason": "CUDA error\x1b[2J\x1b[31m: ecc\nerror",
+                                    "next_probe": now - 1}}
+    waiting = {**full, "name": "w-waiting", "spool": {**full["spool"], "bytes": 3_500_000, "disk_full": False}}
+    at_most = {**full, "name": "w-at-most", "spool": {**full["spool"], "bytes": 10**9, "disk_full": False}}
+    frame = {"at": now, "queue": "q", "errors": {}, "workers": [sick, waiting, at_most], "queues": {"q": 0},
+             "jobs": {"counts": {}, "oldest_queued_s": None}, "runs": []}
+    text = "\n".join(render(frame, width=200))
+    assert "\x1b" not in text
+    assert "QUARANTINED 2m10s (probe 3 due now): CUDA error?[2J?[31m: ecc error" in text
+    assert "    3.5 MB spooled of 1.0 GB for the object store" in text
+    assert "    spool full: no new batch starts; 1.0 GB spooled of 1.0 GB for the object store" in text
+    assert "WORKERS 3 (1 QUARANTINED)   0.00 images/s" in text

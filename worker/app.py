@@ -11,6 +11,7 @@ from __future__ import annotations
 from celery import Celery
 
 from models.settings import Settings
+from worker.revokes import install_revoke_hook
 
 app = Celery("sdqueue", set_as_current=False)
 
@@ -40,4 +41,5 @@ def configure(settings: Settings) -> Celery:
         worker_redirect_stdouts=False,
     )
     app.sdqueue_settings = settings  # type: ignore[attr-defined]
+    install_revoke_hook()  # a Celery revoke cancels the job (every worker, in-process ones too, comes here)
     return app

@@ -37,16 +37,23 @@ class Work:
     seed: int = 0
     input_key: str | None = None
     run_id: str | None = None  # the run it belongs to, for the logs
-    # Its worker died while it shared a batch: it runs in a batch of its own, so that if it is
-    # what kills workers, it is found without charging its batch mates.
+    # Its worker died while it shared the GPU: it runs with the other suspects of its group
+    # (`suspect_group`) and nothing else in the process, so that if it is what kills workers it
+    # is found without charging its batch mates (each death of a group splits it in halves).
     alone: bool = False
+    suspect_group: str | None = None
     # A continuous loop it was in failed: it runs in a loop of its own (no database mark), so that
     # only the job that fails again is charged.
     isolated: bool = False
 
     @property
+    def suspects(self) -> str | None:
+        """The suspect group it runs with (None: not a suspect)."""
+        return (self.suspect_group or self.job_id) if self.alone else None
+
+    @property
     def group(self) -> Hashable:
-        return (self.key, self.tokens, self.job_id) if self.alone else (self.key, self.tokens)
+        return (self.key, self.tokens, "suspects", self.suspects) if self.alone else (self.key, self.tokens)
 
     @property
     def pixels(self) -> int:
@@ -61,7 +68,9 @@ def loop_group(work: Work) -> Hashable:
     """The continuous loop a job joins: its size and conditioning length (steps, strength and
     guidance may differ), or a loop of its own when it must run alone."""
     shape = (work.key.width, work.key.height, work.tokens)
-    return (*shape, work.job_id) if work.alone or work.isolated else shape
+    if work.isolated:
+        return (*shape, work.job_id)
+    return (*shape, "suspects", work.suspects) if work.alone else shape
 
 
 class PixelBudget:
@@ -150,6 +159,14 @@ class Batcher:
             self._pending = [w for w in self._pending if w.job_id not in job_ids]
             return gone
 
+    def remove_claims(self, leases: set[Any]) -> list[Work]:
+        """Take out the waiting work of these claims (models.jobs.Lease): lost, whatever other claim
+        of the same job may wait here too."""
+        with self._changed:
+            gone = [w for w in self._pending if w.lease in leases]
+            self._pending = [w for w in self._pending if w.lease not in leases]
+            return gone
+
     def take(self, stop: threading.Event, timeout: float = 1.0) -> list[Work]:
         """The next batch, or [] after `timeout` (or on stop) so the caller can prepare new work."""
         deadline = time.monotonic() + timeout
@@ -181,15 +198,16 @@ class Batcher:
         return works
 
     def admit(self, room: Callable[[Work], tuple[int, int]], wait: float = 0.0,
-              stop: threading.Event | None = None, running: int = 0, solo: bool = False) -> list[Work]:
+              stop: threading.Event | None = None, running: int = 0, solo: str | None = None) -> list[Work]:
         """Continuous batching: the waiting prepared jobs that fit in their loops now, in priority
         order (interactive, then by age, with the bulk share kept as `take` keeps it). `room(work)`
         is (pixels in the loop it would join, that loop's budget); an empty loop takes any one job.
         Within a loop no job overtakes an older one that does not fit. With nothing to admit, waits
         up to `wait` seconds for new work (an idle worker starts a job the moment it arrives).
-        A job that must run alone (`Work.alone`: suspected of killing its worker) runs with nothing
-        else in the process: `running` jobs in the loops now, `solo` when such a job runs. Once it
-        leads the order, nothing more is admitted until the loops are empty, so it cannot starve.
+        Suspects (`Work.alone`: their worker died while they shared it) run with their suspect group
+        and nothing else in the process: `running` jobs in the loops now, `solo` the group that runs
+        (None: no suspects run). Once a suspect leads the order, nothing more is admitted until the
+        loops are empty, so it cannot starve; then its whole group comes in.
         """
         deadline = time.monotonic() + wait
         with self._changed:
@@ -202,10 +220,12 @@ class Batcher:
                 used: dict[Hashable, int] = {}
                 blocked: set[Hashable] = set()
                 leads_alone = bool(ready) and ready[0].alone
-                if solo or (leads_alone and running):
+                if solo is not None:  # more of the group that runs, nothing else
+                    ready = [w for w in ready if w.suspects == solo]
+                elif leads_alone and running:
                     ready = []  # the loops drain first
                 elif leads_alone:
-                    ready = ready[:1]
+                    ready = [w for w in ready if w.suspects == ready[0].suspects]
                 else:  # one not first in line waits until it leads
                     ready = [w for w in ready if not w.alone]
                 for work in ready:

@@ -14,9 +14,10 @@ future resolves to:
     succeeded      its images are stored and recorded
     failed         it failed by itself (JobError): a prompt compel cannot parse, NaN, a bad input
     retry          an unexpected error, charged as a failed attempt: back in the queue
-    dead-lettered  that was its last attempt
+    dead-lettered  that was its last attempt (and it failed on two workers, or on the only one)
     lost           no longer ours: cancelled, or claimed again after our lease expired
-    released       given back without charge (shutdown, an outage we stopped waiting out)
+    released       given back without charge (shutdown, an outage we stopped waiting out, a fault
+                   of this host: see worker/blame.py and worker/quarantine.py)
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import torch
 from PIL import Image as PILImage
 
 from models import jobs
-from models.constants import queue_for
+from models.constants import queue_for, worker_queues
+from models.workers import healthy_workers
 from models.db import Database
 from models.errors import JobError, StorageError
 from models.events import Publisher
@@ -50,11 +52,13 @@ from worker.batch import (
     CompatKey, ConditioningCache, Dropped, Sample, StepDone, UnetCall, generate_batch, is_out_of_memory,
 )
 from worker.batcher import Batcher, PixelBudget, Work
+from worker.blame import host_fault, signature
 from worker.loop import Finished, LoopFailed, Loops
 from worker.encode import encode_png, sha256_of
 from worker.leases import LeaseKeeper
 from worker.pipeline import LoadedModel, library_versions
-from worker.spool import Spool
+from worker.quarantine import Health
+from worker.spool import DiskFull, Spool
 from worker.status import StatusReporter
 
 log = logging.getLogger(__name__)
@@ -163,7 +167,15 @@ class Engine:
         self.images_done = 0  # images stored and recorded since it started
         self.on_gpu: list[Work] = []  # window batching: the batch denoising now
         self._held: dict[str, Work] = {}  # every job this engine holds, until it is settled
-        self._lost: set[str] = set()  # held jobs that are no longer ours: their samples leave the loop
+        # Claims that are no longer ours: their samples leave the loop. By claim (lease), not job:
+        # a job given back and claimed again here holds a new lease, which is not lost.
+        self._lost: set[jobs.Lease] = set()
+        self.health = Health()  # quarantined or not (worker/quarantine.py)
+        # Set by `sdqueue worker` (worker/main.py): stop and resume taking messages from the
+        # broker, and exit with a status (SDQUEUE_QUARANTINE_EXIT). None: in-process workers.
+        self.pause_consuming: Callable[[], None] | None = None
+        self.resume_consuming: Callable[[], None] | None = None
+        self.exit_with: Callable[[int], None] | None = None
         self._lock = threading.Lock()
         self._cpu = ThreadPoolExecutor(max_workers=cpu_workers, thread_name_prefix="sdqueue-cpu")
         self._in_flight = threading.BoundedSemaphore(max_in_flight)
@@ -176,11 +188,12 @@ class Engine:
         """Start what a worker serving jobs needs beside the GPU loop: leases, the spool, events."""
         self.settings = settings
         self._send = send
+        self.health = Health(settings.quarantine_after, settings.probe_interval)
         self.events = EventRelay(Publisher(settings))
-        self.keeper = LeaseKeeper(settings, self.db, self.hostname, self.lose)
+        self.keeper = LeaseKeeper(settings, self.db, self.hostname, self.lose, self.send_forgotten)
         assert settings.spool_dir is not None
         self.spool = Spool.open(settings.spool_dir, settings.spool_max_bytes, self.storage, self.keeper.still_held,
-                                give_up_after=settings.outage_timeout)
+                                give_up_after=settings.outage_timeout, min_free_bytes=settings.spool_min_free_bytes)
         self.reporter = StatusReporter(settings, self)
 
     @property
@@ -199,6 +212,10 @@ class Engine:
     def draining(self) -> bool:
         return self._draining.is_set()
 
+    @property
+    def quarantined(self) -> bool:
+        return self.health.quarantined
+
     # --- what task threads call ------------------------------------------------------------------
 
     def announce(self, job_id: str, state: str) -> None:
@@ -210,14 +227,18 @@ class Engine:
         """Keep the lease of a job just claimed alive, from now until it is settled."""
         assert self.keeper is not None, "the engine is not serving"
         with self._lock:
+            earlier = self._held.get(work.job_id)
+            if earlier is not None and earlier.lease != work.lease:
+                # Claimed again: the earlier claim here is no longer ours (its samples leave the loop).
+                self._lost.add(earlier.lease)
             self._held[work.job_id] = work
         self.keeper.hold(work.lease)
 
     def submit(self, work: Work) -> Future:
         """Queue a held job for a batch; its future resolves to how the job ended."""
-        if self._stop.is_set() or self._draining.is_set():
+        if self._stop.is_set() or self._draining.is_set() or self.quarantined:
             self._on_pool(self._give_back, [work])
-        elif work.job_id in self._lost:
+        elif work.lease in self._lost:
             self.settle(work, "lost")
         else:
             self.batcher.put(work)
@@ -226,6 +247,17 @@ class Engine:
     def fail(self, work: Work, error: JobError) -> Future:
         """The job failed by itself before it reached a batch (e.g. its input image is unreadable)."""
         self._on_pool(self._fail, work, error)
+        return work.future
+
+    def send_forgotten(self, forgotten: list[tuple[str, str | None]]) -> None:
+        """Claims of this worker's that it never held (their commit's answer was lost in an outage),
+        given back by the heartbeat: their messages go out again, each to its queue."""
+        for queue in sorted({q or "" for _, q in forgotten}):
+            self.send_again([job_id for job_id, q in forgotten if (q or "") == queue], queue or None)
+
+    def charge(self, work: Work, exc: BaseException) -> Future:
+        """An error of a job before it reached a batch: charged, or given back if the host's."""
+        self._on_pool(self._charge, work, exc)
         return work.future
 
     def give_back(self, work: Work) -> Future:
@@ -261,15 +293,16 @@ class Engine:
 
     # --- leases -----------------------------------------------------------------------------------
 
-    def lose(self, job_ids: set[str]) -> None:
-        """These jobs are no longer ours: waiting ones are dropped, running ones leave the loop."""
+    def lose(self, leases: set[jobs.Lease]) -> None:
+        """These claims are no longer ours: waiting ones are dropped, running ones leave the loop."""
         with self._lock:
-            job_ids = {job_id for job_id in job_ids if job_id in self._held}
-            self._lost |= job_ids
-        for work in self.batcher.remove(job_ids):
+            leases = {lease for lease in leases
+                      if lease.job_id in self._held and self._held[lease.job_id].lease == lease}
+            self._lost |= leases
+        for work in self.batcher.remove_claims(leases):
             self.settle(work, "lost")
         if self.spool is not None:
-            self.spool.drop(job_ids)
+            self.spool.drop_claims(leases)
 
     def settle(self, work: Work, outcome: str) -> None:
         with self._lock:
@@ -277,7 +310,7 @@ class Engine:
             ours = self._held.get(work.job_id) in (work, None)
             if ours:
                 self._held.pop(work.job_id, None)
-                self._lost.discard(work.job_id)
+            self._lost.discard(work.lease)
         if self.keeper is not None and ours:
             self.keeper.forget(work.job_id)
         if work.future.done():
@@ -289,7 +322,8 @@ class Engine:
         work.future.set_result(outcome)
 
     def _dropped(self) -> frozenset[str]:
-        return frozenset(self._lost)
+        """The jobs whose samples leave a window batch now (a batch holds one claim of a job)."""
+        return frozenset(lease.job_id for lease in self._lost)
 
     def _outage(self, action: Callable[[], Any], what: str) -> Any:
         timeout = self.settings.outage_timeout if self.settings is not None else 60.0
@@ -313,7 +347,7 @@ class Engine:
         self._draining.set()
         with self._lock:
             held = list(self._held.values())
-            self._lost |= {w.job_id for w in held}
+            self._lost |= {w.lease for w in held}
         log.warning("stopping now: giving back %d job(s)", len(held))
         if held:
             self._give_back(held, timeout=timeout)
@@ -359,14 +393,17 @@ class Engine:
             self._continuous()
             return
         while not self._stop.is_set():
+            if self.quarantined:
+                self._while_quarantined()
+                continue
             if self.spool is not None and self.spool.full:
-                self._stop.wait(0.2)  # the store is away and the spool is full: take no more work
+                self._stop.wait(0.2)  # the store is away and the spool (or its disk) is full: take no more work
                 continue
             for work in self.batcher.unprepared():
                 self._prepare(work)
             batch = []
             for work in self.batcher.take(self._stop, timeout=0.5):
-                if work.job_id in self._lost:  # lost between the batcher and here
+                if work.lease in self._lost:  # lost between the batcher and here
                     self.settle(work, "lost")
                 else:
                     batch.append(work)
@@ -386,15 +423,23 @@ class Engine:
         one UNet call, and jobs whose schedules ended go to the CPU pool."""
         loops = self.loops
         while not self._stop.is_set():
+            if self.quarantined:
+                self._while_quarantined()
+                continue
             self._prepare_all(self.batcher.unprepared())
-            lost = self._dropped()
-            if lost:
-                for work in loops.drop(lost):
+            if self._lost:
+                lost = set(self._lost)
+                for work in loops.drop(lambda w: w.lease in lost):
                     self.settle(work, "lost")
-            taking = self.spool is None or not self.spool.full  # the store is away and the spool full
+            taking = self.spool is None or not self.spool.full  # the store is away and the spool (or its disk) full
             if taking:
-                for work in self.batcher.admit(loops.room, wait=0.0 if len(loops) else 0.5, stop=self._stop,
-                                               running=len(loops), solo=loops.solo):
+                admitted = self.batcher.admit(loops.room, wait=0.0 if len(loops) else 0.5, stop=self._stop,
+                                              running=len(loops), solo=loops.solo)
+                # Suspects say they are on the GPU, all of them before any starts: if the worker
+                # dies now, one of this group is the cause.
+                for work in self._mark_alone([w for w in admitted if w.alone], True):
+                    admitted.remove(work)
+                for work in admitted:
                     self._join(work)
             if not len(loops):
                 if not taking:
@@ -415,11 +460,8 @@ class Engine:
                 self._finished(finished)
 
     def _join(self, work: Work) -> None:
-        if work.job_id in self._lost:  # lost between the batcher and here
+        if work.lease in self._lost:  # lost between the batcher and here
             self.settle(work, "lost")
-            return
-        # A job suspected of killing its worker runs alone, and says so while it is on the GPU.
-        if work.alone and self.settings is not None and not self._mark_alone(work, True):
             return
         poison = os.environ.get(POISON_ENV)
         if poison and any(s.prompt.text == poison for s in work.samples):
@@ -431,14 +473,18 @@ class Engine:
             ready = self.loops.admit(work)
         except Exception as exc:  # e.g. an input image the loop cannot take: this job alone
             log.exception("job %s could not join its loop", work.job_id, extra=about(work.job_id, work.run_id))
-            self._cpu.submit(self._charge, work, exc)
+            self._cpu.submit(self._charge, work, exc)  # or, a fault of this host: given back
             return
         if ready is not None:  # img2img of strength 0: its input is its image
             self._finished([ready])
 
     def _loop_failed(self, failure: LoopFailed) -> None:
         """A model call failed: each of its jobs runs again in a loop of its own, and only a job
-        that fails alone is charged."""
+        that fails alone is charged. A fault of this host is nobody's job: all go back."""
+        reason = host_fault(failure.cause)
+        if reason is not None:
+            self._host_fault(reason, [m.work for m in failure.members])
+            return
         if len(failure.members) > 1:
             log.warning("a loop of %d jobs failed (%s): running each job alone", len(failure.members), failure)
             for member in failure.members:
@@ -454,9 +500,8 @@ class Engine:
         """Jobs whose images are made: one record of the run for those that ended in this step,
         then encoding, uploads and rows on the CPU pool."""
         works = [member.work for member, _, _ in finished]
-        for work in [w for w in works if w.alone and self.settings is not None]:
-            if not self._mark_alone(work, False):
-                works.remove(work)
+        for work in self._mark_alone([w for w in works if w.alone], False):
+            works.remove(work)
         finished = [f for f in finished if f[0].work in works]
         if not finished:
             return
@@ -511,10 +556,13 @@ class Engine:
 
     def _run(self, batch: list[Work]) -> None:
         key = batch[0].key
-        # A job suspected of killing its worker runs alone, and says so while it is on the GPU:
-        # if the worker dies then, this job is the cause.
-        alone = batch[0] if len(batch) == 1 and batch[0].alone and self.settings is not None else None
-        if alone is not None and not self._mark_alone(alone, True):
+        # Suspects run with their group only, and say so while on the GPU: if the worker dies then,
+        # one of them is the cause.
+        alone = [w for w in batch if w.alone]
+        for work in self._mark_alone(alone, True):
+            batch.remove(work)
+            alone.remove(work)
+        if not batch:
             return
         samples = [s for w in batch for s in w.samples]
         conditioning = [c for w in batch for c in w.conditioning or []]
@@ -530,12 +578,16 @@ class Engine:
             results = self.generate(key, samples, conditioning, dropped=self._dropped,
                                     step_done=self.events.progress if self.events is not None else None)
         except Exception as exc:
+            reason = host_fault(exc)
+            if reason is not None:  # not a job's: all go back, uncharged
+                self._host_fault(reason, batch)
+                return
             if len(batch) > 1:
                 # Which job is it? Each runs alone; only the one that fails again is charged.
                 log.warning("batch %s of %d jobs failed (%s: %s): running each job alone", key, len(batch),
                             type(exc).__name__, exc)
                 for work in batch:
-                    if work.job_id in self._lost:
+                    if work.lease in self._lost:
                         self.settle(work, "lost")
                     else:
                         self._run([work])
@@ -549,8 +601,7 @@ class Engine:
         metrics.on_gpu([seconds] * len(batch))
         if key.steps > key.start_step:  # a mean over the batch's steps, its decode included
             metrics.steps(len(samples), seconds / (key.steps - key.start_step), key.steps - key.start_step)
-        if alone is not None and not self._mark_alone(alone, False):
-            return
+        self._mark_alone(alone, False)  # those no longer ours are settled; _store skips them
         peak = torch.cuda.max_memory_allocated() if self.model.device.startswith("cuda") else None
         record = self._batch_record(str(key), len(samples), len(batch), seconds=seconds, started=started, peak=peak)
         log.info("batch %s: %d job(s), %d image(s) in %.2f s", key, len(batch), len(samples), seconds,
@@ -558,16 +609,32 @@ class Engine:
         self._in_flight.acquire()  # back-pressure: wait while the pool is behind
         self._cpu.submit(self._finish, batch, record, results)
 
-    def _mark_alone(self, work: Work, alone: bool) -> bool:
-        """Record that `work` is (or no longer is) alone on the GPU; False when it is not ours."""
+    def _mark_alone(self, works: list[Work], alone: bool) -> list[Work]:
+        """Record that these suspects are (or no longer are) on the GPU with their group only, in
+        one transaction; returns those that are not ours any more (settled as lost)."""
+        if not works or self.settings is None:
+            return []
+        gone: list[Work] = []
+
+        def mark() -> None:
+            gone.clear()
+            with self.db.session() as session:
+                for work in works:
+                    try:
+                        with session.begin_nested():
+                            jobs.running_alone(session, work.lease, alone)
+                    except jobs.LeaseLost as exc:
+                        log.info("job %s: %s", work.job_id, exc, extra=about(work.job_id, work.run_id))
+                        gone.append(work)
+
         try:
-            self._outage(lambda: self._in_session(jobs.running_alone, work.lease, alone),
-                         f"job {work.job_id}: marking it {'alone' if alone else 'off the GPU'}")
-            return True
-        except (jobs.LeaseLost, OutageTooLong) as exc:
-            log.info("job %s: %s", work.job_id, exc, extra=about(work.job_id, work.run_id))
+            self._outage(mark, f"marking {len(works)} suspect(s) {'on' if alone else 'off'} the GPU")
+        except OutageTooLong as exc:
+            log.info("%s", exc)
+            gone[:] = works
+        for work in gone:
             self.settle(work, "lost")
-            return False
+        return list(gone)
 
     def generate(
         self, key: CompatKey, samples: list[Sample], conditioning: list[Any], dropped: Dropped | None = None,
@@ -640,7 +707,9 @@ class Engine:
     def _store(self, work: Work, batch: Batch, first: int, results: list[Any],
                shared: list[tuple[int, int, float]] | None = None) -> None:
         """Encode, upload (or spool), then record one job's images."""
-        if work.job_id in self._lost or any(r is None for r in results):
+        if work.future.done():  # settled already (no longer ours)
+            return
+        if work.lease in self._lost or any(r is None for r in results):
             self.settle(work, "lost")
             return
         errors = [r for r in results if isinstance(r, JobError)]
@@ -667,7 +736,7 @@ class Engine:
         self._outage(lambda: self._in_session(jobs.record_uploads, lease, [key for key, _ in objects]),
                      f"job {work.job_id}: recording its uploads")
         for done, (key, png) in enumerate(objects):
-            if work.job_id in self._lost:
+            if work.lease in self._lost:
                 self.settle(work, "lost")
                 return
             try:
@@ -676,14 +745,22 @@ class Engine:
                 assert self.spool is not None, exc
                 log.warning("job %s: %s; spooling its images", work.job_id, exc,
                             extra=about(work.job_id, work.run_id, batch.id))
-                self.spool.add(lease, objects[done:], lambda stored: self._on_pool(self._unspooled, work, rows, stored))
+                try:
+                    self.spool.add(lease, objects[done:],
+                                   lambda stored: self._on_pool(self._unspooled, work, rows, stored))
+                except DiskFull as full:
+                    # The host's disk, not the job: back to the queue uncharged; the spool starts
+                    # no batch until space returns (what it wrote of this job is deleted).
+                    log.error("job %s: %s; given back uncharged", work.job_id, full,
+                              extra=about(work.job_id, work.run_id, batch.id))
+                    self._give_back([work], timeout=10)
                 return
         self._record(work, rows)
 
     def _unspooled(self, work: Work, rows: list[Image], stored: bool) -> None:
         if stored:
             self._guard(work, lambda: self._record(work, rows))
-        elif work.job_id in self._lost:
+        elif work.lease in self._lost:
             self.settle(work, "lost")
         else:  # the store stayed away longer than we wait: another attempt makes the images again
             self._give_back([work], timeout=10)
@@ -695,6 +772,7 @@ class Engine:
             self.images_done += len(rows)
         log.info("job %s: claim %d recorded %d image(s)", work.job_id, work.lease.token, len(rows),
                  extra=about(work.job_id, work.run_id, rows[0].batch_id if rows else None))
+        self.health.succeeded()
         self.settle(work, "succeeded")
 
     def _fail(self, work: Work, error: JobError) -> None:
@@ -708,12 +786,27 @@ class Engine:
         self._guard(work, record_failure)
 
     def _charge(self, work: Work, exc: BaseException) -> None:
-        """An unexpected error of this job alone: one failed attempt; retried until the last."""
+        """An unexpected error of this job alone: one failed attempt; retried until the last (and
+        dead-lettered only once it failed on two workers). A fault of this host is not the job's:
+        given back uncharged, and the worker quarantined; so is a run of different jobs failing
+        here with the same error while other workers succeed with jobs like them."""
         assert self.settings is not None
+        reason = host_fault(exc)
+        if reason is not None or self.quarantined:  # the host's, or this host is at fault already
+            self._host_fault(reason or "", [work])
+            return
+        streak = self.health.failed(work.job_id, signature(exc))
+        if len(streak) >= self.settings.quarantine_after and self._others_succeed(work):
+            reason = (f"{len(streak)} different jobs in a row failed here with the same error "
+                      f"({signature(exc)}) while other workers succeed with jobs like them")
+            self._refund([job_id for job_id in streak if job_id != work.job_id])
+            self._host_fault(reason, [work])
+            return
         error = f"{type(exc).__name__}: {exc}"[:2000]
+        healthy = healthy_workers(self.settings)
         try:
             again = self._outage(
-                lambda: self._in_session(jobs.charge, work.lease, error, self.settings.max_attempts),
+                lambda: self._in_session(jobs.charge, work.lease, error, self.settings.max_attempts, healthy),
                 f"job {work.job_id}: charging a failed attempt")
         except jobs.LeaseLost:
             self.settle(work, "lost")
@@ -727,6 +820,121 @@ class Engine:
         self.settle(work, "retry" if again else "dead-lettered")
         if again:  # after settling: the next delivery may come back to this worker
             self._send_back([work])
+
+    # --- quarantine (worker/quarantine.py) ------------------------------------------------------
+
+    def _host_fault(self, reason: str, works: list[Work]) -> None:
+        """A fault of this host: these jobs go back to their queues uncharged, and the worker stops
+        taking work until a probe passes (or exits, per SDQUEUE_QUARANTINE_EXIT)."""
+        features = {}
+        if works:
+            params = works[0].params
+            features = {"mode": works[0].key.mode, "use_compel": bool(params.get("use_compel")),
+                        "negative": bool(params.get("negative_prompt"))}
+        self._quarantine(reason, features)
+        self._on_pool(self._give_back, works)
+
+    def _quarantine(self, reason: str, features: dict[str, Any]) -> None:
+        if not self.health.enter(reason, features):
+            return  # quarantined already: the first reason stands, logged once
+        settings = self.settings
+        exit_status = settings.quarantine_exit if settings is not None else 0
+        with self._lock:
+            held = len(self._held)
+        log.error("quarantined: %s. This worker gives back the %d job(s) it holds, uncharged, and takes no "
+                  "work %s", reason, held,
+                  f"(it exits with status {exit_status})" if exit_status and self.exit_with is not None
+                  else f"until a probe passes (first in {self.health.probe_interval:g} s)")
+        if self.pause_consuming is not None:
+            try:
+                self.pause_consuming()
+            except Exception as exc:  # it still hands every message back unclaimed
+                log.warning("could not stop consuming: %s", exc)
+        waiting = self.batcher.remove(set(self._held))
+        if waiting:
+            self._on_pool(self._give_back, waiting)
+        if exit_status and self.exit_with is not None:
+            self.exit_with(exit_status)
+
+    def _while_quarantined(self) -> None:
+        """The GPU thread in quarantine: what is in the loops goes back; the probe when it is due."""
+        lost: list[Work] = []
+        if len(self.loops):
+            lost = self.loops.drop(lambda work: True)
+        waiting = self.batcher.remove(set(self._held))
+        if lost or waiting:
+            self._on_pool(self._give_back, lost + waiting)
+        if not self.health.probe_due() or self._draining.is_set():
+            self._stop.wait(0.2)
+            return
+        state = self.health.state
+        try:
+            self.probe(state.features if state is not None else {})
+        except Exception as exc:
+            wait = self.health.probe_failed()
+            log.warning("quarantine: probe %d failed (%s); next in %.0f s",
+                        state.probes if state is not None else 0, host_fault(exc) or signature(exc), wait)
+            return
+        ended = self.health.leave()
+        log.warning("quarantine over after %.0f s: the probe passed; taking work again",
+                    time.time() - ended.since if ended is not None else 0.0)
+        if self.resume_consuming is not None:
+            try:
+                self.resume_consuming()
+            except Exception as exc:
+                log.warning("could not resume consuming: %s", exc)
+
+    def probe(self, features: dict[str, Any]) -> None:
+        """A short known job with the features of the one that failed (compel, img2img), through
+        the model as jobs run, with no record: raises when this host still cannot run it."""
+        from worker.batch import ConditioningCache, compat_key, job_samples
+
+        size = min(256, self.model.spec.native_size)
+        params = {"prompt": "a lighthouse on a cliff, (probe)", "negative_prompt": "blurry" if features.get("negative")
+                  else "", "num_images": 1, "num_inference_steps": 2, "guidance_scale": 7.5, "width": size,
+                  "height": size, "use_compel": bool(features.get("use_compel")), "strength": 0.5, "seed": 0}
+        img2img = features.get("mode") == "img2img"
+        init = PILImage.new("RGB", (size, size), (90, 120, 160)) if img2img else None
+        key = compat_key(params, img2img=img2img)
+        samples = job_samples("probe", params, 0, init)
+        conditioning = ConditioningCache(self.model).get([s.prompt for s in samples])  # a cache of its own
+        results = self.generate(key, samples, conditioning)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            if not np.isfinite(np.asarray(result, dtype=np.float32)).all():
+                raise RuntimeError("the probe's image is not finite")
+
+    def _others_succeed(self, work: Work) -> bool:
+        """Whether other workers of this deployment (its queues) recorded jobs like this one (same
+        mode) in the last 10 minutes."""
+        from datetime import timedelta
+
+        from sqlalchemy import select
+
+        from models.tables import Job
+
+        since = utcnow() - timedelta(minutes=10)
+        queues = worker_queues(self.settings.queue) if self.settings is not None else []
+        try:
+            with self.db.session() as session:
+                return session.scalar(
+                    select(Job.id).where(Job.state == "succeeded", Job.finished_at >= since, Job.queue.in_(queues),
+                                         Job.worker != self.hostname, Job.mode == work.key.mode).limit(1)
+                ) is not None
+        except Exception as exc:  # the database is away: no verdict now
+            log.debug("others' successes not read: %s", exc)
+            return False
+
+    def _refund(self, job_ids: list[str]) -> None:
+        """Take back the attempts this worker charged to jobs for what turned out to be its host."""
+        if not job_ids:
+            return
+        try:
+            with self.db.session() as session:
+                jobs.refund(session, job_ids, self.hostname)
+        except Exception as exc:
+            log.warning("could not refund %d job(s) charged here: %s", len(job_ids), exc)
 
     def _in_session(self, action: Callable[..., Any], *args: Any) -> Any:
         with self.db.session() as session:

@@ -20,15 +20,18 @@ from models.settings import Settings
 
 log = logging.getLogger(__name__)
 
-OnLost = Callable[[set[str]], None]
+OnLost = Callable[[set[jobs.Lease]], None]
+OnForgotten = Callable[[list[tuple[str, "str | None"]]], None]
 
 
 class LeaseKeeper:
-    def __init__(self, settings: Settings, db: Database, owner: str, on_lost: OnLost):
+    def __init__(self, settings: Settings, db: Database, owner: str, on_lost: OnLost,
+                 on_forgotten: OnForgotten | None = None):
         self.settings = settings
         self.db = db
         self.owner = owner
         self.on_lost = on_lost
+        self.on_forgotten = on_forgotten
         self._held: dict[str, jobs.Lease] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -63,21 +66,28 @@ class LeaseKeeper:
         with self._lock:
             leases = dict(self._held)
         ids = list(leases)
-        if not ids:
-            return
         try:
             with self.db.session() as session:
-                kept = jobs.renew(session, self.owner, ids, self.settings.lease_seconds)
+                kept = jobs.renew(session, self.owner, ids, self.settings.lease_seconds) if ids else set()
+                # Claims in this worker's name that it does not hold, their leases run out: their
+                # commit's answer was lost in an outage. Nobody else would take them while this
+                # worker lives (its heartbeat is fresh in the registry): give them back.
+                forgotten = jobs.release_forgotten(session, self.owner, ids)
         except Exception as exc:
             # The database is away: the leases run on; a short outage costs nothing, and a long
             # one lets the sweeper give the jobs to others (our records are then refused).
             level = logging.WARNING if is_outage(exc) else logging.ERROR
             log.log(level, "heartbeat: could not renew %d lease(s): %s", len(ids), exc)
             return
+        if forgotten:
+            log.warning("heartbeat: %d claim(s) of this worker that it never held given back: %s",
+                        len(forgotten), ", ".join(job_id for job_id, _ in forgotten))
+            if self.on_forgotten is not None:
+                self.on_forgotten(forgotten)
         lost = self._still_these((job_id for job_id in ids if job_id not in kept), leases)
         if lost:
             log.info("heartbeat: %d job(s) are no longer ours (cancelled or claimed again): %s",
-                     len(lost), ", ".join(sorted(lost)))
+                     len(lost), ", ".join(sorted(lease.job_id for lease in lost)))
             self.on_lost(lost)
 
     # --- cancel notices -------------------------------------------------------------------------
@@ -103,12 +113,12 @@ class LeaseKeeper:
                 self._stop.wait(delay)
                 delay = min(delay * 2, 15.0)
 
-    def _still_these(self, job_ids: Iterable[str], leases: dict[str, jobs.Lease] | None = None) -> set[str]:
-        """Of `job_ids` found lost, those still held under the lease that was checked: a job given
-        back and claimed again by this worker meanwhile holds a new lease, which is not lost."""
+    def _still_these(self, job_ids: Iterable[str], leases: dict[str, jobs.Lease]) -> set[jobs.Lease]:
+        """Of `job_ids` found lost, the leases still held as they were checked: a job given back and
+        claimed again by this worker meanwhile holds a new lease, which is not lost."""
         with self._lock:
-            return {job_id for job_id in job_ids
-                    if job_id in self._held and (leases is None or self._held[job_id] is leases[job_id])}
+            return {leases[job_id] for job_id in job_ids
+                    if job_id in self._held and self._held[job_id] is leases[job_id]}
 
     def still_held(self, lease: jobs.Lease) -> bool:
         """Whether `lease` still holds its job (a database error goes to the caller)."""
@@ -126,8 +136,10 @@ class LeaseKeeper:
         if lease is None:
             return
         try:
-            if not self.still_held(lease) and self._still_these([job_id], {job_id: lease}):
-                self.on_lost({job_id})
+            if not self.still_held(lease):
+                lost = self._still_these([job_id], {job_id: lease})
+                if lost:
+                    self.on_lost(lost)
         except Exception as exc:  # the heartbeat will ask again
             log.debug("cancel check of %s: %s", job_id, exc)
 

@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 import numpy as np
 import torch
@@ -174,8 +174,13 @@ class ContinuousLoop:
     def drop(self, job_ids: Iterable[str]) -> list[LoopSample]:
         """Remove the samples of `job_ids` (cancelled, lost); the others carry on unchanged."""
         gone = set(job_ids)
-        dropped = [s for s in self.active if s.job_id in gone]
-        self.active = [s for s in self.active if s.job_id not in gone]
+        return self.drop_samples(s for s in self.active if s.job_id in gone)
+
+    def drop_samples(self, samples: Iterable[LoopSample]) -> list[LoopSample]:
+        """Remove these samples (one claim's: a job claimed again may have another in the loop)."""
+        gone = {id(s) for s in samples}
+        dropped = [s for s in self.active if id(s) in gone]
+        self.active = [s for s in self.active if id(s) not in gone]
         return dropped
 
     # -- one step ---------------------------------------------------------------------------
@@ -373,9 +378,10 @@ class Loops:
         return sum(len(m) for m in self.members.values())
 
     @property
-    def solo(self) -> bool:
-        """Whether a job that must run alone (suspected of killing its worker) is in a loop."""
-        return any(m.work.alone for ms in self.members.values() for m in ms)
+    def solo(self) -> str | None:
+        """The suspect group in the loops (suspected of killing their worker, they run with nothing
+        else), or None."""
+        return next((m.work.suspects for ms in self.members.values() for m in ms if m.work.alone), None)
 
     def room(self, work: Work) -> tuple[int, int]:
         """(pixels in the loop `work` would join, the budget of its size)."""
@@ -405,14 +411,14 @@ class Loops:
         self.members[group].append(Member(work, samples))
         return None
 
-    def drop(self, job_ids: set[str] | frozenset[str]) -> list[Work]:
-        """Take the jobs of `job_ids` out of their loops (cancelled, lost, given back)."""
+    def drop(self, which: Callable[[Work], bool]) -> list[Work]:
+        """Take the jobs `which` picks out of their loops (cancelled, lost, given back)."""
         gone: list[Work] = []
         for group, members in list(self.members.items()):
-            leaving = [m for m in members if m.work.job_id in job_ids]
+            leaving = [m for m in members if which(m.work)]
             if leaving:
-                self.loops[group].drop(m.work.job_id for m in leaving)
-                self.members[group] = [m for m in members if m.work.job_id not in job_ids]
+                self.loops[group].drop_samples(s for m in leaving for s in m.samples)
+                self.members[group] = [m for m in members if m not in leaving]
                 gone += [m.work for m in leaving]
                 self._forget_if_empty(group)
         return gone
@@ -493,7 +499,7 @@ class Loops:
             used -= newest.work.pixels
         log.warning("out of memory on %d samples of %dx%d: %d job(s) start again later; budget now %d px",
                     sum(len(m.samples) for m in members), key.width, key.height, len(shed), limit)
-        return self.drop({m.work.job_id for m in shed})
+        return self.drop(lambda work: any(m.work is work for m in shed))
 
 
 def run_direct(model: LoadedModel, jobs: list[dict[str, Any]], pixel_budget: int,

@@ -16,7 +16,7 @@ import threading
 import warnings
 from typing import Any
 
-from celery.signals import setup_logging, worker_shutdown
+from celery.signals import setup_logging, worker_ready, worker_shutdown
 
 from models.constants import worker_queues
 from models.db import Database
@@ -48,6 +48,8 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
     model = engine.model
     log.info("model %s from %s (revision %s)", model.spec.name, model.source, model.revision or "-")
     worker_shutdown.connect(lambda **_: reset_context(), weak=False)
+    worker_ready.connect(lambda sender, **_: control_consuming(engine, sender, worker_queues(settings.queue)),
+                         weak=False)
 
     class Worker(app.Worker):  # type: ignore[name-defined,misc]
         def install_platform_tweaks(self, worker: Any) -> None:
@@ -71,6 +73,30 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
     )
     worker.start()
     return int(worker.exitcode or 0)
+
+
+def control_consuming(engine: Any, consumer: Any, queues: list[str]) -> None:
+    """Let the engine stop and resume taking messages (quarantine), and exit with a status
+    (SDQUEUE_QUARANTINE_EXIT) through Celery's warm shutdown. The consumer's own event loop
+    changes its queues (`call_soon`), as Celery's cancel_consumer / add_consumer commands do."""
+
+    def pause() -> None:
+        for queue in queues:
+            consumer.call_soon(consumer.cancel_task_queue, queue)
+
+    def resume() -> None:
+        for queue in queues:
+            consumer.call_soon(consumer.add_task_queue, queue)
+
+    def exit_with(status: int) -> None:
+        from celery.worker import state
+
+        threading.Thread(target=engine.drain, name="sdqueue-drain", daemon=True).start()
+        state.should_stop = status  # the consumer's loop raises WorkerShutdown(status): a warm shutdown
+
+    engine.pause_consuming, engine.resume_consuming, engine.exit_with = pause, resume, exit_with
+    if engine.quarantined:  # quarantined before the consumer was ready
+        pause()
 
 
 def install_shutdown_handlers(engine: Any) -> None:

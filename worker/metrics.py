@@ -91,6 +91,11 @@ class EngineCollector:
         info.add_metric([engine.hostname, model.spec.name, model.device, engine.batching], 1)
         yield info
         yield GaugeMetricFamily(names.JOBS_HELD.name, names.JOBS_HELD.help, value=len(engine._held))
+        yield GaugeMetricFamily(names.QUARANTINED.name, names.QUARANTINED.help, value=int(engine.quarantined))
+        spool = engine.spool
+        if spool is not None:
+            yield GaugeMetricFamily(names.SPOOL_BYTES.name, names.SPOOL_BYTES.help, value=spool.bytes)
+            yield GaugeMetricFamily(names.SPOOL_DISK_FULL.name, names.SPOOL_DISK_FULL.help, value=int(spool.disk_full))
         if model.device.startswith("cuda"):
             yield from self._cuda(model.device)
 

@@ -66,7 +66,16 @@ class StatusReporter:
             "images_done": engine.images_done,
             "images_per_s": round(self._rate(), 3),
             "draining": engine.draining,
+            "quarantined": engine.health.as_status(),
+            "spool": self._spool(),
         }
+
+    def _spool(self) -> dict[str, Any] | None:
+        spool = self.engine.spool
+        if spool is None:
+            return None
+        return {"bytes": spool.bytes, "max_bytes": spool.max_bytes, "free_bytes": spool.free_bytes,
+                "disk_full": spool.disk_full}
 
     def _running(self) -> dict[str, list[dict[str, Any]]]:
         """The jobs denoising now, and the loops (or the window batch) they are in."""

@@ -1,9 +1,10 @@
 """The sweeper inside every worker: models/sweep.py, every `sweep_interval` seconds (jittered, so
 that workers started together do not sweep together).
 
-After this process found the database unreachable, it takes expired leases back only once it has
-reached the database again without a break for a whole lease: the workers that hold live jobs get
-one lease's time to renew them before anyone treats those jobs as orphaned.
+After this process found the database unreachable, or while the database started less than a
+lease ago (a restart it may not have seen: its pool reconnects silently), it takes no expired lease
+back (models/sweep.py `Sweeper.expiry_wait`): the workers that hold live jobs get one lease's time
+to renew them before anyone treats those jobs as orphaned.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
-
-from sqlalchemy import text
 
 from models.settings import Settings
 from models.sweep import Sweeper
@@ -25,8 +23,7 @@ class PeriodicSweeper:
     def __init__(self, sweeper: Sweeper, settings: Settings):
         self.sweeper = sweeper
         self.settings = settings
-        # Since when the database answers without a break; None while it does not.
-        self.reachable_since: float | None = float("-inf")
+        self.reachable = True  # as this sweeper last found the database (it logs an outage once)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sdqueue-sweeper", daemon=True)
         self._thread.start()
@@ -41,18 +38,14 @@ class PeriodicSweeper:
 
     def sweep_once(self) -> None:
         try:
-            with self.sweeper.db.session() as session:
-                session.execute(text("SELECT 1"))
+            left, _ = self.sweeper.expiry_wait()  # a lease after the database came back or started
         except Exception as exc:
-            if self.reachable_since is not None:
+            if self.reachable:
                 log.warning("sweeper: the database cannot be reached (%s)", exc)
-            self.reachable_since = None
+            self.reachable = False
             return
-        now = time.monotonic()
-        if self.reachable_since is None:
-            self.reachable_since = now
-        settled = now - self.reachable_since >= self.settings.lease_seconds
+        self.reachable = True
         try:
-            self.sweeper.sweep(expire=settled)
+            self.sweeper.sweep(expire=left <= 0)
         except Exception as exc:
             log.warning("sweeper: %s: %s", type(exc).__name__, exc)

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from functools import partial
@@ -34,10 +35,12 @@ from models.settings import Settings
 from models.storage import Storage, open_storage
 from models.sweep import Sweeper
 from models.tables import JobState
+from models.workers import healthy_workers, live_worker_names
 from worker import metrics
 from worker.app import app
 from worker.batch import compat_key, job_samples
 from worker.batcher import Work
+from worker.blame import host_fault
 from worker.sweeping import PeriodicSweeper
 
 log = logging.getLogger(__name__)
@@ -152,8 +155,10 @@ def run_job(ctx: WorkerContext, job_id: str, queue: str | None = None) -> str:
     from worker.pipeline import prepare_input_image
 
     engine = ctx.engine
-    if engine.draining:
-        # Shutting down: leave the job to another worker, without claiming it.
+    if engine.draining or engine.quarantined:
+        # Shutting down, or this host is at fault: leave the job to another worker, unclaimed.
+        if engine.quarantined:
+            time.sleep(1.0)  # a quarantined worker still consuming: let a healthy one take it first
         engine.send_again([job_id], queue)
         return "handed back"
     # 1. claim the job with a lease (a database outage is waited out; the message stays unacknowledged)
@@ -165,6 +170,9 @@ def run_job(ctx: WorkerContext, job_id: str, queue: str | None = None) -> str:
         return "unknown"
     if isinstance(claimed, str):
         log.info("job %s not run: %s", job_id, claimed)
+        if claimed == jobs.LEFT_TO_OTHERS:  # its message goes back, for a healthy worker to take
+            time.sleep(1.0)
+            engine.send_again([job_id], queue)
         return "skipped"
     work = claimed
     engine.hold(work)
@@ -180,6 +188,8 @@ def run_job(ctx: WorkerContext, job_id: str, queue: str | None = None) -> str:
         except OutageTooLong:
             return engine.give_back(work).result()
         except Exception as exc:
+            if host_fault(exc) is not None:  # this host cannot read images: not the job's fault
+                return engine.charge(work, exc).result()
             error = JobError(f"the input image cannot be read ({type(exc).__name__}: {exc})", "input-unreadable")
             return engine.fail(work, error).result()
     work.samples = job_samples(job_id, params, work.seed, init_image)
@@ -191,7 +201,9 @@ def _claim(ctx: WorkerContext, job_id: str) -> Work | str:
     """The claimed job as work for the engine, or why it was not claimed."""
     with ctx.db.session() as session:
         job, why = jobs.claim(session, job_id, ctx.engine.hostname, ctx.engine.model.spec.name,
-                              lease_seconds=ctx.settings.lease_seconds, max_attempts=ctx.settings.max_attempts)
+                              lease_seconds=ctx.settings.lease_seconds, max_attempts=ctx.settings.max_attempts,
+                              healthy_workers=lambda: healthy_workers(ctx.settings),
+                              live_workers=lambda: live_worker_names(ctx.settings))
         if job is None:
             return why
         if job.attempts == 1:  # time in queue: to its first claim
@@ -200,5 +212,6 @@ def _claim(ctx: WorkerContext, job_id: str) -> Work | str:
         return Work(
             job_id, compat_key(params, img2img=job.input_key is not None), [], job.created_at.timestamp(),
             priority=job.priority, params=params, input_sha256=job.input_sha256, lease=jobs.lease_of(job),
-            alone=job.suspect, seed=job.seed, input_key=job.input_key, run_id=job.run_id,
+            alone=job.suspect, suspect_group=job.suspect_group, seed=job.seed, input_key=job.input_key,
+            run_id=job.run_id,
         )

@@ -51,7 +51,16 @@ def _when(value: Any) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if isinstance(value, datetime) else "-"
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    if hours:
+        return f"{hours}h {rest // 60:02d}m"
+    return f"{rest // 60}m {rest % 60:02d}s" if rest >= 60 else f"{rest} s"
+
+
 templates.env.filters["when"] = _when
+templates.env.filters["duration"] = _duration
 
 
 # -- who is looking ----------------------------------------------------------------------------------

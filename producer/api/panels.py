@@ -4,8 +4,9 @@ plain data for the templates. Blocking: the routes call these in a worker thread
 A caller sees what the API shows it: with a key, its own jobs; with SDQUEUE_API_AUTH=off, every
 job. Runs are made by `sdqueue run` and schedules, never by a key, so only the second sees them.
 Queue depths and workers are the deployment's, not any caller's, and show to every caller (the
-ids of the jobs a worker runs only with auth off). The broker is read for those panels alone:
-while it does not answer they say so and the rest of the page is there.
+ids of the jobs a worker runs only with auth off, and so the reason a worker is quarantined, which
+may quote a job's error). The broker is read for those panels alone: while it does not answer they
+say so and the rest of the page is there.
 """
 
 from __future__ import annotations
@@ -80,8 +81,32 @@ def live_workers(shared: Backend, who: Caller) -> list[dict[str, Any]] | None:
                 job["job_id"] = None
         updated = status.get("updated_at")
         workers.append({**status, "running": running, "loops": status.get("loops") or [],
-                        "age": max(0.0, now - updated) if isinstance(updated, (int, float)) else None})
+                        "age": max(0.0, now - updated) if isinstance(updated, (int, float)) else None,
+                        "quarantine": _quarantine(status.get("quarantined"), now, who),
+                        "spool": _spool(status.get("spool"))})
     return workers
+
+
+def _quarantine(found: Any, now: float, who: Caller) -> dict[str, Any] | None:
+    """A quarantined worker's why and when; None when it is not (or is too old to say)."""
+    if not found:
+        return None
+    found = found if isinstance(found, dict) else {}
+    since, next_probe = found.get("since"), found.get("next_probe")
+    reason = " ".join(str(found.get("reason") or "").split()) or None
+    return {"reason": reason if who.key_id is None else None,
+            "seconds": max(0.0, now - since) if isinstance(since, (int, float)) else None,
+            "probe": int(found.get("probes") or 0) + 1,  # the next one: `probes` counts those that failed
+            "probe_in": max(0.0, next_probe - now) if isinstance(next_probe, (int, float)) else None}
+
+
+def _spool(found: Any) -> dict[str, Any] | None:
+    """A worker's spool: None when it has none, or is too old to say."""
+    if not isinstance(found, dict):
+        return None
+    spooled, most = found.get("bytes") or 0, found.get("max_bytes") or 0
+    return {"bytes": spooled, "max_bytes": most, "free_bytes": found.get("free_bytes"),
+            "disk_full": bool(found.get("disk_full")), "full": bool(most) and spooled >= most}
 
 
 def _owned(query: Any, who: Caller) -> Any:

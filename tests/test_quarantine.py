@@ -1,0 +1,154 @@
+"""A fault of the host is never the job's: errors classified (worker/blame.py), a worker that sees
+one quarantined until its probe passes (worker/quarantine.py), its jobs given back uncharged. A
+real worker (in this process) on Redis, PostgreSQL and S3."""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import sys
+import threading
+
+import pytest
+
+from models.errors import JobError
+from models.workers import list_workers
+from tests.conftest import small, wait_for
+
+TIMEOUT = 180
+
+
+def raised(action) -> BaseException:  # type: ignore[no-untyped-def]
+    try:
+        action()
+    except BaseException as exc:  # noqa: BLE001
+        return exc
+    raise AssertionError("nothing raised")
+
+
+def test_errors_of_the_host_are_told_from_errors_of_the_job(tmp_path, monkeypatch):
+    from PIL import Image, UnidentifiedImageError
+
+    from worker.blame import host_fault, signature
+
+    # the host's: a broken image, the disk, the GPU
+    assert "cannot be imported" in host_fault(raised(lambda: importlib.import_module("no_such_module_here")))
+    (tmp_path / "breaks_on_import.py").write_text("raise AttributeError('half-installed package')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "while it was imported" in host_fault(raised(lambda: importlib.import_module("breaks_on_import")))
+    assert "no space left" in host_fault(OSError(errno.ENOSPC, "No space left on device"))
+    assert "GPU" in host_fault(RuntimeError("CUDA error: device-side assert triggered"))
+    try:
+        try:
+            raise ModuleNotFoundError("No module named 'pyparsing'")
+        except ImportError as exc:
+            raise RuntimeError("Failed to import compel") from exc
+    except RuntimeError as wrapped:
+        assert "cannot be imported" in host_fault(wrapped)  # through what it was raised from
+    # the job's, or nobody's known: charged as before
+    assert host_fault(JobError("prompt 'a (' cannot be parsed by compel", "prompt-unparsable")) is None
+    import io
+    assert host_fault(raised(lambda: Image.open(io.BytesIO(b"not an image")))) is None
+    assert isinstance(raised(lambda: Image.open(io.BytesIO(b"not an image"))), UnidentifiedImageError)
+    assert host_fault(RuntimeError("the model cannot take this input")) is None
+    assert host_fault(FileNotFoundError(errno.ENOENT, "no such file")) is None
+    # the same error twice, whatever the job's own numbers
+    assert signature(ValueError("step 3 of 25 failed")) == signature(ValueError("step 7 of 40 failed"))
+
+
+def quarantine_of(settings):  # type: ignore[no-untyped-def]
+    workers = list_workers(settings)
+    return workers[0].get("quarantined") if workers else None
+
+
+def test_a_gpu_fault_quarantines_the_worker_and_costs_the_job_nothing(settings, client, worker, monkeypatch):
+    from worker.tasks import generate
+
+    engine = generate.context.engine
+    monkeypatch.setattr(engine.health, "probe_interval", 1.0)
+    original = engine.model.txt2img.unet
+    probes = []
+
+    def broken(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name == "sdqueue-gpu" and broken.on:
+            probes.append(1)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+        return original(sample, *args, **kwargs)
+
+    broken.on = True
+    engine.unet_call = broken
+    try:
+        job_id = client.submit(small(prompt="a lighthouse", seed=5))
+        state = wait_for(lambda: quarantine_of(settings), timeout=TIMEOUT)
+        assert "GPU" in state["reason"] and "illegal memory access" in state["reason"]
+        assert engine.quarantined
+        wait_for(lambda: len(probes) >= 3, timeout=TIMEOUT)  # the fault, then probes that still fail
+        record = client.get(job_id)
+        assert record["state"] in ("queued", "running") and record["failures"] == 0, record
+        broken.on = False  # the host is mended: the next probe passes
+        record = client.wait(job_id, timeout=TIMEOUT)
+    finally:
+        engine.unet_call = None
+    assert record["state"] == "succeeded" and record["failures"] == 0 and record["attempts"] >= 2, record
+    wait_for(lambda: not engine.quarantined and quarantine_of(settings) is None, timeout=TIMEOUT)
+
+
+def test_a_broken_install_gives_compel_jobs_back_uncharged(settings, client, worker, monkeypatch):
+    """As a module on the worker's path that cannot be imported would: compel's import fails."""
+    from worker.tasks import generate
+
+    engine = generate.context.engine
+    monkeypatch.setattr(engine.health, "probe_interval", 1.0)
+    monkeypatch.setitem(sys.modules, "compel", None)  # `import compel` raises ImportError
+    ids = [client.submit(small(prompt=f"a ({word})++ boat", use_compel=True, seed=i))
+           for i, word in enumerate(["red", "blue", "green"])]
+    state = wait_for(lambda: quarantine_of(settings), timeout=TIMEOUT)
+    assert "cannot be imported" in state["reason"]
+    wait_for(lambda: engine.health.state is not None and engine.health.state.probes >= 1, timeout=TIMEOUT)
+    assert all(client.get(job_id)["failures"] == 0 for job_id in ids)
+    monkeypatch.delitem(sys.modules, "compel")  # mended
+    records = [client.wait(job_id, timeout=TIMEOUT) for job_id in ids]
+    assert all(r["state"] == "succeeded" and r["failures"] == 0 for r in records), records
+
+
+@pytest.mark.parametrize("other_succeeds", [True, False])
+def test_the_same_error_on_different_jobs_in_a_row_is_the_hosts_when_others_succeed(
+        settings, client, worker, monkeypatch, other_succeeds):
+    from models import jobs
+    from worker.tasks import generate
+
+    engine = generate.context.engine
+    monkeypatch.setattr(engine.health, "probe_interval", 600.0)  # no probe during this test
+    monkeypatch.setattr(engine.settings, "max_attempts", 1000)  # they fail again and again meanwhile
+    if other_succeeds:  # another worker recorded a job like these a moment ago
+        done = client.submit(small(prompt="done elsewhere", seed=1))
+        with client.db.session() as session:
+            job, _ = jobs.claim(session, done, "other-worker", "tiny", lease_seconds=30, max_attempts=3)
+            lease = jobs.lease_of(job)
+        with client.db.session() as session:
+            jobs.succeed(session, lease, [])
+    original = engine.model.txt2img.unet
+
+    def broken(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name == "sdqueue-gpu":
+            raise ValueError("weights went bad at block 3")  # nobody's known: charged, unless it repeats
+        return original(sample, *args, **kwargs)
+
+    engine.unet_call = broken
+    try:
+        ids = [client.submit(small(prompt=f"job {i}", seed=i)) for i in range(3)]  # three different jobs
+        wait_for(lambda: engine.quarantined or all(client.get(i)["failures"] >= 1 for i in ids), timeout=TIMEOUT)
+        if other_succeeds:
+            state = wait_for(lambda: quarantine_of(settings), timeout=TIMEOUT)
+            assert "3 different jobs in a row" in state["reason"]
+            wait_for(lambda: all(client.get(i)["failures"] == 0 for i in ids), timeout=TIMEOUT)  # refunded
+        else:  # nobody else succeeds with such jobs: it may be theirs; charged, not quarantined
+            assert not engine.quarantined
+            assert all(client.get(i)["failures"] >= 1 for i in ids)
+    finally:
+        engine.unet_call = None
+        for job_id in ids:
+            try:
+                client.cancel(job_id)
+            except Exception:
+                pass
