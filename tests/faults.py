@@ -129,8 +129,8 @@ class Report:
             found.append("the broken worker did not quarantine itself")
         if self.broken_jobs and self.broken_exit != 0:
             found.append(f"the broken worker exited {self.broken_exit} on SIGTERM")
-        if self.sweep_after_outage and "0 expired lease(s) requeued" not in self.sweep_after_outage:
-            found.append(f"sdqueue sweep right after the outage took leases: {self.sweep_after_outage}")
+        if self.sweep_after_outage and "lease(s) requeued" not in self.sweep_after_outage:
+            found.append(f"sdqueue sweep right after the outage did not finish: {self.sweep_after_outage}")
         return found
 
     def exactly_once_problems(self) -> list[str]:
@@ -167,7 +167,7 @@ class Report:
             f"revoked through Celery    {len(self.revoked)} ({len(self.revoked_not_cancelled)} not cancelled)",
             f"spool disk full           {self.spool_disk_full} job(s) given back for it; files left: {len(self.spool_left)}",
             f"sweep right after PG back {self.sweep_after_outage or '-'}",
-            f"re-run after that sweep   {len(self.rerun_after_outage)}",
+            f"re-run after that sweep   {len(self.rerun_after_outage)} (of the jobs live workers held then)",
             "recovery:",
             *(f"  {name:38} {seconds:6.1f} s" for name, seconds in self.recoveries.items()),
             f"total                     {self.seconds:.0f} s",
@@ -381,6 +381,7 @@ class Suite:
         poison = self.client.submit({"prompt": POISON, "width": 256, "height": 256, "num_inference_steps": 2})
         self.job_ids.append(poison)
         report.poison_id = poison
+        poisoned = time.monotonic()
         pid = self.wait_for_busy_worker()
         victims = [j.id for j in self.running(pid)]
         self.workers.kill(pid)
@@ -433,14 +434,13 @@ class Suite:
         for name, server in (("S3", self.s3), ("PostgreSQL", self.pg)):
             self.submit_wave()
             self.wait("jobs running", lambda: len(self.running()) >= 2)
-            held = {j.id: j.lease_token for j in self.running()}
+            held = {j.id: (j.lease_token, j.lease_owner or "") for j in self.running()}
             server.stop()
             self.log(f"{name} stopped for {cfg.outage:.0f} s")
             time.sleep(cfg.outage)
             server.start()
             back = time.time()
-            if server is self.pg:
-                self.sweep_after_outage(held)
+            sweep = self.start_sweep() if server is self.pg else None
             report.recoveries[f"{name} down {cfg.outage:.0f} s: first success after"] = self.wait(
                 f"a job succeeding after {name} came back", self.first_success_after(back), timeout=600)
             running_then = [j.id for j in self.running()]
@@ -449,9 +449,13 @@ class Suite:
                 lambda: all(state != "running" for state, _ in self.state_of(running_then).values()), timeout=600)
             self.log(f"{name} back: {report.recoveries[f'{name} down {cfg.outage:.0f} s: first success after']:.1f} s "
                      f"to the first success")
+            if sweep is not None:
+                self.sweep_after_outage(sweep, held)
 
         self.wait("the poison job dead-lettered", lambda: self.rows(Job.id == poison, Job.dead_letter.is_(True)),
                   timeout=600)
+        deaths = self.workers.logs().count("the poison prompt: this worker process dies now")
+        report.recoveries[f"poison job: dead-lettered ({deaths} deaths)"] = time.monotonic() - poisoned
 
     def broken_worker(self) -> None:
         """A worker whose image is broken (a module on its path raises ImportError: compel cannot
@@ -504,18 +508,24 @@ class Suite:
                                                   for j in self.rows(Job.id.in_(report.revoked))), timeout=120)
         self.log(f"revoked {len(running)} running and {len(queued)} queued job(s) through Celery")
 
-    def sweep_after_outage(self, held: dict[str, int]) -> None:
-        """`sdqueue sweep` the moment PostgreSQL is back: it must take no lease of a live worker
-        (theirs ran out while they could not renew them); those jobs must not run again."""
-        done = subprocess.run([sys.executable, "-m", "producer.cli", "sweep"], cwd=ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=600)
+    def start_sweep(self) -> subprocess.Popen:
+        """`sdqueue sweep` the moment PostgreSQL is back, as the deploy's sweep CronJob may run it."""
+        return subprocess.Popen([sys.executable, "-m", "producer.cli", "sweep"], cwd=ROOT, env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def sweep_after_outage(self, sweep: subprocess.Popen, held: dict[str, tuple[int, str]]) -> None:
+        """That sweep must take no lease of a live worker (theirs ran out while they could not renew
+        them): the jobs live workers held then must not run again. Those of a worker that died
+        meanwhile (the poison job) are rightly taken back."""
+        out, err = sweep.communicate(timeout=600)
         self.report.sweep_after_outage = " / ".join(
-            line for line in done.stdout.splitlines() if line.strip()) or f"exit {done.returncode}: {done.stderr[-300:]}"
+            line for line in out.splitlines() if line.strip()) or f"exit {sweep.returncode}: {err[-300:]}"
         self.log(f"sdqueue sweep right after PostgreSQL came back: {self.report.sweep_after_outage}")
-        self.wait("jobs running before the outage ended", lambda: all(
-            j.state not in ("queued", "running") for j in self.rows(Job.id.in_(list(held)))), timeout=600)
-        self.report.rerun_after_outage = [j.id for j in self.rows(Job.id.in_(list(held)))
-                                          if j.lease_token != held[j.id] and j.state == "succeeded"]
+        alive = {f":{pid}:" for pid in self.workers.pids()}
+        live = [job_id for job_id, (_, owner) in held.items() if any(pid in owner for pid in alive)]
+        self.wait("jobs live workers held before the outage ended", lambda: all(
+            j.state not in ("queued", "running") for j in self.rows(Job.id.in_(live))), timeout=600)
+        self.report.rerun_after_outage = [j.id for j in self.rows(Job.id.in_(live)) if j.lease_token != held[j.id][0]]
 
     def wait_for_busy_worker(self) -> int:
         """The pid of a worker with running jobs."""
