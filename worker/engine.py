@@ -620,9 +620,8 @@ class Engine:
             gone.clear()
             with self.db.session() as session:
                 for work in works:
-                    try:
-                        with session.begin_nested():
-                            jobs.running_alone(session, work.lease, alone)
+                    try:  # LeaseLost comes before any change: the transaction carries on
+                        jobs.running_alone(session, work.lease, alone)
                     except jobs.LeaseLost as exc:
                         log.info("job %s: %s", work.job_id, exc, extra=about(work.job_id, work.run_id))
                         gone.append(work)
@@ -850,7 +849,9 @@ class Engine:
                 self.pause_consuming()
             except Exception as exc:  # it still hands every message back unclaimed
                 log.warning("could not stop consuming: %s", exc)
-        waiting = self.batcher.remove(set(self._held))
+        with self._lock:
+            held_ids = set(self._held)
+        waiting = self.batcher.remove(held_ids)
         if waiting:
             self._on_pool(self._give_back, waiting)
         if exit_status and self.exit_with is not None:
@@ -861,7 +862,9 @@ class Engine:
         lost: list[Work] = []
         if len(self.loops):
             lost = self.loops.drop(lambda work: True)
-        waiting = self.batcher.remove(set(self._held))
+        with self._lock:
+            held_ids = set(self._held)
+        waiting = self.batcher.remove(held_ids)
         if lost or waiting:
             self._on_pool(self._give_back, lost + waiting)
         if not self.health.probe_due() or self._draining.is_set():
