@@ -72,7 +72,7 @@ def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture
 def settings_env(
     data_dir: Path, redis_url: str, postgres_url: str, s3_env: str, monkeypatch: pytest.MonkeyPatch
-) -> dict[str, str]:
+) -> Iterator[dict[str, str]]:
     """The distributed set-up as SDQUEUE_* variables: Redis, PostgreSQL, S3; a queue and a
     storage prefix of this test's own."""
     tag = uuid.uuid4().hex[:10]
@@ -88,7 +88,17 @@ def settings_env(
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    return env
+    yield env
+    # What the test's queue left in Redis (its lists, kombu's bindings, the worker registry's keys)
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"*{env['SDQUEUE_QUEUE']}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 @pytest.fixture

@@ -265,3 +265,30 @@ def test_suspects_that_die_together_are_split_in_halves_until_one_is_charged(dat
         assert len(halves) == 2 and group not in halves
     assert lettered == [poison] and rounds == 4  # groups of 8, 4, 2, then the poison job alone
     assert all(job(database, i).failures == 0 for i in ids if i != poison)
+
+
+def test_a_claim_its_worker_never_heard_of_is_given_back_once_its_lease_ran_out(database):
+    held, forgotten, fresh = new_job(database), new_job(database), new_job(database)
+    for job_id in (held, forgotten, fresh):
+        claim(database, job_id, "w1")
+    expire(database, held)  # its heartbeat could not renew it (an outage): still held, kept
+    expire(database, forgotten)  # the claim's commit answered nobody: w1 never held it
+    with database.session() as session:
+        given_back = jobs.release_forgotten(session, "w1", [held])
+    assert [job_id for job_id, _ in given_back] == [forgotten]
+    assert job(database, forgotten).state == "queued" and job(database, forgotten).failures == 0
+    assert job(database, held).state == "running" and job(database, fresh).state == "running"  # fresh: just claimed
+
+
+def test_an_expired_lease_of_a_live_worker_is_not_taken_over_by_a_second_delivery(database):
+    job_id = new_job(database)
+    claim(database, job_id, "w1")
+    expire(database, job_id)  # w1 could not renew it during an outage; its heartbeat is fresh in the registry
+    with database.session() as session:
+        found, why = jobs.claim(session, job_id, "w2", "tiny", lease_seconds=LEASE, max_attempts=3,
+                                live_workers=lambda: {"w1"})
+    assert found is None and "w1 lives" in why
+    with database.session() as session:
+        found, why = jobs.claim(session, job_id, "w2", "tiny", lease_seconds=LEASE, max_attempts=3,
+                                live_workers=lambda: set())  # w1 is gone: taken over
+    assert found is not None and found.lease_owner == "w2"

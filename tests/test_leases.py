@@ -49,6 +49,24 @@ def test_a_second_delivery_of_a_running_or_ended_job_does_nothing(settings, clie
     assert stored_keys(settings, job_id) == [f"{settings.storage_url.removeprefix(f's3://{BUCKET}/')}/images/{job_id}/1/0.png"]
 
 
+def test_a_job_claimed_again_by_its_own_worker_keeps_the_new_claim(settings, client, worker, unet_calls):
+    """Taken back while its claim is in the loop (as a sweeper does after an outage) and its message
+    delivered to the same worker again: the stale claim leaves the loop, the new one runs (lost
+    claims are tracked by lease, not by job: the new claim is not dropped for the old one's loss)."""
+    from models import jobs
+    from worker.tasks import generate
+
+    engine = generate.context.engine
+    job_id = client.submit(small(prompt="a long road", num_inference_steps=60, seed=8))
+    wait_for(lambda: len(unet_calls) >= 3)
+    with client.db.session() as session:
+        assert jobs.release(session, engine.hostname, [job_id]) == [job_id]
+    client.sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=settings.queue)
+    record = client.wait(job_id, timeout=TIMEOUT)
+    assert record["state"] == "succeeded" and record["attempts"] == 2 and record["failures"] == 0, record
+    assert [image["key"].split("/")[-2] for image in record["images"]] == ["2"]  # the new claim's objects
+
+
 def test_a_cancelled_running_job_leaves_the_loop_and_its_mate_carries_on(settings, client, worker, unet_calls):
     steps = 80
     mate = small(prompt="a lighthouse", num_inference_steps=steps, seed=21)

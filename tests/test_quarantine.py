@@ -152,3 +152,32 @@ def test_the_same_error_on_different_jobs_in_a_row_is_the_hosts_when_others_succ
                 client.cancel(job_id)
             except Exception:
                 pass
+
+
+def test_with_quarantine_exit_a_broken_worker_gives_back_and_exits_with_that_status(settings_env, client, tmp_path):
+    """`sdqueue worker` whose image cannot import pyparsing (compel needs it), SDQUEUE_QUARANTINE_EXIT=3:
+    the compel job goes back to its queue uncharged and the worker exits 3, for its orchestrator."""
+    import os
+    import subprocess
+
+    from tests.servers import stop_process_group
+
+    broken = tmp_path / "image" / "pyparsing"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('a broken image: pyparsing (test)')\n")
+    env = {**os.environ, "SDQUEUE_QUARANTINE_EXIT": "3", "PYTHONPATH": str(broken.parent)}
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO"], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        job_id = client.submit(small(prompt="a (red)++ kite", use_compel=True, seed=3))
+        assert worker.wait(timeout=TIMEOUT) == 3, log_path.read_text()[-3000:]
+    finally:
+        if worker.poll() is None:
+            stop_process_group(worker, timeout=60)
+    text = log_path.read_text()
+    assert "quarantined: a module cannot be imported" in text and "exits with status 3" in text
+    record = client.get(job_id)
+    assert record["state"] == "queued" and record["failures"] == 0 and record["attempts"] == 1, record
+    client.cancel(job_id)
