@@ -292,6 +292,16 @@ def refund(session: Session, job_ids: Iterable[str], worker: str) -> list[str]:
     return refunded
 
 
+def others_succeeded(session: Session, worker: str, mode: str, queues: list[str], *, minutes: float) -> bool:
+    """Whether workers other than `worker` recorded a job of `mode` from these queues (one
+    deployment's) in the last `minutes`: a run of failures on `worker` alone is then its host's."""
+    since = utcnow() - timedelta(minutes=minutes)
+    return session.scalar(
+        select(Job.id).where(Job.state == JobState.SUCCEEDED.value, Job.finished_at >= since, Job.queue.in_(queues),
+                             Job.worker != worker, Job.mode == mode).limit(1)
+    ) is not None
+
+
 def requeue_dead(dead: list[Job], max_attempts: int, healthy_workers: int = 1) -> tuple[list[Job], list[Job]]:
     """Running jobs whose leases expired, locked by the caller: their workers died. Returns
     (requeued: send them, dead-lettered).

@@ -176,6 +176,65 @@ def counting_unet_calls(engine):  # type: ignore[no-untyped-def]
         engine.unet_call = None
 
 
+@contextmanager
+def gated_unet(after: int, timeout: float = 180):  # type: ignore[no-untyped-def]
+    """The in-process worker's engine stops before its UNet call `after` + 1 until the event is set;
+    the list has the rows of every call (2 a sample: guidance). Yields (event, list)."""
+    import threading
+
+    from worker.tasks import generate
+
+    engine = generate.context.engine
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def gated(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(sample.shape[0])
+        if len(calls) > after:
+            gate.wait(timeout)
+        return engine.model.txt2img.unet(sample, *args, **kwargs)
+
+    engine.unet_call = gated
+    try:
+        yield gate, calls
+    finally:
+        gate.set()
+        engine.unet_call = None
+
+
+class UnetFault:
+    """Makes the in-process worker's UNet calls on its GPU thread raise `error()` while `on`;
+    `raised` counts them."""
+
+    def __init__(self, error: Callable[[], BaseException]):
+        self.error = error
+        self.on = True
+        self.raised = 0
+
+
+@contextmanager
+def failing_unet(error: Callable[[], BaseException]) -> Iterator[UnetFault]:
+    import threading
+
+    from worker.tasks import generate
+
+    engine = generate.context.engine
+    original = engine.model.txt2img.unet
+    fault = UnetFault(error)
+
+    def call(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name == "sdqueue-gpu" and fault.on:
+            fault.raised += 1
+            raise fault.error()
+        return original(sample, *args, **kwargs)
+
+    engine.unet_call = call
+    try:
+        yield fault
+    finally:
+        engine.unet_call = None
+
+
 @pytest.fixture(scope="module")
 def model(data_dir):  # type: ignore[no-untyped-def]
     """The tiny model loaded on the CPU, once per test module."""

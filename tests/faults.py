@@ -477,7 +477,7 @@ class Suite:
                    for i, word in enumerate(["red", "green", "blue", "amber", "white", "violet"] * 10)][:self.cfg.broken_jobs]
             self.job_ids += ids
             report.broken_jobs = ids
-            report.recoveries[f"broken worker: quarantined after"] = self.wait(
+            report.recoveries["broken worker: quarantined after"] = self.wait(
                 "the broken worker quarantined", lambda: "quarantined:" in log_path.read_text(errors="replace"),
                 timeout=300)
             report.broken_quarantined = True

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 
 from models.constants import GENERATE_TASK
-from tests.conftest import BUCKET, counting_unet_calls, small, wait_for
+from tests.conftest import BUCKET, counting_unet_calls, failing_unet, small, wait_for
 from tests.servers import s3_client
 from tests.test_end_to_end import pixels, s3_object
 
@@ -110,20 +109,9 @@ def test_an_unexpected_error_is_retried_then_dead_lettered(settings, client, wor
 
     engine = generate.context.engine
     monkeypatch.setattr(engine.settings, "max_attempts", 2)
-    original = engine.model.txt2img.unet
-
-    def flaky(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if threading.current_thread().name == "sdqueue-gpu" and flaky.broken:
-            raise RuntimeError("the model cannot take this input (simulated)")
-        return original(sample, *args, **kwargs)
-
-    flaky.broken = True
-    engine.unet_call = flaky
-    try:
+    with failing_unet(lambda: RuntimeError("the model cannot take this input (simulated)")):
         job_id = client.submit(small(prompt="an unlucky job", seed=4))
         record = client.wait(job_id, timeout=TIMEOUT)
-    finally:
-        engine.unet_call = None
     assert record["state"] == "failed" and record["dead_letter"] and record["failures"] == 2
     assert record["attempts"] == 2 and "cannot take this input" in record["error"]
     assert record["error"].startswith("dead-lettered after 2 failed attempts")

@@ -7,13 +7,12 @@ from __future__ import annotations
 import errno
 import importlib
 import sys
-import threading
 
 import pytest
 
 from models.errors import JobError
 from models.workers import list_workers
-from tests.conftest import small, wait_for
+from tests.conftest import failing_unet, small, wait_for
 
 TIMEOUT = 180
 
@@ -66,29 +65,16 @@ def test_a_gpu_fault_quarantines_the_worker_and_costs_the_job_nothing(settings, 
 
     engine = generate.context.engine
     monkeypatch.setattr(engine.health, "probe_interval", 1.0)
-    original = engine.model.txt2img.unet
-    probes = []
-
-    def broken(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if threading.current_thread().name == "sdqueue-gpu" and broken.on:
-            probes.append(1)
-            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
-        return original(sample, *args, **kwargs)
-
-    broken.on = True
-    engine.unet_call = broken
-    try:
+    with failing_unet(lambda: RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")) as gpu:
         job_id = client.submit(small(prompt="a lighthouse", seed=5))
         state = wait_for(lambda: quarantine_of(settings), timeout=TIMEOUT)
         assert "GPU" in state["reason"] and "illegal memory access" in state["reason"]
         assert engine.quarantined
-        wait_for(lambda: len(probes) >= 3, timeout=TIMEOUT)  # the fault, then probes that still fail
+        wait_for(lambda: gpu.raised >= 3, timeout=TIMEOUT)  # the fault, then probes that still fail
         record = client.get(job_id)
         assert record["state"] in ("queued", "running") and record["failures"] == 0, record
-        broken.on = False  # the host is mended: the next probe passes
+        gpu.on = False  # the host is mended: the next probe passes
         record = client.wait(job_id, timeout=TIMEOUT)
-    finally:
-        engine.unet_call = None
     assert record["state"] == "succeeded" and record["failures"] == 0 and record["attempts"] >= 2, record
     wait_for(lambda: not engine.quarantined and quarantine_of(settings) is None, timeout=TIMEOUT)
 
@@ -120,22 +106,23 @@ def test_the_same_error_on_different_jobs_in_a_row_is_the_hosts_when_others_succ
     engine = generate.context.engine
     monkeypatch.setattr(engine.health, "probe_interval", 600.0)  # no probe during this test
     monkeypatch.setattr(engine.settings, "max_attempts", 1000)  # they fail again and again meanwhile
-    if other_succeeds:  # another worker recorded a job like these a moment ago
-        done = client.submit(small(prompt="done elsewhere", seed=1))
+    if other_succeeds:  # another worker of this deployment recorded a job like these a moment ago
+        import uuid
+
+        from models.tables import Job
+
+        done = str(uuid.uuid4())
+        with client.db.session() as session:  # its row, as the producer writes it (no message: no one else runs it)
+            session.add(Job(id=done, mode="txt2img", params=small(prompt="done elsewhere"), seed=1, width=256,
+                            height=256, num_inference_steps=3, num_images=1, queue=settings.queue))
         with client.db.session() as session:
             job, _ = jobs.claim(session, done, "other-worker", "tiny", lease_seconds=30, max_attempts=3)
             lease = jobs.lease_of(job)
         with client.db.session() as session:
             jobs.succeed(session, lease, [])
-    original = engine.model.txt2img.unet
-
-    def broken(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if threading.current_thread().name == "sdqueue-gpu":
-            raise ValueError("weights went bad at block 3")  # nobody's known: charged, unless it repeats
-        return original(sample, *args, **kwargs)
-
-    engine.unet_call = broken
-    try:
+    ids: list[str] = []
+    # an error nobody's known: charged, unless it repeats
+    with failing_unet(lambda: ValueError("weights went bad at block 3")):
         ids = [client.submit(small(prompt=f"job {i}", seed=i)) for i in range(3)]  # three different jobs
         wait_for(lambda: engine.quarantined or all(client.get(i)["failures"] >= 1 for i in ids), timeout=TIMEOUT)
         if other_succeeds:
@@ -145,13 +132,11 @@ def test_the_same_error_on_different_jobs_in_a_row_is_the_hosts_when_others_succ
         else:  # nobody else succeeds with such jobs: it may be theirs; charged, not quarantined
             assert not engine.quarantined
             assert all(client.get(i)["failures"] >= 1 for i in ids)
-    finally:
-        engine.unet_call = None
-        for job_id in ids:
-            try:
-                client.cancel(job_id)
-            except Exception:
-                pass
+    for job_id in ids:
+        try:
+            client.cancel(job_id)
+        except Exception:  # it ended meanwhile
+            pass
 
 
 def test_with_quarantine_exit_a_broken_worker_gives_back_and_exits_with_that_status(settings_env, client, tmp_path):

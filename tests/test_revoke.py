@@ -7,7 +7,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from models.events import Subscription
-from tests.conftest import BUCKET, small, wait_for
+from tests.conftest import BUCKET, gated_unet, small, wait_for
 from tests.servers import s3_client, stop_process_group
 
 TIMEOUT = 240
@@ -130,30 +129,6 @@ def test_a_revoked_queued_job_is_cancelled_and_no_worker_started_later_runs_it(s
     assert job_id not in sent and job_id not in report.resent
 
 
-@contextmanager
-def gated_unet() -> Iterator[tuple[threading.Event, list[int]]]:
-    """The in-process worker's engine stops before its UNet call GATE_AFTER + 1 until the event is
-    set; the list has the rows of every call (2 a sample: guidance)."""
-    from worker.tasks import generate
-
-    engine = generate.context.engine
-    calls: list[int] = []
-    gate = threading.Event()
-
-    def gated(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(sample.shape[0])
-        if len(calls) > GATE_AFTER:
-            gate.wait(TIMEOUT)
-        return engine.model.txt2img.unet(sample, *args, **kwargs)
-
-    engine.unet_call = gated
-    try:
-        yield gate, calls
-    finally:
-        gate.set()
-        engine.unet_call = None
-
-
 @pytest.mark.parametrize("terminate", [False, True])  # Flower's "revoke" and "terminate"
 def test_a_revoked_running_job_leaves_its_loop_and_records_nothing(settings, client, clean_broker, worker, caplog,
                                                                     terminate):
@@ -161,7 +136,7 @@ def test_a_revoked_running_job_leaves_its_loop_and_records_nothing(settings, cli
 
     caplog.set_level(logging.INFO, logger="worker.leases")
     steps = 40
-    with gated_unet() as (gate, calls):
+    with gated_unet(GATE_AFTER, TIMEOUT) as (gate, calls):
         job_id = client.submit(small(prompt="a revoked lighthouse", num_inference_steps=steps, seed=7))
         wait_for(lambda: len(calls) > GATE_AFTER, timeout=TIMEOUT)  # denoising, held at a step
         assert client.get(job_id)["state"] == "running"

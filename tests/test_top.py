@@ -13,15 +13,13 @@ import struct
 import subprocess
 import sys
 import termios
-import threading
 import time
-from contextlib import contextmanager
 from typing import Any, Iterator
 
 import pytest
 
 from models.workers import list_workers, publish_status, registry_key
-from tests.conftest import small, wait_for
+from tests.conftest import gated_unet, small, wait_for
 
 TIMEOUT = 180
 # A gated job stops after this many UNet calls, until the test lets it go on.
@@ -47,29 +45,6 @@ def clean_queues(settings) -> Iterator[None]:  # type: ignore[no-untyped-def]
     redis = redis_client(settings)
     redis.delete(*worker_queues(settings.queue))
     redis.close()
-
-
-@contextmanager
-def gated_steps() -> Iterator[threading.Event]:
-    """The test's worker stops before its UNet call GATE_AFTER + 1 until the event is set."""
-    from worker.tasks import generate
-
-    engine = generate.context.engine
-    calls: list[int] = []
-    gate = threading.Event()
-
-    def gated(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(sample.shape[0])
-        if len(calls) > GATE_AFTER:
-            gate.wait(TIMEOUT)
-        return engine.model.txt2img.unet(sample, *args, **kwargs)
-
-    engine.unet_call = gated
-    try:
-        yield gate
-    finally:
-        gate.set()
-        engine.unet_call = None
 
 
 def sdqueue(*args: str) -> subprocess.CompletedProcess:
@@ -100,7 +75,7 @@ def test_top_shows_the_worker_what_it_runs_and_the_queues(settings, client, work
     from worker.tasks import generate, reset_context
 
     engine = generate.context.engine
-    with gated_steps() as gate:
+    with gated_unet(GATE_AFTER) as (gate, _):
         job_id = client.submit(small(prompt="a lighthouse", num_inference_steps=60))
 
         # (a) the registry shows the worker, its job at step 3 of 60, and the loop it is in

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import threading
 import time
@@ -57,7 +56,8 @@ from worker.loop import Finished, LoopFailed, Loops
 from worker.encode import encode_png, sha256_of
 from worker.leases import LeaseKeeper
 from worker.pipeline import LoadedModel, library_versions
-from worker.quarantine import Health
+from worker.quarantine import Health, probe
+from worker.relay import EventRelay
 from worker.spool import DiskFull, Spool
 from worker.status import StatusReporter
 
@@ -88,47 +88,6 @@ class Draining(Exception):
 # none: whoever took the job (a cancel, another worker, the sweeper) says what it is now.
 STATE_AFTER = {"succeeded": "succeeded", "failed": "failed", "dead-lettered": "failed", "retry": "queued",
                "released": "queued"}
-
-
-class EventRelay:
-    """Publishes the jobs' events (models/events.py) from a thread of its own: the GPU thread only
-    queues them, so a broker that is slow or away never holds a denoising step. One queue keeps a
-    job's events in order (running, progress, its end); beyond `capacity` waiting, events are
-    dropped: they are hints, and followers read the job's row."""
-
-    def __init__(self, publisher: Publisher, capacity: int = 10_000):
-        self.publisher = publisher
-        self._queue: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.Queue(capacity)
-        self._thread = threading.Thread(target=self._run, name="sdqueue-events", daemon=True)
-        self._thread.start()
-
-    def state(self, job_id: str, state: str) -> None:
-        self._put(self.publisher.state, (job_id, state))
-
-    def progress(self, step: int, steps: int, job_ids: list[str]) -> None:
-        for job_id in job_ids:
-            self._put(self.publisher.progress, (job_id, step, steps))
-
-    def _put(self, publish: Callable[..., None], args: tuple[Any, ...]) -> None:
-        try:
-            self._queue.put_nowait((publish, args))
-        except queue.Full:
-            pass
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            publish, args = item
-            publish(*args)  # never raises
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Publish what is queued (for at most `timeout` seconds), then close the connection."""
-        deadline = time.monotonic() + timeout
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-        self.publisher.close()
 
 
 class Engine:
@@ -888,43 +847,17 @@ class Engine:
                 log.warning("could not resume consuming: %s", exc)
 
     def probe(self, features: dict[str, Any]) -> None:
-        """A short known job with the features of the one that failed (compel, img2img), through
-        the model as jobs run, with no record: raises when this host still cannot run it."""
-        from worker.batch import ConditioningCache, compat_key, job_samples
-
-        size = min(256, self.model.spec.native_size)
-        params = {"prompt": "a lighthouse on a cliff, (probe)", "negative_prompt": "blurry" if features.get("negative")
-                  else "", "num_images": 1, "num_inference_steps": 2, "guidance_scale": 7.5, "width": size,
-                  "height": size, "use_compel": bool(features.get("use_compel")), "strength": 0.5, "seed": 0}
-        img2img = features.get("mode") == "img2img"
-        init = PILImage.new("RGB", (size, size), (90, 120, 160)) if img2img else None
-        key = compat_key(params, img2img=img2img)
-        samples = job_samples("probe", params, 0, init)
-        conditioning = ConditioningCache(self.model).get([s.prompt for s in samples])  # a cache of its own
-        results = self.generate(key, samples, conditioning)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-            if not np.isfinite(np.asarray(result, dtype=np.float32)).all():
-                raise RuntimeError("the probe's image is not finite")
+        """A short known job with the features of the one that failed, through this engine's model
+        (worker/quarantine.py `probe`): raises when this host still cannot run it."""
+        probe(self.model, self.generate, features)
 
     def _others_succeed(self, work: Work) -> bool:
         """Whether other workers of this deployment (its queues) recorded jobs like this one (same
         mode) in the last 10 minutes."""
-        from datetime import timedelta
-
-        from sqlalchemy import select
-
-        from models.tables import Job
-
-        since = utcnow() - timedelta(minutes=10)
         queues = worker_queues(self.settings.queue) if self.settings is not None else []
         try:
             with self.db.session() as session:
-                return session.scalar(
-                    select(Job.id).where(Job.state == "succeeded", Job.finished_at >= since, Job.queue.in_(queues),
-                                         Job.worker != self.hostname, Job.mode == work.key.mode).limit(1)
-                ) is not None
+                return jobs.others_succeeded(session, self.hostname, work.key.mode, queues, minutes=10)
         except Exception as exc:  # the database is away: no verdict now
             log.debug("others' successes not read: %s", exc)
             return False

@@ -9,7 +9,7 @@ in its metrics, logs why once, and probes itself: a short known job, first after
 A probe that passes ends the quarantine. With SDQUEUE_QUARANTINE_EXIT set, the worker exits with
 that status instead of probing, so that its orchestrator restarts or replaces it.
 
-Bookkeeping only, no torch: the engine runs the probe and the give-backs.
+The bookkeeping (`Health`) needs no torch; `probe` runs a short job through the worker's model.
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+# The probe: a known prompt, the smallest size, two steps (the model's own sizes bound it).
+PROBE_PROMPT = "a lighthouse on a cliff, (probe)"
+PROBE_SIZE = 256
 
 
 @dataclass
@@ -96,3 +100,28 @@ class Health:
     def as_status(self) -> dict[str, Any] | None:
         state = self.state
         return state.as_status() if state is not None else None
+
+
+def probe(model: Any, generate: Callable[..., list[Any]], features: dict[str, Any]) -> None:
+    """Run a short known job with the features of the one that failed (compel, img2img, a negative
+    prompt) through `generate` (the engine's, with its out-of-memory handling) on `model`, with a
+    text-conditioning cache of its own and no record. Raises when this host still cannot run it,
+    or when its image is not finite."""
+    import numpy as np
+    from PIL import Image
+
+    from worker.batch import ConditioningCache, compat_key, job_samples
+
+    size = min(PROBE_SIZE, model.spec.native_size)
+    params = {"prompt": PROBE_PROMPT, "negative_prompt": "blurry" if features.get("negative") else "",
+              "num_images": 1, "num_inference_steps": 2, "guidance_scale": 7.5, "width": size, "height": size,
+              "use_compel": bool(features.get("use_compel")), "strength": 0.5}
+    img2img = features.get("mode") == "img2img"
+    init = Image.new("RGB", (size, size), (90, 120, 160)) if img2img else None
+    samples = job_samples("probe", params, 0, init)
+    conditioning = ConditioningCache(model).get([s.prompt for s in samples])
+    for result in generate(compat_key(params, img2img=img2img), samples, conditioning):
+        if isinstance(result, BaseException):
+            raise result
+        if not np.isfinite(np.asarray(result, dtype=np.float32)).all():
+            raise RuntimeError("the probe's image is not finite")
