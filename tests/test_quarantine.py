@@ -166,3 +166,50 @@ def test_with_quarantine_exit_a_broken_worker_gives_back_and_exits_with_that_sta
     record = client.get(job_id)
     assert record["state"] == "queued" and record["failures"] == 0 and record["attempts"] == 1, record
     client.cancel(job_id)
+
+
+MENDABLE_PYPARSING = '''
+"""A broken image while FLAG exists; the real pyparsing once it is gone (the host mended)."""
+import importlib, os, sys
+
+FLAG = {flag!r}
+if os.path.exists(FLAG):
+    raise ImportError("a broken image: pyparsing (test)")
+here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+del sys.modules[__name__]
+sys.modules[__name__] = importlib.import_module(__name__)
+'''
+
+
+def test_a_quarantined_worker_stops_consuming_and_takes_work_again_once_its_probe_passes(
+        settings_env, client, tmp_path):
+    """`sdqueue worker` as deployed, its image broken (compel cannot import pyparsing), then mended."""
+    import os
+    import subprocess
+
+    from tests.servers import stop_process_group
+
+    flag = tmp_path / "broken"
+    flag.touch()
+    module = tmp_path / "image" / "pyparsing"
+    module.mkdir(parents=True)
+    (module / "__init__.py").write_text(MENDABLE_PYPARSING.format(flag=str(flag)))
+    env = {**os.environ, "SDQUEUE_PROBE_INTERVAL": "1", "PYTHONPATH": str(module.parent)}
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO"], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        job_id = client.submit(small(prompt="a (green)++ kite", use_compel=True, seed=4))
+        wait_for(lambda: "Canceling queue" in log_path.read_text(), timeout=TIMEOUT)  # it stopped consuming
+        assert "quarantined: a module cannot be imported" in log_path.read_text()
+        wait_for(lambda: "probe 1 failed" in log_path.read_text(), timeout=TIMEOUT)
+        assert client.get(job_id)["failures"] == 0
+        flag.unlink()  # mended: the next probe passes, and it consumes again
+        record = client.wait(job_id, timeout=TIMEOUT)
+        text = log_path.read_text()
+        assert "quarantine over" in text and "Started consuming from" in text, text[-3000:]
+        assert record["state"] == "succeeded" and record["failures"] == 0, record
+    finally:
+        stop_process_group(worker, timeout=60)
