@@ -53,8 +53,13 @@ class LeaseKeeper:
         with self._lock:
             return list(self._held)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop renewing; waits for a heartbeat in progress, so that the database (its pool) can
+        be closed after this returns without a connection coming back to it."""
         self._stop.set()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
 
     # --- the heartbeat ------------------------------------------------------------------------
 
