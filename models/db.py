@@ -10,7 +10,7 @@ import ast
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
@@ -163,4 +163,13 @@ class Database:
             yield session
 
     def dispose(self) -> None:
+        """Close the pool's connections. One a thread still holds (a worker's thread finishing as
+        its process stops) is closed when it comes back to the old pool, not left open for the
+        garbage collector."""
+        event.listen(self.engine.pool, "checkin", _close_on_checkin)
         self.engine.dispose()
+
+
+def _close_on_checkin(dbapi_connection: Any, _record: Any) -> None:
+    if dbapi_connection is not None:
+        dbapi_connection.close()

@@ -136,6 +136,7 @@ class Engine:
         self.resume_consuming: Callable[[], None] | None = None
         self.exit_with: Callable[[int], None] | None = None
         self._lock = threading.Lock()
+        self._charging = threading.Lock()  # charges and the quarantine they may lead to, in turn
         self._cpu = ThreadPoolExecutor(max_workers=cpu_workers, thread_name_prefix="sdqueue-cpu")
         self._in_flight = threading.BoundedSemaphore(max_in_flight)
         self._stop = threading.Event()
@@ -750,28 +751,31 @@ class Engine:
         here with the same error while other workers succeed with jobs like them."""
         assert self.settings is not None
         reason = host_fault(exc)
-        if reason is not None or self.quarantined:  # the host's, or this host is at fault already
-            self._host_fault(reason or "", [work])
-            return
-        streak = self.health.failed(work.job_id, signature(exc))
-        if len(streak) >= self.settings.quarantine_after and self._others_succeed(work):
-            reason = (f"{len(streak)} different jobs in a row failed here with the same error "
-                      f"({signature(exc)}) while other workers succeed with jobs like them")
-            self._refund([job_id for job_id in streak if job_id != work.job_id])
-            self._host_fault(reason, [work])
-            return
-        error = f"{type(exc).__name__}: {exc}"[:2000]
-        healthy = healthy_workers(self.settings)
-        try:
-            again = self._outage(
-                lambda: self._in_session(jobs.charge, work.lease, error, self.settings.max_attempts, healthy),
-                f"job {work.job_id}: charging a failed attempt")
-        except jobs.LeaseLost:
-            self.settle(work, "lost")
-            return
-        except OutageTooLong:
-            self.settle(work, "released")
-            return
+        # One charge at a time: a charge either ends before a quarantine (and is in the run of
+        # failures it refunds) or finds the worker quarantined (and charges nothing).
+        with self._charging:
+            if reason is not None or self.quarantined:  # the host's, or this host is at fault already
+                self._host_fault(reason or "", [work])
+                return
+            streak = self.health.failed(work.job_id, signature(exc))
+            if len(streak) >= self.settings.quarantine_after and self._others_succeed(work):
+                reason = (f"{len(streak)} different jobs in a row failed here with the same error "
+                          f"({signature(exc)}) while other workers succeed with jobs like them")
+                self._host_fault(reason, [work])
+                self._refund([job_id for job_id in streak if job_id != work.job_id])
+                return
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            healthy = healthy_workers(self.settings)
+            try:
+                again = self._outage(
+                    lambda: self._in_session(jobs.charge, work.lease, error, self.settings.max_attempts, healthy),
+                    f"job {work.job_id}: charging a failed attempt")
+            except jobs.LeaseLost:
+                self.settle(work, "lost")
+                return
+            except OutageTooLong:
+                self.settle(work, "released")
+                return
         metrics.failed(exc)
         log.warning("job %s: a failed attempt charged (%s); %s", work.job_id, error.splitlines()[0],
                     "queued again" if again else "that was its last: dead-lettered", extra=about(work.job_id, work.run_id))
