@@ -139,22 +139,30 @@ def test_the_same_error_on_different_jobs_in_a_row_is_the_hosts_when_others_succ
             pass
 
 
-def test_with_quarantine_exit_a_broken_worker_gives_back_and_exits_with_that_status(settings_env, client, tmp_path):
-    """`sdqueue worker` whose image cannot import pyparsing (compel needs it), SDQUEUE_QUARANTINE_EXIT=3:
-    the compel job goes back to its queue uncharged and the worker exits 3, for its orchestrator."""
+def broken_image_worker(tmp_path, pyparsing: str, **env: str):  # type: ignore[no-untyped-def]
+    """`sdqueue worker` in its own process, a `pyparsing` of this source first on its path (compel
+    imports it); returns (the process, its log file)."""
     import os
     import subprocess
 
-    from tests.servers import stop_process_group
-
-    broken = tmp_path / "image" / "pyparsing"
-    broken.mkdir(parents=True)
-    (broken / "__init__.py").write_text("raise ImportError('a broken image: pyparsing (test)')\n")
-    env = {**os.environ, "SDQUEUE_QUARANTINE_EXIT": "3", "PYTHONPATH": str(broken.parent)}
+    module = tmp_path / "image" / "pyparsing"
+    module.mkdir(parents=True)
+    (module / "__init__.py").write_text(pyparsing)
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO"], env=env,
+        worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO"],
+                                  env={**os.environ, "PYTHONPATH": str(module.parent), **env},
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return worker, log_path
+
+
+def test_with_quarantine_exit_a_broken_worker_gives_back_and_exits_with_that_status(settings_env, client, tmp_path):
+    """`sdqueue worker` whose image cannot import pyparsing (compel needs it), SDQUEUE_QUARANTINE_EXIT=3:
+    the compel job goes back to its queue uncharged and the worker exits 3, for its orchestrator."""
+    from tests.servers import stop_process_group
+
+    worker, log_path = broken_image_worker(tmp_path, "raise ImportError('a broken image: pyparsing (test)')\n",
+                                           SDQUEUE_QUARANTINE_EXIT="3")
     try:
         job_id = client.submit(small(prompt="a (red)++ kite", use_compel=True, seed=3))
         assert worker.wait(timeout=TIMEOUT) == 3, log_path.read_text()[-3000:]
@@ -185,21 +193,12 @@ sys.modules[__name__] = importlib.import_module(__name__)
 def test_a_quarantined_worker_stops_consuming_and_takes_work_again_once_its_probe_passes(
         settings_env, client, tmp_path):
     """`sdqueue worker` as deployed, its image broken (compel cannot import pyparsing), then mended."""
-    import os
-    import subprocess
-
     from tests.servers import stop_process_group
 
     flag = tmp_path / "broken"
     flag.touch()
-    module = tmp_path / "image" / "pyparsing"
-    module.mkdir(parents=True)
-    (module / "__init__.py").write_text(MENDABLE_PYPARSING.format(flag=str(flag)))
-    env = {**os.environ, "SDQUEUE_PROBE_INTERVAL": "1", "PYTHONPATH": str(module.parent)}
-    log_path = tmp_path / "worker.log"
-    with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO"], env=env,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker, log_path = broken_image_worker(tmp_path, MENDABLE_PYPARSING.format(flag=str(flag)),
+                                           SDQUEUE_PROBE_INTERVAL="1")
     try:
         job_id = client.submit(small(prompt="a (green)++ kite", use_compel=True, seed=4))
         wait_for(lambda: "Canceling queue" in log_path.read_text(), timeout=TIMEOUT)  # it stopped consuming
