@@ -190,25 +190,12 @@ def renew(session: Session, owner: str, job_ids: Iterable[str], lease_seconds: f
 def release_forgotten(session: Session, owner: str, held: list[str]) -> list[tuple[str, str | None]]:
     """Running jobs in `owner`'s name, their leases run out, that it does not hold (`held`): a claim
     whose commit's answer it never got. Queued again, uncharged; returns (id, queue) to send."""
-    query = (update(Job)
-             .where(Job.state == JobState.RUNNING.value, Job.lease_expires_at < utcnow(), Job.lease_owner == owner)
-             .values(state=JobState.QUEUED.value, lease_owner=None, lease_expires_at=None, running_alone=False,
-                     enqueued_at=utcnow())
-             .returning(Job.id, Job.queue))
-    if held and len(held) <= CHUNK:
-        query = query.where(Job.id.not_in(held))
-    elif held:  # too many to list: only those outside `held`, checked here
-        return [(job_id, queue) for job_id, queue in _forgotten_one_by_one(session, owner, set(held))]
-    return [(job_id, queue) for job_id, queue in session.execute(query)]
-
-
-def _forgotten_one_by_one(session: Session, owner: str, held: set[str]) -> list[tuple[str, str | None]]:
     found = session.execute(select(Job.id, Job.queue).where(
         Job.state == JobState.RUNNING.value, Job.lease_expires_at < utcnow(), Job.lease_owner == owner)).all()
-    forgotten = [(job_id, queue) for job_id, queue in found if job_id not in held]
-    if forgotten:
-        release(session, owner, [job_id for job_id, _ in forgotten])
-    return forgotten
+    kept = set(held)
+    forgotten = [(job_id, queue) for job_id, queue in found if job_id not in kept]
+    released = set(release(session, owner, [job_id for job_id, _ in forgotten])) if forgotten else set()
+    return [(job_id, queue) for job_id, queue in forgotten if job_id in released]
 
 
 def running_alone(session: Session, lease: Lease, alone: bool = True) -> None:
