@@ -812,11 +812,7 @@ class Engine:
                 self.pause_consuming()
             except Exception as exc:  # it still hands every message back unclaimed
                 log.warning("could not stop consuming: %s", exc)
-        with self._lock:
-            held_ids = set(self._held)
-        waiting = self.batcher.remove(held_ids)
-        if waiting:
-            self._on_pool(self._give_back, waiting)
+        # What waits or runs here goes back from the GPU thread's next turn (_while_quarantined).
         if exit_status and self.exit_with is not None:
             self.exit_with(exit_status)
 
