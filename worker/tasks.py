@@ -157,9 +157,7 @@ def run_job(ctx: WorkerContext, job_id: str, queue: str | None = None) -> str:
     engine = ctx.engine
     if engine.draining or engine.quarantined:
         # Shutting down, or this host is at fault: leave the job to another worker, unclaimed.
-        if engine.quarantined:
-            time.sleep(1.0)  # a quarantined worker still consuming: let a healthy one take it first
-        engine.send_again([job_id], queue)
+        _leave_to_others(engine, job_id, queue, pause=engine.quarantined)
         return "handed back"
     # 1. claim the job with a lease (a database outage is waited out; the message stays unacknowledged)
     try:
@@ -170,9 +168,8 @@ def run_job(ctx: WorkerContext, job_id: str, queue: str | None = None) -> str:
         return "unknown"
     if isinstance(claimed, str):
         log.info("job %s not run: %s", job_id, claimed)
-        if claimed == jobs.LEFT_TO_OTHERS:  # its message goes back, for a healthy worker to take
-            time.sleep(1.0)
-            engine.send_again([job_id], queue)
+        if claimed == jobs.LEFT_TO_OTHERS:  # it failed here as often as it may: another worker's turn
+            _leave_to_others(engine, job_id, queue, pause=True)
         return "skipped"
     work = claimed
     engine.hold(work)
@@ -195,6 +192,14 @@ def run_job(ctx: WorkerContext, job_id: str, queue: str | None = None) -> str:
     work.samples = job_samples(job_id, params, work.seed, init_image)
     # 3. into a batch; the engine uploads and records the images
     return engine.submit(work).result()
+
+
+def _leave_to_others(engine: Any, job_id: str, queue: str | None, *, pause: bool) -> None:
+    """Send the job's message again, unclaimed. `pause`: this worker would take it back at once
+    (it still consumes), so a healthy worker gets a second to take it first."""
+    if pause:
+        time.sleep(1.0)
+    engine.send_again([job_id], queue)
 
 
 def _claim(ctx: WorkerContext, job_id: str) -> Work | str:
