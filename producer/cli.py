@@ -78,9 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("job_id")
 
-    sweep = commands.add_parser(
-        "sweep", help="once: put back jobs of dead workers (expired leases) and jobs whose message the broker lost, "
-        "and delete objects no job references (every worker also does this every SDQUEUE_SWEEP_INTERVAL seconds)")
+    sweep_help = ("once: put back jobs of dead workers (expired leases) and jobs whose message the broker lost, "
+        "and delete objects no job references (every worker also does this every SDQUEUE_SWEEP_INTERVAL seconds); "
+        "it takes no lease until the database has answered for a whole lease since it came back or started, nor one "
+        "whose worker's heartbeat is fresh in the worker registry")
+    sweep = commands.add_parser("sweep", help=sweep_help, description=sweep_help)
     sweep.add_argument("--orphan-grace", type=float, metavar="SECONDS",
                        help="delete unreferenced objects uploaded at least this long ago (default: SDQUEUE_ORPHAN_GRACE, 600)")
 
