@@ -7,6 +7,7 @@ raises InvalidRequest with one line per problem naming the field, the value and 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from typing import Annotated, Any
 
@@ -14,6 +15,8 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from models.errors import InvalidRequest
+from models.images import upright_size
+from models.text import check_text
 
 MIN_NUM_IMAGES, MAX_NUM_IMAGES = 1, 4
 MIN_STEPS, MAX_STEPS = 1, 512
@@ -53,6 +56,12 @@ class GenerationRequest(BaseModel):
             raise ValueError("must not be empty or only spaces")
         return value
 
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _storable_text(cls, value: str) -> str:
+        # PostgreSQL cannot hold NUL; ESC or CR would act on the terminal that shows the prompt.
+        return check_text(value)
+
     @field_validator("width", "height")
     @classmethod
     def _one_of_sizes(cls, value: int) -> int:
@@ -66,6 +75,8 @@ class GenerationRequest(BaseModel):
         # JSON has one number type: 7 means 7.0. Text and booleans are not numbers here.
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("input should be a number")
+        if not math.isfinite(value):
+            raise ValueError("input should be a finite number")
         return value
 
     @field_validator("image")
@@ -114,6 +125,7 @@ def check_image(data: bytes) -> tuple[int, int]:
                 img.load()  # a truncated or corrupt file fails here
             except Exception as exc:  # e.g. NotImplementedError (DDS), AttributeError (SPIDER), TypeError (TIFF)
                 raise ValueError(f"not a readable image file: {_reason(exc)}") from None
+            width, height = upright_size(img)  # as shown: a phone's portrait is stored sideways
     return width, height
 
 

@@ -101,10 +101,15 @@ def any_request(draw: st.DrawFn) -> dict[Any, Any]:
     return data
 
 
+# What a text field may hold: anything but control characters (tab and newline aside) and lone
+# surrogates, which a database or a terminal cannot hold.
+REFUSED_CHARACTERS = "".join(map(chr, [*range(0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]))
+storable = st.characters(exclude_categories=("Cs",), exclude_characters=REFUSED_CHARACTERS)
+
 valid_request = st.fixed_dictionaries(
-    {"prompt": st.text(min_size=1, max_size=200).filter(str.strip)},
+    {"prompt": st.text(storable, min_size=1, max_size=200).filter(str.strip)},
     optional={
-        "negative_prompt": st.text(max_size=200) | st.just("n" * MAX_PROMPT_CHARS),
+        "negative_prompt": st.text(storable, max_size=200) | st.just("n" * MAX_PROMPT_CHARS),
         "image": st.none() | st.sampled_from(IMAGES[:6]),
         "num_images": st.integers(MIN_NUM_IMAGES, MAX_NUM_IMAGES),
         "num_inference_steps": st.integers(MIN_STEPS, MAX_STEPS),
@@ -207,6 +212,9 @@ def _violations() -> st.SearchStrategy[tuple[str, Any]]:
         of("prompt", st.integers() | st.none() | st.binary(max_size=4) | st.lists(any_text, max_size=2)),
         of("negative_prompt", st.text(min_size=MAX_PROMPT_CHARS + 1, max_size=MAX_PROMPT_CHARS + 50)),
         of("negative_prompt", st.integers() | st.none() | st.lists(any_text, max_size=2)),
+        *(of(field, st.tuples(st.text(storable, max_size=20), st.sampled_from(REFUSED_CHARACTERS),
+                              st.text(storable, max_size=20)).map(lambda parts: "a" + "".join(parts)))
+          for field in ("prompt", "negative_prompt")),
         of("use_compel", st.integers(0, 1) | st.sampled_from(["true", "yes", "1"]) | st.none() | st.floats()),
         of("image", st.binary(max_size=64)), of("image", st.integers() | st.lists(st.integers(), max_size=2)),
     ]
