@@ -11,7 +11,8 @@ A try (models/webhooks.py keeps the rules and the states):
 2. check the URL again (DNS can change) and connect to the address just checked
 3. POST the record, with X-Sdqueue-Signature (HMAC of the job's API key's webhook_secret; a job
    submitted without a key, which only a trusted caller can make, is not signed),
-   X-Sdqueue-Delivery (to deduplicate: delivery is at least once) and X-Sdqueue-Attempt
+   X-Sdqueue-Delivery (to deduplicate: delivery is at least once) and X-Sdqueue-Attempt; 2.-3.
+   end within SDQUEUE_WEBHOOK_TIMEOUT in all, a receiver that answers slowly included
 4. record the try; a 2xx answer delivers it, 410 Gone ends it as failed, anything else (other
    4xx included: receivers misbehave for a while too, or a redirect, which is never followed) is
    tried again with back-off until SDQUEUE_WEBHOOK_RETRY_SECONDS after the job ended.
@@ -19,6 +20,8 @@ A try (models/webhooks.py keeps the rules and the states):
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import os
 import socket
@@ -43,8 +46,8 @@ DELIVER_TASK = "sdqueue.deliver_webhook"
 QUEUE_SUFFIX = ".webhooks"
 # How often each deliverer looks for due deliveries.
 SCAN_INTERVAL = 1.0
-# A try in flight is not due again for 3 x SDQUEUE_WEBHOOK_TIMEOUT (connecting, sending and the
-# answer each wait at most that long) plus this: by then its deliverer died, or its message was lost.
+# A try in flight is not due again for SDQUEUE_WEBHOOK_TIMEOUT (the whole try ends within it) plus
+# this: by then its deliverer died, or its message was lost.
 IN_FLIGHT_MARGIN = 10.0
 # Of an answer that is not 2xx, this much of the body is kept with the try.
 ERROR_BODY_BYTES = 200
@@ -62,7 +65,7 @@ class Deliverer:
         self.settings = settings
         self.db = db
         self.locate = locate
-        self.in_flight_seconds = 3 * settings.webhook_timeout + IN_FLIGHT_MARGIN
+        self.in_flight_seconds = settings.webhook_timeout + IN_FLIGHT_MARGIN
 
     def scan(self, send: Callable[[int, int], None]) -> int:
         """Send a message for every delivery due now; how many were sent."""
@@ -97,14 +100,33 @@ class Deliverer:
 
 
 def post(prepared: Prepared, *, timeout: float, allow_private: bool) -> Outcome:
-    """One POST of the prepared body; what the receiver answered, or why there was no answer."""
+    """One POST of the prepared body; what the receiver answered, or why there was no answer.
+
+    The whole try (looking the host up, connecting, sending, and the answer to its last byte read)
+    ends within `timeout` seconds: httpx's timeouts bound each read, and a receiver answering a
+    byte at a time would hold a deliverer's slot for as long as it likes. Past the deadline the
+    try is cancelled, its connection closed, and it counts as a failed try (the receiver's fault).
+    """
+    at, started = utcnow(), time.monotonic()
+    status_code, error = asyncio.run(_exchange(prepared, timeout, allow_private))
+    return Outcome(at, status_code, error, time.monotonic() - started)
+
+
+async def _exchange(prepared: Prepared, timeout: float, allow_private: bool) -> tuple[int | None, str | None]:
+    try:
+        async with asyncio.timeout(timeout):
+            return await _post(prepared, timeout, allow_private)
+    except TimeoutError:
+        return None, f"Timeout: no complete answer within {timeout:g} s (SDQUEUE_WEBHOOK_TIMEOUT)"
+
+
+async def _post(prepared: Prepared, timeout: float, allow_private: bool) -> tuple[int | None, str | None]:
     import httpx
 
-    at, started = utcnow(), time.monotonic()
     try:
-        address = webhooks.webhook_addresses(prepared.url, allow_private=allow_private)[0]
+        address = (await _addresses(prepared.url, allow_private))[0]
     except InvalidRequest as exc:
-        return Outcome(at, None, "; ".join(exc.problems), 0.0)
+        return None, "; ".join(exc.problems)
     headers = {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
@@ -118,26 +140,44 @@ def post(prepared: Prepared, *, timeout: float, allow_private: bool) -> Outcome:
         host = url.raw_host.decode("ascii")
         headers["Host"] = url.netloc.decode("ascii")  # the name, though we connect to the address checked
         # No proxy from the environment (it would reach what the URL check refused), no redirects.
-        with httpx.Client(timeout=timeout, trust_env=False, follow_redirects=False) as client, client.stream(
+        # The answer read is bounded too: h11 refuses a status line and headers over 16 KiB, and of
+        # the body at most ERROR_BODY_BYTES are read (none of a 2xx).
+        async with httpx.AsyncClient(timeout=timeout, trust_env=False, follow_redirects=False) as client, client.stream(
             "POST", url.copy_with(host=address), content=prepared.body, headers=headers,
             extensions={"sni_hostname": host},  # TLS still checks the certificate against the name
         ) as response:
             error = None
             if not 200 <= response.status_code < 300:
                 error = f"HTTP {response.status_code} {response.reason_phrase}".strip()
-                text = _first_bytes(response, ERROR_BODY_BYTES).decode("utf-8", "replace").strip()
+                text = (await _first_bytes(response, ERROR_BODY_BYTES)).decode("utf-8", "replace").strip()
                 if text:
                     error += f": {text}"
-            return Outcome(at, response.status_code, error, time.monotonic() - started)
+            return response.status_code, error
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        return Outcome(at, None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
-                       time.monotonic() - started)
+        return None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _first_bytes(response: Any, limit: int) -> bytes:
+async def _addresses(url: str, allow_private: bool) -> list[str]:
+    """webhooks.webhook_addresses in a thread of its own: at the deadline a resolver that has not
+    answered is left behind (it gives up by itself), not waited for."""
+    done: concurrent.futures.Future[list[str]] = concurrent.futures.Future()
+
+    def resolve() -> None:
+        if not done.set_running_or_notify_cancel():
+            return
+        try:
+            done.set_result(webhooks.webhook_addresses(url, allow_private=allow_private))
+        except BaseException as exc:
+            done.set_exception(exc)
+
+    threading.Thread(target=resolve, name="webhook-resolve", daemon=True).start()
+    return await asyncio.wrap_future(done)
+
+
+async def _first_bytes(response: Any, limit: int) -> bytes:
     data = b""
     try:
-        for chunk in response.iter_bytes():
+        async for chunk in response.aiter_bytes():
             data += chunk
             if len(data) >= limit:
                 break

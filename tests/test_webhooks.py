@@ -7,6 +7,7 @@ import hashlib
 import json
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -188,6 +189,76 @@ class Receiver:
         self.server.server_close()
 
 
+class Dripper:
+    """A receiver on loopback that reads each request, then answers one byte every `interval`
+    seconds, forever: a status line, then a header that never ends. Each read of its answer gets a
+    byte in time; only a deadline on the whole answer ends a POST to it."""
+
+    def __init__(self, interval: float = 1.0):
+        self.interval = interval
+        self.accepted = 0
+        self.hung_up = 0  # connections the client closed while we were still answering
+        self.stopping = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/hook"
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                connection, _ = self.server.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.accepted += 1
+            thread = threading.Thread(target=self._drip, args=(connection,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _drip(self, connection: socket.socket) -> None:
+        with connection:
+            connection.settimeout(10)
+            request = b""
+            try:
+                while b"\r\n\r\n" not in request:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        return
+                    request += chunk
+            except OSError:
+                return
+            answer = b"HTTP/1.1 200 OK\r\nX-Drip: "
+            sent = 0
+            while not self.stopping.is_set():
+                try:
+                    connection.sendall(answer[sent:sent + 1] or b"a")
+                except OSError:  # the client closed the connection
+                    self.hung_up += 1
+                    return
+                sent += 1
+                self.stopping.wait(self.interval)
+
+    def close(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=5)
+        self.server.close()
+
+
+@pytest.fixture
+def dripper() -> Iterator[Any]:
+    made: list[Dripper] = []
+
+    def make(interval: float = 1.0) -> Dripper:
+        made.append(Dripper(interval))
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.close()
+
+
 @pytest.fixture
 def receiver() -> Iterator[Any]:
     made: list[Receiver] = []
@@ -336,14 +407,25 @@ def test_a_url_that_now_resolves_to_a_private_address_is_not_posted_to(client, r
     assert attempt.status_code is None and "a loopback address" in attempt.error
 
 
+def test_a_receiver_answering_a_byte_at_a_time_is_cut_off_at_the_deadline(dripper):
+    from producer.webhooks import post
+
+    slow = dripper(interval=0.5)  # every read gets a byte well within the timeout
+    outcome = post(webhooks.Prepared(1, 1, slow.url, b'{"id":"j1"}', None), timeout=2, allow_private=True)
+    assert outcome.status_code is None and not outcome.delivered
+    assert outcome.error == "Timeout: no complete answer within 2 s (SDQUEUE_WEBHOOK_TIMEOUT)"
+    assert 2 - 0.1 <= outcome.seconds < 30  # the deadline, not the receiver, ended it
+    wait_for(lambda: slow.hung_up == 1, timeout=30)  # and the connection was closed, not left dripping
+
+
 # 5. `sdqueue webhooks`, the real command, in processes of its own
 
 
 @contextmanager
-def deliverer_process(log: Path) -> Iterator[subprocess.Popen]:
+def deliverer_process(log: Path, concurrency: int = 4) -> Iterator[subprocess.Popen]:
     """`sdqueue webhooks`, with this test's SDQUEUE_* environment; stopped with SIGTERM."""
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "producer.cli", "webhooks", "--concurrency", "4"],
+        process = subprocess.Popen([sys.executable, "-m", "producer.cli", "webhooks", "--concurrency", str(concurrency)],
                                    cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         yield process
@@ -428,3 +510,37 @@ def test_two_deliverers_post_each_delivery_once(client, receiver, settings, tmp_
     assert posted == sorted(ids), logs
     assert all(len(tries(client.db, delivery_id)) == 1 for delivery_id in ids)
     assert "made already, or the delivery ended" in logs  # the duplicates reached a deliverer, and were dropped
+
+
+def test_a_slow_receiver_holds_a_slot_only_until_the_deadline(client, receiver, dripper, tmp_path, monkeypatch):
+    """Both slots of `--concurrency 2` taken by a receiver that drips its answer: each try ends as a
+    failed try at SDQUEUE_WEBHOOK_TIMEOUT and is retried with back-off, and another job's webhook is
+    delivered meanwhile (before the deadline it waited forever behind them)."""
+    monkeypatch.setenv("SDQUEUE_WEBHOOK_TIMEOUT", "2")
+    slow, good = dripper(), receiver()
+    slow_ids = [submit_with_webhook(client, slow.url) for _ in range(2)]
+    good_id = submit_with_webhook(client, good.url)
+    with deliverer_process(tmp_path / "webhooks.log", concurrency=2):
+        for job_id in slow_ids:
+            succeed(client.db, job_id)
+        wait_for(lambda: slow.accepted >= 2, timeout=60, step=0.1)  # both slots held
+        succeed(client.db, good_id)
+        delivered = wait_for(lambda: state_of(client.db, good_id, "delivered", "failed"), timeout=60, step=0.1)
+        slow_deliveries = [deliveries(client.db, job_id)[0] for job_id in slow_ids]
+
+        def tried_twice() -> list[list[WebhookAttempt]] | None:
+            made = [tries(client.db, d.id) for d in slow_deliveries]
+            return made if all(len(t) >= 2 for t in made) else None
+
+        made = wait_for(tried_twice, timeout=60, step=0.1)
+    log = (tmp_path / "webhooks.log").read_text()
+    assert delivered.state == "delivered" and len(good.posts) == 1, log
+    for first, second, *_ in made:
+        # a failed try each, ended by the deadline (seconds are an upper bound only: the machine is loaded)
+        for attempt in (first, second):
+            assert attempt.status_code is None, log
+            assert attempt.error == "Timeout: no complete answer within 2 s (SDQUEUE_WEBHOOK_TIMEOUT)", log
+            assert 2 - 0.1 <= attempt.seconds < 30, log
+        assert (second.at - first.at).total_seconds() >= 2 + 1 - 0.2  # the deadline, then 1 s of back-off
+    assert all(state_of(client.db, job_id, "pending") for job_id in slow_ids)  # still retried, not given up
+    wait_for(lambda: slow.hung_up >= 4, timeout=30)  # every cut-off try closed its connection
