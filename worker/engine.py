@@ -55,7 +55,7 @@ from worker.blame import host_fault, signature
 from worker.loop import Finished, LoopFailed, Loops
 from worker.encode import encode_png, sha256_of
 from worker.leases import LeaseKeeper
-from worker.pipeline import LoadedModel, library_versions
+from worker.pipeline import LoadedModel, input_orientation, library_versions
 from worker.quarantine import Health, probe
 from worker.relay import EventRelay
 from worker.spool import DiskFull, Spool
@@ -885,6 +885,7 @@ class Engine:
             "seed": sample.seed,
             "mode": work.key.mode,
             "input_sha256": work.input_sha256,
+            "input_orientation": input_orientation(sample.init_image),  # the EXIF turn applied to it
             "model": self.model.spec.name,
             "model_source": batch.model,
             "model_revision": self.model.revision,

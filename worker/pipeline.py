@@ -19,6 +19,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
 from models.errors import ModelUnavailable
+from models.images import exif_orientation, upright
 from models.registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -111,12 +112,26 @@ def load_model(spec: ModelSpec, device: str = "auto") -> LoadedModel:
     return LoadedModel(spec, source, revision, device, dtype, pipe, img2img)
 
 
+# The EXIF orientation prepare_input_image applied, kept in the prepared image's info (the image
+# travels with its samples to the engine, which puts it in each image's record).
+ORIENTATION_INFO = "sdqueue_input_orientation"
+
+
 def prepare_input_image(data: bytes, width: int, height: int) -> Image.Image:
+    """The img2img input as the pipeline takes it: upright by its EXIF orientation (a phone's
+    portrait is stored sideways), RGB, resized to width x height."""
     with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
+        orientation = exif_orientation(img)
+        img = upright(img.convert("RGB"), orientation)
         if img.size != (width, height):
             img = img.resize((width, height), Image.Resampling.LANCZOS)
+        img.info[ORIENTATION_INFO] = orientation
         return img
+
+
+def input_orientation(image: Image.Image | None) -> int | None:
+    """The EXIF orientation applied to a prepared input (1: used as stored); None: no input."""
+    return None if image is None else image.info.get(ORIENTATION_INFO)
 
 
 def library_versions() -> dict[str, str]:

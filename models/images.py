@@ -1,0 +1,53 @@
+"""Which way up an input image is: its EXIF orientation, and the image turned upright.
+
+A phone stores a portrait photo as the sensor read it (landscape) with an EXIF Orientation tag
+that says how to turn it for display. Every place that uses an img2img input turns it upright
+first: the worker's decoding (worker/pipeline.py) and the size check at submit
+(models.request.check_image). The stored input stays the user's bytes; the turn is a function of
+them, so a re-run turns it the same way.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from PIL import ExifTags, Image
+
+# Orientation tag value -> the transpose that makes the image upright (Pillow's
+# ImageOps.exif_transpose uses the same table). 1, or a tag that is missing, unreadable or out of
+# range: the image is used as stored.
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Orientations that swap width and height.
+SIDEWAYS = frozenset({5, 6, 7, 8})
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF (or XMP) orientation of an opened image, 1 to 8; 1 where it has none, or one that
+    cannot be read: a damaged tag is no reason to refuse an image that decodes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about corrupt EXIF as well as failing
+        try:
+            value = img.getexif().get(ExifTags.Base.Orientation, 1)
+        except Exception:  # Pillow's EXIF parsing fails on hostile input with many types
+            return 1
+    return value if isinstance(value, int) and value in UPRIGHT else 1
+
+
+def upright(img: Image.Image, orientation: int) -> Image.Image:
+    """`img` turned by `orientation` (from exif_orientation): upright, as a viewer shows it."""
+    method = UPRIGHT.get(orientation)
+    return img if method is None else img.transpose(method)
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image once upright."""
+    width, height = img.size
+    return (height, width) if exif_orientation(img) in SIDEWAYS else (width, height)
