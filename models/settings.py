@@ -103,9 +103,13 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(default=24 * 2**20, gt=0)
     # How long a presigned image URL the API hands out stays valid.
     api_url_seconds: int = Field(default=300, gt=0, le=7 * 24 * 3600)
+    # Event streams (GET /v1/jobs/{id}/events) one API key may hold open at once, across all API
+    # processes: each holds a Redis connection. One more is refused with 429.
+    api_max_streams_per_key: int = Field(default=16, ge=1, le=100_000)
     # Webhooks: a delivery is retried with exponential back-off for this long after the job ended;
-    # each POST waits at most webhook_timeout; URLs to loopback, link-local and private addresses
-    # are refused unless webhook_allow_private.
+    # each try ends within webhook_timeout in all (looking the host up, connecting, sending and the
+    # whole answer: a receiver answering a byte at a time holds a deliverer no longer, and the try
+    # failed); URLs to loopback, link-local and private addresses are refused unless webhook_allow_private.
     webhook_retry_seconds: float = Field(default=3600, gt=0)
     webhook_timeout: float = Field(default=10, gt=0)
     webhook_allow_private: bool = False

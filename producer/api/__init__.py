@@ -7,8 +7,9 @@ their images, for many callers at once, each with an API key of its own.
     schemas.py      what the OpenAPI document says of bodies and answers
     keys.py         API keys: made, listed, revoked (`sdqueue keys`); tokens kept as sha256
     auth.py         the caller of a request: its key, from `Authorization: Bearer TOKEN`
-    limits.py       per-key rate limit (Redis) and cap on queued jobs
+    limits.py       per-key rate limit (Redis), cap on queued jobs (a lock on the key), cap on open streams
     idempotency.py  `Idempotency-Key`: one answer per key, given again to a retry
+    admit.py        writing a validated submit: inputs stored, cap counted and rows inserted at once, sent
     jobs.py         /v1/jobs routes: submit, batch, read, list, images, cancel
     events.py       /v1/jobs/{id}/events: Server-Sent Events of a job's state and progress
     health.py       /healthz and /readyz

@@ -11,7 +11,7 @@ import binascii
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Any, Iterator
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -69,15 +69,53 @@ def is_form(request: Request) -> bool:
 
 async def read_json(request: Request) -> tuple[Any, bytes]:
     """The body as JSON, and the canonical bytes a retry of the same request has (sorted keys,
-    no spaces): BadBody (400) when it is not JSON."""
+    no spaces): BadBody (400) when it is not JSON, InvalidRequest (422) when an object in it gives
+    a name twice (which of the two would count is no JSON rule: Python takes the last, others the
+    first, so neither is taken)."""
     body = await request.body()
     if not body.strip():
         raise BadBody("the body is empty: send a JSON object of request fields")
     try:
-        data = json.loads(body, parse_constant=_no_constant)
-        return data, canonical(data)
+        data = json.loads(body, parse_constant=_no_constant, object_pairs_hook=_Object.of)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise BadBody(f"the body is not JSON: {_reason(exc)}") from None
+    repeated = list(_repeated(data))
+    if repeated:
+        raise InvalidRequest([f"{where} is given more than once" for where in repeated])
+    return data, canonical(data)
+
+
+class _Object(dict):  # type: ignore[type-arg]
+    """A JSON object that remembers the names it was given more than once (the last value kept)."""
+
+    repeated: list[str] = []
+
+    @classmethod
+    def of(cls, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        made = cls(pairs)
+        if len(made) != len(pairs):
+            seen: set[str] = set()
+            made.repeated = list(dict.fromkeys(name for name, _ in pairs if name in seen or seen.add(name)))
+        return made
+
+
+def _repeated(data: Any, where: str = "") -> Iterator[str]:
+    """Where each name given twice is, as a refusal names a field: `seed`, `requests[2].seed`.
+    Iterative: a body nested thousands deep (within the parser's bound) must not recurse here."""
+    stack = [(data, where)]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, dict):
+            for name in getattr(value, "repeated", ()):
+                yield _member(where, name)
+            stack += [(item, _member(where, name)) for name, item in reversed(value.items())]
+        elif isinstance(value, list):
+            stack += [(item, f"{where}[{index}]") for index, item in reversed(list(enumerate(value)))]
+
+
+def _member(where: str, name: str) -> str:
+    shown = name if name.isidentifier() else repr(name)
+    return f"{where}.{shown}" if where else shown
 
 
 async def read_form(request: Request) -> tuple[dict[str, Any], bytes]:
@@ -92,7 +130,7 @@ async def read_form(request: Request) -> tuple[dict[str, Any], bytes]:
         problems: list[str] = []
         for name, value in form.multi_items():
             if name in fields:
-                problems.append(f"{name} is given more than once")
+                problems.append(f"{_member('', name)} is given more than once")
                 continue
             if isinstance(value, UploadFile):
                 data = await value.read()

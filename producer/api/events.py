@@ -13,6 +13,12 @@ Redis pub/sub is read through redis-py, which blocks: each open stream holds a t
 pool (STREAM_THREADS), not one of the pool the other routes use, so followers never starve
 submits. The stream stops when the client goes away (Starlette cancels it; a blocked read ends
 within POLL_SECONDS).
+
+Each stream also holds a Redis connection: a key may have SDQUEUE_API_MAX_STREAMS_PER_KEY open at
+once, across all API processes (limits.open_stream); one more is refused with 429. The place is
+taken before the subscription, renewed at every re-read, and given back when the stream ends for
+any reason (the client gone included). While the broker does not answer, streams are not counted:
+they hold no connection of it then.
 """
 
 from __future__ import annotations
@@ -26,13 +32,16 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from models.events import Subscription
 from models.tables import JobState
 from producer.api import schemas
 from producer.api.app import Backend, backend, root
 from producer.api.auth import Caller, caller
+from producer.api.errors import OUTAGES
 from producer.api.jobs import read_record
+from producer.api.limits import StreamPlace, open_stream
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -55,34 +64,74 @@ def ended(state: str) -> bool:
             response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                              "description": "events `state`, `progress` and, last, `end`"},
-                       **schemas.refusals(401, 404, 503)})
+                       **schemas.refusals(401, 404, 429, 503)})
 async def follow(job_id: str, request: Request, who: Caller = Depends(caller),
                  shared: Backend = Depends(backend)) -> StreamingResponse:
-    """The job's state and denoising progress as they happen, ending with its final record."""
+    """The job's state and denoising progress as they happen, ending with its final record. A key
+    may have SDQUEUE_API_MAX_STREAMS_PER_KEY streams open at once (16): one more is a 429."""
     limiter = threads(request)
     prefix = root(request)
-    # 1. subscribe, then read: an event between the two is seen twice at worst, never missed
-    subscription: Subscription | None
+    # 1. a place among the caller's open streams (429 when it has all of them open)
+    place = await run_in_threadpool(take_place, shared, who)
+    # 2. subscribe, then read: an event between the two is seen twice at worst, never missed
+    subscription: Subscription | None = None
     try:
-        subscription = await anyio.to_thread.run_sync(Subscription, shared.settings, [canonical_id(job_id)],
-                                                      limiter=limiter)
-    except Exception:  # the broker does not answer: the stream reads the record every REREAD_SECONDS
-        subscription = None
-    try:
+        try:
+            subscription = await anyio.to_thread.run_sync(Subscription, shared.settings, [canonical_id(job_id)],
+                                                          limiter=limiter)
+        except Exception:  # the broker does not answer: the stream reads the record every REREAD_SECONDS
+            subscription = None
         record = await run_in_threadpool(read_record, shared, who, job_id, prefix)
     except BaseException:
         if subscription is not None:
             subscription.close()
+        await give_back(place)
         raise
-    return StreamingResponse(stream(shared, who, record, subscription, limiter, prefix),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return PlacedStream(stream(shared, who, record, subscription, limiter, prefix, place), place,
+                        media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def take_place(shared: Backend, who: Caller) -> StreamPlace | None:
+    """The stream's place among its key's; None when not counted (no key, or the broker away)."""
+    if who.key_id is None:
+        return None
+    try:
+        return open_stream(shared.redis, who, shared.settings.api_max_streams_per_key)
+    except OUTAGES:  # the stream will hold no broker connection either: let it run uncounted
+        return None
+
+
+async def give_back(place: StreamPlace | None) -> None:
+    """The place freed, even while the stream is being cancelled (its client went away)."""
+    if place is None:
+        return
+    with anyio.CancelScope(shield=True):
+        try:
+            await anyio.to_thread.run_sync(place.release)
+        except Exception:  # the broker does not answer: the place lapses after STREAM_LEASE_SECONDS
+            pass
+
+
+class PlacedStream(StreamingResponse):
+    """A stream that gives its place back when it ends, whatever ends it: its last event, its
+    client leaving, or its client leaving before the first event (the body never started)."""
+
+    def __init__(self, content: AsyncIterator[bytes], place: StreamPlace | None, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.place = place
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await give_back(self.place)
 
 
 async def stream(shared: Backend, who: Caller, record: dict[str, Any], subscription: Subscription | None,
-                 limiter: anyio.CapacityLimiter, prefix: str) -> AsyncIterator[bytes]:
+                 limiter: anyio.CapacityLimiter, prefix: str, place: StreamPlace | None) -> AsyncIterator[bytes]:
     try:
-        # 2. the record as it is now
+        # 3. the record as it is now
         yield frame("state", record)
         sent_state = record["state"]
         if ended(sent_state):
@@ -90,7 +139,7 @@ async def stream(shared: Backend, who: Caller, record: dict[str, Any], subscript
             return
         last_sent = last_read = time.monotonic()
         while True:
-            # 3. the next event, or a second without one
+            # 4. the next event, or a second without one
             event = None
             if subscription is not None:
                 try:
@@ -105,9 +154,15 @@ async def stream(shared: Backend, who: Caller, record: dict[str, Any], subscript
             if kind == "progress" and isinstance(event.get("step"), int) and isinstance(event.get("steps"), int):
                 yield frame("progress", {"step": event["step"], "steps": event["steps"]})
                 last_sent = now
-            # 4. the record again at a change of state, and every REREAD_SECONDS whatever came
+            # 5. the record again at a change of state, and every REREAD_SECONDS whatever came
+            #    (the stream's place renewed with it)
             if kind == "state" or now - last_read >= REREAD_SECONDS:
                 last_read = now
+                if place is not None:
+                    try:
+                        await anyio.to_thread.run_sync(place.renew, limiter=limiter)
+                    except Exception:  # the broker does not answer: the place lapses, the stream goes on
+                        pass
                 try:
                     record = await run_in_threadpool(read_record, shared, who, record["id"], prefix)
                 except Exception:  # the database does not answer: try again at the next re-read

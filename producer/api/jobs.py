@@ -1,9 +1,10 @@
 """/v1/jobs: submit one job or a batch, read one, list a key's jobs, fetch an image, cancel.
 
-A submit runs as the CLI's does, through Client.submit (Client.submit_many for a batch): validate
-everything, store the img2img input, write the row, send the message; the answer is the record as
-written, with the URLs of the job's events and images on this API. Job records here leave out
-what only operators need (storage keys, lease holders): `sdqueue status ID --json` has those.
+A submit runs in the CLI's order: validate everything, store the img2img input, write the row,
+send the message; the key's cap is counted in the transaction that writes the rows (admit.py), and
+an input is taken back if anything after it fails. The answer is the record as written, with the
+URLs of the job's events and images on this API. Job records here leave out what only operators
+need (storage keys, lease holders): `sdqueue status ID --json` has those.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from models.errors import InvalidRequest, JobNotFound, RunNotFound
 from models.jobs import aware
 from models.request import GenerationRequest, parse_request
 from models.tables import Job, JobState, Priority, Run
+from models.text import refused_character
 from producer.api import schemas
+from producer.api.admit import enqueue
 from producer.api.app import Backend, backend, root
 from producer.api.auth import Caller, caller
 from producer.api.bodies import decode_image, is_form, read_form, read_json
 from producer.api.errors import Answer, NotFound
 from producer.api.idempotency import answer_once, request_sha256
-from producer.api.limits import check_cap, check_rate
+from producer.api.limits import check_rate
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -59,6 +62,11 @@ def api_record(job: Job, prefix: str) -> dict[str, Any]:
     ]
     record["links"] = {"self": path, "events": f"{path}/events", "images": [image["url"] for image in record["images"]]}
     return record
+
+
+def quoted(text: str, most: int = 60) -> str:
+    """Text a caller sent, as a refusal shows it: quoted, escaped, cut short."""
+    return repr(text if len(text) <= most else text[:most] + "...")
 
 
 def visible_job(session: Session, who: Caller, job_id: str) -> Job:
@@ -119,6 +127,11 @@ def job_options(options: dict[str, Any], who: Caller, allow_private: bool) -> tu
     if webhook_url is not None:
         if not isinstance(webhook_url, str):
             problems.append(f"webhook_url={webhook_url!r}: must be a URL (text)")
+            webhook_url = None
+        elif (refused := refused_character(webhook_url, allow_newlines=False)) is not None:
+            # before the URL is parsed or its host resolved: PostgreSQL cannot store NUL, and a
+            # header or log line must not be split by a newline
+            problems.append(f"webhook_url={quoted(webhook_url)}: must not hold control characters: {refused}")
             webhook_url = None
         else:
             from models.webhooks import check_webhook_url
@@ -184,11 +197,8 @@ def submit_one(shared: Backend, who: Caller, data: Any, prefix: str) -> Answer:
     if who.rate_per_minute is not None:
         check_rate(shared.redis, who)
     request, webhook_url, priority = read_submission(data, who, shared.settings.webhook_allow_private)
-    client = shared.client
-    # 2. the caller's cap on waiting jobs, then the submit: validated, stored, written, sent
-    with client.db.session() as session:
-        check_cap(session, who, 1)
-    job_id = client.submit(request, priority=priority, api_key_id=who.key_id, webhook_url=webhook_url)
+    # 2. stored, then counted against the caller's cap and written at once, then sent
+    [job_id] = enqueue(shared, who, [request], priority=priority, webhook_url=webhook_url)
     [record] = read_submitted(shared, [job_id], prefix)
     return Answer(201, record, {"Location": record["links"]["self"]})
 
@@ -197,10 +207,7 @@ def submit_batch(shared: Backend, who: Caller, data: Any, prefix: str) -> Answer
     if who.rate_per_minute is not None:
         check_rate(shared.redis, who)
     requests, webhook_url, priority = read_batch(data, who, shared.settings.webhook_allow_private)
-    client = shared.client
-    with client.db.session() as session:
-        check_cap(session, who, len(requests))
-    job_ids = client.submit_many(requests, priority=priority, api_key_id=who.key_id, webhook_url=webhook_url)
+    job_ids = enqueue(shared, who, requests, priority=priority, webhook_url=webhook_url)
     return Answer(201, {"jobs": read_submitted(shared, job_ids, prefix)})
 
 
@@ -250,10 +257,11 @@ def list_page(shared: Backend, who: Caller, *, state: JobState | None, run: str 
     if cursor is not None:
         created, last_id = decode_cursor(cursor)
         query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
+    if run is not None and (refused := refused_character(run, allow_newlines=False)) is not None:
+        raise InvalidRequest([f"run={quoted(run)}: must not hold control characters: {refused}"])
     with shared.client.db.session() as session:
         if run is not None:
-            run_id = None if "\x00" in run else session.scalar(
-                select(Run.id).where(or_(Run.name == run, Run.id == run)).limit(1))
+            run_id = session.scalar(select(Run.id).where(or_(Run.name == run, Run.id == run)).limit(1))
             if run_id is None:
                 raise RunNotFound(run[:100])
             query = query.where(Job.run_id == run_id)

@@ -18,12 +18,15 @@ from sqlalchemy.exc import IntegrityError
 from models.db import Database
 from models.errors import SdqueueError
 from models.tables import ApiKey, utcnow
+from models.text import refused_character
 
 TOKEN_PREFIX = "sdq_"
 WEBHOOK_SECRET_PREFIX = "whsec_"
 # How much of a token a listing shows: "sdq_" and 8 characters, too few to guess the rest by.
 SHOWN_CHARS = 12
 MAX_NAME_CHARS = 255
+# What the rate_per_minute and max_queued columns (Integer) hold.
+MAX_BOUND = 2**31 - 1
 
 
 class KeyNotFound(SdqueueError, LookupError):
@@ -60,11 +63,14 @@ def token_sha256(token: str) -> str:
 def create_key(db: Database, name: str, *, rate_per_minute: int | None = None, max_queued: int | None = None,
                bulk_only: bool = False) -> NewKey:
     """Make a key; KeyExists when the name is taken, BadKeyOption for a bad name or bound."""
+    refused = refused_character(name, allow_newlines=False)
+    if refused is not None:
+        raise BadKeyOption(f"key name {name!r}: must not hold control characters: {refused}")
     if not name.strip() or len(name) > MAX_NAME_CHARS or not name.isprintable():
         raise BadKeyOption(f"key name {name!r}: must be 1 to {MAX_NAME_CHARS} printable characters")
     for option, value in (("--rate", rate_per_minute), ("--max-queued", max_queued)):
-        if value is not None and value < 1:
-            raise BadKeyOption(f"{option}={value}: must be at least 1")
+        if value is not None and not 1 <= value <= MAX_BOUND:
+            raise BadKeyOption(f"{option}={value}: must be from 1 to {MAX_BOUND}")
     token = new_token()
     key = ApiKey(id=str(uuid.uuid4()), name=name, token_sha256=token_sha256(token), token_prefix=token[:SHOWN_CHARS],
                  webhook_secret=WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32), rate_per_minute=rate_per_minute,

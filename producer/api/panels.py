@@ -24,11 +24,13 @@ from models.errors import InvalidRequest, RunNotFound
 from models.jobs import aware, job_record
 from models.request import parse_request
 from models.tables import Batch, Image, Job, JobState, Priority, Run
+from models.text import refused_character
+from producer.api.admit import enqueue
 from producer.api.app import Backend
 from producer.api.auth import Caller
 from producer.api.errors import hide_secrets
 from producer.api.jobs import image_key, visible_job
-from producer.api.limits import check_cap, check_rate
+from producer.api.limits import check_rate
 from producer.runs.status import list_runs, run_status
 
 STATES = [state.value for state in JobState]
@@ -141,8 +143,10 @@ def run_row(status: dict[str, Any]) -> dict[str, Any]:
 # -- a run (/runs/{name}) --------------------------------------------------------------------------
 
 def run_page(shared: Backend, who: Caller, name: str, page: int) -> dict[str, Any]:
-    if who.key_id is not None:  # no key's jobs are in a run
-        raise RunNotFound(name)
+    # No key's jobs are in a run; and no run's name holds a control character (PostgreSQL cannot
+    # even be asked about one with NUL)
+    if who.key_id is not None or refused_character(name, allow_newlines=False) is not None:
+        raise RunNotFound(name[:100])
     status = run_row(run_status(shared.client, name).as_dict())
     with shared.client.db.session() as session:
         run_id = session.scalars(select(Run.id).where(Run.name == name)).one()
@@ -229,9 +233,7 @@ def submit_again(shared: Backend, who: Caller, job_id: str) -> str:
         request = parse_request(fields)
     except InvalidRequest as exc:  # a row from an older sdqueue, say, whose fields have changed since
         raise InvalidRequest([f"job {job_id} cannot be submitted again: {p}" for p in exc.problems]) from None
-    # 3. the caller's cap, then the submit
-    client = shared.client
-    with client.db.session() as session:
-        check_cap(session, who, 1)
+    # 3. stored, counted against the caller's cap and written at once, then sent
     priority = Priority.BULK.value if who.bulk_only else Priority.INTERACTIVE.value
-    return client.submit(request, priority=priority, api_key_id=who.key_id)
+    [new_id] = enqueue(shared, who, [request], priority=priority, webhook_url=None)
+    return new_id
