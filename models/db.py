@@ -54,12 +54,14 @@ def normalize_url(url: str) -> str:
 
 
 def make_engine(url: str) -> Engine:
+    """An engine for `url`. Its errors never quote a statement's parameters: they hold tokens'
+    digests, webhook secrets and users' text, and an error message can reach a terminal or a log."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
@@ -70,9 +72,9 @@ def make_engine(url: str) -> Engine:
 
         return engine
     if parsed.get_backend_name() != "postgresql":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, hide_parameters=True)
     given = set(parsed.query)  # what the URL itself sets wins
-    engine = create_engine(url, pool_pre_ping=True,
+    engine = create_engine(url, pool_pre_ping=True, hide_parameters=True,
                            connect_args={k: v for k, v in _PG_CLIENT_SILENCE.items() if k not in given})
 
     @event.listens_for(engine, "connect")

@@ -8,12 +8,10 @@ killed between the row and the send leaves a queued job the sweeper sends later.
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from sqlalchemy import delete
 
@@ -81,8 +79,8 @@ class Client:
         values = job_row(request, base_queue=self.settings.queue, priority=priority, storage=self.storage,
                          api_key_id=api_key_id, webhook_url=webhook_url)
         values["enqueued_at"] = values["created_at"]
-        # 3. the row, then the message
-        with self.db.session() as session:
+        # 3. the row (its input taken back if it cannot be written), then the message
+        with self.removing_inputs_on_failure([values]), self.db.session() as session:
             session.add(Job(**values))
         try:
             self.send([values["id"]], values["queue"])
@@ -110,7 +108,7 @@ class Client:
         self.sender  # noqa: B018
         values = [job_row(request, base_queue=self.settings.queue, priority=priority, storage=self.storage,
                           api_key_id=api_key_id, webhook_url=webhook_url) for request in parsed]
-        with self.db.session() as session:
+        with self.removing_inputs_on_failure(values), self.db.session() as session:
             written = insert_jobs(session, values)
         try:
             send_marked(self, by_queue(values, written))
@@ -120,7 +118,7 @@ class Client:
 
     def _unsent(self, exc: Exception, values: list[dict[str, Any]]) -> str:
         reason = f"{type(exc).__name__}: {exc}"
-        return f"broker {self.settings.broker_url} cannot be reached ({reason}): {self._take_back(values)}"
+        return f"broker {self.settings.broker_url} cannot be reached ({reason}): {self.take_back(values)}"
 
     def send(self, job_ids: list[str], queue: str | None = None) -> None:
         """The jobs' messages, one per job, pipelined through one connection; the job id is the task id."""
@@ -137,7 +135,24 @@ class Client:
             for job_id in job_ids:
                 sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=queue, producer=producer)
 
-    def _take_back(self, values: list[dict[str, Any]]) -> str:
+    @contextmanager
+    def removing_inputs_on_failure(self, values: list[dict[str, Any]]) -> Iterator[None]:
+        """Around the insert of rows whose inputs are stored already: if it fails, the inputs go
+        too, so that no object is left that no row names."""
+        try:
+            yield
+        except BaseException:
+            self.delete_inputs([value["input_key"] for value in values if value["input_key"] is not None])
+            raise
+
+    def delete_inputs(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                self.storage.delete(key)
+            except Exception:  # the store is away: an input no job names is harmless; the row is what counts
+                pass
+
+    def take_back(self, values: list[dict[str, Any]]) -> str:
         """Undo a submit whose messages could not be sent; says what became of the jobs."""
         ids = [value["id"] for value in values]
         try:
@@ -146,12 +161,7 @@ class Client:
         except Exception:
             what = f"job {ids[0]} stays" if len(ids) == 1 else f"the {len(ids)} jobs stay"
             return f"{what} recorded as queued and the sweeper sends them once the broker is back"
-        for value in values:
-            if value["input_key"] is not None:
-                try:
-                    self.storage.delete(value["input_key"])
-                except Exception:  # an input no job names is harmless; the row is what counts
-                    pass
+        self.delete_inputs([value["input_key"] for value in values if value["input_key"] is not None])
         return "nothing was enqueued"
 
     def get(self, job_id: str) -> dict[str, Any]:
@@ -215,41 +225,38 @@ class Client:
                 with suppress(Exception):
                     events.close()
 
-    def fetch(self, job_id: str, dest: Path | str) -> list[Path]:
+    def fetch(self, job_id: str, dest: Path | str, *, force: bool = False) -> list[Path]:
         """Download the job's images into the folder `dest` as JOBID-INDEX.png; returns the paths.
 
         Raises BadDestination, before anything is downloaded, when `dest` is not a folder that can be
-        made and written to.
+        made and written to, or an image's file exists there (unless `force`: then it is written
+        over). Each file is whole or absent; when a download or the disk fails (OutputFailed for
+        the disk), the files and folders this call made are removed.
         """
-        # 1. the destination: a writable folder, or a refusal before anything is downloaded
+        from producer.outputs import OutputFailed, Outputs
+
+        # 1. the destination: a writable folder without the files, or a refusal before anything is downloaded
         dest = Path(dest)
+        out = Outputs(force=force)
         try:
-            dest.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            raise BadDestination(f"destination {str(dest)!r} exists and is not a folder") from None
-        except OSError as exc:
-            raise BadDestination(f"destination {str(dest)!r} cannot be created ({exc.strerror or exc})") from None
-        if not os.access(dest, os.W_OK | os.X_OK):
-            raise BadDestination(f"destination {str(dest)!r} is not a writable folder")
-        images = self.get(job_id)["images"]
-        targets = [dest / f"{job_id}-{image['index']}.png" for image in images]
-        for path in targets:
-            if path.exists() and not path.is_file():
-                raise BadDestination(f"destination {str(path)!r} exists and is not a regular file")
-        # 2. each image to a temporary file beside its final name, then renamed over it: a file
-        #    at a final name is never half-written, even if a download or the disk fails
-        for image, path in zip(images, targets):
-            data = self.storage.get(image["key"])
-            part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-            try:
-                with open(part, "xb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(part, path)
-            except BaseException:
-                part.unlink(missing_ok=True)
-                raise
+            out.folder(dest)
+            images = self.get(job_id)["images"]
+            targets = [dest / f"{job_id}-{image['index']}.png" for image in images]
+            for path in targets:
+                if path.exists() and not path.is_file():
+                    raise BadDestination(f"destination {str(path)!r} exists and is not a regular file")
+                if path.exists() and not force:
+                    raise BadDestination(f"destination {str(path)!r} exists (--force writes over it)")
+            # 2. each image to a temporary file beside its final name, then renamed into place
+            for image, path in zip(images, targets):
+                data = self.storage.get(image["key"])
+                out.write_bytes(path, data)
+        except OutputFailed as exc:
+            out.undo()
+            raise OutputFailed(f"{exc}; the images this fetch wrote were removed") from None
+        except BaseException:
+            out.undo()
+            raise
         return targets
 
     def cancel(self, job_id: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from models.constants import worker_queues
 from models.jobs import aware
 from models.settings import Settings
 from models.tables import Job, JobState
+from models.text import inert
 from models.workers import list_workers
 from producer.client import Client
 
@@ -95,8 +96,8 @@ def render(frame: dict[str, Any], width: int = 100) -> list[str]:
     lines += _workers_section(frame)
     lines += [""] + _queues_section(frame)
     lines += [""] + _runs_section(frame)
-    # Statuses are other processes' words: no control character reaches the terminal.
-    return ["".join(ch if ch.isprintable() else "?" for ch in line)[:width] for line in lines]
+    # Statuses and run names are other processes' and users' words: none may act on the terminal.
+    return [inert(line)[:width] for line in lines]
 
 
 def _unavailable(frame: dict[str, Any], source: str) -> list[str]:

@@ -6,8 +6,10 @@ DEST is a folder or an s3://bucket/prefix URI, written through the same storage 
 images (SDQUEUE_S3_ENDPOINT_URL, SDQUEUE_S3_REGION). The run's succeeded jobs and their images
 are read a page at a time, images are fetched from storage a few at a time on threads, each one
 checked against the sha256 the database recorded, and written in order: memory stays bounded
-whatever the size of the run. Shards and index files are built in a temporary file and then
-renamed or uploaded, so a reader never sees half of one.
+whatever the size of the run. Every file is built in a temporary file and then renamed or
+uploaded, so a reader never sees half of one. In a folder an export never writes over a file that
+is there (unless `force`), and when the disk fails (full, read-only, an I/O error) it removes
+every file and folder it made and raises OutputFailed.
 
 Layouts:
 - imagefolder: DEST/images/JOBID-INDEX.png and DEST/metadata.jsonl, one line per image with
@@ -29,6 +31,7 @@ import tarfile
 import tempfile
 import time
 from collections import deque
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -41,6 +44,7 @@ from models.errors import BadDestination, RunNotFound, SdqueueError, StorageErro
 from models.settings import Settings
 from models.storage import LocalStorage, S3Storage, Storage, open_storage
 from models.tables import Batch, Image, Job, JobState, Run
+from producer.outputs import OutputFailed, Outputs
 
 FORMATS = ("imagefolder", "webdataset", "parquet")
 # Jobs read per query: a page holds at most 4x as many images.
@@ -105,12 +109,15 @@ def export_run(
     shard_size: int = 1000,
     concurrency: int = 8,
     progress: bool | None = None,
+    force: bool = False,
 ) -> ExportReport:
     """Write the images of run `run_name` to `dest` as a dataset; see the module's docstring.
 
     Raises RunNotFound for an unknown run, ExportError for an unfinished run (unless `partial`),
     a bad option, or an image whose bytes do not match its recorded sha256. `progress`: show a
-    progress bar on stderr (None: only when stderr is a terminal).
+    progress bar on stderr (None: only when stderr is a terminal). `force`: write over an earlier
+    export and any file in the way (otherwise BadDestination). OutputFailed when the destination
+    folder fails (ENOSPC, EROFS, EIO...): what this export made there was removed.
     """
     # 1. check inputs
     if format not in FORMATS:
@@ -142,7 +149,7 @@ def export_run(
         source = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
         target = Destination.open(str(dest), settings, marker={"imagefolder": "metadata.jsonl",
                                                                  "webdataset": "00000.tar",
-                                                                 "parquet": "index.parquet"}[format])
+                                                                 "parquet": "index.parquet"}[format], force=force)
         report = ExportReport(run_name, format, target.url)
         # 4. the images, read page by page, fetched and checked concurrently, written in order
         rows = _index_rows(db, run_id, run_name, source)
@@ -150,8 +157,14 @@ def export_run(
         try:
             writer = {"imagefolder": _write_imagefolder, "webdataset": _write_webdataset,
                       "parquet": _write_parquet}[format]
-            writer(rows, source, target, report, shard_size=shard_size, concurrency=concurrency,
-                   advance=bar.update if bar is not None else None)
+            try:
+                writer(rows, source, target, report, shard_size=shard_size, concurrency=concurrency,
+                       advance=bar.update if bar is not None else None)
+            except (OSError, OutputFailed, BadDestination) as exc:  # the destination's: nothing of it is left
+                target.undo()
+                why = (exc.strerror or " ".join(str(exc).split())) if isinstance(exc, OSError) else str(exc)
+                kind = BadDestination if isinstance(exc, BadDestination) else OutputFailed
+                raise kind(f"export to {target.url} stopped: {why}; the files it wrote were removed") from None
         finally:
             if bar is not None:
                 bar.close()
@@ -261,7 +274,7 @@ def _checked_fetch(source: Storage) -> Callable[[dict[str, Any], str], bytes]:
         where = f"image {row['image_index']} of job {row['job_id']} (object {row['object_uri']})"
         try:
             data = source.get(key)
-        except StorageError as exc:
+        except (StorageError, OSError) as exc:  # an OSError here is the source's, never the destination's
             raise ExportError(f"{where} cannot be read: {exc}; the export stopped") from exc
         digest = hashlib.sha256(data).hexdigest()
         if digest != row["sha256"]:
@@ -285,18 +298,20 @@ def _progress_bar(total: int, progress: bool | None) -> Any:
 # --- where the dataset goes -------------------------------------------------------------------
 
 class Destination:
-    """A folder or an S3 prefix: small objects put directly, large files built in a temporary
-    file and then renamed into place (a folder) or uploaded (S3)."""
+    """A folder or an S3 prefix: each file built in a temporary file and then renamed into place
+    (a folder: never over a file that is there, unless forced) or uploaded (S3)."""
 
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, outputs: Outputs):
         self.storage = storage
         self.folder = storage.root if isinstance(storage, LocalStorage) else None
         self.url = str(self.folder) if self.folder is not None else storage.url
+        self.outputs = outputs  # what was made in the folder, for `undo`
 
     @classmethod
-    def open(cls, dest: str, settings: Settings, *, marker: str) -> Destination:
+    def open(cls, dest: str, settings: Settings, *, marker: str, force: bool = False) -> Destination:
         """The destination, refused before anything is read when it cannot be written or
-        already holds an export (`marker`, the first file an export of this format writes)."""
+        already holds an export (`marker`, the first file an export of this format writes)
+        and not `force`."""
         scheme = urlparse(dest).scheme if "://" in dest else ""
         if scheme in ("s3", "file"):
             storage = open_storage(dest, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
@@ -304,39 +319,38 @@ class Destination:
             raise BadDestination(f"destination {dest!r}: give a folder, file:///folder or s3://bucket/prefix")
         else:
             storage = LocalStorage(Path(dest))
-        target = cls(storage)
+        target = cls(storage, Outputs(force=force))
         if target.folder is not None:
-            try:
-                target.folder.mkdir(parents=True, exist_ok=True)
-            except FileExistsError:
-                raise BadDestination(f"destination {dest!r} exists and is not a folder") from None
-            except OSError as exc:
-                raise BadDestination(f"destination {dest!r} cannot be created ({exc.strerror or exc})") from None
-            if not os.access(target.folder, os.W_OK | os.X_OK):
-                raise BadDestination(f"destination {dest!r} is not a writable folder")
-        if storage.exists(marker):
+            target.outputs.folder(target.folder)
+        if not force and storage.exists(marker):
             raise BadDestination(f"destination {target.url} already holds an export ({marker}): "
-                                 "give an empty folder or a new prefix")
+                                 "give an empty folder, a new prefix, or --force to write over it")
         return target
 
     def put(self, name: str, data: bytes, content_type: str) -> None:
-        self.storage.put(name, data, content_type)
+        if self.folder is None:
+            self.storage.put(name, data, content_type)
+            return
+        path = self.folder / name
+        self.outputs.folder(path.parent)
+        self.outputs.write_bytes(path, data)
 
     def temporary(self, name: str) -> Path:
         """A new empty file to build `name` in: beside it in a folder (renamed atomically), in
         the system's temporary folder for S3."""
-        where = self.folder / Path(name).parent if self.folder is not None else None
-        if where is not None:
-            where.mkdir(parents=True, exist_ok=True)
-        fd, path = tempfile.mkstemp(dir=where, prefix=f".{Path(name).name}.", suffix=".part")
+        if self.folder is not None:
+            path = self.folder / name
+            self.outputs.folder(path.parent)
+            return self.outputs.temporary(path)
+        fd, part = tempfile.mkstemp(prefix=f".{Path(name).name}.", suffix=".part")
         os.close(fd)
-        return Path(path)
+        return Path(part)
 
     def commit(self, path: Path, name: str, content_type: str) -> None:
         """`path` (from `temporary`) becomes `name`; the temporary file is gone either way."""
         try:
             if self.folder is not None:
-                os.replace(path, self.folder / name)
+                self.outputs.place(path, self.folder / name)
                 return
             assert isinstance(self.storage, S3Storage)
             key = self.storage.location(name).removeprefix(f"s3://{self.storage.bucket}/")
@@ -347,6 +361,10 @@ class Destination:
                 raise StorageError(f"upload of {name!r} to {self.storage.url} failed: {exc}") from exc
         finally:
             path.unlink(missing_ok=True)
+
+    def undo(self) -> None:
+        """Remove what this export made in the folder (objects put in S3 stay)."""
+        self.outputs.undo()
 
 
 # --- the three formats ------------------------------------------------------------------------
@@ -368,8 +386,9 @@ def _write_imagefolder(rows: Iterator[tuple[dict[str, Any], str]], source: Stora
 
     metadata = target.temporary("metadata.jsonl")
     try:
-        with open(metadata, "w", encoding="utf-8") as f:
-            for row, _ in _fetched(named(), copy, concurrency):
+        # closing: on an error no fetch thread is still writing when the caller cleans up
+        with open(metadata, "w", encoding="utf-8") as f, closing(_fetched(named(), copy, concurrency)) as fetched:
+            for row, _ in fetched:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 _count(report, row, advance)
         target.commit(metadata, "metadata.jsonl", "application/jsonl")
@@ -382,15 +401,16 @@ def _write_webdataset(rows: Iterator[tuple[dict[str, Any], str]], source: Storag
                       advance: Callable[[int], Any] | None) -> None:
     shard: _Shard | None = None
     try:
-        for row, data in _fetched(rows, _checked_fetch(source), concurrency):
-            if shard is None:
-                shard = _Shard(target, report.shards)
-            shard.add(row, data)
-            _count(report, row, advance)
-            if len(shard.rows) >= shard_size:
-                shard.close()
-                report.shards += 1
-                shard = None
+        with closing(_fetched(rows, _checked_fetch(source), concurrency)) as fetched:
+            for row, data in fetched:
+                if shard is None:
+                    shard = _Shard(target, report.shards)
+                shard.add(row, data)
+                _count(report, row, advance)
+                if len(shard.rows) >= shard_size:
+                    shard.close()
+                    report.shards += 1
+                    shard = None
         if shard is not None:
             shard.close()
             report.shards += 1
@@ -435,8 +455,12 @@ class _Shard:
             self.path.unlink(missing_ok=True)
 
     def discard(self) -> None:
-        self.tar.close()
-        self.path.unlink(missing_ok=True)
+        try:
+            self.tar.close()
+        except OSError:  # the disk that failed the shard fails its end too: it goes anyway
+            pass
+        finally:
+            self.path.unlink(missing_ok=True)
 
 
 def _write_parquet(rows: Iterator[tuple[dict[str, Any], str]], source: Storage, target: Destination,
@@ -446,10 +470,11 @@ def _write_parquet(rows: Iterator[tuple[dict[str, Any], str]], source: Storage, 
 
     path = target.temporary("index.parquet")
     try:
-        with pq.ParquetWriter(path, _schema()) as writer:
+        with pq.ParquetWriter(path, _schema()) as writer, \
+                closing(_fetched(rows, _checked_fetch(source), concurrency)) as fetched:
             group: list[dict[str, Any]] = []
             # the images are fetched too: an index whose digests were not checked is not written
-            for row, _ in _fetched(rows, _checked_fetch(source), concurrency):
+            for row, _ in fetched:
                 group.append(row)
                 _count(report, row, advance)
                 if len(group) >= ROW_GROUP_ROWS:
