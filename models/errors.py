@@ -5,6 +5,11 @@ class SdqueueError(Exception):
     """Base of every error sdqueue raises on purpose; its message is meant for a user."""
 
 
+class BadInput(SdqueueError):
+    """What a user gave cannot be used (a file, a manifest, a schedules file, a run's name):
+    nothing was written. The CLI exits 2, as for a bad option."""
+
+
 class InvalidRequest(SdqueueError, ValueError):
     """A generation request outside the request table's bounds. Nothing was written or enqueued."""
 
@@ -69,3 +74,12 @@ class JobTimeout(SdqueueError, TimeoutError):
         self.job_id = job_id
         self.state = state
         super().__init__(f"job {job_id} still {state} after {timeout:g} s")
+
+
+class RunExists(BadInput):
+    """`sdqueue run` with the name of a run made from another source or other defaults: nothing
+    was written (--append adds to it knowingly)."""
+
+
+class RunBusy(SdqueueError):
+    """A run that cannot be deleted yet: some of its jobs are queued or running."""

@@ -10,18 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import math
 import shutil
-import stat
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
-from models.errors import BadDestination, InvalidRequest, JobNotFound, JobTimeout, RunNotFound, SdqueueError
+from models.errors import (BadDestination, BadInput, InvalidRequest, JobNotFound, JobTimeout, RunBusy, RunNotFound,
+                           SdqueueError)
 from models.logs import configure_logging
-from models.request import MAX_IMAGE_BYTES, parse_request
+from models.request import parse_request
 from models.settings import load_settings
+from models.text import inert
 from producer.client import Client
+from producer.files import read_image_file
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT = 1, 2, 3, 4
 PRIORITIES = ["interactive", "bulk"]
@@ -40,8 +42,55 @@ REQUEST_OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
 ]
 
 
+def finite_float(least: float, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number, at least `least` (more than it when `above`). A refusal
+    is argparse's usage error (exit 2), never nan or inf reaching a sleep or a timedelta."""
+    bound = f"{'more than' if above else 'at least'} {least:g}"
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+        if not math.isfinite(value) or value < least or (above and value == least):
+            raise argparse.ArgumentTypeError(f"{text[:40]!r}: must be a finite number {bound}")
+        return value
+
+    return number
+
+
+def int_between(least: int, most: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `least` to `most` (a database column's bound, a
+    thread count that is a mistake beyond it)."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"{text[:40]}: must be from {least} to {most}")
+        return value
+
+    return whole_number
+
+
+positive_seconds = finite_float(0, above=True)
+seconds = finite_float(0)
+# Threads fetching at once (export), fire times listed, API processes: more is a mistake, not a wish.
+MAX_CONCURRENCY, MAX_COUNT, MAX_API_WORKERS = 256, 1000, 256
+
+
+class Parser(argparse.ArgumentParser):
+    """A bad option is one line, like every other refusal of the CLI (argparse would print the
+    usage first): `sdqueue submit: error: argument --timeout: ...`; `--help` shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, inert(f"{self.prog}: error: {message}") + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sdqueue",
         description="Stable Diffusion 2.1 batch generation: producers enqueue jobs, GPU workers run them. "
         "Settings come from SDQUEUE_* variables (SDQUEUE_BROKER_URL, SDQUEUE_DATABASE_URL, "
@@ -58,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--priority", choices=PRIORITIES, default="interactive",
                         help="interactive (default) runs before bulk work")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end")
-    submit.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    submit.add_argument("--timeout", type=seconds, help="with --wait: give up after this many seconds")
     submit.add_argument("--json", action="store_true", help="print the job record as JSON")
 
     status = commands.add_parser("status", help="show a job's state, seeds and images")
@@ -67,13 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     wait = commands.add_parser("wait", help="wait until a job ends (exit 0 when it succeeded)")
     wait.add_argument("job_id")
-    wait.add_argument("--timeout", type=float, help="give up after this many seconds (exit 4)")
+    wait.add_argument("--timeout", type=seconds, help="give up after this many seconds (exit 4)")
     wait.add_argument("--json", action="store_true")
     wait.add_argument("--progress", action="store_true", help="show the job's state and denoising steps on stderr")
 
     fetch = commands.add_parser("fetch", help="download a job's images into a folder")
     fetch.add_argument("job_id")
     fetch.add_argument("dir", type=Path)
+    fetch.add_argument("--force", action="store_true", help="write over images already in the folder")
 
     cancel = commands.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("job_id")
@@ -83,14 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
         "it takes no lease until the database has answered for a whole lease since it came back or started, nor one "
         "whose worker's heartbeat is fresh in the worker registry")
     sweep = commands.add_parser("sweep", help=sweep_help, description=sweep_help)
-    sweep.add_argument("--orphan-grace", type=float, metavar="SECONDS",
+    sweep.add_argument("--orphan-grace", type=seconds, metavar="SECONDS",
                        help="delete unreferenced objects uploaded at least this long ago (default: SDQUEUE_ORPHAN_GRACE, 600)")
 
     run = commands.add_parser(
         "run", help="enqueue a manifest (JSONL, CSV, Parquet: one request per row) or a grid (TOML) as a named run; "
         "again with the same name, it enqueues only the rows that are missing")
     run.add_argument("manifest", type=Path, metavar="MANIFEST")
-    run.add_argument("--name", required=True, help="the run's name, unique (again: resume or complete that run)")
+    run.add_argument("--name", required=True, help="the run's name, unique (again, with the same manifest and "
+                     "options: resume or complete that run; with others it is refused)")
+    run.add_argument("--append", action="store_true",
+                     help="add this manifest's rows to an existing run made from another source or other defaults")
     for option, kind, text in REQUEST_OPTIONS:
         run.add_argument(option, type=kind, help=f"default for rows without it: {text}")
     run.add_argument("--use-compel", action="store_true", default=None, help="default for rows without it: compel")
@@ -99,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="enqueue the valid rows and write the bad ones to a rejects file (default: refuse the whole file)")
     run.add_argument("--rejects", type=Path, metavar="PATH",
                      help="with --skip-invalid: where the bad rows go (default: MANIFEST.rejects.jsonl)")
+    run.add_argument("--force", action="store_true",
+                     help="write the rejects file over one that exists (again with --skip-invalid, it is there)")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
 
     runs = commands.add_parser("runs", help="list runs with their jobs by state; show, cancel or retry one")
@@ -107,17 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     runs_show = runs_commands.add_parser("show", help="a run's counts, images done, images/s and ETA")
     runs_show.add_argument("name")
     runs_show.add_argument("--watch", action="store_true", help="keep it on screen, updated, until the run ends")
-    runs_show.add_argument("--interval", type=float, default=2.0, help="with --watch: seconds between updates")
+    runs_show.add_argument("--interval", type=positive_seconds, default=2.0,
+                           help="with --watch: seconds between updates")
     runs_show.add_argument("--json", action="store_true")
-    runs_cancel = runs_commands.add_parser("cancel", help="cancel a run's queued jobs")
+    runs_cancel = runs_commands.add_parser("cancel", help="cancel a run's queued jobs (or running ones, or all)")
     runs_cancel.add_argument("name")
+    runs_cancel.add_argument("--state", choices=["queued", "running", "all"], default="queued",
+                             help="which jobs: queued (default; running ones finish), running, or all")
+    runs_delete = runs_commands.add_parser(
+        "delete", help="delete a run that has no queued or running job: its jobs, images and their objects, "
+        "after a confirmation")
+    runs_delete.add_argument("name")
+    runs_delete.add_argument("--yes", action="store_true", help="do not ask (needed when not on a terminal)")
     runs_retry = runs_commands.add_parser("retry", help="queue a run's failed jobs again, with the same seeds")
     runs_retry.add_argument("name")
 
     top = commands.add_parser(
         "top", help="the deployment live: workers and what they run, queue depths, jobs by state, runs in progress")
     top.add_argument("--once", action="store_true", help="print one frame and exit (also when not on a terminal)")
-    top.add_argument("--interval", type=float, default=2.0, help="seconds between frames (default 2)")
+    top.add_argument("--interval", type=positive_seconds, default=2.0, help="seconds between frames (default 2)")
     top.add_argument("--json", action="store_true", help="one frame as JSON")
 
     export = commands.add_parser(
@@ -128,8 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=["imagefolder", "webdataset", "parquet"])
     export.add_argument("--partial", action="store_true",
                         help="export the succeeded jobs of a run that has not finished yet")
-    export.add_argument("--shard-size", type=int, default=1000, help="webdataset: samples per shard (default 1000)")
-    export.add_argument("--concurrency", type=int, default=8, help="images fetched at once (default 8)")
+    export.add_argument("--shard-size", type=int_between(1, 2**31 - 1), default=1000,
+                        help="webdataset: samples per shard (default 1000)")
+    export.add_argument("--concurrency", type=int_between(1, MAX_CONCURRENCY), default=8,
+                        help=f"images fetched at once, 1..{MAX_CONCURRENCY} (default 8)")
+    export.add_argument("--force", action="store_true", help="write over an earlier export and any file in the way")
 
     db = commands.add_parser("db", help="database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
@@ -139,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a GPU worker: pins one pipeline, runs jobs from the broker")
     worker.add_argument("--model", help="registry name or diffusers folder (default: SDQUEUE_MODEL)")
     worker.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: SDQUEUE_DEVICE or auto)")
-    worker.add_argument("--slots", type=int, help="jobs held at once, gathered into batches "
-                        "(default: SDQUEUE_WORKER_SLOTS or 16)")
+    worker.add_argument("--slots", type=int_between(1, 1024), help="jobs held at once, gathered into batches, "
+                        "1..1024 (default: SDQUEUE_WORKER_SLOTS or 16)")
     worker.add_argument("--loglevel", default="INFO")
 
     webhooks = commands.add_parser(
@@ -156,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("build-arch", "full-size SD 2.1 768-v architecture, random weights (benchmarks)")):
         build = model_commands.add_parser(name, help=text)
         build.add_argument("dir", type=Path, nargs="?", help="where to save it (default: the data dir's models/)")
-        build.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+        build.add_argument("--seed", type=int_between(0, 2**63 - 1), default=0, help="seed of the random weights")
 
     beat = commands.add_parser(
         "beat", help="fire cron schedules (a TOML file), each firing one run, exactly once however many beats run")
@@ -167,14 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     schedules_commands = schedules.add_subparsers(dest="schedules_command", required=True, metavar="COMMAND")
     schedules_list = schedules_commands.add_parser("list", help="each schedule, what it enqueues, its next fire times")
     schedules_list.add_argument("--schedules", type=Path, required=True, metavar="FILE", help="the schedules file (TOML)")
-    schedules_list.add_argument("--count", type=int, default=3, help="fire times shown per schedule (default 3)")
+    schedules_list.add_argument("--count", type=int_between(1, MAX_COUNT), default=3,
+                                help=f"fire times shown per schedule, 1..{MAX_COUNT} (default 3)")
 
     api = commands.add_parser(
         "api", help="serve the HTTP API (OpenAPI at /openapi.json, docs at /docs); keys from `sdqueue keys create`, "
         "none with SDQUEUE_API_AUTH=off")
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    api.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    api.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    api.add_argument("--port", type=int_between(1, 65535), default=8000, help="port to listen on (default 8000)")
+    api.add_argument("--workers", type=int_between(1, MAX_API_WORKERS), default=1, help="processes (default 1)")
     api.add_argument("--loglevel", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     keys = commands.add_parser("keys", help="API keys: create (shows the token once), list, revoke")
@@ -203,8 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("PIL").addHandler(logging.NullHandler())
     try:
         return COMMANDS[args.command](args)
-    except InvalidRequest as exc:
+    except (InvalidRequest, BadDestination) as exc:
         return _fail(str(exc), EXIT_USAGE)
+    except BadInput as exc:  # a manifest, schedules file or run name that cannot be used
+        return _fail(str(exc), EXIT_USAGE)
+    except RunBusy as exc:
+        return _fail(str(exc), EXIT_ERROR)
     except (JobNotFound, RunNotFound) as exc:
         return _fail(str(exc), EXIT_NOT_FOUND)
     except JobTimeout as exc:
@@ -219,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"sdqueue: error: {message}", file=sys.stderr)
+    # A message can quote a user's value: it reaches the terminal inert, on one line.
+    print(f"sdqueue: error: {inert(message)}", file=sys.stderr)
     return code
 
 
@@ -245,38 +317,6 @@ def defaults_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.use_compel:
         fields["use_compel"] = True
     return fields
-
-
-def read_image_file(path: Path) -> bytes:
-    """The bytes of a regular file within MAX_IMAGE_BYTES: never a device, FIFO or folder."""
-    where = f"image={str(path)!r}"
-    try:
-        # O_NONBLOCK: opening a FIFO that has no writer must not hang; a regular file ignores it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        raise InvalidRequest([f"{where}: cannot be read ({exc.strerror or exc})"]) from None
-    try:
-        info = os.fstat(fd)  # of what was opened, so a file swapped after a check cannot slip through
-        if not stat.S_ISREG(info.st_mode):
-            kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                     (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-            kind = next((name for test, name in kinds if test(info.st_mode)), "not a regular file")
-            raise InvalidRequest([f"{where}: is {kind}, not a regular file"])
-        too_large = f"{where}: file of {{}} bytes is larger than the bound of {MAX_IMAGE_BYTES} bytes"
-        if info.st_size > MAX_IMAGE_BYTES:
-            raise InvalidRequest([too_large.format(info.st_size)])
-        # The size can lie (a file still growing, /proc): read one byte past the bound, never more.
-        chunks, size = [], 0
-        while size <= MAX_IMAGE_BYTES and (chunk := os.read(fd, MAX_IMAGE_BYTES + 1 - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > MAX_IMAGE_BYTES:
-            raise InvalidRequest([too_large.format(f"more than {MAX_IMAGE_BYTES}")])
-        return b"".join(chunks)
-    except OSError as exc:
-        raise InvalidRequest([f"{where}: cannot be read ({exc.strerror or exc})"]) from None
-    finally:
-        os.close(fd)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -317,7 +357,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
                     bar.set_description_str("running", refresh=False)
                     bar.update(step - bar.n)
                 elif event.get("type") == "state":
-                    bar.set_description_str(event["state"])
+                    bar.set_description_str(inert(str(event["state"])))
 
             try:
                 record = client.wait(args.job_id, timeout=args.timeout, on_event=show)
@@ -335,11 +375,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     if record["state"] != "succeeded":
         return _fail(f"job {args.job_id} is {record['state']}: it has no images to fetch", EXIT_ERROR)
     try:
-        paths = client.fetch(args.job_id, args.dir)
+        paths = client.fetch(args.job_id, args.dir, force=args.force)
     except BadDestination as exc:  # nothing was downloaded
         return _fail(str(exc), EXIT_USAGE)
     for path in paths:
-        print(path)
+        print(inert(str(path)))
     return 0
 
 
@@ -355,33 +395,42 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from producer.runs.enqueue import enqueue_run
+    from producer.outputs import check_output, output_file
+    from producer.runs.enqueue import check_run, enqueue_run
     from producer.runs.manifest import format_rejects, load_manifest, write_rejects
 
     defaults = defaults_from_args(args)
     parse_request({"prompt": "-", **defaults})  # a bad option is refused once, not once per row
     # 1. every row read and validated before anything is written
     manifest = load_manifest(args.manifest, defaults)
-    if manifest.rejects:
-        if not args.skip_invalid:
-            print(f"sdqueue: error: {args.manifest}: {len(manifest.rejects)} of "
-                  f"{len(manifest.rejects) + len(manifest.rows)} rows are invalid; nothing was enqueued "
-                  "(--skip-invalid enqueues the valid ones)", file=sys.stderr)
-            print(format_rejects(manifest.rejects), file=sys.stderr)
-            return EXIT_USAGE
-        rejects = args.rejects or args.manifest.with_name(args.manifest.name + ".rejects.jsonl")
-        write_rejects(manifest.rejects, rejects)
-        print(f"{len(manifest.rejects)} invalid row(s) skipped, written to {rejects}", file=sys.stderr)
-    # 2. written and sent in batches; the same command again resumes
+    if manifest.reject_count and not args.skip_invalid:
+        print(inert(f"sdqueue: error: {args.manifest}: {manifest.reject_count} of "
+                    f"{manifest.reject_count + len(manifest.rows)} rows are invalid; nothing was enqueued "
+                    "(--skip-invalid enqueues the valid ones)"), file=sys.stderr)
+        print(inert(format_rejects(manifest.rejects, total=manifest.reject_count)), file=sys.stderr)
+        return EXIT_USAGE
+    # the rejects file, checked before anything is enqueued: never the manifest, a folder or a
+    # device, nor a file that is there unless --force
+    rejects = args.rejects or args.manifest.with_name(args.manifest.name + ".rejects.jsonl")
+    rejects_file = check_output(rejects, force=args.force, inputs=[args.manifest]) if manifest.reject_count else None
     settings = load_settings()
     configure_logging(settings, "WARNING")  # the report is the output; the log says what went wrong
     client = Client(settings)
     try:
-        report = enqueue_run(client, args.name, manifest, defaults=defaults, priority=args.priority)
+        # 2. a run of that name must be this one (its source and defaults), unless appending
+        check_run(client, args.name, manifest, defaults, append=args.append)
+        if manifest.reject_count:
+            assert rejects_file is not None
+            with output_file(rejects_file, force=args.force) as part:  # whole or not at all
+                write_rejects(manifest.all_rejects(), part)
+            print(inert(f"{manifest.reject_count} invalid row(s) skipped, written to {rejects}"), file=sys.stderr)
+        # 3. written and sent in batches; the same command again resumes
+        report = enqueue_run(client, args.name, manifest, defaults=defaults, priority=args.priority,
+                             append=args.append)
     finally:
         client.close()
     assert report is not None
-    print(json.dumps({**vars(report), "rate": round(report.rate, 1)}) if args.json else report)
+    print(json.dumps({**vars(report), "rate": round(report.rate, 1)}) if args.json else inert(str(report)))
     return 0
 
 
@@ -399,11 +448,36 @@ def cmd_runs(args: argparse.Namespace) -> int:
         elif args.runs_command == "show":
             return _show_run(client, args)
         elif args.runs_command == "cancel":
-            print(f"{status.cancel_run(client, args.name)} queued job(s) of run {args.name} cancelled")
+            which = "" if args.state == "all" else f" {args.state}"
+            cancelled = status.cancel_run(client, args.name, args.state)
+            print(inert(f"{cancelled}{which} job(s) of run {args.name} cancelled"))
+        elif args.runs_command == "delete":
+            return _delete_run(client, args)
         elif args.runs_command == "retry":
-            print(f"{status.retry_run(client, args.name)} failed job(s) of run {args.name} queued again")
+            print(inert(f"{status.retry_run(client, args.name)} failed job(s) of run {args.name} queued again"))
     finally:
         client.close()
+    return 0
+
+
+def _delete_run(client: Client, args: argparse.Namespace) -> int:
+    from producer.runs import status
+
+    contents = status.run_contents(client, args.name)
+    what = f"{contents.jobs} job(s), {contents.images} image(s) and {contents.objects} object(s)"
+    if contents.unfinished:
+        return _fail(f"run {args.name!r} has {contents.unfinished} queued or running job(s): cancel them first "
+                     f"(sdqueue runs cancel {args.name} --state all)", EXIT_ERROR)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            return _fail(f"deleting run {args.name!r} ({what}) needs a confirmation: --yes, when not on a terminal",
+                         EXIT_USAGE)
+        answer = input(inert(f"Delete run {args.name!r}: {what}? Type the run's name to confirm: "))
+        if answer != args.name:
+            return _fail("not confirmed: nothing was deleted", EXIT_ERROR)
+    deleted = status.delete_run(client, args.name)
+    print(inert(f"run {args.name} deleted: {deleted.jobs} job(s), {deleted.images} image(s), "
+                f"{deleted.objects} object(s)"))
     return 0
 
 
@@ -412,8 +486,9 @@ def _show_runs(runs: list[Any]) -> None:
           f"{'CANCELLED':>9} {'TOTAL':>8}")
     for run in runs:
         jobs = run.jobs
-        print(f"{run.name:32} {run.priority:11} {run.created_at.strftime('%Y-%m-%d %H:%M:%S'):20} {jobs['queued']:>8} "
-              f"{jobs['running']:>8} {jobs['succeeded']:>8} {jobs['failed']:>7} {jobs['cancelled']:>9} {run.total:>8}")
+        print(f"{inert(run.name):32} {inert(run.priority):11} {run.created_at.strftime('%Y-%m-%d %H:%M:%S'):20} "
+              f"{jobs['queued']:>8} {jobs['running']:>8} {jobs['succeeded']:>8} {jobs['failed']:>7} "
+              f"{jobs['cancelled']:>9} {run.total:>8}")
 
 
 def _show_run(client: Client, args: argparse.Namespace) -> int:
@@ -448,7 +523,7 @@ def _describe_run(run: Any) -> str:
         f"images   {run.images_done} done of {sum(run.images.values())}; "
         f"{run.rate:.2f} images/s over the last {_duration(run.window)}; ETA {when}",
     ]
-    return "\n".join(lines)
+    return "\n".join(inert(line) for line in lines)  # names and schedules are users' words
 
 
 def _duration(seconds: float) -> str:
@@ -460,8 +535,6 @@ def _duration(seconds: float) -> str:
 def cmd_top(args: argparse.Namespace) -> int:
     from producer import top
 
-    if args.interval <= 0:
-        return _fail(f"--interval={args.interval:g}: must be more than 0", EXIT_USAGE)
     client = _client()
     try:
         if args.json:
@@ -482,8 +555,9 @@ def cmd_top(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from producer.runs.export import export_run
 
-    print(export_run(load_settings(), args.run, args.dest, format=args.format, partial=args.partial,
-                     shard_size=args.shard_size, concurrency=args.concurrency))
+    report = export_run(load_settings(), args.run, args.dest, format=args.format, partial=args.partial,
+                        shard_size=args.shard_size, concurrency=args.concurrency, force=args.force)
+    print(inert(str(report)))
     return 0
 
 
@@ -573,8 +647,6 @@ def cmd_beat(args: argparse.Namespace) -> int:
 def cmd_schedules(args: argparse.Namespace) -> int:
     from producer.runs.schedules import describe, load_schedules
 
-    if args.count < 1:
-        return _fail(f"--count={args.count}: must be at least 1", EXIT_USAGE)
     print(describe(load_schedules(args.schedules), args.count))
     return 0
 
@@ -590,8 +662,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from producer.api import keys
 
     rate = args.rate.removesuffix("/min") if getattr(args, "rate", None) else None
-    if rate is not None and not rate.isdigit():
-        return _fail(f"--rate={args.rate!r}: must be a number of submits a minute, e.g. 60 or 60/min", EXIT_USAGE)
+    if rate is not None and not (rate.isascii() and rate.isdigit() and len(rate) <= 20):  # int() of 5,000 digits raises
+        return _fail(f"--rate={args.rate[:40]!r}: must be a number of submits a minute from 1 to {keys.MAX_BOUND}, "
+                     "e.g. 60 or 60/min", EXIT_USAGE)
     db = Database(load_settings().database_url)
     try:
         if args.keys_command == "create":
@@ -623,7 +696,7 @@ def _show_keys(found: list[Any], as_json: bool) -> None:
         return
     print(f"{'NAME':24} {'TOKEN':16} {'RATE/MIN':>8} {'MAX QUEUED':>10} {'BULK ONLY':9} {'CREATED':20} REVOKED")
     for row in rows:
-        print(f"{row['name']:24} {row['token_prefix'] + '...':16} {row['rate_per_minute'] or '-':>8} "
+        print(f"{inert(row['name']):24} {inert(row['token_prefix']) + '...':16} {row['rate_per_minute'] or '-':>8} "
               f"{row['max_queued'] or '-':>10} {'yes' if row['bulk_only'] else 'no':9} {row['created_at'][:19]:20} "
               f"{(row['revoked_at'] or '-')[:19]}")
 
@@ -662,21 +735,26 @@ def _show(record: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(record, indent=1))
         return
     params = record["params"]
-    print(f"job      {record['id']}")
     letter = ", dead letter" if record["dead_letter"] else ""
     held = f", held by {record['worker']} until {record['lease_expires_at']}" if record["lease_expires_at"] else ""
-    print(f"state    {record['state']}  (attempts {record['attempts']}, failures {record['failures']}{letter}{held})")
     run = f", run {record['run_id']} key {record['run_key']}" if record["run_id"] else ""
-    print(f"priority {record['priority']}{run}")
-    print(f"request  {record['mode']} {params['width']}x{params['height']} steps={params['num_inference_steps']} "
-          f"guidance={params['guidance_scale']} num_images={params['num_images']} seed={record['seed']}"
-          f"{' (drawn)' if record['seed_was_drawn'] else ''}")
-    print(f"prompt   {params['prompt']}")
+    lines = [
+        f"job      {record['id']}",
+        f"state    {record['state']}  (attempts {record['attempts']}, failures {record['failures']}{letter}{held})",
+        f"priority {record['priority']}{run}",
+        f"request  {record['mode']} {params['width']}x{params['height']} steps={params['num_inference_steps']} "
+        f"guidance={params['guidance_scale']} num_images={params['num_images']} seed={record['seed']}"
+        f"{' (drawn)' if record['seed_was_drawn'] else ''}",
+        f"prompt   {params['prompt']}",
+    ]
     if record["error"]:
-        print(f"error    {record['error'].splitlines()[0]}")
+        first = record["error"].split("\n", 1)[0]  # not splitlines: a CR in it is shown, not a line break
+        lines.append(f"error    {first}")
     for image in record["images"]:
-        print(f"image {image['index']}  seed={image['seed']}  {image['location'] or image['key']}")
-
+        lines.append(f"image {image['index']}  seed={image['seed']}  {image['location'] or image['key']}")
+    # A prompt, an error, a worker's name or a key is anyone's text: none may act on the terminal
+    # (an ESC sequence clearing the screen, a CR printing a false state over the true one).
+    print("\n".join(inert(line) for line in lines))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -83,7 +83,8 @@ def test_jsonl_csv_and_parquet_give_the_same_rows(tmp_path: Path):
     assert keys[1] == "lighthouse"
     assert keys[0].endswith("-0") and keys[2] == keys[0][:-1] + "1"  # the same request twice
     assert [r.priority for r in jsonl.rows] == [None, None, "interactive", None]
-    assert jsonl.rows[3].request.guidance_scale == 7.0 and jsonl.rows[1].request.use_compel is True
+    rows = list(jsonl.rows)
+    assert rows[3].request.guidance_scale == 7.0 and rows[1].request.use_compel is True
     assert jsonl.source == str(tmp_path / "m.jsonl")
     import hashlib
 
@@ -97,7 +98,7 @@ def test_defaults_fill_missing_fields_and_a_rows_value_wins(tmp_path: Path):
     assert (first.num_inference_steps, first.width, first.height) == (30, 512, 768)  # 768: the schema's default
     assert (second.num_inference_steps, second.width) == (5, 1024)
     # a default changes the request, so it changes the derived key
-    assert load_manifest(path).rows[0].key != manifest.rows[0].key
+    assert next(iter(load_manifest(path).rows)).key != next(iter(manifest.rows)).key
 
 
 def test_csv_converts_text_to_the_fields_types(tmp_path: Path):
@@ -190,8 +191,10 @@ def test_bad_rows_name_line_field_value_and_bound(tmp_path: Path):
 def test_format_rejects_shows_fifty_bad_rows_then_counts(tmp_path: Path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "a", "width": 500}] * 120 + [{"prompt": "fine"}])
     manifest = load_manifest(path)
-    assert len(manifest.rows) == 1 and len(manifest.rejects) == 120
-    lines = format_rejects(manifest.rejects).splitlines()
+    # Only the first hundred are kept; the rest are counted, and read again to be written.
+    assert len(manifest.rows) == 1 and manifest.reject_count == 120 and len(manifest.rejects) == 100
+    assert [reject.line for reject in manifest.all_rejects()] == list(range(1, 121))
+    lines = format_rejects(manifest.rejects, total=manifest.reject_count).splitlines()
     assert len(lines) == 51
     assert lines[0].startswith("line 1: width=500: must be a multiple of 64 from 256 to 1024")
     assert lines[49].startswith("line 50: width=500")
@@ -247,7 +250,7 @@ def test_derived_keys_are_stable_and_survive_appended_rows(tmp_path: Path):
 
 def test_an_explicit_key_equal_to_a_derived_one_is_refused(tmp_path: Path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "a"}])
-    derived = load_manifest(path).rows[0].key
+    derived = next(iter(load_manifest(path).rows)).key
     write_jsonl(path, [{"prompt": "a"}, {"prompt": "b", "key": derived}])
     assert load_manifest(path).rejects[0].problems == [f"key {derived!r} repeats line 1"]
     write_jsonl(path, [{"prompt": "b", "key": derived}, {"prompt": "a"}])
@@ -306,7 +309,7 @@ def test_unknown_suffix_missing_file_and_bad_file_are_refused(tmp_path: Path):
     with pytest.raises(ManifestError, match=r"nope\.jsonl: cannot be read \(No such file or directory\)"):
         load_manifest(tmp_path / "nope.jsonl")
     (tmp_path / "dir.csv").mkdir()
-    with pytest.raises(ManifestError, match=r"dir\.csv: not a regular file"):
+    with pytest.raises(ManifestError, match=r"dir\.csv: is a directory, not a regular file"):
         load_manifest(tmp_path / "dir.csv")
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(ManifestError, match=r"bad\.parquet: not a Parquet file"):
@@ -460,7 +463,7 @@ def test_placeholders_are_filled_from_the_fire_time(tmp_path: Path):
     assert fill_placeholders(text, FIRE, "nightly", where="x") == (
         "nightly 2026-03-07T06:05:00+01:00 2026-03-07 06:05 2026-03-07 06:05 {other} {")
     spec = {"prompts": ["a fox on {date}"], "negative_prompts": ["{schedule}"], "strength": 0.5}
-    row = load_grid(spec, tmp_path, fire_time=FIRE, schedule="nightly").rows[0]
+    row = next(iter(load_grid(spec, tmp_path, fire_time=FIRE, schedule="nightly").rows))
     assert (row.request.prompt, row.request.negative_prompt) == ("a fox on 2026-03-07", "nightly")
 
 

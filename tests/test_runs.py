@@ -16,6 +16,7 @@ import redis
 from sqlalchemy import func, select
 
 from models.constants import queue_for
+from models.errors import RunExists
 from models.tables import Job, JobState, Run
 from producer.cli import main
 from producer.runs.enqueue import enqueue_run
@@ -57,9 +58,14 @@ def test_a_manifest_run_twice_enqueues_each_job_once(client, settings, tmp_path)
     assert set(sent) == {job.id for job in jobs} and max(sent.values()) == 1
     assert messages(settings, settings.queue) == Counter()  # nothing on the interactive queue
 
-    # the file grows: only the new row is enqueued, and the run remembers its source
+    # the file grows: it is another source now, refused; with --append only the new row is enqueued
     write_jsonl(manifest, rows + [{"prompt": "one more"}])
-    report = enqueue_run(client, "twice", load_manifest(manifest, {"width": 256, "height": 256}), progress=False)
+    grown = load_manifest(manifest, {"width": 256, "height": 256})
+    with pytest.raises(RunExists, match=r"^run 'twice' exists and its source was .*m\.jsonl \(sha256 \w{12}\), "
+                       r"this is .*m\.jsonl \(sha256 \w{12}\): give another --name, or --append"):
+        enqueue_run(client, "twice", grown, defaults={"width": 256, "height": 256}, progress=False)
+    assert len(run_jobs(client, "twice")) == 302
+    report = enqueue_run(client, "twice", grown, defaults={"width": 256, "height": 256}, append=True, progress=False)
     assert report is not None and (report.inserted, report.existing, report.created) == (1, 302, False)
     assert len(run_jobs(client, "twice")) == 303
 

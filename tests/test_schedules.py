@@ -162,7 +162,7 @@ def test_a_bad_schedule_is_refused_with_one_line_naming_it(tmp_path, capsys, tab
         load_schedules(path)
     assert message in str(refused.value) and str(path) in str(refused.value)
     for command in (["schedules", "list", "--schedules", str(path)], ["beat", "--schedules", str(path)]):
-        assert main(command) == 1
+        assert main(command) == 2
         err = capsys.readouterr().err
         assert err.startswith("sdqueue: error: ") and message in err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

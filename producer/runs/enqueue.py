@@ -17,11 +17,11 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from sqlalchemy import select
 
-from models.errors import InvalidRequest
+from models.errors import InvalidRequest, RunExists
 from models.tables import Job, JobState, Priority, Run, utcnow
 from producer.bulk import BATCH, by_queue, insert_jobs, job_row, send_marked
 from producer.client import Client, check_priority
@@ -71,36 +71,39 @@ def enqueue_run(
     schedule: str | None = None,
     fire_time: datetime | None = None,
     only_if_new: bool = False,
+    append: bool = False,
     progress: bool | None = None,
     batch_size: int = BATCH,
 ) -> EnqueueReport | None:
     """Make (or resume) the run `name` with the valid rows of `manifest`.
 
     With `only_if_new`, a run that exists already is left alone and None is returned: the loser
-    of a race to make it (two schedulers firing the same slot) does nothing.
+    of a race to make it (two schedulers firing the same slot) does nothing. A run that exists
+    is resumed only if it was made from the same source and defaults (RunExists otherwise), or
+    with `append`, which adds the rows it lacks whatever they came from.
     """
     # 1. checks before any write: the name, the priority, a broker we can send to
     check_run_name(name)
     check_priority(priority)
     client.sender  # noqa: B018  (refuses the in-process broker)
     started = time.monotonic()
-    # 2. the run: made now, or found
-    run_id, created = _make_run(client, name, manifest, defaults or {}, priority, schedule, fire_time)
+    # 2. the run: made now, or found (the same source and defaults, unless appending)
+    run_id, created = _make_run(client, name, manifest, defaults or {}, priority, schedule, fire_time,
+                                 append=append or only_if_new)
     if not created and only_if_new:
         return None
-    with client.db.session() as session:
-        existing = set(session.scalars(select(Job.run_key).where(Job.run_id == run_id)))
     # 3. jobs an interrupted enqueue wrote but never sent
     sent = _send_unsent(client, run_id)
-    # 4. the rows that are missing, batch by batch
-    missing = [row for row in manifest.rows if row.key not in existing]
-    inserted = 0
-    with _progress_bar(len(missing), name, progress) as bar:
-        for start in range(0, len(missing), batch_size):
-            rows = missing[start : start + batch_size]
-            written = _write(client, run_id, rows, priority)
-            sent += send_marked(client, written)
-            inserted += sum(len(ids) for ids in written.values())
+    # 4. the rows that are missing, batch by batch, as the manifest is read again: memory stays flat
+    existing = inserted = 0
+    with _progress_bar(len(manifest.rows), name, progress) as bar:
+        for rows in _batches(manifest.rows, batch_size):
+            missing = _missing(client, run_id, rows)
+            existing += len(rows) - len(missing)
+            if missing:
+                written = _write(client, run_id, missing, priority)
+                sent += send_marked(client, written)
+                inserted += sum(len(ids) for ids in written.values())
             bar.update(len(rows))
     # 5. sealed: every row of this manifest is a job of the run, and sent
     with client.db.session() as session:
@@ -108,13 +111,33 @@ def enqueue_run(
         assert run is not None
         run.expected_jobs = max(run.expected_jobs or 0, len(manifest.rows))
         run.sealed_at = utcnow()
-    return EnqueueReport(name, run_id, created, len(manifest.rows), len(manifest.rows) - len(missing), inserted, sent,
+    return EnqueueReport(name, run_id, created, len(manifest.rows), existing, inserted, sent,
                          time.monotonic() - started)
 
 
+def _batches(rows: Iterable[RunRow], size: int) -> Iterator[list[RunRow]]:
+    batch: list[RunRow] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _missing(client: Client, run_id: str, rows: list[RunRow]) -> list[RunRow]:
+    """The rows of the batch that are not jobs of the run yet."""
+    with client.db.session() as session:
+        found = set(session.scalars(select(Job.run_key).where(Job.run_id == run_id,
+                                                              Job.run_key.in_([row.key for row in rows]))))
+    return [row for row in rows if row.key not in found]
+
+
 def _make_run(client: Client, name: str, manifest: Manifest, defaults: dict[str, Any], priority: str,
-              schedule: str | None, fire_time: datetime | None) -> tuple[str, bool]:
-    """The run's id, and whether this call made it; a race to make it has one winner."""
+              schedule: str | None, fire_time: datetime | None, *, append: bool) -> tuple[str, bool]:
+    """The run's id, and whether this call made it; a race to make it has one winner. A run found
+    must have been made from the same source and defaults, unless `append`."""
     run_id = str(uuid.uuid4())
     values = dict(id=run_id, name=name, source=manifest.source, source_sha256=manifest.sha256, defaults=defaults,
                   priority=priority, schedule=schedule, fire_time=fire_time, expected_jobs=len(manifest.rows),
@@ -124,9 +147,44 @@ def _make_run(client: Client, name: str, manifest: Manifest, defaults: dict[str,
             index_elements=["name"]).returning(Run.id)).scalar_one_or_none()
         if made is not None:
             return made, True
-        found = session.scalar(select(Run.id).where(Run.name == name))
-        assert found is not None
-        return found, False
+        found = session.scalars(select(Run).where(Run.name == name)).one()
+        if not append:
+            _check_same_run(found, manifest, defaults)
+        return found.id, False
+
+
+def check_run(client: Client, name: str, manifest: Manifest, defaults: dict[str, Any], *, append: bool = False) -> None:
+    """Before anything is written: RunExists if a run of that name was made from another source
+    or other defaults (and not `append`)."""
+    check_run_name(name)
+    if append:
+        return
+    with client.db.session() as session:
+        found = session.scalars(select(Run).where(Run.name == name)).one_or_none()
+        if found is not None:
+            _check_same_run(found, manifest, defaults)
+
+
+def _check_same_run(run: Run, manifest: Manifest, defaults: dict[str, Any]) -> None:
+    """A run's identity is its source and its defaults: the same command again resumes it; a
+    different file, or the same one with other options, is refused rather than mixed in."""
+    differs = []
+    if run.source_sha256 != manifest.sha256:
+        was = f"{run.source or 'an inline grid'} (sha256 {(run.source_sha256 or '-')[:12]})"
+        now = f"{manifest.source or 'an inline grid'} (sha256 {(manifest.sha256 or '-')[:12]})"
+        differs.append(f"its source was {was}, this is {now}")
+    if (run.defaults or {}) != defaults:
+        differs.append(f"its defaults were {_options(run.defaults or {})}, these are {_options(defaults)}")
+    if differs:
+        raise RunExists(f"run {run.name!r} exists and {'; '.join(differs)}: give another --name, or --append "
+                        "to add these rows to it")
+
+
+def _options(defaults: dict[str, Any]) -> str:
+    """Defaults as the options that gave them: --num-inference-steps 30 --width 512, or "none"."""
+    given = [f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
+             for name, value in sorted(defaults.items())]
+    return " ".join(given) or "none"
 
 
 def _write(client: Client, run_id: str, rows: list[RunRow], priority: str) -> dict[str, list[str]]:

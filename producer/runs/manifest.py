@@ -9,34 +9,55 @@ one line per problem, beside the good rows, and the caller decides what to do.
 
 Keys are stable, so that enqueueing the same manifest again finds the rows it already made: a
 row's own `key`, else one derived from its validated request (see `_Rows._derived_key`).
+
+Memory stays flat in a manifest's length: a file is read in passes, never whole. The first pass
+validates every row and keeps only counts, the first bad rows and the keys seen (on disk past
+SPILL_KEYS); `Manifest.rows` reads the file again, row by row, for the writer, and refuses a file
+that changed in between. Every read is bounded (MAX_MANIFEST_BYTES, MAX_LINE_BYTES, MAX_GRID_BYTES,
+MAX_PROMPTS_FILE_BYTES, MAX_RUN_ROWS, MAX_DEPTH), and nothing is written before the first pass ends.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import itertools
 import json
 import math
+import os
 import re
-import stat
+import sqlite3
 import tomllib
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from models.errors import InvalidRequest, SdqueueError
+from models.errors import BadInput, InvalidRequest
 from models.request import GenerationRequest, check_image, parse_request
 from models.tables import Priority
+from models.text import refused_character
+from producer.files import UnreadableFile, bound_text, open_regular, read_bounded, read_image_file, stream_bounded
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 SUFFIXES = (*JSONL_SUFFIXES, ".csv", ".parquet", ".toml")
 MAX_KEY_CHARS = 255
-MAX_GRID_ROWS = 1_000_000
-# Bad rows format_rejects shows before it only counts the rest.
+# The bounds of what is read from a user, stated in the README.
+MAX_RUN_ROWS = 1_000_000  # rows of a manifest or grid, good and bad
+MAX_GRID_ROWS = MAX_RUN_ROWS
+MAX_MANIFEST_BYTES = 4 << 30  # a JSONL, CSV or Parquet file
+MAX_LINE_BYTES = 1 << 20  # a JSONL or CSV line: a prompt is at most 4,000 characters
+MAX_GRID_BYTES = 1 << 20  # a TOML grid file
+MAX_PROMPTS_FILE_BYTES = 64 << 20  # a grid's prompts_file
+MAX_DEPTH = 16  # tables and arrays in tables and arrays, in TOML (a grid needs 2)
+# Bad rows format_rejects shows before it only counts the rest, and the most a Manifest keeps.
 SHOWN_REJECTS = 50
+KEPT_REJECTS = 100
+# Keys held in memory before the rest go to a temporary file.
+SPILL_KEYS = 200_000
+# Input image files whose bytes are kept for the rows that repeat them.
+CACHED_IMAGES = 8
 PRIORITIES = tuple(p.value for p in Priority)
 
 # CSV cells are text: each typed request field's converter, and what a cell that fails it is not.
@@ -77,7 +98,7 @@ _PLACEHOLDER_FORMATS = {"date": "%Y-%m-%d", "time": "%H:%M", "year": "%Y", "mont
 _SIZE = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*")
 
 
-class ManifestError(SdqueueError):
+class ManifestError(BadInput):
     """A manifest or grid that cannot be read at all: unreadable, of an unknown format, or a bad
     grid spec. (A bad row is not one: it is a Rejected.) Nothing was written or enqueued."""
 
@@ -97,12 +118,52 @@ class Rejected:
     row: dict[str, Any]  # the raw row as read, JSON-serialisable: an image is its path, never its bytes
 
 
-@dataclass
 class Manifest:
-    source: str | None  # the file path as given (None for an inline grid)
-    sha256: str | None  # sha256 hex of the file's bytes (None for an inline grid)
-    rows: list[RunRow]
-    rejects: list[Rejected]
+    """A validated manifest: how many good rows, the first bad ones, and its good rows read again
+    on demand (`for row in manifest.rows`), so that no pass holds the whole file."""
+
+    def __init__(self, source: str | None, scan: Callable[[], Iterator[RunRow | Rejected]],
+                 sha256: Callable[[], str | None]):
+        self.source = source  # the file path as given (None for an inline grid)
+        self._scan = scan
+        self.rejects: list[Rejected] = []  # the first KEPT_REJECTS bad rows
+        self.reject_count = 0
+        count = 0
+        # 1. the first pass: every row validated, nothing kept but counts and the first bad rows
+        for item in scan():
+            if isinstance(item, RunRow):
+                count += 1
+            else:
+                self.reject_count += 1
+                if len(self.rejects) < KEPT_REJECTS:
+                    self.rejects.append(item)
+            if count + self.reject_count > MAX_RUN_ROWS:
+                raise ManifestError(f"{source or 'grid'}: more than {MAX_RUN_ROWS:,} rows, the bound of a run")
+        self.sha256 = sha256()  # sha256 hex of the file's bytes (of the spec for an inline grid)
+        self.rows = _Pass(self, count)
+
+    def all_rejects(self) -> Iterator[Rejected]:
+        """Every bad row, read again where there are more than were kept."""
+        if self.reject_count <= len(self.rejects):
+            yield from self.rejects
+            return
+        for item in self._scan():
+            if isinstance(item, Rejected):
+                yield item
+
+
+class _Pass:
+    """A manifest's good rows: len() is known from the first pass; each iteration reads again."""
+
+    def __init__(self, manifest: Manifest, count: int):
+        self._manifest = manifest
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[RunRow]:
+        return (item for item in self._manifest._scan() if isinstance(item, RunRow))
 
 
 def load_manifest(
@@ -121,24 +182,31 @@ def load_manifest(
     if suffix not in SUFFIXES:
         raise ManifestError(f"{path}: unknown manifest format {suffix or '(no suffix)'!r}: "
                             f"the formats are {', '.join(SUFFIXES)}")
-    data = _read(path)
-    sha256 = hashlib.sha256(data).hexdigest()
     if suffix == ".toml":
-        try:
-            spec = tomllib.loads(_text(path, data))
-        except tomllib.TOMLDecodeError as exc:
-            raise ManifestError(f"{path}: not a TOML file ({exc})") from None
+        data = _read(path, MAX_GRID_BYTES)
+        spec = parse_toml(path, data, ManifestError)
         return load_grid(spec, path.parent, defaults, fire_time=fire_time, schedule=schedule, source=str(path),
-                         sha256=sha256)
-    # JSON and CSV rows are JSON already; Parquet values may be bytes, times or decimals.
-    rows = _Rows(path.parent, defaults, plain_rejects=suffix == ".parquet")
-    if suffix in JSONL_SUFFIXES:
-        _read_jsonl(path, data, rows)
-    elif suffix == ".csv":
-        _read_csv(path, data, rows)
-    else:
-        _read_parquet(path, data, rows)
-    return Manifest(str(path), sha256, rows.rows, rows.rejects)
+                         sha256=hashlib.sha256(data).hexdigest())
+    read = {".csv": _csv_rows, ".parquet": _parquet_rows}.get(suffix, _jsonl_rows)
+    first: list[str] = []  # the first pass's sha256
+
+    def scan() -> Iterator[RunRow | Rejected]:
+        digest = hashlib.sha256()
+        # JSON and CSV rows are JSON already; Parquet values may be bytes, times or decimals.
+        rows = _Rows(path.parent, defaults, plain_rejects=suffix == ".parquet")
+        try:
+            yield from read(path, digest, rows)
+        except UnreadableFile as exc:
+            raise ManifestError(f"{path}: {exc}") from None
+        finally:
+            rows.close()
+        if not first:
+            first.append(digest.hexdigest())
+        elif digest.hexdigest() != first[0]:
+            raise ManifestError(f"{path}: the file changed while it was read: nothing after its first "
+                                "pass can be trusted; run the command again")
+
+    return Manifest(str(path), scan, lambda: first[0])
 
 
 def load_grid(
@@ -161,9 +229,10 @@ def load_grid(
     # 1. the keys
     if not isinstance(spec, dict):
         raise ManifestError(f"{where}: a grid is a table of keys, not {type(spec).__name__}")
+    check_depth(spec, where)
     for name in spec:
         if name not in GRID_KEYS:
-            raise ManifestError(f"{where}: unknown key {name!r}: the known keys are {', '.join(GRID_KEYS)}")
+            raise ManifestError(f"{where}: unknown key {_shown(name)}: the known keys are {', '.join(GRID_KEYS)}")
     spec = dict(spec)
     if "prompts" in spec and "prompts_file" in spec:
         raise ManifestError(f"{where}: give prompts or prompts_file, not both")
@@ -182,7 +251,7 @@ def load_grid(
         if axis == "seeds":
             values = _seeds(values, fire_time, where)
         elif not isinstance(values, list) or not values:
-            raise ManifestError(f"{where}: {axis} must be a non-empty list of values, not {values!r}")
+            raise ManifestError(f"{where}: {axis} must be a non-empty list of values, not {_shown(values)}")
         elif axis == "sizes":
             values = [_size(value, where, index) for index, value in enumerate(values)]
         elif axis in ("prompts", "negative_prompts"):
@@ -193,7 +262,7 @@ def load_grid(
     # 3. the rest: one value of a request field for every row
     for name, value in spec.items():
         if isinstance(value, (list, dict)):
-            raise ManifestError(f"{where}: {name} is one value for every row, not {value!r} "
+            raise ManifestError(f"{where}: {name} is one value for every row, not {_shown(value)} "
                                 f"(the axes are {', '.join(GRID_AXES)})")
         if name in ("prompt", "negative_prompt") and isinstance(value, str):
             spec[name] = fill_placeholders(value, fire_time, schedule, where=f"{where}: {name}")
@@ -201,33 +270,76 @@ def load_grid(
     size = math.prod(len(values) for values in axes)
     if size > MAX_GRID_ROWS:
         raise ManifestError(f"{where}: the grid has {size:,} rows, more than the bound of {MAX_GRID_ROWS:,}")
-    # 5. the rows (TOML has dates and times, which a reject's row holds as text)
-    rows = _Rows(base_dir, defaults, plain_rejects=True)
-    for line, combination in enumerate(itertools.product(*axes), start=1):
-        row = dict(spec)
-        for names, value in zip(fields, combination):
-            if len(names) == 1:
-                row[names[0]] = value
-            else:
-                row.update(zip(names, value))
-        rows.add(line, row)
-    return Manifest(source, sha256, rows.rows, rows.rejects)
+
+    # 5. the rows, made again on each pass (TOML has dates and times, which a reject's row holds as text)
+    def scan() -> Iterator[RunRow | Rejected]:
+        rows = _Rows(base_dir, defaults, plain_rejects=True)
+        try:
+            for line, combination in enumerate(itertools.product(*axes), start=1):
+                row = dict(spec)
+                for names, value in zip(fields, combination):
+                    if len(names) == 1:
+                        row[names[0]] = value
+                    else:
+                        row.update(zip(names, value))
+                yield rows.check(line, row)
+        finally:
+            rows.close()
+
+    return Manifest(source, scan, lambda: sha256)
 
 
-def format_rejects(rejects: list[Rejected], limit: int = SHOWN_REJECTS) -> str:
-    """One line per problem ("line 7: width=500: must be ..."), of the first `limit` bad rows."""
+def check_depth(value: Any, where: str, bound: int = MAX_DEPTH) -> None:
+    """Refuse tables and arrays nested deeper than `bound` (without recursion: the value may be
+    as deep as the parser let it be)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > bound:
+                    raise ManifestError(f"{where}: tables and arrays nested deeper than the bound of {bound} levels")
+                stack.append((child, depth + 1))
+
+
+def parse_toml(path: Path, data: bytes, error: Callable[[str], Exception]) -> dict[str, Any]:
+    """A TOML file's tables, nested at most MAX_DEPTH levels; `error` makes the refusal."""
+    try:
+        spec = tomllib.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: not a TOML file ({exc})") from None
+    except RecursionError:
+        raise error(f"{path}: tables and arrays nested deeper than the bound of {MAX_DEPTH} levels") from None
+    try:
+        check_depth(spec, str(path))
+    except ManifestError as exc:
+        raise error(str(exc)) from None
+    return spec
+
+
+def format_rejects(rejects: list[Rejected], limit: int = SHOWN_REJECTS, total: int | None = None) -> str:
+    """One line per problem ("line 7: width=500: must be ..."), of the first `limit` bad rows;
+    `total`: how many there are, where `rejects` holds only the first."""
     lines = [f"line {reject.line}: {problem}" for reject in rejects[:limit] for problem in reject.problems]
-    if len(rejects) > limit:
-        more = len(rejects) - limit
+    total = len(rejects) if total is None else total
+    if total > limit:
+        more = total - limit
         lines.append(f"... and {more} more bad row{'s' if more != 1 else ''}")
     return "\n".join(lines)
 
 
-def write_rejects(rejects: list[Rejected], path: Path) -> None:
-    """Every bad row as one JSON object a line: {"line": N, "problems": [...], "row": {...}}."""
-    with path.open("w", encoding="utf-8") as out:
-        for reject in rejects:
-            out.write(json.dumps({"line": reject.line, "problems": reject.problems, "row": reject.row}) + "\n")
+def write_rejects(rejects: Iterable[Rejected], out: Any) -> None:
+    """Every bad row as one JSON object a line: {"line": N, "problems": [...], "row": {...}}, to
+    the text file `out` (a path, or a file open for writing)."""
+    if isinstance(out, (str, Path)):
+        with open(out, "w", encoding="utf-8") as file:
+            write_rejects(rejects, file)
+        return
+    for reject in rejects:
+        out.write(json.dumps({"line": reject.line, "problems": reject.problems, "row": reject.row}) + "\n")
 
 
 def fill_placeholders(text: str, fire_time: datetime | None, schedule: str | None, *, where: str) -> str:
@@ -251,24 +363,25 @@ def fill_placeholders(text: str, fire_time: datetime | None, schedule: str | Non
 
 
 class _Rows:
-    """Rows validated one by one into good rows (with their keys) and rejects."""
+    """One pass's rows, validated one by one into good rows (with their keys) and rejects."""
 
     def __init__(self, base_dir: Path, defaults: dict[str, Any] | None, *, plain_rejects: bool = False):
         self.base_dir = base_dir
         self.defaults = dict(defaults or {})
         self.plain_rejects = plain_rejects  # whether a rejected row needs _plain to be JSON
-        self.rows: list[RunRow] = []
-        self.rejects: list[Rejected] = []
-        self._keys: dict[str, int] = {}  # every key given or derived so far, and its first line
-        self._digests: dict[str, int] = {}  # derived keys so far, by digest
-        self._images: dict[str, bytes | InvalidRequest] = {}  # by path: each file read and checked once
-        self._checked: dict[bytes, str] = {}  # image bytes checked, and their sha256
+        self._keys = _KeyBook()  # every key given or derived so far, its first line; derived keys by digest
+        # By path, each file read and checked once while its rows keep coming (a few files at a time).
+        self._images: OrderedDict[str, bytes | InvalidRequest] = OrderedDict()
+        self._checked: OrderedDict[bytes, str] = OrderedDict()  # image bytes checked, and their sha256
 
-    def reject(self, line: int, problems: list[str], row: dict[str, Any]) -> None:
-        self.rejects.append(Rejected(line, problems, _plain(row) if self.plain_rejects else row))
+    def close(self) -> None:
+        self._keys.close()
 
-    def add(self, line: int, row: dict[str, Any], given: dict[str, Any] | None = None,
-            problems: list[str] | None = None) -> None:
+    def reject(self, line: int, problems: list[str], row: dict[str, Any]) -> Rejected:
+        return Rejected(line, problems, _plain(row) if self.plain_rejects else row)
+
+    def check(self, line: int, row: dict[str, Any], given: dict[str, Any] | None = None,
+              problems: list[str] | None = None) -> RunRow | Rejected:
         """Validate one row: `row` as read, `given` its values in Python types (if not the same),
         `problems` those found converting them."""
         values = dict(row if given is None else given)
@@ -298,8 +411,7 @@ class _Rows:
         except InvalidRequest as exc:
             problems.extend(exc.problems)
         if problems:
-            self.reject(line, problems, row)
-            return
+            return self.reject(line, problems, row)
         if data is not None:
             # The bytes passed check_image, the image field's own validator, once per file: a
             # thousand rows of one input image decode it once, not a thousand times.
@@ -307,18 +419,21 @@ class _Rows:
         # 4. the key
         if key is None:
             key = self._derived_key(request)
-            first = self._keys.setdefault(key, line)
+            first = self._keys.first_line(key, line)
             if first != line:
-                self.reject(line, [f"derived key {key!r} repeats the key of line {first}"], row)
-                return
-        self.rows.append(RunRow(line, key, request, priority))
+                return self.reject(line, [f"derived key {key!r} repeats the key of line {first}"], row)
+        return RunRow(line, key, request, priority)
 
     def _explicit_key(self, key: Any, line: int, problems: list[str]) -> str | None:
         if isinstance(key, bool) or not isinstance(key, (str, int)) or not 1 <= len(str(key)) <= MAX_KEY_CHARS:
             problems.append(f"key={_shown(key)}: must be text or a whole number, of 1 to {MAX_KEY_CHARS} characters")
             return None
         key = str(key)
-        first = self._keys.setdefault(key, line)
+        bad = refused_character(key, allow_newlines=False)
+        if bad is not None:  # PostgreSQL cannot hold NUL; a key is shown on one line
+            problems.append(f"key={_shown(key)}: must not hold control characters: {bad}")
+            return None
+        first = self._keys.first_line(key, line)
         if first != line:
             problems.append(f"key {_shown(key)} repeats line {first}")
         return key
@@ -331,9 +446,7 @@ class _Rows:
         if request.image is not None:
             text += "|" + self._check(request.image)
         digest = hashlib.sha256(text.encode()).hexdigest()[:24]
-        n = self._digests.get(digest, 0)
-        self._digests[digest] = n + 1
-        return f"{digest}-{n}"
+        return f"{digest}-{self._keys.next_count(digest)}"
 
     def _image(self, image: Any) -> bytes:
         """The bytes of a row's image file (a path relative to the manifest's folder), checked."""
@@ -344,70 +457,190 @@ class _Rows:
             raise InvalidRequest([f"image={_shown(image)}: must be the path of an image file, "
                                   "relative to the manifest's folder"])
         path = self.base_dir / image
-        found = self._images.get(str(path))
+        found = _cached(self._images, str(path))
         if found is None:
-            from producer.cli import read_image_file
-
             try:
                 found = read_image_file(path)
                 self._check(found, where=f"image={str(path)!r}")
             except InvalidRequest as exc:
                 found = exc
-            self._images[str(path)] = found
+            _keep(self._images, str(path), found)
         if isinstance(found, InvalidRequest):
             raise found
         return found
 
     def _check(self, data: bytes, where: str | None = None) -> str:
-        """check_image once per distinct bytes; their sha256."""
-        sha256 = self._checked.get(data)
+        """check_image once per distinct bytes (of the last few); their sha256."""
+        sha256 = _cached(self._checked, data)
         if sha256 is None:
             try:
                 check_image(data)
             except ValueError as exc:
                 raise InvalidRequest([f"{where or f'image=<{len(data)} bytes>'}: {exc}"]) from None
-            sha256 = self._checked[data] = hashlib.sha256(data).hexdigest()
+            sha256 = hashlib.sha256(data).hexdigest()
+            _keep(self._checked, data, sha256)
         return sha256
 
 
-def _read(path: Path) -> bytes:
-    try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or a device would block or never end
-            raise ManifestError(f"{path}: not a regular file")
-        return path.read_bytes()
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+def _cached(cache: OrderedDict[Any, Any], key: Any) -> Any:
+    found = cache.get(key)
+    if found is not None:
+        cache.move_to_end(key)
+    return found
 
 
-def _text(path: Path, data: bytes) -> str:
+def _keep(cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+    cache[key] = value
+    if len(cache) > CACHED_IMAGES:
+        cache.popitem(last=False)
+
+
+class _KeyBook:
+    """The keys of one pass with the line each first appeared on, and how many rows had each
+    derived key's digest: in dicts, then past SPILL_KEYS in a private temporary SQLite file
+    (deleted when closed), so that a million rows cost no more memory than two hundred thousand."""
+
+    def __init__(self, spill: int | None = None):
+        self._spill = SPILL_KEYS if spill is None else spill
+        self._lines: dict[str, int] = {}
+        self._counts: dict[str, int] = {}
+        self._db: sqlite3.Connection | None = None
+
+    def first_line(self, key: str, line: int) -> int:
+        """The line `key` first appeared on: `line`, the first time."""
+        if self._db is None:
+            first = self._lines.setdefault(key, line)
+            self._maybe_spill()
+            return first
+        if self._db.execute("INSERT OR IGNORE INTO keys VALUES (?, ?)", (key, line)).rowcount:
+            return line  # the usual case, in one statement
+        return int(self._db.execute("SELECT line FROM keys WHERE key = ?", (key,)).fetchone()[0])
+
+    def next_count(self, digest: str) -> int:
+        """How many rows had `digest` before this one."""
+        if self._db is None:
+            n = self._counts.get(digest, 0)
+            self._counts[digest] = n + 1
+            self._maybe_spill()
+            return n
+        if self._db.execute("INSERT OR IGNORE INTO counts VALUES (?, 1)", (digest,)).rowcount:
+            return 0  # the usual case, in one statement
+        n = int(self._db.execute("SELECT n FROM counts WHERE digest = ?", (digest,)).fetchone()[0])
+        self._db.execute("UPDATE counts SET n = ? WHERE digest = ?", (n + 1, digest))
+        return n
+
+    def _maybe_spill(self) -> None:
+        if len(self._lines) + len(self._counts) <= self._spill:
+            return
+        db = sqlite3.connect("", isolation_level=None)  # "": a private temporary database on disk
+        db.execute("PRAGMA journal_mode = OFF")  # it lives as long as this pass; nothing to recover
+        db.execute("PRAGMA cache_size = -16384")  # 16 MiB of pages in memory, the rest on disk
+        db.execute("BEGIN")  # one transaction, never committed: the file goes when the pass ends
+        db.execute("CREATE TABLE keys (key TEXT PRIMARY KEY, line INTEGER) WITHOUT ROWID")
+        db.execute("CREATE TABLE counts (digest TEXT PRIMARY KEY, n INTEGER) WITHOUT ROWID")
+        db.executemany("INSERT INTO keys VALUES (?, ?)", self._lines.items())
+        db.executemany("INSERT INTO counts VALUES (?, ?)", self._counts.items())
+        self._lines, self._counts, self._db = {}, {}, db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def _read(path: Path, bound: int) -> bytes:
     try:
-        return data.decode("utf-8-sig")  # a spreadsheet's byte order mark is not part of the header
+        return read_bounded(path, bound)
+    except UnreadableFile as exc:
+        raise ManifestError(f"{path}: {exc}") from None
+
+
+def _lines(path: Path, digest: Any) -> Iterator[tuple[int, int, bytes | None]]:
+    """(line number, byte offset, bytes) of each line of the file, split at "\\n" only (str.splitlines
+    would also split at U+2028, which JSON allows inside a string), without the "\\n"; None for the
+    bytes of a line longer than MAX_LINE_BYTES, which is never held. `digest` sees every byte."""
+    number, start_of_line, base = 1, 0, 0
+    pending, too_long = bytearray(), False
+    for chunk in stream_bounded(path, MAX_MANIFEST_BYTES):
+        digest.update(chunk)
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end == -1 else chunk[start:end]
+            if not too_long:
+                too_long = len(pending) + len(piece) > MAX_LINE_BYTES
+                if too_long:
+                    pending.clear()
+                else:
+                    pending += piece
+            if end == -1:
+                break
+            yield number, start_of_line, None if too_long else bytes(pending)
+            number, start_of_line, start = number + 1, base + end + 1, end + 1
+            pending.clear()
+            too_long = False
+        base += len(chunk)
+    if pending or too_long:
+        yield number, start_of_line, None if too_long else bytes(pending)
+
+
+def _decode(path: Path, number: int, offset: int, data: bytes) -> str:
+    if number == 1 and data.startswith(b"\xef\xbb\xbf"):  # a spreadsheet's byte order mark is not data
+        data, offset = data[3:], 3
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {offset + exc.start})") from None
 
 
-def _read_jsonl(path: Path, data: bytes, rows: _Rows) -> None:
-    # "\n" only: str.splitlines would also split at U+2028, which JSON allows inside a string.
-    for line, text in enumerate(_text(path, data).split("\n"), start=1):
+def _too_long(number: int) -> str:
+    return f"line {number} is longer than the bound of {MAX_LINE_BYTES} bytes ({bound_text(MAX_LINE_BYTES)})"
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members; a name given twice is refused rather than the last taken."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise ValueError(f"member {_shown(name)} appears twice")
+            seen.add(name)
+    return found
+
+
+def _jsonl_rows(path: Path, digest: Any, rows: _Rows) -> Iterator[RunRow | Rejected]:
+    for number, offset, data in _lines(path, digest):
+        if data is None:
+            yield rows.reject(number, [f"not a JSON object: {_too_long(number)}"], {"text": "(not kept)"})
+            continue
+        text = _decode(path, number, offset, data)
         if not text or text.isspace():
             continue
         try:
-            row = json.loads(text)
+            row = json.loads(text, object_pairs_hook=_no_repeats)
         except json.JSONDecodeError as exc:
-            rows.reject(line, [f"not a JSON object: {exc.msg} at column {exc.colno}"], {"text": _cut(text)})
+            yield rows.reject(number, [f"not a JSON object: {exc.msg} at column {exc.colno}"], {"text": _cut(text)})
             continue
         except (ValueError, RecursionError) as exc:  # a number of over 4300 digits; arrays in arrays in ...
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-            rows.reject(line, [f"not a JSON object: {reason}"], {"text": _cut(text)})
+            yield rows.reject(number, [f"not a JSON object: {reason}"], {"text": _cut(text)})
             continue
         if not isinstance(row, dict):
-            rows.reject(line, [f"not a JSON object: a JSON {_json_kind(row)}"], {"text": _cut(text)})
+            yield rows.reject(number, [f"not a JSON object: a JSON {_json_kind(row)}"], {"text": _cut(text)})
             continue
-        rows.add(line, row)
+        yield rows.check(number, row)
 
 
-def _read_csv(path: Path, data: bytes, rows: _Rows) -> None:
-    reader = csv.reader(io.StringIO(_text(path, data), newline=""))
+def _csv_lines(path: Path, digest: Any) -> Iterator[str]:
+    for number, offset, data in _lines(path, digest):
+        if data is None:
+            raise ManifestError(f"{path}: {_too_long(number)}")
+        yield _decode(path, number, offset, data) + "\n"
+
+
+def _csv_rows(path: Path, digest: Any, rows: _Rows) -> Iterator[RunRow | Rejected]:
+    reader = csv.reader(_csv_lines(path, digest))
     try:
         header = next(reader, None)
         if header is None:
@@ -417,7 +650,7 @@ def _read_csv(path: Path, data: bytes, rows: _Rows) -> None:
             raise ManifestError(f"{path}: line 1: the header row names no columns")
         repeated = next((name for name in names if name and names.count(name) > 1), None)
         if repeated is not None:
-            raise ManifestError(f"{path}: line 1: column {repeated!r} appears twice in the header")
+            raise ManifestError(f"{path}: line 1: column {_shown(repeated)} appears twice in the header")
         types = [CSV_TYPES.get(name) for name in names]
         end = reader.line_num
         for cells in reader:
@@ -441,21 +674,36 @@ def _read_csv(path: Path, data: bytes, rows: _Rows) -> None:
                         given[name] = kind[0](text)
                     except (ValueError, KeyError):
                         problems.append(f"{name}={_shown(text)}: {kind[1]}")
-            rows.add(line, row, given, problems)
+            yield rows.check(line, row, given, problems)
     except csv.Error as exc:
         raise ManifestError(f"{path}: line {reader.line_num}: not CSV ({exc})") from None
 
 
-def _read_parquet(path: Path, data: bytes, rows: _Rows) -> None:
+def _parquet_rows(path: Path, digest: Any, rows: _Rows) -> Iterator[RunRow | Rejected]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        table = pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowException, OSError) as exc:
-        raise ManifestError(f"{path}: not a Parquet file ({exc})") from None
-    for line, record in enumerate(table.to_pylist(), start=1):
-        rows.add(line, {name: value for name, value in record.items() if value is not None})  # null: not given
+    with open_regular(path, MAX_MANIFEST_BYTES) as fd, os.fdopen(os.dup(fd), "rb") as file:
+        # Parquet is read from its footer: the bytes are hashed in a pass of their own.
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+        file.seek(0)
+        try:
+            # No threads of Arrow's own: a hostile file then fails in this thread, as an exception.
+            batches = pq.ParquetFile(file, pre_buffer=False).iter_batches(batch_size=256, use_threads=False)
+            line = 0
+            for batch in batches:
+                records = batch.to_pylist()
+                for record in records:
+                    line += 1
+                    # A null value is a field not given.
+                    yield rows.check(line, {name: value for name, value in record.items() if value is not None})
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise ManifestError(f"{path}: not a Parquet file ({_one_line(exc)})") from None
+
+
+def _one_line(exc: Exception) -> str:
+    return _cut(" ".join(str(exc).split()) or type(exc).__name__)
 
 
 def _plain(value: Any) -> Any:
@@ -479,7 +727,11 @@ def _prompts_file(name: Any, base_dir: Path, fire_time: datetime | None, schedul
     if not isinstance(name, str) or not name:
         raise ManifestError(f"{where}: prompts_file must be the path of a text file, not {name!r}")
     path = base_dir / fill_placeholders(name, fire_time, schedule, where=f"{where}: prompts_file")
-    text = _text(path, _read(path))
+    data = _read(path, MAX_PROMPTS_FILE_BYTES)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     prompts = [fill_placeholders(line, fire_time, schedule, where=f"{path}: line {number}")
                for number, line in enumerate(text.splitlines(), start=1) if line and not line.isspace()]
     if not prompts:

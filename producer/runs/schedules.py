@@ -20,7 +20,6 @@ import itertools
 import json
 import logging
 import re
-import tomllib
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -29,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from models.errors import SdqueueError
+from models.errors import BadInput, SdqueueError
+from models.text import inert
 
 if TYPE_CHECKING:
     from models.db import Database
@@ -47,13 +47,15 @@ MAX_NAME = 100
 # `catch_up = "all"` fires at most this many missed slots at start, the most recent ones: a
 # seconds-cron left for a week would otherwise enqueue 300,000 runs.
 MAX_CATCH_UP = 1000
+# A schedules file is a few tables: read at most this much of one.
+MAX_SCHEDULES_BYTES = 1 << 20
 # A firing that met an outage (database, broker, storage) is tried again this long after.
 RETRY_SECONDS = 5.0
 # Beat sleeps at most this long between looks at the clock (a clock that jumps is seen then).
 MAX_INTERVAL = 30.0
 
 
-class ScheduleError(SdqueueError):
+class ScheduleError(BadInput):
     """A schedules file that cannot be used, or a firing refused (a manifest with bad rows)."""
 
 
@@ -194,13 +196,16 @@ def load_schedules(path: Path | str, *, check_sources: bool = True) -> list[Sche
     With `check_sources`, each grid is built and each manifest path filled for the next slot, so a
     bad grid or placeholder is refused at start rather than at 2 a.m.
     """
+    from producer.files import UnreadableFile, read_bounded
+    from producer.runs.manifest import parse_toml
+
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ScheduleError(f"schedules file {str(path)!r} cannot be read ({exc.strerror or exc})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ScheduleError(f"schedules file {str(path)!r} is not valid TOML: {exc}") from None
+        text = read_bounded(path, MAX_SCHEDULES_BYTES)
+    except UnreadableFile as exc:
+        raise ScheduleError(f"schedules file {str(path)!r} {exc}") from None
+    data = parse_toml(path, text, lambda message: ScheduleError(
+        f"schedules file {str(path)!r} is not valid TOML: {message.removeprefix(f'{path}: ')}"))
     unknown = sorted(set(data) - {"schedule"})
     if unknown:
         raise ScheduleError(f"{path}: unknown top-level key(s) {', '.join(map(repr, unknown))}: "
@@ -313,9 +318,9 @@ def check_source(schedule: Schedule) -> None:
         manifest = schedule.manifest_for(slot, grid)
     except (ManifestError, InvalidRequest) as exc:
         raise ScheduleError(f"{where}: grid: {str(exc).removeprefix(schedule.grid_source + ': ')}") from None
-    if manifest.rejects:
-        shown = format_rejects(manifest.rejects, limit=3).replace("\n", "; ")
-        raise ScheduleError(f"{where}: grid: {len(manifest.rejects)} bad row(s): {shown}")
+    if manifest.reject_count:
+        shown = format_rejects(manifest.rejects, limit=3, total=manifest.reject_count).replace("\n", "; ")
+        raise ScheduleError(f"{where}: grid: {manifest.reject_count} bad row(s): {shown}")
 
 
 # -- firing ----------------------------------------------------------------------------------------
@@ -335,14 +340,14 @@ def fire(client: Client, schedule: Schedule, slot: datetime, *, resume: bool = F
         return None
     # 2. the manifest; a bad row refuses the whole firing
     manifest = schedule.manifest_for(slot)
-    if manifest.rejects:
+    if manifest.reject_count:
         raise ScheduleError(f"schedule {schedule.name!r}: firing {schedule.local(slot).isoformat()} refused, "
-                            f"{len(manifest.rejects)} bad row(s) in {manifest.source}:\n"
-                            + format_rejects(manifest.rejects))
+                            f"{manifest.reject_count} bad row(s) in {manifest.source}:\n"
+                            + format_rejects(manifest.rejects, total=manifest.reject_count))
     # 3. the run: one winner among the schedulers
     return enqueue_run(client, name, manifest, defaults=schedule.defaults, priority=schedule.priority,
                        schedule=schedule.name, fire_time=schedule.local(slot), only_if_new=not resume,
-                       progress=False)
+                       append=resume, progress=False)
 
 
 def run_exists(db: Database, name: str) -> bool:
@@ -629,4 +634,4 @@ def describe(schedules: list[Schedule], count: int, now: datetime | None = None)
         lines.append(f"  priority  {schedule.priority}   catch_up {schedule.catch_up}")
         for i, slot in enumerate(schedule.next_fire_times(count, now)):
             lines.append(f"  {'next' if i == 0 else '':8}  {slot.isoformat()}")
-    return "\n".join(lines)
+    return "\n".join(inert(line) for line in lines)  # names and prompts are users' words

@@ -1,5 +1,5 @@
-"""What `sdqueue runs` shows and does: a run's counts by state, its progress and rate, and
-cancelling or retrying its jobs in bulk."""
+"""What `sdqueue runs` shows and does: a run's counts by state, its progress and rate,
+cancelling or retrying its jobs in bulk, and deleting a run with its images."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
-from models.errors import RunNotFound
-from models.jobs import CHUNK, aware
-from models.tables import Image, Job, JobState, Run, utcnow
+from models.cancel import cancel_job
+from models.errors import InvalidRequest, RunBusy, RunNotFound, StorageError
+from models.jobs import CHUNK, IllegalTransition, aware
+from models.tables import Image, Job, JobState, Run, Upload, WebhookAttempt, WebhookDelivery, utcnow
 from producer.client import Client
 from producer.bulk import send_marked
 
@@ -102,10 +103,87 @@ def run_status(client: Client, name: str, window: float = RATE_WINDOW) -> RunSta
     return status
 
 
-def cancel_run(client: Client, name: str) -> int:
-    """Cancel the run's queued jobs (running ones finish); returns how many were cancelled."""
-    changed = _change_jobs(client, name, JobState.QUEUED, state=JobState.CANCELLED.value, finished_at=utcnow())
-    return sum(len(ids) for ids in changed.values())
+CANCEL_STATES = ("queued", "running", "all")
+
+
+def cancel_run(client: Client, name: str, state: str = "queued") -> int:
+    """Cancel the run's queued jobs, its running ones (each leaves its loop at the next step, none
+    of its images recorded), or all of them; returns how many were cancelled."""
+    if state not in CANCEL_STATES:
+        raise InvalidRequest([f"state={state!r}: must be one of {', '.join(CANCEL_STATES)}"])
+    cancelled = 0
+    if state in ("queued", "all"):
+        changed = _change_jobs(client, name, JobState.QUEUED, state=JobState.CANCELLED.value, finished_at=utcnow())
+        cancelled += sum(len(ids) for ids in changed.values())
+    if state in ("running", "all"):
+        with client.db.session() as session:
+            run_id = _get_run(session, name).id
+            running = list(session.scalars(select(Job.id).where(Job.run_id == run_id,
+                                                                Job.state == JobState.RUNNING.value)))
+        for job_id in running:  # one at a time, as `sdqueue cancel`: each worker must hear of its own
+            try:
+                cancel_job(client.settings, client.db, job_id)
+                cancelled += 1
+            except IllegalTransition:  # it ended meanwhile
+                pass
+    return cancelled
+
+
+@dataclass
+class RunContents:
+    """What deleting a run removes."""
+
+    jobs: int
+    images: int
+    objects: int  # its images' objects and its input images'
+    unfinished: int  # jobs queued or running: a run is deleted only once none is
+
+
+def run_contents(client: Client, name: str) -> RunContents:
+    with client.db.session() as session:
+        run_id = _get_run(session, name).id
+        jobs, inputs, unfinished = session.execute(
+            select(func.count(), func.count(Job.input_key),
+                   func.count().filter(Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value])))
+            .where(Job.run_id == run_id)).one()
+        images = session.scalar(select(func.count()).select_from(Image).join(Job, Job.id == Image.job_id)
+                                .where(Job.run_id == run_id)) or 0
+    return RunContents(jobs, images, images + inputs, unfinished)
+
+
+def delete_run(client: Client, name: str) -> RunContents:
+    """Delete a run that has no queued or running job: its rows, a chunk of jobs per transaction
+    (the run's own row last, so that a delete stopped half-way is finished by running it again),
+    then each chunk's objects. An object whose delete fails is left to the sweeper, which removes
+    objects no row references."""
+    contents = run_contents(client, name)
+    if contents.unfinished:
+        raise RunBusy(f"run {name!r} has {contents.unfinished} queued or running job(s): cancel them first "
+                      f"(sdqueue runs cancel {name} --state all)")
+    deleted = RunContents(0, 0, 0, 0)
+    while True:
+        with client.db.session() as session:
+            run = _get_run(session, name)
+            ids = list(session.scalars(select(Job.id).where(Job.run_id == run.id).limit(CHUNK)))
+            if not ids:
+                session.delete(run)
+                break
+            keys = list(session.scalars(select(Image.object_key).where(Image.job_id.in_(ids))))
+            inputs = [key for key in session.scalars(select(Job.input_key).where(Job.id.in_(ids))) if key]
+            deliveries = select(WebhookDelivery.id).where(WebhookDelivery.job_id.in_(ids))
+            session.execute(delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(deliveries)))
+            for table in (WebhookDelivery, Upload, Image):
+                session.execute(delete(table).where(table.job_id.in_(ids)))
+            session.execute(delete(Job).where(Job.id.in_(ids)))
+        deleted.jobs += len(ids)
+        deleted.images += len(keys)
+        for key in keys + inputs:
+            try:
+                client.storage.delete(key)
+                deleted.objects += 1
+            except StorageError:  # the store's fault, not the run's: the orphan sweep removes it later
+                pass
+    return deleted
 
 
 def retry_run(client: Client, name: str) -> int:
