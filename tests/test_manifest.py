@@ -484,3 +484,22 @@ def test_hostile_jsonl_lines_are_bad_rows_not_crashes(tmp_path: Path):
     assert [r.problems[0][:40] for r in manifest.rejects] == [
         "not a JSON object: nested too deeply", "not a JSON object: Exceeds the limit (43"]
     assert all(len(r.row["text"]) == 200 for r in manifest.rejects)
+
+
+def test_the_writer_reads_back_the_validated_rows_and_refuses_an_image_changed_since(tmp_path: Path, png_bytes):
+    import gc
+
+    (tmp_path / "in.png").write_bytes(png_bytes())
+    path = write_jsonl(tmp_path / "m.jsonl", [{"prompt": f"a hut {i}", "image": "in.png"} for i in range(3)])
+    manifest = load_manifest(path)
+    spool = Path(f"/proc/self/fd/{manifest._spool.fd}")  # the validated rows, in an unlinked file
+    assert spool.exists() and spool.readlink().name.endswith("(deleted)")
+    assert [row.request.image for row in manifest.rows] == [png_bytes()] * 3
+    path.write_text("")  # the manifest is not read again: its rows were kept as validated
+    assert [row.request.prompt for row in manifest.rows] == ["a hut 0", "a hut 1", "a hut 2"]
+    (tmp_path / "in.png").write_bytes(png_bytes(color=(1, 2, 3)))
+    with pytest.raises(ManifestError, match=r"in\.png'?: the file changed while the manifest was enqueued"):
+        list(manifest.rows)
+    del manifest
+    gc.collect()
+    assert not spool.exists()

@@ -26,8 +26,11 @@ import json
 import math
 import os
 import re
+import pickle
 import sqlite3
+import tempfile
 import tomllib
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -109,6 +112,7 @@ class RunRow:
     key: str  # stable key of the row within its run
     request: GenerationRequest  # validated; for img2img rows .image holds the bytes
     priority: str | None  # the row's own `priority` column, else None
+    image_path: str | None = None  # the file its image was read from (None: no image, or the defaults')
 
 
 @dataclass(frozen=True)
@@ -119,28 +123,49 @@ class Rejected:
 
 
 class Manifest:
-    """A validated manifest: how many good rows, the first bad ones, and its good rows read again
+    """A validated manifest: how many good rows, the first bad ones, and its good rows read back
     on demand (`for row in manifest.rows`), so that no pass holds the whole file."""
 
     def __init__(self, source: str | None, scan: Callable[[], Iterator[RunRow | Rejected]],
-                 sha256: Callable[[], str | None]):
+                 sha256: Callable[[], str | None], images: Callable[[], _Rows]):
         self.source = source  # the file path as given (None for an inline grid)
         self._scan = scan
+        self._images = images  # what finds a row's input image again
         self.rejects: list[Rejected] = []  # the first KEPT_REJECTS bad rows
         self.reject_count = 0
         count = 0
-        # 1. the first pass: every row validated, nothing kept but counts and the first bad rows
-        for item in scan():
-            if isinstance(item, RunRow):
-                count += 1
-            else:
-                self.reject_count += 1
-                if len(self.rejects) < KEPT_REJECTS:
-                    self.rejects.append(item)
-            if count + self.reject_count > MAX_RUN_ROWS:
-                raise ManifestError(f"{source or 'grid'}: more than {MAX_RUN_ROWS:,} rows, the bound of a run")
+        # 1. the first pass: every row validated; kept, the counts, the first bad rows, and the
+        #    good rows' validated values in a temporary file
+        self._spool = _Spool(source or "grid")
+        try:
+            for item in scan():
+                if isinstance(item, RunRow):
+                    count += 1
+                    self._spool.add(item)
+                else:
+                    self.reject_count += 1
+                    if len(self.rejects) < KEPT_REJECTS:
+                        self.rejects.append(item)
+                if count + self.reject_count > MAX_RUN_ROWS:
+                    raise ManifestError(f"{source or 'grid'}: more than {MAX_RUN_ROWS:,} rows, the bound of a run")
+        finally:
+            self._spool.close()
         self.sha256 = sha256()  # sha256 hex of the file's bytes (of the spec for an inline grid)
         self.rows = _Pass(self, count)
+
+    def _read_back(self) -> Iterator[RunRow]:
+        """The good rows as the first pass validated them, their input images read again (and
+        refused if they changed since)."""
+        images = self._images()
+        try:
+            for line, key, priority, params, image_path, image_sha256 in self._spool:
+                data = None
+                if image_sha256 is not None:
+                    data = images.image_again(image_path, image_sha256)
+                request = GenerationRequest.model_construct(**params, image=data)  # validated in the first pass
+                yield RunRow(line, key, request, priority, image_path)
+        finally:
+            images.close()
 
     def all_rejects(self) -> Iterator[Rejected]:
         """Every bad row, read again where there are more than were kept."""
@@ -163,7 +188,54 @@ class _Pass:
         return self._count
 
     def __iter__(self) -> Iterator[RunRow]:
-        return (item for item in self._manifest._scan() if isinstance(item, RunRow))
+        return self._manifest._read_back()
+
+
+class _Spool:
+    """The first pass's good rows, pickled one after the other to a temporary file: the writer
+    reads them back rather than validating the file again, so that memory stays flat and the
+    second pass costs a read. The file is unlinked as soon as it is made (only its descriptor
+    holds it), so it is gone with the Manifest, or with the process however it ends."""
+
+    def __init__(self, source: str):
+        self.source = source
+        try:
+            fd, path = tempfile.mkstemp(prefix="sdqueue-rows-")
+            os.unlink(path)
+        except OSError as exc:
+            raise ManifestError(f"{source}: no temporary file for its rows ({exc.strerror or exc})") from None
+        self.fd = fd
+        self._close = weakref.finalize(self, os.close, fd)
+        self._file: Any = os.fdopen(os.dup(fd), "wb")
+
+    def add(self, row: RunRow) -> None:
+        image = row.request.image
+        values = (row.line, row.key, row.priority, row.request.parameters(), row.image_path,
+                  hashlib.sha256(image).hexdigest() if image is not None else None)
+        try:
+            pickle.dump(values, self._file, protocol=pickle.HIGHEST_PROTOCOL)
+        except OSError as exc:  # the temporary folder's disk is full
+            raise ManifestError(f"{self.source}: its rows cannot be kept in a temporary file "
+                                f"({exc.strerror or exc})") from None
+
+    def close(self) -> None:
+        """The end of the writing: what was written is read back from the start."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        try:  # an open file of its own, with its own offset: two passes may interleave
+            file = open(f"/proc/self/fd/{self.fd}", "rb")
+        except OSError:  # no /proc: one pass at a time
+            file = os.fdopen(os.dup(self.fd), "rb")
+            file.seek(0)
+        with file:
+            while True:
+                try:
+                    yield pickle.load(file)
+                except EOFError:
+                    return
 
 
 def load_manifest(
@@ -206,7 +278,7 @@ def load_manifest(
             raise ManifestError(f"{path}: the file changed while it was read: nothing after its first "
                                 "pass can be trusted; run the command again")
 
-    return Manifest(str(path), scan, lambda: first[0])
+    return Manifest(str(path), scan, lambda: first[0], lambda: _Rows(path.parent, defaults))
 
 
 def load_grid(
@@ -286,7 +358,7 @@ def load_grid(
         finally:
             rows.close()
 
-    return Manifest(source, scan, lambda: sha256)
+    return Manifest(source, scan, lambda: sha256, lambda: _Rows(base_dir, defaults))
 
 
 def check_depth(value: Any, where: str, bound: int = MAX_DEPTH) -> None:
@@ -422,7 +494,7 @@ class _Rows:
             first = self._keys.first_line(key, line)
             if first != line:
                 return self.reject(line, [f"derived key {key!r} repeats the key of line {first}"], row)
-        return RunRow(line, key, request, priority)
+        return RunRow(line, key, request, priority, str(self.base_dir / image) if isinstance(image, str) else None)
 
     def _explicit_key(self, key: Any, line: int, problems: list[str]) -> str | None:
         if isinstance(key, bool) or not isinstance(key, (str, int)) or not 1 <= len(str(key)) <= MAX_KEY_CHARS:
@@ -442,11 +514,20 @@ class _Rows:
         """The sha256 of the request's parameters (and its image's sha256), cut to 24 hex digits,
         then how many earlier rows had the same: a duplicated row is two jobs, and rows added
         elsewhere leave the others' keys alone."""
-        text = json.dumps(request.parameters(), sort_keys=True, separators=(",", ":"))
+        text = _KEY_JSON.encode(request.parameters())
         if request.image is not None:
             text += "|" + self._check(request.image)
         digest = hashlib.sha256(text.encode()).hexdigest()[:24]
         return f"{digest}-{self._keys.next_count(digest)}"
+
+    def image_again(self, path: str | None, sha256: str) -> bytes:
+        """A row's input image for the writer: read again from `path` (None: the defaults'),
+        refused if it is not the one the first pass checked."""
+        data = self.defaults["image"] if path is None else self._file_image(Path(path))
+        if self._check(data) != sha256:
+            raise ManifestError(f"image={path!r}: the file changed while the manifest was enqueued: run the "
+                                "command again")
+        return data
 
     def _image(self, image: Any) -> bytes:
         """The bytes of a row's image file (a path relative to the manifest's folder), checked."""
@@ -456,7 +537,9 @@ class _Rows:
         if not isinstance(image, str) or not image:
             raise InvalidRequest([f"image={_shown(image)}: must be the path of an image file, "
                                   "relative to the manifest's folder"])
-        path = self.base_dir / image
+        return self._file_image(self.base_dir / image)
+
+    def _file_image(self, path: Path) -> bytes:
         found = _cached(self._images, str(path))
         if found is None:
             try:
@@ -609,6 +692,11 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
+_ROW_JSON = json.JSONDecoder(object_pairs_hook=_no_repeats)
+# What a derived key digests: json.dumps(parameters, sort_keys=True, separators=(",", ":")), made once.
+_KEY_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def _jsonl_rows(path: Path, digest: Any, rows: _Rows) -> Iterator[RunRow | Rejected]:
     for number, offset, data in _lines(path, digest):
         if data is None:
@@ -618,7 +706,7 @@ def _jsonl_rows(path: Path, digest: Any, rows: _Rows) -> Iterator[RunRow | Rejec
         if not text or text.isspace():
             continue
         try:
-            row = json.loads(text, object_pairs_hook=_no_repeats)
+            row = _ROW_JSON.decode(text)
         except json.JSONDecodeError as exc:
             yield rows.reject(number, [f"not a JSON object: {exc.msg} at column {exc.colno}"], {"text": _cut(text)})
             continue
