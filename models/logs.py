@@ -3,10 +3,11 @@ with SDQUEUE_LOG_FORMAT=json one JSON object a line, for a log shipper:
 
     {"time": "2025-01-31T12:00:00.123Z", "level": "INFO", "logger": "worker.engine",
      "message": "job 5f0c...: claim 1 recorded 2 image(s)", "process": "MainProcess",
-     "thread": "sdqueue-cpu_0", "job_id": "5f0c...", "run": "a1b2...", "batch_id": "9e8d..."}
+     "thread": "sdqueue-cpu_0", "job_id": "5f0c...", "run": "a1b2...", "run_name": "cats-2025-01-31",
+     "batch_id": "9e8d..."}
 
-`job_id`, `run` (the run's id) and `batch_id` are there when the line is about one: given at the
-log call (`log.info(..., extra=about(job_id, run, batch_id))`) or by `job_context(...)` around the
+`job_id`, `run` (the run's id), `run_name` and `batch_id` are there when the line is about one: given
+at the log call (`log.info(..., extra=about(job_id, run, batch_id, run_name=...))`) or by `job_context(...)` around the
 code that works on a job in one thread (a contextvar: each thread sees its own). An exception's
 traceback is the `exc` field. Celery's and uvicorn's own loggers, and Python's warnings, go
 through the same handler.
@@ -14,9 +15,11 @@ through the same handler.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timezone
@@ -27,22 +30,24 @@ from models.errors import ConfigError
 from models.settings import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-ID_FIELDS = ("job_id", "run", "batch_id")
+ID_FIELDS = ("job_id", "run", "run_name", "batch_id")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 _ids: ContextVar[dict[str, str]] = ContextVar("sdqueue_log_ids", default={})  # never mutated: replaced
 
 
-def about(job_id: str | None = None, run: str | None = None, batch_id: str | None = None) -> dict[str, str]:
-    """The ids a log line is about, for `extra=`; those not known are left out."""
-    given = {"job_id": job_id, "run": run, "batch_id": batch_id}
+def about(job_id: str | None = None, run: str | None = None, batch_id: str | None = None, *,
+          run_name: str | None = None) -> dict[str, str]:
+    """The ids a log line is about (and its run's name), for `extra=`; those not known are left out."""
+    given = {"job_id": job_id, "run": run, "run_name": run_name, "batch_id": batch_id}
     return {name: value for name, value in given.items() if value is not None}
 
 
 @contextmanager
-def job_context(job_id: str | None = None, run: str | None = None, batch_id: str | None = None) -> Iterator[None]:
+def job_context(job_id: str | None = None, run: str | None = None, batch_id: str | None = None, *,
+                run_name: str | None = None) -> Iterator[None]:
     """Every line logged in this thread (or task) until the block ends is about these ids."""
-    token = _ids.set({**_ids.get(), **about(job_id, run, batch_id)})
+    token = _ids.set({**_ids.get(), **about(job_id, run, batch_id, run_name=run_name)})
     try:
         yield
     finally:
@@ -98,8 +103,57 @@ def level_number(level: str | int) -> int:
     return int(logging.getLevelName(level.upper()))
 
 
+class LineLogger(io.TextIOBase):
+    """A text stream (sys.stdout, sys.stderr) whose every complete line becomes a log record of
+    `logger`: a print() or a library writing on stderr still makes JSON lines. What a handler
+    writes while it logs a line (its own error report) goes to `real`, not round again."""
+
+    def __init__(self, logger: str, level: int, real: IO[str]):
+        super().__init__()
+        self.logger, self.level, self.real = logging.getLogger(logger), level, real
+        self._partial = threading.local()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.real, "encoding", None) or "utf-8"
+
+    def write(self, text: str) -> int:
+        if getattr(self._partial, "busy", False):
+            return self.real.write(text)
+        *lines, rest = (getattr(self._partial, "text", "") + text).split("\n")
+        self._partial.text = rest
+        self._partial.busy = True
+        try:
+            for line in lines:
+                if line.strip():
+                    self.logger.log(self.level, line.rstrip())
+        finally:
+            self._partial.busy = False
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:  # for code that asks (faulthandler, subprocesses): the real stream's
+        return self.real.fileno()
+
+
+def redirect_std_streams() -> None:
+    """sys.stdout and sys.stderr as log lines (loggers `stdout`, `stderr`), for a process whose
+    every output line must be JSON; the log handler keeps writing on the real stderr."""
+    if not isinstance(sys.stdout, LineLogger):
+        sys.stdout = LineLogger("stdout", logging.INFO, sys.stdout)
+    if not isinstance(sys.stderr, LineLogger):
+        sys.stderr = LineLogger("stderr", logging.WARNING, sys.stderr)
+
+
 def make_handler(log_format: str, stream: IO[str] | None = None, text_format: str = TEXT_FORMAT) -> logging.Handler:
-    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    if stream is None:
+        stream = sys.stderr.real if isinstance(sys.stderr, LineLogger) else sys.stderr
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(text_format))
     handler.addFilter(ContextFilter())
     return handler

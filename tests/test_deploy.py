@@ -69,6 +69,8 @@ def test_compose_services_wiring():
     for name in ("api", "beat", "webhooks", "worker", "worker-cpu"):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully", name
     assert services["migrate"]["command"] == ["sdqueue", "db", "upgrade"]
+    for name in ("worker", "worker-cpu"):  # Prometheus scrapes them from its own container
+        assert services[name]["environment"]["SDQUEUE_METRICS_HOST"] == "0.0.0.0", name
 
 
 # ---------------------------------------------------------------- kubernetes
@@ -137,6 +139,8 @@ def test_manifests_hang_together(rendered):
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["lifecycle"]["preStop"]
     assert worker["template"]["spec"]["terminationGracePeriodSeconds"] >= 600
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env["SDQUEUE_METRICS_HOST"] == "0.0.0.0"  # scraped at the pod's IP (a worker's default is loopback)
     beat = deployments["sdqueue-beat"]["spec"]
     assert beat["replicas"] == 1 and beat["strategy"]["type"] == "Recreate"
     assert by_kind["HorizontalPodAutoscaler"]["sdqueue-api"]["apiVersion"] == "autoscaling/v2"

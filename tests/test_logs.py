@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -90,6 +91,8 @@ def test_json_lines_name_the_job_run_and_batch(settings, client, worker, capture
         assert len(recorded) == 1, entries
         assert recorded[0]["level"] == "INFO" and recorded[0]["logger"] == "worker.engine"
         assert recorded[0].get("run") == run
+        assert recorded[0].get("run_name") == (name if run else None)  # the run by its name too
+        assert (f"(run {name})" in recorded[0]["message"]) == bool(run)
         assert recorded[0]["batch_id"] == record["images"][0]["batch_id"]
     # (Celery's own lines are checked in a worker process: this test worker decided at its start,
     # at level ERROR, not to log a task's receipt and end.)
@@ -139,8 +142,27 @@ def test_a_bad_format_or_level_is_refused(settings_env, monkeypatch, capsys):
         configure_logging(load_settings(), "LOUD", stream=io.StringIO())
 
 
+def test_print_and_stderr_writes_become_json_lines(settings, captured):
+    from models.logs import LineLogger, redirect_std_streams
+
+    stream = captured(settings.model_copy(update={"log_format": "json"}))
+    saved = sys.stdout, sys.stderr
+    try:
+        redirect_std_streams()
+        print("a banner", "in two", "parts")
+        sys.stderr.write("a library's own line\nand half ")
+        sys.stderr.write("a line\n")
+        assert isinstance(sys.stdout, LineLogger) and sys.stdout.real is saved[0]
+    finally:
+        sys.stdout, sys.stderr = saved
+    lines = [(e["logger"], e["level"], e["message"]) for e in parse_lines(stream.getvalue())]
+    assert lines == [("stdout", "INFO", "a banner in two parts"), ("stderr", "WARNING", "a library's own line"),
+                     ("stderr", "WARNING", "and half a line")]
+
+
 def test_worker_process_logs_json_lines(settings_env, client, tmp_path):
     # `sdqueue worker` as an operator runs it: Celery's lines and ours, each a JSON object on stderr
+    # and stdout, from the first (torch's threads) to the last (Celery's shutdown notice)
     env = {**os.environ, "SDQUEUE_LOG_FORMAT": "json", "SDQUEUE_METRICS_PORT": "0"}
     stderr = tmp_path / "worker.err"
     with open(stderr, "wb") as err, open(tmp_path / "worker.out", "wb") as out:
@@ -162,6 +184,13 @@ def test_worker_process_logs_json_lines(settings_env, client, tmp_path):
     assert any("ready" in e["message"] for e in entries if e["logger"].startswith("celery."))
     assert "RANDOM weights" in stderr.read_text()  # the tiny model's warning, as JSON too
     assert "celery@" not in (tmp_path / "worker.out").read_text()  # no banner
+    assert not parse_lines((tmp_path / "worker.out").read_text())  # JSON lines, if any: none are written there
+    cores = len(os.sched_getaffinity(0))
+    assert f"torch threads: {cores} ({cores} usable cores / 1 worker(s) on this host" in entries[0]["message"]
+    assert any(e["message"] == "worker: Warm shutdown (MainProcess)" for e in entries)  # Celery's, on stdout before
+    # the Celery node name is the worker process's own: host and pid
+    assert any(e["message"] == f"sdqueue-{settings_env['SDQUEUE_QUEUE']}-{worker.pid}@{socket.gethostname()} ready."
+               for e in entries)
 
 
 def test_api_process_logs_json_lines(settings_env, tmp_path):

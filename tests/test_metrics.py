@@ -190,6 +190,19 @@ def test_a_taken_metrics_port_moves_to_the_next_and_0_is_off(settings):
             metrics.stop(server)
 
 
+def test_metrics_listen_on_loopback_unless_told(settings):
+    from worker import metrics
+
+    assert settings.metrics_host == "127.0.0.1"  # the default: not every interface
+    for host in ("127.0.0.1", "0.0.0.0"):  # the deploy manifests set 0.0.0.0 for Prometheus
+        server = metrics.serve(settings.model_copy(update={"metrics_port": free_port(), "metrics_host": host}), None)
+        try:
+            assert server is not None and server.server.server_address[0] == host
+            assert "python_info" in httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=30).text
+        finally:
+            metrics.stop(server)
+
+
 def test_cuda_memory_and_utilisation_are_read_at_scrape_time(monkeypatch):
     # no GPU here: torch.cuda's readings stand in, as a CUDA worker's collector reads them
     from types import SimpleNamespace

@@ -207,3 +207,23 @@ def test_a_prepared_input_is_the_same_every_time_and_a_plain_one_is_unchanged(pn
         expected = img.convert("RGB").resize((256, 256), Image.Resampling.LANCZOS)
     prepared = prepare_input_image(plain, 256, 256)
     assert np.array_equal(np.asarray(prepared), np.asarray(expected)) and input_orientation(prepared) == 1
+
+
+def test_torch_threads_are_the_cores_shared_by_the_workers_of_the_host(monkeypatch):
+    import os
+
+    import torch
+
+    from worker.pipeline import auto_torch_threads, pin_torch_threads
+
+    # automatic (SDQUEUE_TORCH_THREADS=0): usable cores // SDQUEUE_WORKERS_PER_HOST, at least 1
+    assert [auto_torch_threads(c, w) for c, w in ((2, 1), (2, 2), (8, 3), (1, 4), (16, 16))] == [2, 1, 2, 1, 1]
+    before = torch.get_num_threads()
+    try:
+        assert pin_torch_threads(1, 1, "cpu") == torch.get_num_threads() == 1
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})  # a cpuset of 6 cores
+        assert pin_torch_threads(0, 4, "cpu") == torch.get_num_threads() == 1
+        assert pin_torch_threads(0, 2, "cpu") == torch.get_num_threads() == 3
+        assert pin_torch_threads(5, 2, "cuda") == torch.get_num_threads() == 3  # CUDA: left as torch has it
+    finally:
+        torch.set_num_threads(before)

@@ -20,8 +20,9 @@ def sdqueue(*args: str) -> subprocess.CompletedProcess:
 
 def test_worker_process_serves_cli_jobs(settings_env, tmp_path):
     log = open(tmp_path / "worker.log", "wb")
+    env = {**os.environ, "SDQUEUE_TORCH_THREADS": "1"}
     worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO"],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         ids = []
         for args in (["--num-images", "2", "--seed", "100"], ["--use-compel", "--prompt", "a (blue)++ house"]):
@@ -43,6 +44,7 @@ def test_worker_process_serves_cli_jobs(settings_env, tmp_path):
         log.close()
     text = (tmp_path / "worker.log").read_text()
     assert "RANDOM weights" in text  # the tiny model never runs unannounced
+    assert "torch threads: 1 (SDQUEUE_TORCH_THREADS=1)" in text  # set before the model loaded
 
 
 def test_worker_refuses_memory_broker_and_unbuilt_model(settings_env, tmp_path):

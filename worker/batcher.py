@@ -12,6 +12,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
+from models.logs import about
 from models.tables import Priority
 from worker.batch import CompatKey, Sample
 
@@ -36,7 +37,8 @@ class Work:
     lease: Any = None  # models.jobs.Lease of the claim that holds the job
     seed: int = 0
     input_key: str | None = None
-    run_id: str | None = None  # the run it belongs to, for the logs
+    run_id: str | None = None  # the run it belongs to, and its name, for the logs
+    run_name: str | None = None
     # Its worker died while it shared the GPU: it runs with the other suspects of its group
     # (`suspect_group`) and nothing else in the process, so that if it is what kills workers it
     # is found without charging its batch mates (each death of a group splits it in halves).
@@ -45,6 +47,15 @@ class Work:
     # A continuous loop it was in failed: it runs in a loop of its own (no database mark), so that
     # only the job that fails again is charged.
     isolated: bool = False
+
+    @property
+    def label(self) -> str:
+        """The job as a log line's text names it: with its run's name when it is in one."""
+        return f"job {self.job_id} (run {self.run_name})" if self.run_name else f"job {self.job_id}"
+
+    def about(self, batch_id: str | None = None) -> dict[str, str]:
+        """What a log line about this job names (models/logs.py): the job, its run, the batch."""
+        return about(self.job_id, self.run_id, batch_id, run_name=self.run_name)
 
     @property
     def suspects(self) -> str | None:

@@ -276,7 +276,7 @@ class Engine:
         if work.future.done():
             return
         metrics.ended(outcome)
-        log.debug("job %s: %s", work.job_id, outcome, extra=about(work.job_id, work.run_id))
+        log.debug("job %s: %s", work.job_id, outcome, extra=work.about())
         if outcome in STATE_AFTER:
             self.announce(work.job_id, STATE_AFTER[outcome])
         work.future.set_result(outcome)
@@ -432,7 +432,7 @@ class Engine:
         try:
             ready = self.loops.admit(work)
         except Exception as exc:  # e.g. an input image the loop cannot take: this job alone
-            log.exception("job %s could not join its loop", work.job_id, extra=about(work.job_id, work.run_id))
+            log.exception("job %s could not join its loop", work.job_id, extra=work.about())
             self._cpu.submit(self._charge, work, exc)  # or, a fault of this host: given back
             return
         if ready is not None:  # img2img of strength 0: its input is its image
@@ -453,7 +453,7 @@ class Engine:
             return
         work = failure.members[0].work
         log.error("job %s failed in its loop: %s", work.job_id, failure, exc_info=failure.cause,
-                  extra=about(work.job_id, work.run_id))
+                  extra=work.about())
         self._cpu.submit(self._charge, work, failure.cause)
 
     def _finished(self, finished: list[Finished]) -> None:
@@ -552,7 +552,7 @@ class Engine:
                     else:
                         self._run([work])
                 return
-            log.exception("job %s failed in its batch", batch[0].job_id, extra=about(batch[0].job_id, batch[0].run_id))
+            log.exception("job %s failed in its batch", batch[0].job_id, extra=batch[0].about())
             self._cpu.submit(self._charge, batch[0], exc)
             return
         finally:
@@ -583,7 +583,7 @@ class Engine:
                     try:  # LeaseLost comes before any change: the transaction carries on
                         jobs.running_alone(session, work.lease, alone)
                     except jobs.LeaseLost as exc:
-                        log.info("job %s: %s", work.job_id, exc, extra=about(work.job_id, work.run_id))
+                        log.info("job %s: %s", work.job_id, exc, extra=work.about())
                         gone.append(work)
 
         try:
@@ -653,14 +653,14 @@ class Engine:
         try:
             action()
         except jobs.LeaseLost as exc:
-            log.info("%s", exc, extra=about(work.job_id, work.run_id))
+            log.info("%s", exc, extra=work.about())
             self.settle(work, "lost")
         except OutageTooLong as exc:
             log.error("job %s: %s; its lease will lapse and the sweeper gives it to another worker", work.job_id, exc,
-                      extra=about(work.job_id, work.run_id))
+                      extra=work.about())
             self.settle(work, "released")
         except Exception as exc:
-            log.exception("job %s: recording it failed", work.job_id, extra=about(work.job_id, work.run_id))
+            log.exception("job %s: recording it failed", work.job_id, extra=work.about())
             self._charge(work, exc)
 
     def _store(self, work: Work, batch: Batch, first: int, results: list[Any],
@@ -703,7 +703,7 @@ class Engine:
             except StorageError as exc:
                 assert self.spool is not None, exc
                 log.warning("job %s: %s; spooling its images", work.job_id, exc,
-                            extra=about(work.job_id, work.run_id, batch.id))
+                            extra=work.about(batch.id))
                 try:
                     self.spool.add(lease, objects[done:],
                                    lambda stored: self._on_pool(self._unspooled, work, rows, stored))
@@ -711,7 +711,7 @@ class Engine:
                     # The host's disk, not the job: back to the queue uncharged; the spool starts
                     # no batch until space returns (what it wrote of this job is deleted).
                     log.error("job %s: %s; given back uncharged", work.job_id, full,
-                              extra=about(work.job_id, work.run_id, batch.id))
+                              extra=work.about(batch.id))
                     self._give_back([work], timeout=10)
                 return
         self._record(work, rows)
@@ -729,13 +729,13 @@ class Engine:
         metrics.IMAGES.inc(len(rows))
         with self._lock:
             self.images_done += len(rows)
-        log.info("job %s: claim %d recorded %d image(s)", work.job_id, work.lease.token, len(rows),
-                 extra=about(work.job_id, work.run_id, rows[0].batch_id if rows else None))
+        log.info("%s: claim %d recorded %d image(s)", work.label, work.lease.token, len(rows),
+                 extra=work.about(rows[0].batch_id if rows else None))
         self.health.succeeded()
         self.settle(work, "succeeded")
 
     def _fail(self, work: Work, error: JobError) -> None:
-        log.warning("job %s failed: %s", work.job_id, error, extra=about(work.job_id, work.run_id))
+        log.warning("%s failed: %s", work.label, error, extra=work.about())
 
         def record_failure() -> None:
             self._outage(lambda: self._in_session(jobs.fail, work.lease, str(error)), f"job {work.job_id}: failing it")
@@ -777,8 +777,8 @@ class Engine:
                 self.settle(work, "released")
                 return
         metrics.failed(exc)
-        log.warning("job %s: a failed attempt charged (%s); %s", work.job_id, error.splitlines()[0],
-                    "queued again" if again else "that was its last: dead-lettered", extra=about(work.job_id, work.run_id))
+        log.warning("%s: a failed attempt charged (%s); %s", work.label, error.splitlines()[0],
+                    "queued again" if again else "that was its last: dead-lettered", extra=work.about())
         self.settle(work, "retry" if again else "dead-lettered")
         if again:  # after settling: the next delivery may come back to this worker
             self._send_back([work])

@@ -21,11 +21,17 @@ from celery.signals import setup_logging, worker_ready, worker_shutdown
 from models.constants import worker_queues
 from models.db import Database
 from models.errors import ConfigError
-from models.logs import configure_logging
+from models.logs import configure_logging, redirect_std_streams
 from models.settings import Settings
 from worker.app import configure
 
 log = logging.getLogger("worker")
+
+
+def node_name(settings: Settings) -> str:
+    """The Celery node name (Flower, `celery inspect`): unique per worker process, host and pid,
+    so that two workers on one host are two nodes."""
+    return f"sdqueue-{settings.queue}-{os.getpid()}@{socket.gethostname()}"
 
 
 def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
@@ -33,6 +39,8 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
     # A receiver of this signal tells Celery to set up no logging of its own: its lines go through
     # the root handler above, as JSON with SDQUEUE_LOG_FORMAT=json.
     setup_logging.connect(lambda **_: None, weak=False)
+    if settings.log_format == "json":
+        json_lines_only()
     if settings.in_process_broker:
         raise ConfigError(
             "SDQUEUE_BROKER_URL is memory:// (in-process): a worker needs a real broker, "
@@ -61,7 +69,7 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
             warnings.filterwarnings("ignore", message="\nIn Celery 5.1 we introduced an optional breaking change")
 
     worker = Worker(
-        hostname=f"sdqueue-{settings.queue}@{socket.gethostname()}",
+        hostname=node_name(settings),
         # One process per GPU; its threads each hold one job, and the engine batches them.
         pool_cls="threads",
         concurrency=settings.worker_slots,
@@ -73,6 +81,18 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
     )
     worker.start()
     return int(worker.exitcode or 0)
+
+
+def json_lines_only() -> None:
+    """SDQUEUE_LOG_FORMAT=json: nothing but JSON lines on stdout and stderr. What still writes there
+    directly (print(), a library's own stderr handler, a thread's traceback) becomes log lines, and
+    Celery's shutdown notices, which it writes on the raw stdout from its signal handlers, become
+    lines of its logger."""
+    import celery.apps.worker
+
+    redirect_std_streams()
+    said = logging.getLogger("celery.apps.worker")
+    celery.apps.worker.safe_say = lambda msg, f=None: said.warning("%s", msg.strip())  # type: ignore[attr-defined]
 
 
 def control_consuming(engine: Any, consumer: Any, queues: list[str]) -> None:

@@ -1,5 +1,5 @@
 """A worker process's Prometheus metrics (names and help: models/metrics.py), served over HTTP on
-SDQUEUE_METRICS_PORT by `serve`, which WorkerContext.open calls.
+SDQUEUE_METRICS_HOST:SDQUEUE_METRICS_PORT (loopback unless told otherwise) by `serve`, which WorkerContext.open calls.
 
 The engine and the task threads record through the functions below (a lock and an add each: cheap
 enough for the GPU thread between steps). What is read rather than counted (jobs held, CUDA
@@ -135,21 +135,22 @@ class MetricsServer:
 
 
 def serve(settings: Settings, engine: Any) -> MetricsServer | None:
-    """Serve this process's metrics on SDQUEUE_METRICS_PORT, or the next free port of PORT_TRIES;
-    None when it is 0 or no port is free (the worker runs on without metrics)."""
+    """Serve this process's metrics on SDQUEUE_METRICS_HOST at SDQUEUE_METRICS_PORT, or the next free
+    port of PORT_TRIES; None when it is 0 or no port is free (the worker runs on without metrics)."""
     COLLECTOR.engine = engine
     first = settings.metrics_port
     if first == 0:
         return None
     for port in range(first, min(first + PORT_TRIES, 65536)):
         try:
-            server, thread = start_http_server(port)
+            server, thread = start_http_server(port, addr=settings.metrics_host)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 continue
-            log.warning("metrics cannot be served on port %d (%s): none are served", port, exc)
+            log.warning("metrics cannot be served on %s port %d (%s): none are served", settings.metrics_host, port, exc)
             return None
-        (log.info if port == first else log.warning)("metrics served on port %d at /metrics", port)
+        (log.info if port == first else log.warning)("metrics served on %s port %d at /metrics",
+                                                      settings.metrics_host, port)
         return MetricsServer(server, thread, port)
     log.warning("ports %d to %d are all taken: this worker serves no metrics", first, port)
     return None

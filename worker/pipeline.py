@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,38 @@ def pick_device(setting: str) -> str:
     return setting
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's cpuset, `taskset`)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_torch_threads(cores: int, workers_per_host: int) -> int:
+    """SDQUEUE_TORCH_THREADS=0: the usable cores shared evenly by the host's workers, at least 1."""
+    return max(1, cores // max(1, workers_per_host))
+
+
+def pin_torch_threads(setting: int, workers_per_host: int, device: str) -> int:
+    """Set torch's intra-op threads for a worker on `device`, before its first model call, and log
+    why once. Threads beyond the cores a process gets make every worker of the host slower: two
+    workers of 2 threads each on 2 cores ran about 5x slower than with 1 each. On CUDA the GPU
+    does the work: torch's default is kept."""
+    if device.startswith("cuda"):
+        why = f"torch's default on {device}"
+    elif setting > 0:
+        torch.set_num_threads(setting)
+        why = f"SDQUEUE_TORCH_THREADS={setting}"
+    else:
+        cores = usable_cores()
+        torch.set_num_threads(auto_torch_threads(cores, workers_per_host))
+        why = f"{cores} usable cores / {workers_per_host} worker(s) on this host, SDQUEUE_WORKERS_PER_HOST"
+    threads = torch.get_num_threads()
+    log.info("torch threads: %d (%s)", threads, why)
+    return threads
+
+
 def locate_weights(spec: ModelSpec) -> tuple[str, str | None]:
     """The local folder holding `spec`'s weights, downloading hub weights once; and their revision."""
     if spec.local_dir is not None:
@@ -85,11 +118,21 @@ def locate_weights(spec: ModelSpec) -> tuple[str, str | None]:
 
 
 def quiet_libraries() -> None:
-    """No progress bars from diffusers/transformers in a worker's log."""
+    """No progress bars from diffusers/transformers in a worker's log, and their log lines through
+    the worker's own handler (each library writes bare text on stderr with a handler of its own
+    otherwise: not JSON with SDQUEUE_LOG_FORMAT=json)."""
+    import huggingface_hub
     import transformers
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+    hub = logging.getLogger(huggingface_hub.__name__)  # huggingface_hub has no disable_default_handler
+    for handler in [h for h in hub.handlers if type(h) is logging.StreamHandler]:
+        hub.removeHandler(handler)
+    hub.propagate = True
 
 
 def load_model(spec: ModelSpec, device: str = "auto") -> LoadedModel:

@@ -23,6 +23,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject
+from sqlalchemy import select
 
 from models import jobs
 from models.constants import GENERATE_TASK
@@ -34,7 +35,7 @@ from models.registry import resolve_model
 from models.settings import Settings
 from models.storage import Storage, open_storage
 from models.sweep import Sweeper
-from models.tables import JobState
+from models.tables import JobState, Run
 from models.workers import healthy_workers, live_worker_names
 from worker import metrics
 from worker.app import app
@@ -60,11 +61,13 @@ class WorkerContext:
     @classmethod
     def open(cls, settings: Settings) -> WorkerContext:
         from worker.engine import Engine, default_pixel_budget
-        from worker.pipeline import load_model
+        from worker.pipeline import load_model, pick_device, pin_torch_threads
 
         db = Database(settings.database_url)
         storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-        model = load_model(resolve_model(settings.model, settings.data_dir), settings.device)
+        device = pick_device(settings.device)
+        pin_torch_threads(settings.torch_threads, settings.workers_per_host, device)  # before the first model call
+        model = load_model(resolve_model(settings.model, settings.data_dir), device)
         engine = Engine(
             model, db, storage, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
             pixel_budget=settings.pixel_budget or default_pixel_budget(model.device),
@@ -214,9 +217,10 @@ def _claim(ctx: WorkerContext, job_id: str) -> Work | str:
         if job.attempts == 1:  # time in queue: to its first claim
             metrics.claimed(jobs.aware(job.created_at), jobs.aware(job.started_at))
         params = dict(job.params)
+        run_name = session.scalar(select(Run.name).where(Run.id == job.run_id)) if job.run_id else None
         return Work(
             job_id, compat_key(params, img2img=job.input_key is not None), [], job.created_at.timestamp(),
             priority=job.priority, params=params, input_sha256=job.input_sha256, lease=jobs.lease_of(job),
             alone=job.suspect, suspect_group=job.suspect_group, seed=job.seed, input_key=job.input_key,
-            run_id=job.run_id,
+            run_id=job.run_id, run_name=run_name,
         )
