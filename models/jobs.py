@@ -93,7 +93,8 @@ def transition(job: Job, wanted: JobState) -> None:
     job.state = wanted.value
     if wanted.terminal:
         now = job.finished_at = utcnow()
-        if job.webhook_url is not None and job.webhook is None:  # a job ends once: one delivery
+        if job.webhook_url is not None and job.webhook is None and (  # a job ends once: one delivery
+                job.webhook_events is None or wanted.value in job.webhook_events):  # ... if it asked for this end
             # Assigned through the relationship, it joins the job's session (object_session(job)).
             job.webhook = WebhookDelivery(job_id=job.id, url=job.webhook_url, next_attempt_at=now, created_at=now)
     if wanted is not JobState.RUNNING:
@@ -372,8 +373,9 @@ def cancel(session: Session, job_id: str, *, reason: str | None = None) -> Job:
 def job_record(job: Job, *, locate: Any = None) -> dict[str, Any]:
     """The whole record of a job as plain data (status --json, the Python client, the HTTP API).
 
-    "webhook" is None for a job without a webhook_url; else where its end is POSTed and how that
-    went: state None until the job ends, then pending, delivered or failed, with every try.
+    "webhook" is None for a job without a webhook_url; else where its end is POSTed, which ends
+    are (`events`), and how that went: state None until the job ends (and after an end not asked
+    for), then pending, delivered or failed, with every try.
     """
 
     def when(value: Any) -> str | None:
@@ -383,11 +385,13 @@ def job_record(job: Job, *, locate: Any = None) -> dict[str, Any]:
         if job.webhook_url is None:
             return None
         delivery = job.webhook
+        events = job.webhook_events or [state.value for state in JobState if state.terminal]
         if delivery is None:
-            return {"url": job.webhook_url, "state": None, "attempts": 0, "next_attempt_at": None,
+            return {"url": job.webhook_url, "events": events, "state": None, "attempts": 0, "next_attempt_at": None,
                     "finished_at": None, "tries": []}
         return {
             "url": delivery.url,
+            "events": events,
             "state": delivery.state,
             "attempts": delivery.attempts,
             "next_attempt_at": when(delivery.next_attempt_at) if delivery.state == "pending" else None,

@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     webhook_retry_seconds: float = Field(default=3600, gt=0)
     webhook_timeout: float = Field(default=10, gt=0)
     webhook_allow_private: bool = False
+    # Private receivers allowed all the same, while every other private address stays refused:
+    # "10.1.0.0/16,hooks.internal,...", networks (CIDR or one address) and host names (exact).
+    webhook_allow: str = ""
+    # How long the presigned URL of each image in a webhook's body stays valid (S3 allows 7 days).
+    webhook_url_seconds: int = Field(default=3600, gt=0, le=7 * 24 * 3600)
     # Workers publish a job's denoising progress at most this often (seconds), through Redis.
     progress_interval: float = Field(default=0.25, gt=0)
     # Workers publish their status (what they run, images/s) this often, for `sdqueue top`; a
@@ -121,6 +126,13 @@ class Settings(BaseSettings):
     # Each worker serves Prometheus metrics over HTTP here (0: none). When the port is taken (several
     # workers on one host) it takes the next free one of the 16 from it, and logs which.
     metrics_port: int = Field(default=9300, ge=0, le=65535)
+    # The address that metrics server listens on: loopback unless a scraper elsewhere needs it
+    # (the deploy manifests set 0.0.0.0).
+    metrics_host: str = "127.0.0.1"
+    # torch's intra-op threads of a CPU worker (0: automatic, the host's usable cores divided
+    # among its workers_per_host sdqueue workers, at least 1). CUDA workers keep torch's default.
+    torch_threads: int = Field(default=0, ge=0, le=1024)
+    workers_per_host: int = Field(default=1, ge=1, le=1024)
     # How the long-running commands log (worker, api, webhooks, beat, sweep, run): "text" lines, or
     # "json", one object a line with the job, run and batch ids it is about (models/logs.py).
     log_format: Literal["text", "json"] = "text"
@@ -173,6 +185,28 @@ class Settings(BaseSettings):
         if parsed.scheme == "s3" and not parsed.netloc:
             raise ValueError(f"SDQUEUE_STORAGE_URL={value!r}: s3:// needs a bucket, e.g. s3://images/sdqueue")
         return value
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _check_webhook_allow(cls, value: str) -> str:
+        import ipaddress
+
+        for entry in filter(None, (part.strip() for part in value.split(","))):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+                continue
+            except ValueError:
+                pass
+            labels = entry.rstrip(".").split(".")
+            if not all(0 < len(label) <= 63 and label.isascii() and label.replace("-", "").replace("_", "").isalnum()
+                       for label in labels):
+                raise ValueError(f"SDQUEUE_WEBHOOK_ALLOW={value!r}: {entry!r} is neither a network "
+                                 "(10.0.0.0/8, fd00::/8, 10.1.2.3) nor a host name")
+        return value
+
+    @property
+    def webhook_allow_list(self) -> tuple[str, ...]:
+        return tuple(part.strip() for part in self.webhook_allow.split(",") if part.strip())
 
     @field_validator("api_auth")
     @classmethod

@@ -154,6 +154,8 @@ class Job(Base):
     # The API key that submitted it (None: the CLI, the client, a run), and where its end is POSTed.
     api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), default=None, index=True)
     webhook_url: Mapped[str | None] = mapped_column(String(2048), default=None)
+    # The ends that are POSTed there (of succeeded, failed, cancelled); None: every end.
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -23,7 +23,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 from sqlalchemy import select, update
@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from models.errors import InvalidRequest
 from models.jobs import aware, job_record
-from models.tables import ApiKey, Job, WebhookAttempt, WebhookDelivery, utcnow
+from models.tables import ApiKey, Job, JobState, WebhookAttempt, WebhookDelivery, utcnow
 
 SIGNATURE_HEADER = "X-Sdqueue-Signature"
 DELIVERY_HEADER = "X-Sdqueue-Delivery"
@@ -46,6 +46,8 @@ MAX_BACKOFF = 600.0
 GONE = 410
 # Deliveries taken per transaction of a scan.
 TAKE_BATCH = 100
+# The ends of a job a webhook may be asked for (`webhook_events`); every one unless it says.
+EVENTS = tuple(state.value for state in JobState if state.terminal)
 
 
 # 1. signatures (Stripe's scheme): t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>." + body>
@@ -80,14 +82,52 @@ def verify(secret: str, body: bytes, header: str, *, tolerance: float = 300, now
 # 2. URL rules: checked when a job is submitted and again before each POST (DNS can change)
 
 
-def check_webhook_url(url: str, *, allow_private: bool) -> str:
+def check_webhook_url(url: str, *, allow_private: bool, allow: Iterable[str] = ()) -> str:
     """The URL, if a webhook may be POSTed there: http or https, a host, at most 2048 characters, and
-    a host that resolves only to public addresses (unless `allow_private`). Raises InvalidRequest."""
-    webhook_addresses(url, allow_private=allow_private)
+    a host that resolves only to public addresses, unless `allow_private` (any address) or the host
+    or each address it resolves to is in `allow` (SDQUEUE_WEBHOOK_ALLOW: networks and host names).
+    Raises InvalidRequest."""
+    webhook_addresses(url, allow_private=allow_private, allow=allow)
     return url
 
 
-def webhook_addresses(url: str, *, allow_private: bool) -> list[str]:
+def check_webhook_events(value: Any) -> list[str] | None:
+    """The ends a webhook is POSTed for: a list of EVENTS (or, from a form, one text of them
+    comma-separated), in EVENTS' order; None (every end) when not given. Raises InvalidRequest."""
+    if value is None:
+        return None
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
+        raise InvalidRequest([f"webhook_events={repr(value)[:60]}: must be a list of one or more of "
+                              f"{', '.join(EVENTS)}"])
+    unknown = [name for name in names if name.strip() not in EVENTS]
+    if unknown:
+        raise InvalidRequest([f"webhook_events={repr(value)[:60]}: {repr(unknown[0])[:40]} is not one of "
+                              f"{', '.join(EVENTS)}"])
+    wanted = {name.strip() for name in names}
+    return [event for event in EVENTS if event in wanted]
+
+
+def allowed(host: str, address: str, allow: Iterable[str]) -> bool:
+    """Whether SDQUEUE_WEBHOOK_ALLOW's entries let a webhook reach `address`, which `host` resolved
+    to: an entry naming the host (exactly, case aside), or a network holding the address."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    name = host.rstrip(".").lower()
+    for entry in allow:
+        try:
+            if ip in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:  # a host name
+            if entry.rstrip(".").lower() == name:
+                return True
+        except TypeError:  # a network of the other IP version
+            pass
+    return False
+
+
+def webhook_addresses(url: str, *, allow_private: bool, allow: Iterable[str] = ()) -> list[str]:
     """The addresses the URL's host resolves to, all of them allowed (raises InvalidRequest). The
     deliverer connects to the first one, so that a name resolving elsewhere by the time of the
     POST (DNS rebinding) cannot lead it to an address that was not checked."""
@@ -115,11 +155,12 @@ def webhook_addresses(url: str, *, allow_private: bool) -> list[str]:
     if not addresses:
         raise InvalidRequest([f"{where}: host {host!r} does not resolve"])
     if not allow_private:
+        allow = tuple(allow)
         for address in addresses:
             kind = _not_public(address)
-            if kind:
-                raise InvalidRequest([f"{where}: resolves to {address}, {kind}; "
-                                      "set SDQUEUE_WEBHOOK_ALLOW_PRIVATE=true to allow it"])
+            if kind and not allowed(host, address, allow):
+                raise InvalidRequest([f"{where}: resolves to {address}, {kind}; add it (or its host or network) to "
+                                      "SDQUEUE_WEBHOOK_ALLOW, or set SDQUEUE_WEBHOOK_ALLOW_PRIVATE=true to allow it"])
     return addresses
 
 
@@ -192,7 +233,8 @@ class Outcome:
 
 
 def start_attempt(session: Session, delivery_id: int, attempt: int, *, in_flight_seconds: float,
-                  locate: Callable[[str], str] | None = None) -> Prepared | None:
+                  locate: Callable[[str], str] | None = None, sign_url: Callable[[str], str] | None = None
+                  ) -> Prepared | None:
     """Claim try `attempt` of the delivery; None when it was claimed already (a message sent twice)
     or the delivery ended. The claim keeps it in flight for `in_flight_seconds`."""
     delivery = session.scalars(
@@ -205,15 +247,21 @@ def start_attempt(session: Session, delivery_id: int, attempt: int, *, in_flight
     job = session.get(Job, delivery.job_id)
     assert job is not None  # the delivery goes with its job (ON DELETE CASCADE)
     key = session.get(ApiKey, job.api_key_id) if job.api_key_id else None
-    return Prepared(delivery.id, attempt, delivery.url, body_of(job, locate=locate),
+    return Prepared(delivery.id, attempt, delivery.url, body_of(job, locate=locate, sign_url=sign_url),
                     key.webhook_secret if key else None)
 
 
-def body_of(job: Job, *, locate: Callable[[str], str] | None = None) -> bytes:
-    """The bytes POSTed: the job's final record as compact JSON with sorted keys. The record's own
-    "webhook" field (this delivery's progress) is left out, so every try sends the same body."""
+def body_of(job: Job, *, locate: Callable[[str], str] | None = None,
+            sign_url: Callable[[str], str] | None = None) -> bytes:
+    """The bytes POSTed: the job's final record as compact JSON with sorted keys, each image with a
+    `url` the receiver can GET it from (`sign_url`: a presigned URL of the object store; null
+    without one, images kept in a folder). The record's own "webhook" field (this delivery's
+    progress) is left out, so every try sends the same body but for those URLs, signed anew for
+    each try: a retry an hour later still carries URLs that work."""
     record: dict[str, Any] = job_record(job, locate=locate)
     record.pop("webhook", None)
+    for image in record["images"]:
+        image["url"] = sign_url(image["key"]) if sign_url is not None else None
     return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
 
 

@@ -28,7 +28,9 @@ BATCH = 1000
 # A drawn seed stays short enough to read and type back.
 DRAWN_SEED_BOUND = 2**32
 # Columns a caller may set beside the request's.
-EXTRA_COLUMNS = ("run_id", "run_key", "api_key_id", "webhook_url")
+EXTRA_COLUMNS = ("run_id", "run_key", "api_key_id", "webhook_url", "webhook_events")
+# Columns COPY writes as JSON text.
+JSON_COLUMNS = ("params", "webhook_events")
 
 
 class Sender(Protocol):
@@ -89,7 +91,8 @@ def _copy_in(session: Any, values: list[dict[str, Any]]) -> set[str]:
     cursor.execute("CREATE TEMPORARY TABLE IF NOT EXISTS job_rows (LIKE jobs) ON COMMIT DELETE ROWS")
     with cursor.copy(f"COPY job_rows ({names}) FROM STDIN") as copy:
         for value in values:
-            copy.write_row([json.dumps(value[c]) if c == "params" else value[c] for c in columns])
+            copy.write_row([json.dumps(value[c]) if c in JSON_COLUMNS and value[c] is not None else value[c]
+                            for c in columns])
     cursor.execute(f"INSERT INTO jobs ({names}) SELECT {names} FROM job_rows "
                    "ON CONFLICT (run_id, run_key) DO NOTHING RETURNING id")
     return {row[0] for row in cursor.fetchall()}

@@ -11,14 +11,15 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from models.errors import (BadDestination, BadInput, InvalidRequest, JobNotFound, JobTimeout, RunBusy, RunNotFound,
-                           SdqueueError)
-from models.logs import configure_logging
+from models.errors import (BadDestination, BadInput, ConfigError, InvalidRequest, JobNotFound, JobTimeout, RunBusy,
+                           RunNotFound, SdqueueError)
+from models.logs import configure_logging, make_handler, redirect_std_streams
 from models.request import parse_request
 from models.settings import load_settings
 from models.text import inert
@@ -611,7 +612,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.main import run_worker
 
     overrides = {k: v for k, v in (("model", args.model), ("device", args.device), ("worker_slots", args.slots)) if v}
-    return run_worker(load_settings(**overrides), loglevel=args.loglevel)
+    try:
+        settings = load_settings(**overrides)
+    except ConfigError:
+        if os.environ.get("SDQUEUE_LOG_FORMAT") == "json":  # the refusal is a JSON line too
+            logging.getLogger().addHandler(make_handler("json"))
+            redirect_std_streams()
+        raise
+    return run_worker(settings, loglevel=args.loglevel)
 
 
 def cmd_webhooks(args: argparse.Namespace) -> int:

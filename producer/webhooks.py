@@ -9,7 +9,8 @@ delivery row with the job's end (models.jobs.transition); they never wait on a r
 A try (models/webhooks.py keeps the rules and the states):
 1. claim it in the database (a second message for the same try finds it claimed, and does nothing)
 2. check the URL again (DNS can change) and connect to the address just checked
-3. POST the record, with X-Sdqueue-Signature (HMAC of the job's API key's webhook_secret; a job
+3. POST the record (each image with a presigned URL, valid SDQUEUE_WEBHOOK_URL_SECONDS), with
+   X-Sdqueue-Signature (HMAC of the job's API key's webhook_secret; a job
    submitted without a key, which only a trusted caller can make, is not signed),
    X-Sdqueue-Delivery (to deduplicate: delivery is at least once) and X-Sdqueue-Attempt; 2.-3.
    end within SDQUEUE_WEBHOOK_TIMEOUT in all, a receiver that answers slowly included
@@ -61,10 +62,12 @@ def webhook_queue(base: str) -> str:
 class Deliverer:
     """The scan and the tries: the database work and the POSTs, messages sent through `send`."""
 
-    def __init__(self, settings: Settings, db: Database, *, locate: Callable[[str], str] | None = None):
+    def __init__(self, settings: Settings, db: Database, *, locate: Callable[[str], str] | None = None,
+                 sign_url: Callable[[str], str] | None = None):
         self.settings = settings
         self.db = db
         self.locate = locate
+        self.sign_url = sign_url  # an image's presigned URL, for the body (None: images in a folder)
         self.in_flight_seconds = settings.webhook_timeout + IN_FLIGHT_MARGIN
 
     def scan(self, send: Callable[[int, int], None]) -> int:
@@ -85,12 +88,13 @@ class Deliverer:
         # 1. claim the try
         with self.db.session() as session:
             prepared = webhooks.start_attempt(session, delivery_id, attempt, in_flight_seconds=self.in_flight_seconds,
-                                              locate=self.locate)
+                                              locate=self.locate, sign_url=self.sign_url)
         if prepared is None:
             log.info("delivery %s try %s: made already, or the delivery ended", delivery_id, attempt)
             return "skipped"
         # 2.-3. check and POST, outside any transaction
-        outcome = post(prepared, timeout=self.settings.webhook_timeout, allow_private=self.settings.webhook_allow_private)
+        outcome = post(prepared, timeout=self.settings.webhook_timeout, allow_private=self.settings.webhook_allow_private,
+                       allow=self.settings.webhook_allow_list)
         # 4. record it
         with self.db.session() as session:
             state = webhooks.finish_attempt(session, prepared, outcome, retry_seconds=self.settings.webhook_retry_seconds)
@@ -99,7 +103,7 @@ class Deliverer:
         return state
 
 
-def post(prepared: Prepared, *, timeout: float, allow_private: bool) -> Outcome:
+def post(prepared: Prepared, *, timeout: float, allow_private: bool, allow: tuple[str, ...] = ()) -> Outcome:
     """One POST of the prepared body; what the receiver answered, or why there was no answer.
 
     The whole try (looking the host up, connecting, sending, and the answer to its last byte read)
@@ -108,23 +112,25 @@ def post(prepared: Prepared, *, timeout: float, allow_private: bool) -> Outcome:
     try is cancelled, its connection closed, and it counts as a failed try (the receiver's fault).
     """
     at, started = utcnow(), time.monotonic()
-    status_code, error = asyncio.run(_exchange(prepared, timeout, allow_private))
+    status_code, error = asyncio.run(_exchange(prepared, timeout, allow_private, allow))
     return Outcome(at, status_code, error, time.monotonic() - started)
 
 
-async def _exchange(prepared: Prepared, timeout: float, allow_private: bool) -> tuple[int | None, str | None]:
+async def _exchange(prepared: Prepared, timeout: float, allow_private: bool,
+                    allow: tuple[str, ...]) -> tuple[int | None, str | None]:
     try:
         async with asyncio.timeout(timeout):
-            return await _post(prepared, timeout, allow_private)
+            return await _post(prepared, timeout, allow_private, allow)
     except TimeoutError:
         return None, f"Timeout: no complete answer within {timeout:g} s (SDQUEUE_WEBHOOK_TIMEOUT)"
 
 
-async def _post(prepared: Prepared, timeout: float, allow_private: bool) -> tuple[int | None, str | None]:
+async def _post(prepared: Prepared, timeout: float, allow_private: bool,
+                allow: tuple[str, ...]) -> tuple[int | None, str | None]:
     import httpx
 
     try:
-        address = (await _addresses(prepared.url, allow_private))[0]
+        address = (await _addresses(prepared.url, allow_private, allow))[0]
     except InvalidRequest as exc:
         return None, "; ".join(exc.problems)
     headers = {
@@ -157,7 +163,7 @@ async def _post(prepared: Prepared, timeout: float, allow_private: bool) -> tupl
         return None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-async def _addresses(url: str, allow_private: bool) -> list[str]:
+async def _addresses(url: str, allow_private: bool, allow: tuple[str, ...]) -> list[str]:
     """webhooks.webhook_addresses in a thread of its own: at the deadline a resolver that has not
     answered is left behind (it gives up by itself), not waited for."""
     done: concurrent.futures.Future[list[str]] = concurrent.futures.Future()
@@ -166,7 +172,7 @@ async def _addresses(url: str, allow_private: bool) -> list[str]:
         if not done.set_running_or_notify_cancel():
             return
         try:
-            done.set_result(webhooks.webhook_addresses(url, allow_private=allow_private))
+            done.set_result(webhooks.webhook_addresses(url, allow_private=allow_private, allow=allow))
         except BaseException as exc:
             done.set_exception(exc)
 
@@ -246,7 +252,9 @@ def run_webhooks(settings: Settings, *, concurrency: int = 8, loglevel: str = "I
 
     db = Database(settings.database_url)  # refuses a schema out of date, at start
     storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-    deliverer = Deliverer(settings, db, locate=storage.location)
+    presign = getattr(storage, "presigned_url", None)  # S3; a folder has no URL to hand out
+    deliverer = Deliverer(settings, db, locate=storage.location,
+                          sign_url=(lambda key: presign(key, settings.webhook_url_seconds)) if presign else None)
     app = make_app(settings, deliverer)
     stop = threading.Event()
     scanner = threading.Thread(target=scan_forever, args=(deliverer, sender(app, settings), stop),

@@ -316,7 +316,8 @@ def test_every_end_of_a_job_makes_exactly_one_delivery(client):
     db, url = client.db, "http://127.0.0.1:9/hook"
     succeeded, cancelled, failed = (submit_with_webhook(client, url) for _ in range(3))
     plain = submit_with_webhook(client, None)
-    assert client.get(succeeded)["webhook"] == {"url": url, "state": None, "attempts": 0, "next_attempt_at": None,
+    assert client.get(succeeded)["webhook"] == {"url": url, "events": ["succeeded", "failed", "cancelled"],
+                                                "state": None, "attempts": 0, "next_attempt_at": None,
                                                 "finished_at": None, "tries": []}  # not ended yet
     assert deliveries(db, succeeded) == []
     # ended by a worker, by a cancel, by its last failed attempt (dead-lettered)

@@ -13,6 +13,7 @@ their images, for many callers at once, each with an API key of its own.
     jobs.py         /v1/jobs routes: submit, batch, read, list, images, cancel
     events.py       /v1/jobs/{id}/events: Server-Sent Events of a job's state and progress
     health.py       /healthz and /readyz
+    docs.py         /docs (Swagger UI) and /redoc (ReDoc), their scripts served from the installed package
     dashboard.py    the web dashboard at `/` (templates/): queues, workers, runs, galleries, jobs
     panels.py       what the dashboard's pages show, read from the database, broker and registry
     metrics.py      /metrics: jobs, queues and webhooks for Prometheus, and the API's requests

@@ -30,7 +30,7 @@ class _Inputs:
 
 
 def enqueue(shared: Backend, who: Caller, requests: list[GenerationRequest], *, priority: str,
-            webhook_url: str | None) -> list[str]:
+            webhook_url: str | None, webhook_events: list[str] | None = None) -> list[str]:
     """Record and enqueue validated requests as `who`'s jobs, all or none; their ids in order.
     TooManyRequests (429) over the key's cap, ServiceUnavailable (503) when a service does not
     answer: either way nothing is left written. Blocking: run it in a worker thread."""
@@ -42,7 +42,8 @@ def enqueue(shared: Backend, who: Caller, requests: list[GenerationRequest], *, 
     # 2. the rows' values, seeds drawn; the inputs kept aside
     inputs = _Inputs()
     values = [job_row(request, base_queue=shared.settings.queue, priority=priority, storage=inputs,  # type: ignore[arg-type]
-                      api_key_id=who.key_id, webhook_url=webhook_url) for request in requests]
+                      api_key_id=who.key_id, webhook_url=webhook_url, webhook_events=webhook_events)
+              for request in requests]
     single = len(values) == 1
     if single:  # one job is marked sent with its insert (Client.submit's way): one commit less
         values[0]["enqueued_at"] = values[0]["created_at"]

@@ -19,6 +19,9 @@ once, across all API processes (limits.open_stream); one more is refused with 42
 taken before the subscription, renewed at every re-read, and given back when the stream ends for
 any reason (the client gone included). While the broker does not answer, streams are not counted:
 they hold no connection of it then.
+
+`POST /v1/jobs` with `Prefer: wait=N` (RFC 7240) waits here, the same way, for the job it made to
+end (`wait_for_end`): at most MAX_WAIT_SECONDS, holding one of the key's stream places meanwhile.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from models.tables import JobState
 from producer.api import schemas
 from producer.api.app import Backend, backend, root
 from producer.api.auth import Caller, caller
-from producer.api.errors import OUTAGES
+from producer.api.errors import OUTAGES, TooManyRequests
 from producer.api.jobs import read_record
 from producer.api.limits import StreamPlace, open_stream
 
@@ -50,6 +53,8 @@ REREAD_SECONDS = 5.0
 KEEPALIVE_SECONDS = 15.0
 # Threads for blocked pub/sub reads, shared by every stream of the process.
 STREAM_THREADS = 512
+# The longest `Prefer: wait=N` honoured: a larger N waits this long.
+MAX_WAIT_SECONDS = 300
 
 
 def frame(event: str, data: dict[str, Any]) -> bytes:
@@ -158,11 +163,7 @@ async def stream(shared: Backend, who: Caller, record: dict[str, Any], subscript
             #    (the stream's place renewed with it)
             if kind == "state" or now - last_read >= REREAD_SECONDS:
                 last_read = now
-                if place is not None:
-                    try:
-                        await anyio.to_thread.run_sync(place.renew, limiter=limiter)
-                    except Exception:  # the broker does not answer: the place lapses, the stream goes on
-                        pass
+                await renew(place, limiter)
                 try:
                     record = await run_in_threadpool(read_record, shared, who, record["id"], prefix)
                 except Exception:  # the database does not answer: try again at the next re-read
@@ -179,6 +180,87 @@ async def stream(shared: Backend, who: Caller, record: dict[str, Any], subscript
     finally:
         if subscription is not None:
             subscription.close()
+
+
+def preferred_wait(prefer: str | None) -> int | None:
+    """The N of `Prefer: wait=N` (RFC 7240; among other preferences, comma-separated), at most
+    MAX_WAIT_SECONDS; None when the header asks no wait, or not a whole number of seconds from 1
+    (a preference the server may ignore, rather than a reason to refuse the submit)."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.partition(";")[0].partition("=")
+        if name.strip().lower() == "wait":
+            value = value.strip().strip('"')
+            if value.isascii() and value.isdigit() and int(value) >= 1:
+                return min(int(value), MAX_WAIT_SECONDS)
+            return None
+    return None
+
+
+async def wait_for_end(request: Request, shared: Backend, who: Caller, record: dict[str, Any], seconds: float,
+                       prefix: str) -> tuple[dict[str, Any], bool]:
+    """The job's record once it has ended, or as it is after `seconds`; and whether the wait was
+    made (not when the key has all its stream places taken: the caller is answered at once).
+
+    As the stream: subscribe, then read the record; wake at a state event, or every
+    REREAD_SECONDS to read it anyway. The record is the answer, the events only say when to read.
+    A client that leaves ends the wait within POLL_SECONDS."""
+    if ended(record["state"]):
+        return record, True
+    limiter = threads(request)
+    deadline = time.monotonic() + seconds
+    try:
+        place = await run_in_threadpool(take_place, shared, who)
+    except TooManyRequests:
+        return record, False
+    subscription: Subscription | None = None
+    try:
+        try:
+            subscription = await anyio.to_thread.run_sync(Subscription, shared.settings, [record["id"]],
+                                                          limiter=limiter)
+        except Exception:  # the broker does not answer: the record, read every REREAD_SECONDS
+            subscription = None
+        while True:
+            # 1. the record: the answer once the job has ended, or once the time is up
+            try:
+                record = await run_in_threadpool(read_record, shared, who, record["id"], prefix)
+            except Exception:  # the database does not answer: the job is made; answer with what was read
+                pass
+            now = time.monotonic()
+            if ended(record["state"]) or now >= deadline:
+                return record, True
+            # 2. events until a change of state, the next read, the deadline, or the client gone
+            wake = min(deadline, now + REREAD_SECONDS)
+            while (left := wake - time.monotonic()) > 0:
+                if await request.is_disconnected():
+                    return record, True
+                if subscription is None:
+                    await anyio.sleep(min(left, POLL_SECONDS))
+                    continue
+                try:
+                    event = await anyio.to_thread.run_sync(subscription.get, min(left, POLL_SECONDS),
+                                                           limiter=limiter)
+                except Exception:  # the broker went away: the record, read every REREAD_SECONDS
+                    subscription.close()
+                    subscription = None
+                    continue
+                if isinstance(event, dict) and event.get("type") == "state":
+                    break
+            await renew(place, limiter)
+    finally:
+        if subscription is not None:
+            subscription.close()
+        await give_back(place)
+
+
+async def renew(place: Any, limiter: anyio.CapacityLimiter) -> None:
+    """Push on a stream's place among its key's; if the broker does not answer, the place lapses
+    and the stream (or wait) goes on."""
+    if place is None:
+        return
+    try:
+        await anyio.to_thread.run_sync(place.renew, limiter=limiter)
+    except Exception:
+        pass
 
 
 def canonical_id(job_id: str) -> str:

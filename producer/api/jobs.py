@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,8 +28,10 @@ from models import jobs
 from models.errors import InvalidRequest, JobNotFound, RunNotFound
 from models.jobs import aware
 from models.request import GenerationRequest, parse_request
+from models.settings import Settings
 from models.tables import Job, JobState, Priority, Run
 from models.text import refused_character
+from models.webhooks import check_webhook_events, check_webhook_url
 from producer.api import schemas
 from producer.api.admit import enqueue
 from producer.api.app import Backend, backend, root
@@ -44,7 +47,9 @@ IDEMPOTENCY_KEY = Header(default=None, alias="Idempotency-Key", min_length=1, ma
                          pattern=r"^[!-~]+$", description=(
     "1 to 255 visible ASCII characters (a UUID, say): a retry of the same request with the same key gets the "
     "first answer again and makes no job; the same key with another request is a 409"))
-BATCH_FIELDS = ("requests", "webhook_url", "priority")
+# What a submit may say beside the request's own fields.
+OPTIONS = ("webhook_url", "webhook_events", "priority")
+BATCH_FIELDS = ("requests", *OPTIONS)
 
 
 # -- records -------------------------------------------------------------------------------------
@@ -117,8 +122,17 @@ def parse_fields(fields: dict[str, Any], where: str = "") -> tuple[GenerationReq
     return (None if problems else request), problems
 
 
-def job_options(options: dict[str, Any], who: Caller, allow_private: bool) -> tuple[str | None, str, list[str]]:
-    """The webhook URL and priority a submit asks for; the problems found.
+@dataclass(frozen=True)
+class Options:
+    """What a submit asks beside its request: where its end is POSTed, for which ends, its priority."""
+
+    webhook_url: str | None
+    webhook_events: list[str] | None
+    priority: str
+
+
+def job_options(options: dict[str, Any], who: Caller, settings: Settings) -> tuple[Options, list[str]]:
+    """The webhook URL and events and the priority a submit asks for; the problems found.
 
     A bulk-only key's jobs are bulk: it may leave priority out (bulk, then) or say bulk; asking
     for interactive is refused rather than quietly changed, so the caller learns what it got."""
@@ -134,13 +148,19 @@ def job_options(options: dict[str, Any], who: Caller, allow_private: bool) -> tu
             problems.append(f"webhook_url={quoted(webhook_url)}: must not hold control characters: {refused}")
             webhook_url = None
         else:
-            from models.webhooks import check_webhook_url
-
             try:
-                webhook_url = check_webhook_url(webhook_url, allow_private=allow_private)
+                webhook_url = check_webhook_url(webhook_url, allow_private=settings.webhook_allow_private,
+                                                allow=settings.webhook_allow_list)
             except InvalidRequest as exc:
                 problems += exc.problems
                 webhook_url = None
+    webhook_events = None
+    try:
+        webhook_events = check_webhook_events(options.get("webhook_events"))
+    except InvalidRequest as exc:
+        problems += exc.problems
+    if webhook_events is not None and options.get("webhook_url") is None:
+        problems.append("webhook_events is given without a webhook_url: give both, or neither")
     allowed = [p.value for p in Priority]
     priority = options.get("priority")
     if priority is None:
@@ -149,26 +169,26 @@ def job_options(options: dict[str, Any], who: Caller, allow_private: bool) -> tu
         problems.append(f"priority={priority!r}: must be one of {', '.join(allowed)}")
     elif who.bulk_only and priority != Priority.BULK.value:
         problems.append(f"priority={priority!r}: this API key submits bulk jobs only (leave priority out, or say bulk)")
-    return webhook_url, str(priority), problems
+    return Options(webhook_url, webhook_events, str(priority)), problems
 
 
-def read_submission(data: Any, who: Caller, allow_private: bool) -> tuple[GenerationRequest, str | None, str]:
+def read_submission(data: Any, who: Caller, settings: Settings) -> tuple[GenerationRequest, Options]:
     if not isinstance(data, dict):
         parse_request(data)  # raises, naming what was sent instead of an object
-    fields = {k: v for k, v in data.items() if k not in ("webhook_url", "priority")}
-    webhook_url, priority, problems = job_options(data, who, allow_private)
+    fields = {k: v for k, v in data.items() if k not in OPTIONS}
+    options, problems = job_options(data, who, settings)
     request, request_problems = parse_fields(fields)
     if request is None or problems:
         raise InvalidRequest(request_problems + problems)
-    return request, webhook_url, priority
+    return request, options
 
 
-def read_batch(data: Any, who: Caller, allow_private: bool) -> tuple[list[GenerationRequest], str | None, str]:
+def read_batch(data: Any, who: Caller, settings: Settings) -> tuple[list[GenerationRequest], Options]:
     if not isinstance(data, dict):
         raise InvalidRequest([f"the body must be an object {{\"requests\": [...]}}, not {type(data).__name__}"])
     problems = [f"{name!r} is not a batch field (those are {', '.join(BATCH_FIELDS)})"
                 for name in data if name not in BATCH_FIELDS]
-    webhook_url, priority, option_problems = job_options(data, who, allow_private)
+    options, option_problems = job_options(data, who, settings)
     items = data.get("requests")
     requests: list[GenerationRequest] = []
     if items is None:
@@ -187,7 +207,7 @@ def read_batch(data: Any, who: Caller, allow_private: bool) -> tuple[list[Genera
                 requests.append(request)
     if problems or option_problems:
         raise InvalidRequest(problems + option_problems)
-    return requests, webhook_url, priority
+    return requests, options
 
 
 # -- the work of each route, in a worker thread ---------------------------------------------------
@@ -196,9 +216,10 @@ def submit_one(shared: Backend, who: Caller, data: Any, prefix: str) -> Answer:
     # 1. the caller's rate (a refused request counts too: it cost a look), then the request
     if who.rate_per_minute is not None:
         check_rate(shared.redis, who)
-    request, webhook_url, priority = read_submission(data, who, shared.settings.webhook_allow_private)
+    request, options = read_submission(data, who, shared.settings)
     # 2. stored, then counted against the caller's cap and written at once, then sent
-    [job_id] = enqueue(shared, who, [request], priority=priority, webhook_url=webhook_url)
+    [job_id] = enqueue(shared, who, [request], priority=options.priority, webhook_url=options.webhook_url,
+                       webhook_events=options.webhook_events)
     [record] = read_submitted(shared, [job_id], prefix)
     return Answer(201, record, {"Location": record["links"]["self"]})
 
@@ -206,8 +227,9 @@ def submit_one(shared: Backend, who: Caller, data: Any, prefix: str) -> Answer:
 def submit_batch(shared: Backend, who: Caller, data: Any, prefix: str) -> Answer:
     if who.rate_per_minute is not None:
         check_rate(shared.redis, who)
-    requests, webhook_url, priority = read_batch(data, who, shared.settings.webhook_allow_private)
-    job_ids = enqueue(shared, who, requests, priority=priority, webhook_url=webhook_url)
+    requests, options = read_batch(data, who, shared.settings)
+    job_ids = enqueue(shared, who, requests, priority=options.priority, webhook_url=options.webhook_url,
+                      webhook_events=options.webhook_events)
     return Answer(201, {"jobs": read_submitted(shared, job_ids, prefix)})
 
 
@@ -275,12 +297,20 @@ def list_page(shared: Backend, who: Caller, *, state: JobState | None, run: str 
 
 @router.post("/jobs", status_code=201, response_model=None, summary="Submit a job",
              openapi_extra={"requestBody": schemas.submit_body()},
-             responses={201: {"model": schemas.JobOut, "description": "the job, queued (Location: its URL)"},
+             responses={200: {"model": schemas.JobOut, "description": "with `Prefer: wait=N`: the job, ended "
+                                                                      "within N seconds"},
+                        201: {"model": schemas.JobOut, "description": "the job, queued (Location: its URL); with "
+                                                                      "`Prefer: wait=N`, as it is after N seconds"},
                         **schemas.refusals(400, 401, 409, 413, 422, 429, 503)})
 async def submit(request: Request, who: Caller = Depends(caller), shared: Backend = Depends(backend),
-                 idempotency_key: str | None = IDEMPOTENCY_KEY) -> Response:
+                 idempotency_key: str | None = IDEMPOTENCY_KEY,
+                 prefer: str | None = Header(default=None, alias="Prefer", max_length=1000, description=(
+                     "`wait=N` (1 to 300 seconds; more waits 300): answer 200 with the ended job if it ends "
+                     "within N seconds, else 201 with its record then; `Preference-Applied: wait=N` says so"))
+                 ) -> Response:
     """Validate, record and enqueue one job: a JSON object of request fields (`image` base64-encoded),
-    or a multipart form with the img2img image as the file part `image`. Answers at once."""
+    or a multipart form with the img2img image as the file part `image`. Answers at once, or with
+    `Prefer: wait=N` when the job ends (at most N seconds later)."""
     data, body = await (read_form(request) if is_form(request) else read_json(request))
     digest = request_sha256("POST", request.url.path, body)
     prefix = root(request)
@@ -289,7 +319,19 @@ async def submit(request: Request, who: Caller = Depends(caller), shared: Backen
         return answer_once(shared.client.db, who.scope, idempotency_key, digest,
                            lambda: submit_one(shared, who, data, prefix))
 
-    return (await run_in_threadpool(work)).response()
+    answer = await run_in_threadpool(work)
+    # events.py imports this module: its wait is imported here, at the call
+    from producer.api.events import preferred_wait, wait_for_end
+
+    seconds = preferred_wait(prefer)
+    if seconds is None or answer.status_code != 201:
+        return answer.response()
+    # the job is made (or was, by the first answer to this Idempotency-Key): wait for its end
+    record, waited = await wait_for_end(request, shared, who, answer.body, seconds, prefix)
+    if not waited:
+        return answer.response()
+    status = 200 if JobState(record["state"]).terminal else 201
+    return JSONResponse(record, status_code=status, headers={**answer.headers, "Preference-Applied": f"wait={seconds}"})
 
 
 @router.post("/jobs:batch", status_code=201, response_model=None, summary="Submit a batch of jobs",

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from models.request import SIZES, GenerationRequest
 from models.tables import JobState, Priority
+from models.webhooks import EVENTS
 
 MAX_BATCH = 1000
 
@@ -38,10 +39,17 @@ def request_fields(*, form: bool) -> dict[str, Any]:
     return schema
 
 
-def job_options() -> dict[str, Any]:
+def job_options(form: bool = False) -> dict[str, Any]:
+    events = list(EVENTS)
     return {
         "webhook_url": {"type": "string", "maxLength": 2048, "format": "uri",
                         "description": "POSTed the job's final record, signed with the key's webhook secret"},
+        "webhook_events": ({"type": "string", "maxLength": 100,
+                            "description": f"the ends POSTed to webhook_url, comma-separated: of {', '.join(events)} "
+                                           "(all when left out)"} if form else
+                           {"type": "array", "items": {"type": "string", "enum": events}, "minItems": 1,
+                            "maxItems": len(events), "uniqueItems": True,
+                            "description": "the ends POSTed to webhook_url (all when left out)"}),
         "priority": {"type": "string", "enum": [p.value for p in Priority],
                      "description": "interactive (the default) or bulk; a bulk-only key's jobs are bulk, "
                                     "and it is refused interactive"},
@@ -52,7 +60,7 @@ def submit_body() -> dict[str, Any]:
     as_json = request_fields(form=False)
     as_json["properties"].update(job_options())
     as_form = request_fields(form=True)
-    as_form["properties"].update(job_options())
+    as_form["properties"].update(job_options(form=True))
     return {"required": True, "content": {
         "application/json": {"schema": as_json},
         "multipart/form-data": {"schema": as_form, "encoding": {"image": {"contentType": "image/*"}}},
@@ -103,8 +111,9 @@ class JobOut(BaseModel):
     dead_letter: bool
     error: str | None
     webhook: dict[str, Any] | None = Field(
-        None, description="null without a webhook_url; else its url, and once the job has ended the delivery's "
-                          "state (pending, delivered, failed), attempts and tries")
+        None, description="null without a webhook_url; else its url, the ends it is POSTed for (events), and once "
+                          "the job has ended (with one of those) the delivery's state (pending, delivered, failed), "
+                          "attempts and tries")
     created_at: str | None
     started_at: str | None
     finished_at: str | None
