@@ -503,3 +503,16 @@ def test_the_writer_reads_back_the_validated_rows_and_refuses_an_image_changed_s
     del manifest
     gc.collect()
     assert not spool.exists()
+
+
+def test_a_temporary_folder_that_refuses_the_rows_is_the_hosts_fault_not_the_manifests(tmp_path: Path, monkeypatch):
+    import tempfile
+
+    from models.errors import BadInput
+    from producer.runs.manifest import SpoolFailed
+
+    path = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "a cat"}])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    with pytest.raises(SpoolFailed, match=r"m\.jsonl: no temporary file for its rows \(No such file or directory\)") as refused:
+        load_manifest(path)
+    assert not isinstance(refused.value, BadInput)  # the CLI exits 1, not 2: the file is fine

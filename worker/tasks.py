@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -45,6 +45,8 @@ from worker.blame import host_fault
 from worker.sweeping import PeriodicSweeper
 
 log = logging.getLogger(__name__)
+# Run names a worker keeps for its logs before it forgets them all and reads them again.
+RUN_NAMES_KEPT = 1024
 
 
 @dataclass
@@ -57,6 +59,7 @@ class WorkerContext:
     engine: Any  # worker.engine.Engine
     sweeper: PeriodicSweeper | None = None
     metrics_server: metrics.MetricsServer | None = None  # /metrics on SDQUEUE_METRICS_PORT
+    run_names: dict[str, str] = field(default_factory=dict)  # for the logs; a run's name never changes
 
     @classmethod
     def open(cls, settings: Settings) -> WorkerContext:
@@ -205,6 +208,17 @@ def _leave_to_others(engine: Any, job_id: str, queue: str | None, *, pause: bool
     engine.send_again([job_id], queue)
 
 
+def _run_name(ctx: WorkerContext, session: Any, run_id: str | None) -> str | None:
+    """The name of a job's run, read once per run (not once per claim) for the logs."""
+    if run_id is None:
+        return None
+    if run_id not in ctx.run_names:
+        if len(ctx.run_names) >= RUN_NAMES_KEPT:
+            ctx.run_names.clear()
+        ctx.run_names[run_id] = session.scalar(select(Run.name).where(Run.id == run_id)) or run_id
+    return ctx.run_names[run_id]
+
+
 def _claim(ctx: WorkerContext, job_id: str) -> Work | str:
     """The claimed job as work for the engine, or why it was not claimed."""
     with ctx.db.session() as session:
@@ -217,7 +231,7 @@ def _claim(ctx: WorkerContext, job_id: str) -> Work | str:
         if job.attempts == 1:  # time in queue: to its first claim
             metrics.claimed(jobs.aware(job.created_at), jobs.aware(job.started_at))
         params = dict(job.params)
-        run_name = session.scalar(select(Run.name).where(Run.id == job.run_id)) if job.run_id else None
+        run_name = _run_name(ctx, session, job.run_id)
         return Work(
             job_id, compat_key(params, img2img=job.input_key is not None), [], job.created_at.timestamp(),
             priority=job.priority, params=params, input_sha256=job.input_sha256, lease=jobs.lease_of(job),

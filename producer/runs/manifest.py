@@ -37,7 +37,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from models.errors import BadInput, InvalidRequest
+from models.errors import BadInput, InvalidRequest, SdqueueError
 from models.request import GenerationRequest, check_image, parse_request
 from models.tables import Priority
 from models.text import refused_character
@@ -104,6 +104,11 @@ _SIZE = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*")
 class ManifestError(BadInput):
     """A manifest or grid that cannot be read at all: unreadable, of an unknown format, or a bad
     grid spec. (A bad row is not one: it is a Rejected.) Nothing was written or enqueued."""
+
+
+class SpoolFailed(SdqueueError):
+    """The temporary folder's disk refused the validated rows (full, read-only): the host's
+    fault, not the manifest's (exit 1, not 2). Nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -203,7 +208,7 @@ class _Spool:
             fd, path = tempfile.mkstemp(prefix="sdqueue-rows-")
             os.unlink(path)
         except OSError as exc:
-            raise ManifestError(f"{source}: no temporary file for its rows ({exc.strerror or exc})") from None
+            raise SpoolFailed(f"{source}: no temporary file for its rows ({exc.strerror or exc})") from None
         self.fd = fd
         self._close = weakref.finalize(self, os.close, fd)
         self._file: Any = os.fdopen(os.dup(fd), "wb")
@@ -215,7 +220,7 @@ class _Spool:
         try:
             pickle.dump(values, self._file, protocol=pickle.HIGHEST_PROTOCOL)
         except OSError as exc:  # the temporary folder's disk is full
-            raise ManifestError(f"{self.source}: its rows cannot be kept in a temporary file "
+            raise SpoolFailed(f"{self.source}: its rows cannot be kept in a temporary file "
                                 f"({exc.strerror or exc})") from None
 
     def close(self) -> None:
