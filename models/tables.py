@@ -60,6 +60,8 @@ class Run(Base):
     # Rows of the source that passed validation, and when all of them were written and sent.
     expected_jobs: Mapped[int | None] = mapped_column(Integer, default=None)
     sealed_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The API key that made the run; None: the operator's (the CLI, a schedule).
+    api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), default=None, index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -77,6 +79,8 @@ class ApiKey(Base):
     rate_per_minute: Mapped[int | None] = mapped_column(Integer, default=None)  # None: no limit
     max_queued: Mapped[int | None] = mapped_column(Integer, default=None)  # None: no cap
     bulk_only: Mapped[bool] = mapped_column(default=False)
+    # An admin key sees every job and run (the operator's and other keys'), in the API and the dashboard.
+    admin: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
@@ -210,7 +214,9 @@ class Image(Base):
     index: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(BigInteger)
     object_key: Mapped[str] = mapped_column(String(512))
-    sha256: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))  # of the PNG file, metadata included
+    # Of the decoded pixels (RGB, row-major, 8 bits): what a re-made image is compared with.
+    pixel_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     size_bytes: Mapped[int] = mapped_column(Integer)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)

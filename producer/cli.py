@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys_create.add_argument("--max-queued", type=int, metavar="N",
                              help="at most N of its jobs queued or running at once (default: no cap)")
     keys_create.add_argument("--bulk-only", action="store_true", help="its jobs are bulk priority, never interactive")
+    keys_create.add_argument("--admin", action="store_true",
+                             help="it sees every job and run (the operator's and other keys'), in the API and the dashboard")
     keys_list = keys_commands.add_parser("list", help="every key, with its limits; never a token")
     keys_list.add_argument("--json", action="store_true")
     keys_revoke = keys_commands.add_parser("revoke", help="revoke a key: its token is refused from now on")
@@ -677,7 +679,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     try:
         if args.keys_command == "create":
             made = keys.create_key(db, args.name, rate_per_minute=int(rate) if rate else None,
-                                   max_queued=args.max_queued, bulk_only=args.bulk_only)
+                                   max_queued=args.max_queued, bulk_only=args.bulk_only, admin=args.admin)
             print(f"API key {made.key.name!r} created. Its token is shown this once: keep it now.")
             print(f"token           {made.token}")
             print(f"webhook secret  {made.key.webhook_secret}")
@@ -697,15 +699,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def _show_keys(found: list[Any], as_json: bool) -> None:
     rows = [{"name": k.name, "token_prefix": k.token_prefix, "rate_per_minute": k.rate_per_minute,
-             "max_queued": k.max_queued, "bulk_only": k.bulk_only, "created_at": k.created_at.isoformat(),
+             "max_queued": k.max_queued, "bulk_only": k.bulk_only, "admin": k.admin, "created_at": k.created_at.isoformat(),
              "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None} for k in found]
     if as_json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'NAME':24} {'TOKEN':16} {'RATE/MIN':>8} {'MAX QUEUED':>10} {'BULK ONLY':9} {'CREATED':20} REVOKED")
+    print(f"{'NAME':24} {'TOKEN':16} {'RATE/MIN':>8} {'MAX QUEUED':>10} {'BULK ONLY':9} {'ADMIN':5} {'CREATED':20} REVOKED")
     for row in rows:
         print(f"{inert(row['name']):24} {inert(row['token_prefix']) + '...':16} {row['rate_per_minute'] or '-':>8} "
-              f"{row['max_queued'] or '-':>10} {'yes' if row['bulk_only'] else 'no':9} {row['created_at'][:19]:20} "
+              f"{row['max_queued'] or '-':>10} {'yes' if row['bulk_only'] else 'no':9} {'yes' if row['admin'] else 'no':5} "
+              f"{row['created_at'][:19]:20} "
               f"{(row['revoked_at'] or '-')[:19]}")
 
 

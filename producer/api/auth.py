@@ -16,7 +16,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from models.tables import Job
+from models.tables import Job, Run
 from producer.api.app import Backend, backend
 from producer.api.errors import Unauthorized
 from producer.api.keys import TOKEN_PREFIX, find_key
@@ -34,13 +34,23 @@ class Caller:
     rate_per_minute: int | None = None
     max_queued: int | None = None
     bulk_only: bool = False
+    admin: bool = False  # sees every job and run, the operator's and other keys'
 
     @property
     def scope(self) -> str:
         return self.key_id or ANONYMOUS
 
+    @property
+    def sees_all(self) -> bool:
+        """No auth (SDQUEUE_API_AUTH=off), or an admin key."""
+        return self.key_id is None or self.admin
+
     def owns(self, job: Job) -> bool:
-        return self.key_id is None or job.api_key_id == self.key_id
+        return self.sees_all or job.api_key_id == self.key_id
+
+    def owns_run(self, run: Run) -> bool:
+        """A run belongs to the key that made it; the CLI's and the schedules' runs (no key) to the operator."""
+        return self.sees_all or run.api_key_id == self.key_id
 
 
 async def caller(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
@@ -63,4 +73,4 @@ async def caller_of_token(shared: Backend, token: str) -> Caller:
     if key is None or key.revoked_at is not None:
         raise Unauthorized("unknown or revoked API key", token_given=True)
     return Caller(key_id=key.id, name=key.name, rate_per_minute=key.rate_per_minute, max_queued=key.max_queued,
-                  bulk_only=key.bulk_only)
+                  bulk_only=key.bulk_only, admin=key.admin)

@@ -270,7 +270,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 def list_page(shared: Backend, who: Caller, *, state: JobState | None, run: str | None, since: datetime | None,
               limit: int, cursor: str | None, prefix: str) -> dict[str, Any]:
     query = select(Job)
-    if who.key_id is not None:
+    if not who.sees_all:
         query = query.where(Job.api_key_id == who.key_id)
     if state is not None:
         query = query.where(Job.state == state.value)

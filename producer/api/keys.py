@@ -61,7 +61,7 @@ def token_sha256(token: str) -> str:
 
 
 def create_key(db: Database, name: str, *, rate_per_minute: int | None = None, max_queued: int | None = None,
-               bulk_only: bool = False) -> NewKey:
+               bulk_only: bool = False, admin: bool = False) -> NewKey:
     """Make a key; KeyExists when the name is taken, BadKeyOption for a bad name or bound."""
     refused = refused_character(name, allow_newlines=False)
     if refused is not None:
@@ -74,7 +74,7 @@ def create_key(db: Database, name: str, *, rate_per_minute: int | None = None, m
     token = new_token()
     key = ApiKey(id=str(uuid.uuid4()), name=name, token_sha256=token_sha256(token), token_prefix=token[:SHOWN_CHARS],
                  webhook_secret=WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32), rate_per_minute=rate_per_minute,
-                 max_queued=max_queued, bulk_only=bulk_only, created_at=utcnow())
+                 max_queued=max_queued, bulk_only=bulk_only, admin=admin, created_at=utcnow())
     try:
         with db.session() as session:
             session.add(key)

@@ -96,7 +96,7 @@ def _quarantine(found: Any, now: float, who: Caller) -> dict[str, Any] | None:
     found = found if isinstance(found, dict) else {}
     since, next_probe = found.get("since"), found.get("next_probe")
     reason = " ".join(str(found.get("reason") or "").split()) or None
-    return {"reason": reason if who.key_id is None else None,
+    return {"reason": reason if who.sees_all else None,
             "seconds": max(0.0, now - since) if isinstance(since, (int, float)) else None,
             "probe": int(found.get("probes") or 0) + 1,  # the next one: `probes` counts those that failed
             "probe_in": max(0.0, next_probe - now) if isinstance(next_probe, (int, float)) else None}
@@ -112,7 +112,7 @@ def _spool(found: Any) -> dict[str, Any] | None:
 
 
 def _owned(query: Any, who: Caller) -> Any:
-    return query if who.key_id is None else query.where(Job.api_key_id == who.key_id)
+    return query if who.sees_all else query.where(Job.api_key_id == who.key_id)
 
 
 def job_counts(session: Session, who: Caller) -> dict[str, int]:
