@@ -7,6 +7,8 @@ import gc
 import hashlib
 import io
 import json
+import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -23,6 +25,7 @@ from models.errors import BadDestination, RunNotFound
 from models.tables import Batch, Image, Job, JobState, Run, utcnow
 from producer.cli import main
 from producer.runs.export import COLUMNS, ExportError, export_run
+from producer.runs.splits import parse_split
 from tests.conftest import BUCKET, small
 from tests.servers import s3_client
 
@@ -70,13 +73,14 @@ def stored_images(client, run_id: str) -> dict[str, dict[str, Any]]:  # type: ig
     """The run's images as the database holds them, by JOBID-INDEX, with their batch's scheduler."""
     with client.db.session() as session:
         rows = session.execute(
-            select(Image, Job.run_key, Batch.scheduler, Batch.model_revision)
+            select(Image, Job.run_key, Batch.scheduler, Batch.model_revision, Batch.model)
             .join(Job, Job.id == Image.job_id).outerjoin(Batch, Batch.id == Image.batch_id)
             .where(Job.run_id == run_id)
         ).all()
     return {f"{image.job_id}-{image.index}": {"key": image.object_key, "sha256": image.sha256, "seed": image.seed,
-                                             "run_key": run_key, "scheduler": scheduler, "revision": revision}
-            for image, run_key, scheduler, revision in rows}
+                                             "run_key": run_key, "scheduler": scheduler, "revision": revision,
+                                             "source": source, "pixel_sha256": image.pixel_sha256}
+            for image, run_key, scheduler, revision, source in rows}
 
 
 def check_row(row: dict[str, Any], expected: dict[str, Any], run: str) -> None:
@@ -85,10 +89,22 @@ def check_row(row: dict[str, Any], expected: dict[str, Any], run: str) -> None:
     assert row["scheduler"] == expected["scheduler"] and row["scheduler"]
     assert row["model_revision"] == expected["revision"]
     assert row["mode"] == "txt2img" and row["width"] == row["height"] == 256 and row["num_inference_steps"] == 3
-    assert row["model"] and row["prompt"].startswith("a lighthouse at dusk")
+    assert row["model"] and row["prompt"].startswith("a lighthouse at dusk") and row["text"] == row["prompt"]
+    # how it was made: the model's reference and the scheduler's config (from the PNG's record)
+    assert row["model_source"] == expected["source"] and row["pixel_sha256"] == expected["pixel_sha256"]
+    assert "num_train_timesteps" in json.loads(row["scheduler_config"]) and "torch" in json.loads(row["versions"])
 
 
-def test_a_run_exports_as_imagefolder_webdataset_and_parquet(client, settings, worker, tmp_path, capsys):
+def readable(folder: Path) -> None:
+    """Every file and folder under `folder` has the mode a plain open() or mkdir() gives (0644, 0755)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
+
+
+def test_a_run_exports_as_imagefolder_webdataset_parquet_and_hf(client, settings, worker, tmp_path, capsys):
     import datasets
     import pyarrow.parquet as pq
     import webdataset
@@ -110,6 +126,7 @@ def test_a_run_exports_as_imagefolder_webdataset_and_parquet(client, settings, w
     loaded = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=str(tmp_path / "hf"))
     assert len(loaded) == 8 and set(loaded.column_names) == {"image", *INDEX}
     assert loaded[0]["image"].size == (256, 256)
+    readable(folder)
     raw = loaded.cast_column("image", datasets.Image(decode=False))
     for row in raw:
         expected = stored[f"{row['job_id']}-{row['image_index']}"]
@@ -136,6 +153,9 @@ def test_a_run_exports_as_imagefolder_webdataset_and_parquet(client, settings, w
         assert set(record) == set(INDEX) and sample["txt"].decode() == record["prompt"]
         check_row(record, stored[sample["__key__"]], name)
         assert sha256(sample["png"]) == record["sha256"]
+    readable(shards)
+    with tarfile.open(shards / "00000.tar") as tar:
+        assert {member.mode for member in tar.getmembers()} == {0o644}
     loaded = datasets.load_dataset("webdataset", data_files={"train": urls}, split="train", cache_dir=str(tmp_path / "hf"))
     assert len(loaded) == 8 and {"png", "txt", "json"} <= set(loaded.column_names)
     assert {f"{r['job_id']}-{r['image_index']}" for r in loaded["json"]} == set(stored)
@@ -143,19 +163,82 @@ def test_a_run_exports_as_imagefolder_webdataset_and_parquet(client, settings, w
     assert [len(rows) for rows in indexes] == [3, 3, 2]
     assert [f"{r['job_id']}-{r['image_index']}" for rows in indexes for r in rows] == [s["__key__"] for s in samples]
 
-    # parquet, through the command line: the index alone, one summary line
+    # parquet, through the command line: the images in datasets' Image layout, one summary line
     capsys.readouterr()
-    assert main(["export", name, str(tmp_path / "index"), "--format", "parquet", "--concurrency", "2"]) == 0
+    assert main(["export", name, str(tmp_path / "parquet"), "--format", "parquet", "--concurrency", "2"]) == 0
     out = capsys.readouterr().out.strip()
     assert len(out.splitlines()) == 1
-    assert "exported 8 image(s) of 6 job(s)" in out and str(tmp_path / "index") in out
+    assert "exported 8 image(s) of 6 job(s)" in out and str(tmp_path / "parquet") in out
     assert "left out 2 job(s): 1 failed, 1 cancelled" in out
-    table = pq.read_table(tmp_path / "index" / "index.parquet")
-    assert table.column_names == INDEX and table.num_rows == 8
-    for row in table.to_pylist():
+    files = tmp_path / "parquet" / "data"
+    assert [p.name for p in files.iterdir()] == ["train-00000-of-00001.parquet"]
+    readable(tmp_path / "parquet")
+    schema = pq.read_schema(files / "train-00000-of-00001.parquet")
+    assert schema.names == ["image", *INDEX]
+    about = json.loads(schema.metadata[b"sdqueue"])
+    assert about["run"] == name and about["split"] is None
+    assert [(m["model_source"], m["scheduler"]) for m in about["models"]] == \
+        sorted({(e["source"], e["scheduler"]) for e in stored.values()})
+    assert "num_train_timesteps" in about["models"][0]["scheduler_config"]
+    loaded = datasets.load_dataset("parquet", data_dir=str(tmp_path / "parquet"), split="train",
+                                   cache_dir=str(tmp_path / "hf"))
+    assert loaded.column_names == ["image", *INDEX] and len(loaded) == 8
+    assert loaded[0]["image"].size == (256, 256) and loaded[0]["text"].startswith("a lighthouse at dusk")
+    for row in loaded.cast_column("image", datasets.Image(decode=False)):
         expected = stored[f"{row['job_id']}-{row['image_index']}"]
         check_row(row, expected, name)
+        assert sha256(row["image"]["bytes"]) == expected["sha256"]
         assert row["object_uri"] == client.storage.location(expected["key"])
+
+    # hf: what load_from_disk opens, a Dataset
+    report = export_run(settings, name, tmp_path / "hf-one", format="hf", shard_size=5)
+    assert (report.images, report.shards) == (8, 2)
+    assert sorted(p.name for p in (tmp_path / "hf-one").iterdir()) == [
+        "data-00000-of-00002.arrow", "data-00001-of-00002.arrow", "dataset_info.json", "state.json"]
+    readable(tmp_path / "hf-one")
+    one = datasets.load_from_disk(str(tmp_path / "hf-one"))
+    assert isinstance(one, datasets.Dataset) and one.column_names == ["image", *INDEX] and len(one) == 8
+    assert one[7]["image"].size == (256, 256)
+    assert [f"{r['job_id']}-{r['image_index']}" for r in one.remove_columns("image")] == \
+        [f"{r['job_id']}-{r['image_index']}" for r in lines]  # in run-key order, as the image folder
+    check_row(one.remove_columns("image")[0], stored[f"{one[0]['job_id']}-{one[0]['image_index']}"], name)
+
+    # splits, stable by key: every row in exactly one, the same in every format and export
+    split = parse_split("train=0.6,validation=0.4")
+    want = {key: split.of(row["run_key"]) for key, row in stored.items()}
+    assert set(want.values()) == {"train", "validation"}  # both hold rows (row-0000..row-0005)
+    report = export_run(settings, name, tmp_path / "hf-split", format="hf", split="validation=0.4,train=0.6")
+    assert report.splits == {name: list(want.values()).count(name) for name in ("train", "validation")}
+    both = datasets.load_from_disk(str(tmp_path / "hf-split"))
+    assert isinstance(both, datasets.DatasetDict) and set(both) == {"train", "validation"}
+    got = {f"{r['job_id']}-{r['image_index']}": s for s in both for r in both[s].remove_columns("image")}
+    assert got == want and sum(len(both[s]) for s in both) == 8
+    assert both["validation"][0]["image"].size == (256, 256)
+    readable(tmp_path / "hf-split")
+
+    export_run(settings, name, tmp_path / "parquet-split", format="parquet", split=split, shard_size=2)
+    by_split = datasets.load_dataset("parquet", data_dir=str(tmp_path / "parquet-split"),
+                                     cache_dir=str(tmp_path / "hf"))
+    assert {f"{r['job_id']}-{r['image_index']}": s for s in by_split
+            for r in by_split[s].remove_columns("image")} == want
+    names = sorted(p.name for p in (tmp_path / "parquet-split" / "data").iterdir())
+    count = {s: -(-list(want.values()).count(s) // 2) for s in ("train", "validation")}
+    assert names == [f"{s}-{i:05d}-of-{count[s]:05d}.parquet" for s in ("train", "validation") for i in range(count[s])]
+    # written over with fewer files: none of the earlier ones is left to be read with them
+    export_run(settings, name, tmp_path / "parquet-split", format="parquet", split=split, force=True)
+    assert sorted(p.name for p in (tmp_path / "parquet-split" / "data").iterdir()) == [
+        "train-00000-of-00001.parquet", "validation-00000-of-00001.parquet"]
+
+    export_run(settings, name, tmp_path / "folder-split", format="imagefolder", split=split)
+    by_split = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "folder-split"),
+                                     cache_dir=str(tmp_path / "hf"))
+    assert {f"{r['job_id']}-{r['image_index']}": s for s in by_split
+            for r in by_split[s].remove_columns("image")} == want
+    export_run(settings, name, tmp_path / "wds-split", format="webdataset", split=split)
+    assert sorted(p.name for p in (tmp_path / "wds-split").iterdir()) == [
+        f"{s}-000000.{ext}" for s in ("train", "validation") for ext in ("parquet", "tar")]
+    with tarfile.open(tmp_path / "wds-split" / "validation-000000.tar") as tar:
+        assert {m.name.rsplit(".", 1)[0] for m in tar.getmembers()} == {k for k, v in want.items() if v == "validation"}
 
 
 def test_export_to_s3_and_a_tampered_image_is_refused(client, settings, worker, tmp_path, capsys):
@@ -190,6 +273,19 @@ def test_export_to_s3_and_a_tampered_image_is_refused(client, settings, worker, 
         data = s3.get_object(Bucket=BUCKET, Key=f"{prefix}/folder/{line['file_name']}")["Body"].read()
         assert sha256(data) == line["sha256"] == stored[f"{line['job_id']}-{line['image_index']}"]["sha256"]
 
+    # parquet shards by split, named once their number is known; a second export there is refused
+    report = export_run(settings, name, f"s3://{BUCKET}/{prefix}/parquet", format="parquet",
+                        split="train=0.5,test=0.5", shard_size=1)
+    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/parquet/")["Contents"]
+    assert sorted(o["Key"].split("/parquet/")[1] for o in listed) == sorted(
+        f"data/{s}-{i:05d}-of-{m:05d}.parquet" for s, n in report.splits.items() for m in [max(n, 1)] for i in range(m))
+    # (a split without rows still has its one, empty, file: it is there for load_dataset)
+    with pytest.raises(BadDestination, match=r"already holds an export \(data/\)"):
+        export_run(settings, name, f"s3://{BUCKET}/{prefix}/parquet", format="parquet")
+    export_run(settings, name, f"s3://{BUCKET}/{prefix}/parquet", format="parquet", force=True)  # and over it
+    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/parquet/")["Contents"]
+    assert [o["Key"].split("/parquet/")[1] for o in listed] == ["data/train-00000-of-00001.parquet"]
+
     # an image overwritten in storage: the export stops and names it, with both digests
     victim = next(key for key in stored if key.endswith("-1"))
     job_id = victim.rsplit("-", 1)[0]
@@ -201,7 +297,7 @@ def test_export_to_s3_and_a_tampered_image_is_refused(client, settings, worker, 
     assert stored[victim]["sha256"] in message and sha256(b"not the image that was made") in message
     assert not list((tmp_path / "tampered").iterdir())  # the shard that held it was not written, nor left half
     capsys.readouterr()
-    assert main(["export", name, str(tmp_path / "tampered-cli"), "--format", "parquet"]) == 1
+    assert main(["export", name, str(tmp_path / "tampered-cli"), "--format", "hf"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("sdqueue: error: image 1 of job") and len(err.strip().splitlines()) == 1
 
@@ -236,11 +332,41 @@ def test_an_unknown_run_is_one_line(settings, tmp_path, capsys):
     assert err == "sdqueue: error: no run named 'no-such-run' (`sdqueue runs` lists them)"
 
 
+@pytest.mark.parametrize("option, message", [
+    ("train=0.9", "sum to 0.9: they must sum to 1 (within 1e-9)"),
+    ("train=1.0,validation=0", "validation=0: the fraction must be above 0"),
+    ("train=0.5,tr-ain=0.5", "split name 'tr-ain'"),
+    ("train", "'train' is not NAME=FRACTION"),
+    (",".join(f"s{i}=0.1" for i in range(9)), "9 splits: give 1 to 8"),
+])
+def test_a_bad_split_is_one_line_naming_the_option(settings, tmp_path, capsys, option, message):
+    with pytest.raises(SystemExit) as refused:
+        main(["export", "any-run", str(tmp_path / "x"), "--format", "parquet", "--split", option])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sdqueue export: error: argument --split: ") and message in err and "\n" not in err
+    with pytest.raises(ExportError, match="^split="):
+        export_run(settings, "any-run", tmp_path / "x", format="hf", split=option)
+    assert not (tmp_path / "x").exists()
+
+
+def test_splits_depend_on_the_key_alone():
+    split = parse_split("validation=0.5,train=0.5")
+    # pinned: the same row lands in the same split on every machine and in every version
+    assert "".join(split.of(f"row-{i:04d}")[0] for i in range(12)) == "tttvvvvttttv"
+    same = parse_split({"train": 0.5, "validation": 0.5})
+    assert parse_split(str(split)).fractions == split.fractions == same.fractions
+    assert str(parse_split("b=0.123456789,a=0.876543211")) == "a=0.876543211,b=0.123456789"  # passed on as given
+    many = parse_split("train=0.98,validation=0.02")
+    counts = [many.of(f"k{i}") for i in range(20000)].count("validation")
+    assert 300 < counts < 500  # about 2%
+
+
 def test_fetches_run_concurrently_a_bounded_window_ahead_and_come_out_in_order():
     import threading
     import time
 
-    from producer.runs.export import _fetched
+    from producer.runs.writers import _fetched
 
     lock, state = threading.Lock(), {"read": 0, "written": 0, "running": 0, "most_running": 0, "most_ahead": 0}
 

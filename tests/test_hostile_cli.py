@@ -355,7 +355,7 @@ def _umask() -> int:
     return mask
 
 
-@pytest.mark.parametrize("format", ["imagefolder", "webdataset"])
+@pytest.mark.parametrize("format", ["imagefolder", "webdataset", "parquet", "hf"])
 def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(client, settings, rows, small_disk, format):
     images = [os.urandom(150_000), os.urandom(150_000)]
     name = f"export-{uuid.uuid4().hex[:8]}"

@@ -4,6 +4,8 @@
   stable keys, before anything is written.
 - `enqueue`: a run's rows into the database in batches and into the broker pipelined; idempotent
   and resumable (`sdqueue run`), and what `sdqueue runs` shows and does.
-- `export`: a run's images as a dataset (imagefolder, webdataset, parquet) on disk or in S3.
+- `export`: a run's images as a dataset (imagefolder, webdataset, parquet, hf) on disk or in S3;
+  `writers`: the four formats; `destination`: the folder or S3 prefix written to; `splits`: its
+  rows in named splits, stable by key.
 - `schedules`: cron schedules fired by Celery beat, each firing one run, exactly once.
 """

@@ -1,23 +1,41 @@
-"""A run's images as a dataset: an image folder, WebDataset shards, or a Parquet index alone.
+"""A run's images as a dataset: an image folder, WebDataset shards, Parquet or a `save_to_disk` folder.
 
-    sdqueue export RUN DEST --format imagefolder|webdataset|parquet
+    sdqueue export RUN DEST --format imagefolder|webdataset|parquet|hf [--split train=0.98,validation=0.02]
 
 DEST is a folder or an s3://bucket/prefix URI, written through the same storage code as the
 images (SDQUEUE_S3_ENDPOINT_URL, SDQUEUE_S3_REGION). The run's succeeded jobs and their images
 are read a page at a time, images are fetched from storage a few at a time on threads, each one
 checked against the sha256 the database recorded, and written in order: memory stays bounded
 whatever the size of the run. Every file is built in a temporary file and then renamed or
-uploaded, so a reader never sees half of one. In a folder an export never writes over a file that
-is there (unless `force`), and when the disk fails (full, read-only, an I/O error) it removes
-every file and folder it made and raises OutputFailed.
+uploaded, so a reader never sees half of one; files get the mode a plain `open` gives (0644 under
+the usual umask), folders 0755. In a folder an export never writes over a file that is there
+(unless `force`), and when the disk fails (full, read-only, an I/O error) it removes every file
+and folder it made and raises OutputFailed.
 
-Layouts:
+Every row (one image) carries its whole record: `text` (the prompt), the job's parameters, the
+image's seed, sha256 and `pixel_sha256` (of the decoded RGB pixels; null for images made before
+schema 0009), and how it was made: `model` (the registry name), `model_source` (hub id or folder),
+`model_revision`, `scheduler`, `scheduler_config` (JSON, read from the PNG's record) and
+`versions` (JSON). Parquet and Arrow files also hold the run's models in their schema metadata
+(`sdqueue`), beside the `huggingface` features.
+
+Splits (`split`, see producer/runs/splits.py) go where `datasets` finds them by name. Layouts,
+unsplit / split:
 - imagefolder: DEST/images/JOBID-INDEX.png and DEST/metadata.jsonl, one line per image with
-  `file_name` (what `datasets.load_dataset("imagefolder", data_dir=DEST)` reads).
-- webdataset: DEST/00000.tar, 00001.tar, ... of at most `shard_size` samples, each sample
-  KEY.png, KEY.txt (the prompt) and KEY.json (its index row); beside each shard its index
-  DEST/00000.parquet (the img2dataset convention).
-- parquet: DEST/index.parquet, the index alone; the images stay where they are (object_uri).
+  `file_name` (what `datasets.load_dataset("imagefolder", data_dir=DEST)` reads) / the same in
+  DEST/train/, DEST/validation/, ...
+- webdataset: DEST/00000.tar, 00001.tar, ... / DEST/train-000000.tar, ...: shards of at most
+  `shard_size` samples, each sample KEY.png, KEY.txt (the prompt) and KEY.json (its row); beside
+  each shard its index, the same name with .parquet (the img2dataset convention).
+- parquet: DEST/data/train-00000-of-00002.parquet, ... (all rows in `train` when unsplit): the
+  image in the Hugging Face `Image` layout (a struct of bytes and path) beside the row, for
+  `datasets.load_dataset("parquet", data_dir=DEST)` or any Parquet reader; `shard_size` rows a file.
+- hf: what `datasets.load_from_disk(DEST)` opens, written with pyarrow alone: a Dataset
+  (DEST/data-00000-of-00001.arrow, dataset_info.json, state.json) / a DatasetDict (the same in
+  DEST/train/, DEST/validation/, ..., and DEST/dataset_dict.json).
+
+This module reads the run and drives the export; the folder or S3 prefix written to is
+producer/runs/destination.py, the formats producer/runs/writers.py.
 """
 
 from __future__ import annotations
@@ -27,76 +45,39 @@ import io
 import json
 import os
 import sys
-import tarfile
-import tempfile
 import time
-from collections import deque
-from contextlib import closing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator
-from urllib.parse import urlparse
+from typing import Any, Callable, Iterator, Mapping
 
 from sqlalchemy import func, select
 
 from models.db import Database
 from models.errors import BadDestination, RunNotFound, SdqueueError, StorageError
 from models.settings import Settings
-from models.storage import LocalStorage, S3Storage, Storage, open_storage
+from models.storage import Storage, open_storage
 from models.tables import Batch, Image, Job, JobState, Run
-from producer.outputs import OutputFailed, Outputs
+from producer.outputs import OutputFailed
+from producer.runs.destination import Destination
+from producer.runs.splits import Splits, parse_split
+from producer.runs.writers import (COLUMNS, GROUP_BYTES, GROUP_ROWS, STALE, ExportReport, Options, markers, sample_key,
+                                   write_hf, write_imagefolder, write_parquet, write_webdataset)
 
-FORMATS = ("imagefolder", "webdataset", "parquet")
+# The entry and what it returns and raises; the rest are re-exported from writers.py and
+# destination.py for code that imported them from here before the split.
+__all__ = ["FORMATS", "ExportError", "ExportReport", "export_run", "png_record",
+           "COLUMNS", "Destination", "GROUP_BYTES", "GROUP_ROWS", "STALE", "sample_key"]
+
+FORMATS = ("imagefolder", "webdataset", "parquet", "hf")
 # Jobs read per query: a page holds at most 4x as many images.
 PAGE_JOBS = 500
-# Rows per Parquet row group in index.parquet.
-ROW_GROUP_ROWS = 4096
-
-# The index columns, in order, with their Arrow type names (one row per image).
-COLUMNS: list[tuple[str, str]] = [
-    ("job_id", "string"), ("run", "string"), ("key", "string"), ("prompt", "string"),
-    ("negative_prompt", "string"), ("mode", "string"), ("num_inference_steps", "int64"),
-    ("guidance_scale", "float64"), ("strength", "float64"), ("width", "int64"), ("height", "int64"),
-    ("num_images", "int64"), ("use_compel", "bool_"), ("seed", "int64"), ("image_index", "int64"),
-    ("model", "string"), ("model_revision", "string"), ("scheduler", "string"), ("object_uri", "string"),
-    ("sha256", "string"), ("size_bytes", "int64"), ("batch_id", "string"), ("batch_size", "int64"),
-    ("batch_position", "int64"), ("steps_run", "int64"), ("shared_max", "int64"), ("shared_mean", "float64"),
-    ("created_at", "string"),
-]
+# The text chunk of an sdqueue PNG holding its whole record (worker/encode.py RECORD_CHUNK).
+RECORD_CHUNK = "sdqueue"
+# Models listed in the schema metadata at most (one entry per model, revision and scheduler).
+MAX_MODELS = 64
 
 
 class ExportError(SdqueueError):
     """The run cannot be exported as asked (unfinished, a bad option), or an image in storage is
     not the one the database recorded. Whatever was already written stays in DEST."""
-
-
-@dataclass
-class ExportReport:
-    run: str
-    format: str
-    dest: str
-    images: int = 0
-    jobs: int = 0
-    shards: int = 0
-    # Jobs of the run not in the dataset, by state (failed, cancelled; queued and running with --partial).
-    left_out: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-    _last_job: str | None = field(default=None, init=False, repr=False, compare=False)
-
-    def count(self, row: dict[str, Any]) -> None:
-        """One more image written (rows come grouped by job)."""
-        self.images += 1
-        if row["job_id"] != self._last_job:
-            self.jobs += 1
-            self._last_job = row["job_id"]
-
-    def __str__(self) -> str:
-        files = {"webdataset": f"{self.shards} shard(s)", "imagefolder": "images/ + metadata.jsonl",
-                 "parquet": "index.parquet"}[self.format]
-        left = ", ".join(f"{n} {state}" for state, n in self.left_out.items())
-        return (f"exported {self.images} image(s) of {self.jobs} job(s) of run {self.run} to {self.dest} "
-                f"as {self.format} ({files}) in {self.seconds:.1f} s"
-                + (f"; left out {sum(self.left_out.values())} job(s): {left}" if self.left_out else ""))
 
 
 def export_run(
@@ -110,14 +91,18 @@ def export_run(
     concurrency: int = 8,
     progress: bool | None = None,
     force: bool = False,
+    split: str | Mapping[str, float] | Splits | None = None,
 ) -> ExportReport:
     """Write the images of run `run_name` to `dest` as a dataset; see the module's docstring.
 
     Raises RunNotFound for an unknown run, ExportError for an unfinished run (unless `partial`),
-    a bad option, or an image whose bytes do not match its recorded sha256. `progress`: show a
-    progress bar on stderr (None: only when stderr is a terminal). `force`: write over an earlier
-    export and any file in the way (otherwise BadDestination). OutputFailed when the destination
-    folder fails (ENOSPC, EROFS, EIO...): what this export made there was removed.
+    a bad option, or an image whose bytes do not match its recorded sha256. `split`:
+    "train=0.98,validation=0.02" (or a mapping, or Splits): each row in one split, by its key.
+    `progress`: show a progress bar on stderr (None: only when stderr is a terminal). `force`:
+    write over an earlier export and any file in the way (otherwise BadDestination), and remove
+    the earlier export's shards that this one did not write over (webdataset, parquet).
+    OutputFailed when the destination folder fails (ENOSPC, EROFS, EIO...): what this export made
+    there was removed.
     """
     # 1. check inputs
     if format not in FORMATS:
@@ -126,6 +111,10 @@ def export_run(
         raise ExportError(f"shard_size={shard_size}: must be at least 1")
     if concurrency < 1:
         raise ExportError(f"concurrency={concurrency}: must be at least 1")
+    try:
+        splits = split if isinstance(split, Splits) or split is None else parse_split(split)
+    except ValueError as exc:
+        raise ExportError(f"split={str(split)[:80]!r}: {exc}") from None
     started = time.monotonic()
     db = Database(settings.database_url)
     try:
@@ -147,19 +136,24 @@ def export_run(
                               f"to export the {states[JobState.SUCCEEDED.value]} succeeded job(s) so far")
         # 3. where images come from and where the dataset goes
         source = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-        target = Destination.open(str(dest), settings, marker={"imagefolder": "metadata.jsonl",
-                                                                 "webdataset": "00000.tar",
-                                                                 "parquet": "index.parquet"}[format], force=force)
+        target = Destination.open(str(dest), settings, markers=markers(format, splits), force=force)
         report = ExportReport(run_name, format, target.url)
-        # 4. the images, read page by page, fetched and checked concurrently, written in order
+        if splits is not None:
+            report.splits = dict.fromkeys(splits.names, 0)
+        # 4. the run's models, for the schema metadata of Parquet and Arrow files
+        about = {"run": run_name, "split": str(splits) if splits else None,
+                 "models": _run_models(db, run_id, source) if format in ("parquet", "hf") else []}
+        # 5. the images, read page by page, fetched and checked concurrently, written in order
         rows = _index_rows(db, run_id, run_name, source)
         bar = _progress_bar(expected, progress)
         try:
-            writer = {"imagefolder": _write_imagefolder, "webdataset": _write_webdataset,
-                      "parquet": _write_parquet}[format]
+            writer = {"imagefolder": write_imagefolder, "webdataset": write_webdataset,
+                      "parquet": write_parquet, "hf": write_hf}[format]
             try:
-                writer(rows, source, target, report, shard_size=shard_size, concurrency=concurrency,
-                       advance=bar.update if bar is not None else None)
+                writer(rows, _checked_fetch(source), target, report,
+                       Options(shard_size, concurrency, splits, about, bar.update if bar is not None else None))
+                if force and format in STALE:  # written over: no shard of an earlier export is left
+                    target.prune(*STALE[format])
             except (OSError, OutputFailed, BadDestination) as exc:  # the destination's: nothing of it is left
                 target.undo()
                 why = (exc.strerror or " ".join(str(exc).split())) if isinstance(exc, OSError) else str(exc)
@@ -170,7 +164,7 @@ def export_run(
                 bar.close()
     finally:
         db.dispose()
-    # 5. what was left out: counted at the start; with --partial, jobs that ended meanwhile are
+    # 6. what was left out: counted at the start; with --partial, jobs that ended meanwhile are
     #    whatever was not exported
     report.left_out = {state: n for state, n in states.items() if n and state != JobState.SUCCEEDED.value}
     report.seconds = time.monotonic() - started
@@ -199,33 +193,75 @@ def _index_rows(db: Database, run_id: str, run_name: str, source: Storage) -> It
             if not jobs:
                 return
             images = session.execute(
-                select(Image, Batch.model_revision, Batch.scheduler)
+                select(Image, Batch.model, Batch.model_revision, Batch.scheduler, Batch.versions)
                 .outerjoin(Batch, Batch.id == Image.batch_id)
                 .where(Image.job_id.in_([job.id for job in jobs]))
                 .order_by(Image.job_id, Image.index)
             ).all()
         by_job: dict[str, list[Any]] = {}
-        for image, revision, scheduler in images:
-            by_job.setdefault(image.job_id, []).append((image, revision, scheduler))
+        for made in images:
+            by_job.setdefault(made[0].job_id, []).append(made)
         for job in jobs:
             params = job.params or {}
-            for image, revision, scheduler in by_job.get(job.id, []):
+            for image, source_model, revision, scheduler, versions in by_job.get(job.id, []):
+                prompt = params.get("prompt", "")
                 row = {
-                    "job_id": job.id, "run": run_name, "key": job.run_key,
-                    "prompt": params.get("prompt", ""), "negative_prompt": params.get("negative_prompt", ""),
+                    "text": prompt, "job_id": job.id, "run": run_name, "key": job.run_key,
+                    "prompt": prompt, "negative_prompt": params.get("negative_prompt", ""),
                     "mode": job.mode, "num_inference_steps": job.num_inference_steps,
                     "guidance_scale": _float(params.get("guidance_scale")), "strength": _float(params.get("strength")),
                     "width": image.width, "height": image.height, "num_images": job.num_images,
                     "use_compel": bool(params.get("use_compel", False)), "seed": image.seed,
                     "image_index": image.index, "model": job.model, "model_revision": revision,
-                    "scheduler": scheduler, "object_uri": _locate(source, image.object_key),
-                    "sha256": image.sha256, "size_bytes": image.size_bytes, "batch_id": image.batch_id,
-                    "batch_size": image.batch_size, "batch_position": image.batch_position,
-                    "steps_run": image.steps_run, "shared_max": image.shared_max, "shared_mean": image.shared_mean,
+                    "scheduler": scheduler, "scheduler_config": None,  # from the PNG, when fetched
+                    "model_source": source_model,
+                    "versions": json.dumps(versions, sort_keys=True) if versions is not None else None,
+                    "object_uri": _locate(source, image.object_key), "sha256": image.sha256,
+                    "pixel_sha256": image.pixel_sha256, "size_bytes": image.size_bytes,
+                    "batch_id": image.batch_id, "batch_size": image.batch_size,
+                    "batch_position": image.batch_position, "steps_run": image.steps_run,
+                    "shared_max": image.shared_max, "shared_mean": image.shared_mean,
                     "created_at": image.created_at.isoformat() if image.created_at else None,
                 }
                 yield row, image.object_key
         after = jobs[-1].run_key
+
+
+def _run_models(db: Database, run_id: str, source: Storage) -> list[dict[str, Any]]:
+    """The models the run's succeeded jobs were made with: one entry per model, source,
+    revision and scheduler, with the scheduler's config read from the first image made so."""
+    with db.session() as session:
+        made = session.execute(
+            select(Job.model, Batch.model, Batch.model_revision, Batch.scheduler, func.min(Image.object_key))
+            .select_from(Image).join(Job, Job.id == Image.job_id).outerjoin(Batch, Batch.id == Image.batch_id)
+            .where(Job.run_id == run_id, Job.state == JobState.SUCCEEDED.value)
+            .group_by(Job.model, Batch.model, Batch.model_revision, Batch.scheduler)
+            .order_by(Job.model, Batch.model, Batch.model_revision, Batch.scheduler)
+            .limit(MAX_MODELS)
+        ).all()
+    models = []
+    for model, model_source, revision, scheduler, key in made:
+        try:
+            config = png_record(source.get(key)).get("scheduler_config")
+        except (StorageError, OSError):  # metadata only: every row still carries its own, checked
+            config = None
+        models.append({"model": model, "model_source": model_source, "model_revision": revision,
+                       "scheduler": scheduler, "scheduler_config": config})
+    return models
+
+
+def png_record(png: bytes) -> dict[str, Any]:
+    """The record an sdqueue PNG carries in its text chunk ({} when it has none), read from the
+    chunks before the pixels: nothing is decoded."""
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(io.BytesIO(png)) as image:
+            text = image.info.get(RECORD_CHUNK)
+        record = json.loads(text) if isinstance(text, str) else {}
+    except (OSError, ValueError, SyntaxError):  # not a PNG, or a record that is not JSON
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _float(value: Any) -> float | None:
@@ -239,36 +275,6 @@ def _locate(storage: Storage, key: str) -> str:
         return key
 
 
-def sample_key(row: dict[str, Any]) -> str:
-    """JOBID-INDEX: no dot, since WebDataset takes everything after the first dot as the extension."""
-    return f"{row['job_id']}-{row['image_index']}"
-
-
-def _fetched(
-    rows: Iterator[tuple[dict[str, Any], str]],
-    fetch: Callable[[dict[str, Any], str], bytes],
-    concurrency: int,
-) -> Iterator[tuple[dict[str, Any], bytes]]:
-    """(row, fetch(row, key)) in the order of `rows`, with at most 2 x `concurrency` fetches in
-    flight or waiting to be written: a slow object holds back the writer, never the memory bound."""
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    window: deque[tuple[dict[str, Any], Future[bytes]]] = deque()
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sdqueue-export") as pool:
-        try:
-            for row, key in rows:
-                window.append((row, pool.submit(fetch, row, key)))
-                if len(window) >= 2 * concurrency:
-                    done, future = window.popleft()
-                    yield done, future.result()
-            while window:
-                done, future = window.popleft()
-                yield done, future.result()
-        finally:  # stopped early (an error): nothing more starts
-            for _, future in window:
-                future.cancel()
-
-
 def _checked_fetch(source: Storage) -> Callable[[dict[str, Any], str], bytes]:
     def fetch(row: dict[str, Any], key: str) -> bytes:
         where = f"image {row['image_index']} of job {row['job_id']} (object {row['object_uri']})"
@@ -280,6 +286,9 @@ def _checked_fetch(source: Storage) -> Callable[[dict[str, Any], str], bytes]:
         if digest != row["sha256"]:
             raise ExportError(f"{where} has sha256 {digest} in storage but {row['sha256']} in the database: "
                               "the object was changed or replaced; the export stopped")
+        # on the fetching thread, before the writer sees the row
+        config = png_record(data).get("scheduler_config")
+        row["scheduler_config"] = json.dumps(config, sort_keys=True) if config is not None else None
         return data
 
     return fetch
@@ -293,214 +302,3 @@ def _progress_bar(total: int, progress: bool | None) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
-
-
-# --- where the dataset goes -------------------------------------------------------------------
-
-class Destination:
-    """A folder or an S3 prefix: each file built in a temporary file and then renamed into place
-    (a folder: never over a file that is there, unless forced) or uploaded (S3)."""
-
-    def __init__(self, storage: Storage, outputs: Outputs):
-        self.storage = storage
-        self.folder = storage.root if isinstance(storage, LocalStorage) else None
-        self.url = str(self.folder) if self.folder is not None else storage.url
-        self.outputs = outputs  # what was made in the folder, for `undo`
-
-    @classmethod
-    def open(cls, dest: str, settings: Settings, *, marker: str, force: bool = False) -> Destination:
-        """The destination, refused before anything is read when it cannot be written or
-        already holds an export (`marker`, the first file an export of this format writes)
-        and not `force`."""
-        scheme = urlparse(dest).scheme if "://" in dest else ""
-        if scheme in ("s3", "file"):
-            storage = open_storage(dest, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-        elif scheme:
-            raise BadDestination(f"destination {dest!r}: give a folder, file:///folder or s3://bucket/prefix")
-        else:
-            storage = LocalStorage(Path(dest))
-        target = cls(storage, Outputs(force=force))
-        if target.folder is not None:
-            target.outputs.folder(target.folder)
-        if not force and storage.exists(marker):
-            raise BadDestination(f"destination {target.url} already holds an export ({marker}): "
-                                 "give an empty folder, a new prefix, or --force to write over it")
-        return target
-
-    def put(self, name: str, data: bytes, content_type: str) -> None:
-        if self.folder is None:
-            self.storage.put(name, data, content_type)
-            return
-        path = self.folder / name
-        self.outputs.folder(path.parent)
-        self.outputs.write_bytes(path, data)
-
-    def temporary(self, name: str) -> Path:
-        """A new empty file to build `name` in: beside it in a folder (renamed atomically), in
-        the system's temporary folder for S3."""
-        if self.folder is not None:
-            path = self.folder / name
-            self.outputs.folder(path.parent)
-            return self.outputs.temporary(path)
-        fd, part = tempfile.mkstemp(prefix=f".{Path(name).name}.", suffix=".part")
-        os.close(fd)
-        return Path(part)
-
-    def commit(self, path: Path, name: str, content_type: str) -> None:
-        """`path` (from `temporary`) becomes `name`; the temporary file is gone either way."""
-        try:
-            if self.folder is not None:
-                self.outputs.place(path, self.folder / name)
-                return
-            assert isinstance(self.storage, S3Storage)
-            key = self.storage.location(name).removeprefix(f"s3://{self.storage.bucket}/")
-            try:  # multipart for large shards, streamed from the file
-                self.storage.client.upload_file(str(path), self.storage.bucket, key,
-                                                ExtraArgs={"ContentType": content_type})
-            except Exception as exc:
-                raise StorageError(f"upload of {name!r} to {self.storage.url} failed: {exc}") from exc
-        finally:
-            path.unlink(missing_ok=True)
-
-    def undo(self) -> None:
-        """Remove what this export made in the folder (objects put in S3 stay)."""
-        self.outputs.undo()
-
-
-# --- the three formats ------------------------------------------------------------------------
-
-def _write_imagefolder(rows: Iterator[tuple[dict[str, Any], str]], source: Storage, target: Destination,
-                       report: ExportReport, *, shard_size: int, concurrency: int,
-                       advance: Callable[[int], Any] | None) -> None:
-    check = _checked_fetch(source)
-
-    def copy(row: dict[str, Any], key: str) -> bytes:
-        # checked and put on the fetching thread: the images go up concurrently, and only the
-        # metadata line waits for the writer
-        target.put(row["file_name"], check(row, key), "image/png")
-        return b""
-
-    def named() -> Iterator[tuple[dict[str, Any], str]]:
-        for row, key in rows:
-            yield {"file_name": f"images/{sample_key(row)}.png", **row}, key
-
-    metadata = target.temporary("metadata.jsonl")
-    try:
-        # closing: on an error no fetch thread is still writing when the caller cleans up
-        with open(metadata, "w", encoding="utf-8") as f, closing(_fetched(named(), copy, concurrency)) as fetched:
-            for row, _ in fetched:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                _count(report, row, advance)
-        target.commit(metadata, "metadata.jsonl", "application/jsonl")
-    finally:
-        metadata.unlink(missing_ok=True)
-
-
-def _write_webdataset(rows: Iterator[tuple[dict[str, Any], str]], source: Storage, target: Destination,
-                      report: ExportReport, *, shard_size: int, concurrency: int,
-                      advance: Callable[[int], Any] | None) -> None:
-    shard: _Shard | None = None
-    try:
-        with closing(_fetched(rows, _checked_fetch(source), concurrency)) as fetched:
-            for row, data in fetched:
-                if shard is None:
-                    shard = _Shard(target, report.shards)
-                shard.add(row, data)
-                _count(report, row, advance)
-                if len(shard.rows) >= shard_size:
-                    shard.close()
-                    report.shards += 1
-                    shard = None
-        if shard is not None:
-            shard.close()
-            report.shards += 1
-            shard = None
-    finally:
-        if shard is not None:
-            shard.discard()
-
-
-class _Shard:
-    """One tar shard being built in a temporary file, and the rows of its Parquet index."""
-
-    def __init__(self, target: Destination, number: int):
-        self.target = target
-        self.name = f"{number:05d}"
-        self.path = target.temporary(f"{self.name}.tar")
-        self.tar = tarfile.open(self.path, "w")
-        self.rows: list[dict[str, Any]] = []
-
-    def add(self, row: dict[str, Any], png: bytes) -> None:
-        key = sample_key(row)
-        mtime = int(time.time())
-        for extension, data in (("png", png), ("txt", row["prompt"].encode("utf-8")),
-                                ("json", json.dumps(row, ensure_ascii=False).encode("utf-8"))):
-            info = tarfile.TarInfo(f"{key}.{extension}")
-            info.size, info.mtime, info.mode = len(data), mtime, 0o644
-            self.tar.addfile(info, io.BytesIO(data))
-        self.rows.append(row)
-
-    def close(self) -> None:
-        self.tar.close()
-        index = self.target.temporary(f"{self.name}.parquet")
-        try:
-            import pyarrow.parquet as pq
-
-            pq.write_table(_table(self.rows), index)
-            # the index after its shard: an index file always names a shard that is there
-            self.target.commit(self.path, f"{self.name}.tar", "application/x-tar")
-            self.target.commit(index, f"{self.name}.parquet", "application/vnd.apache.parquet")
-        finally:
-            index.unlink(missing_ok=True)
-            self.path.unlink(missing_ok=True)
-
-    def discard(self) -> None:
-        try:
-            self.tar.close()
-        except OSError:  # the disk that failed the shard fails its end too: it goes anyway
-            pass
-        finally:
-            self.path.unlink(missing_ok=True)
-
-
-def _write_parquet(rows: Iterator[tuple[dict[str, Any], str]], source: Storage, target: Destination,
-                   report: ExportReport, *, shard_size: int, concurrency: int,
-                   advance: Callable[[int], Any] | None) -> None:
-    import pyarrow.parquet as pq
-
-    path = target.temporary("index.parquet")
-    try:
-        with pq.ParquetWriter(path, _schema()) as writer, \
-                closing(_fetched(rows, _checked_fetch(source), concurrency)) as fetched:
-            group: list[dict[str, Any]] = []
-            # the images are fetched too: an index whose digests were not checked is not written
-            for row, _ in fetched:
-                group.append(row)
-                _count(report, row, advance)
-                if len(group) >= ROW_GROUP_ROWS:
-                    writer.write_table(_table(group))
-                    group = []
-            if group:
-                writer.write_table(_table(group))
-        target.commit(path, "index.parquet", "application/vnd.apache.parquet")
-        report.shards = 1
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _count(report: ExportReport, row: dict[str, Any], advance: Callable[[int], Any] | None) -> None:
-    report.count(row)
-    if advance is not None:
-        advance(1)
-
-
-def _schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema([(name, getattr(pa, kind)()) for name, kind in COLUMNS])
-
-
-def _table(rows: list[dict[str, Any]]) -> Any:
-    import pyarrow as pa
-
-    return pa.Table.from_pylist([{name: row[name] for name, _ in COLUMNS} for row in rows], schema=_schema())
