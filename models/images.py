@@ -1,4 +1,5 @@
-"""Which way up an input image is: its EXIF orientation, and the image turned upright.
+"""Which way up an input image is (its EXIF orientation, the image turned upright), and the
+hash of an image's pixels (`pixel_sha256`: the worker, export and `sdqueue reproduce` share it).
 
 A phone stores a portrait photo as the sensor read it (landscape) with an EXIF Orientation tag
 that says how to turn it for display. Every place that uses an img2img input turns it upright
@@ -9,7 +10,10 @@ them, so a re-run turns it the same way.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import warnings
+from typing import Any
 
 from PIL import ExifTags, Image
 
@@ -51,3 +55,20 @@ def upright_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened image once upright."""
     width, height = img.size
     return (height, width) if exif_orientation(img) in SIDEWAYS else (width, height)
+
+
+def pixel_sha256(image: bytes | Any) -> str:
+    """The sha256 of an image's decoded pixels: RGB, row-major, 8 bits a channel; exactly the bytes
+    of `np.asarray(PIL.Image.open(png).convert("RGB"))`. Unlike the file's sha256, it does not
+    depend on the PNG's metadata or compression: what a re-made image is compared with.
+
+    `image`: an encoded image file's bytes, or an HxWx3 uint8 array (the worker hashes the array it
+    encodes, at no cost of decoding)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        with Image.open(io.BytesIO(image)) as img:
+            return hashlib.sha256(img.convert("RGB").tobytes()).hexdigest()
+    shape, dtype = getattr(image, "shape", None), str(getattr(image, "dtype", ""))
+    if dtype != "uint8" or shape is None or len(shape) != 3 or shape[2] != 3:
+        raise ValueError(f"pixel_sha256 takes image file bytes or an HxWx3 uint8 array, got dtype "
+                         f"{dtype or type(image).__name__} and shape {shape}")
+    return hashlib.sha256(image.tobytes()).hexdigest()  # C order, whatever the array's strides

@@ -427,7 +427,8 @@ def job_record(job: Job, *, locate: Any = None) -> dict[str, Any]:
                 "seed": image.seed,
                 "key": image.object_key,
                 "location": locate(image.object_key) if locate else None,
-                "sha256": image.sha256,
+                "sha256": image.sha256,  # of the PNG file
+                "pixel_sha256": image.pixel_sha256,  # of its decoded RGB pixels (None: made before 0009)
                 "size_bytes": image.size_bytes,
                 "width": image.width,
                 "height": image.height,

@@ -41,6 +41,7 @@ from models.workers import healthy_workers
 from models.db import Database
 from models.errors import JobError, StorageError
 from models.events import Publisher
+from models.images import pixel_sha256
 from models.logs import about
 from models.outage import OutageTooLong, wait_out
 from models.settings import Settings
@@ -684,12 +685,14 @@ class Engine:
             else:
                 steps_run, most, mean = shared[offset]
                 batching = {"steps_run": steps_run, "shared_max": most, "shared_mean": mean}
-            png = encode_png(picture, self.image_record(work, sample, batch, batching))
+            pixel_hash = pixel_sha256(pixels)  # of the array encoded, no decode: ~3 ms at 768x768, 1-2% of the PNG's
+            png = encode_png(picture, self.image_record(work, sample, batch, batching, pixel_hash))
             key = object_key_for(work.job_id, sample.index, lease.token)
             objects.append((key, png))
             rows.append(Image(
                 job_id=work.job_id, index=sample.index, seed=sample.seed, object_key=key, sha256=sha256_of(png),
-                size_bytes=len(png), width=picture.width, height=picture.height, batch_id=batch.id, **batching,
+                pixel_sha256=pixel_hash, size_bytes=len(png), width=picture.width, height=picture.height,
+                batch_id=batch.id, **batching,
             ))
         # Say what will be uploaded before uploading it: an object never lies unseen in the store.
         self._outage(lambda: self._in_session(jobs.record_uploads, lease, [key for key, _ in objects]),
@@ -876,8 +879,10 @@ class Engine:
         with self.db.session() as session:
             return action(session, *args)
 
-    def image_record(self, work: Work, sample: Sample, batch: Batch, batching: dict[str, Any]) -> dict[str, Any]:
-        """Everything needed to make this image again; embedded in its PNG."""
+    def image_record(self, work: Work, sample: Sample, batch: Batch, batching: dict[str, Any],
+                     pixel_hash: str | None = None) -> dict[str, Any]:
+        """Everything needed to make this image again, and the hash of the pixels a re-made one is
+        compared with (they do not depend on this record); embedded in its PNG."""
         return {
             **work.params,
             "job_id": work.job_id,
@@ -897,4 +902,5 @@ class Engine:
             **batching,
             "compat_key": batch.compat_key,
             "versions": self.versions,
+            "pixel_sha256": pixel_hash,
         }
