@@ -103,6 +103,10 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_state_lease", "state", "lease_expires_at"),
         Index("ix_jobs_run_state", "run_id", "state"),
+        # Newest first, paged by (created_at, id): every job, a key's, a run's (the API's lists, the dashboard)
+        Index("ix_jobs_created", "created_at", "id"),
+        Index("ix_jobs_key_created", "api_key_id", "created_at", "id"),
+        Index("ix_jobs_run_created", "run_id", "created_at", "id"),
         UniqueConstraint("run_id", "run_key", name="uq_jobs_run_key"),
     )
 
@@ -156,7 +160,7 @@ class Job(Base):
     run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), default=None)
     run_key: Mapped[str | None] = mapped_column(String(255), default=None)
     # The API key that submitted it (None: the CLI, the client, a run), and where its end is POSTed.
-    api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), default=None, index=True)
+    api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), default=None)
     webhook_url: Mapped[str | None] = mapped_column(String(2048), default=None)
     # The ends that are POSTed there (of succeeded, failed, cancelled); None: every end.
     webhook_events: Mapped[list[str] | None] = mapped_column(JSON, default=None)

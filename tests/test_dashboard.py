@@ -2,7 +2,9 @@
 installs it): a run's job made by a real worker shows on the overview, in the run's gallery and on
 its own page, each page screenshotted into test-artifacts/dashboard/ (CI keeps that folder); its
 "submit again" makes a job of the same parameters and seed, whose page follows it live to its end.
-And the dashboard's keys: with auth on, nothing without one, and with one what the API shows it."""
+And the dashboard's keys: with auth on, nothing without one, and with one what the API shows it.
+A run of 50 images written into the tables: its compact gallery and records, keyset pages, times
+in the viewer's zone, the jobs searched, pages that follow a job's state, and who sees which run."""
 
 from __future__ import annotations
 
@@ -10,8 +12,12 @@ import json
 import shutil
 import struct
 import time
+import uuid
+from contextlib import contextmanager
+from datetime import timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlencode
 
 import httpx
 import numpy as np
@@ -126,20 +132,24 @@ def test_dashboard_pages_in_chromium(settings, client, worker, chromium, artifac
             wait_for(lambda: workers_shown(page), timeout=30, step=0.5)
         shoot(page, artifacts, "overview")
 
-        # 3. the run: its progress and its gallery, each image with its provenance
+        # 3. the run: its progress and its gallery, each image's record with its provenance on a click
         page.locator(f"#runs a[href='/runs/{name}']").click()
         page.wait_for_url(f"{url}/runs/{name}")
         assert f"Run {name}" in page.locator("h1").inner_text()
-        cards = page.locator(".gallery .card")
+        cards = page.locator(".gallery details.card")
         assert cards.count() == 2
-        assert images_loaded(page, ".gallery .card img") == [256, 256]  # thumbnails of 256x256 images
-        first = cards.nth(0).inner_text()
+        assert images_loaded(page, ".gallery .card summary img") == [256, 256]  # thumbnails of 256x256 images
+        assert cards.nth(0).inner_text().strip() == prompt  # the card: its thumbnail and prompt
+        cards.nth(0).locator("summary").click()
+        first = cards.nth(0).locator(".record").inner_text()
         assert prompt in first and job_id[:8] in first and "4242" in first and "6.5" in first
-        assert "4243" in cards.nth(1).inner_text()  # image 1: seed + 1
         for label in ("model", "revision", "scheduler", "batch", "sha256"):
             assert cards.nth(0).locator("dt", has_text=label).count() >= 1, label
-        assert "tiny" in first
+        assert cards.nth(0).locator("dd.model").inner_text() == "tiny"  # the registry's name, not the folder
         shoot(page, artifacts, "run")
+        cards.nth(1).locator("summary").click()  # one record open at a time
+        assert "4243" in cards.nth(1).locator(".record").inner_text()  # image 1: seed + 1
+        assert not cards.nth(0).locator(".record").is_visible()
 
         # 4. the job: its parameters, images and their provenance
         assert page.goto(f"{url}/jobs/{job_id}").status == 200
@@ -162,8 +172,9 @@ def test_dashboard_pages_in_chromium(settings, client, worker, chromium, artifac
 
         # 6. submit again, from the run's gallery: a new job, its page following it to its end
         page.goto(f"{url}/runs/{name}")
+        page.locator(".gallery details.card").nth(0).locator("summary").click()
         with page.expect_navigation():
-            page.locator(".gallery .card").nth(0).locator("button", has_text="submit again").click()
+            page.locator(".gallery details.card").nth(0).locator("button", has_text="submit again").click()
         again_id = page.url.rsplit("/", 1)[1]
         assert again_id != job_id and page.url == f"{url}/jobs/{again_id}"
         poll(page, "() => document.getElementById('state').textContent === 'succeeded'", timeout=TIMEOUT)
@@ -217,7 +228,7 @@ def test_the_workers_panel_says_which_worker_takes_no_work(settings, chromium, m
             assert sick.locator(".reason").inner_text() == reason
             assert page.locator("#injected").count() == 0 and sick.locator("img").count() == 0
             health = sick.locator("td.health").inner_text()
-            assert "for 2m 1" in health and "probe 3 in 3" in health, health  # 40 s less the page's time
+            assert "for 2 min 1" in health and "probe 3 in 3" in health, health  # 40 s less the page's time
             assert sick.locator(".spool, .spool-bytes").count() == 0  # an empty spool on a roomy disk
             full = row("w-full")
             assert full.locator(".badge.disk-full").is_visible()
@@ -280,7 +291,7 @@ def test_dashboard_keys(settings, make_key):  # noqa: F811
         assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
         assert "a quiet harbour" in http.get(f"/jobs/{job_id}").text
         overview = http.get("/").text
-        assert f"/jobs/{job_id}" in overview and "Runs belong to no API key" in overview
+        assert f"/jobs/{job_id}" in overview and "No run of this key yet" in overview
         assert http.get("/runs/anything").status_code == 404
         assert http.get(f"/v1/jobs/{job_id}").status_code == 401  # the cookie is the dashboard's only
         # 3. submit again: refused from another site's page, else a job of the key's with the same request
@@ -325,3 +336,256 @@ def test_login_goes_back_only_to_this_site():
     for elsewhere in (None, "", "https://evil.example/", "//evil.example", "/\\evil.example", "/\t/evil.example",
                       "evil.example", "/ /x"):
         assert safe_next(elsewhere) == "/", elsewhere
+
+
+# -- a big gallery, searched, paged and followed, as keys see it ------------------------------------
+
+GALLERY_JOBS = 50  # one image each: a page of 48 and a second page
+
+
+def png(shade: int) -> bytes:
+    import io
+
+    from PIL import Image as PILImage
+
+    out = io.BytesIO()
+    PILImage.new("RGB", (64, 64), (shade, 90, 255 - shade)).save(out, format="PNG")
+    return out.getvalue()
+
+
+@contextmanager
+def seeded_runs(settings: Any, client: Any, owner: str, prompts: list[str]) -> Iterator[dict[str, Any]]:
+    """A run of `owner`'s (an API key's id) of one-image jobs, succeeded a second apart (the first
+    prompt the newest), their images in the object store; and an operator's run (no key's) of
+    one job. Written straight into the tables, the rows and objects taken away after."""
+    from sqlalchemy import delete
+
+    from models.registry import built_models_dir
+    from models.tables import Batch, Image, Job, Run, utcnow
+
+    tag = time.time_ns()
+    now = utcnow()
+    ids = [str(uuid.uuid4()) for _ in prompts]
+    run_ids = [str(uuid.uuid4()), str(uuid.uuid4())]
+    names = [f"gallery-{tag}", f"operator-{tag}"]
+    batch_id = str(uuid.uuid4())
+    keys = [f"dashboard-{tag}/{job_id}/0.png" for job_id in ids]
+    for i, key in enumerate(keys):
+        client.storage.put(key, png(i * 5 % 256), "image/png")
+    params = {**small(prompt=""), "width": 64, "height": 64, "num_inference_steps": 2, "guidance_scale": 7.5,
+              "num_images": 1}
+    with client.db.session() as session:
+        session.add_all([Run(id=run_ids[0], name=names[0], api_key_id=owner, expected_jobs=len(prompts),
+                             sealed_at=now, created_at=now - timedelta(minutes=1)),
+                         Run(id=run_ids[1], name=names[1], expected_jobs=1, sealed_at=now, created_at=now)])
+        session.add(Batch(id=batch_id, worker="gpu-3", model=str(built_models_dir(settings.data_dir) / "tiny"),
+                          model_revision="rev-1", scheduler="EulerDiscreteScheduler", device="cuda:0", dtype="float16",
+                          size=4, versions={}, jobs=4, seconds=1.0, started_at=now, finished_at=now))
+        session.flush()
+        for i, (job_id, prompt) in enumerate(zip(ids, prompts)):
+            created = now - timedelta(seconds=10 + i)
+            session.add(Job(id=job_id, state="succeeded", mode="txt2img",
+                            params={**params, "prompt": prompt, "seed": i},
+                            seed=i, width=64, height=64, num_inference_steps=2, num_images=1, model="tiny",
+                            attempts=1, queue=settings.queue, priority="bulk", run_id=run_ids[0], run_key=f"row-{i}",
+                            api_key_id=owner, created_at=created, started_at=created, finished_at=created,
+                            updated_at=created))
+        session.add(Job(id=str(uuid.uuid4()), state="succeeded", mode="txt2img", params={**params, "prompt": "ops"},
+                        seed=1, width=64, height=64, num_inference_steps=2, num_images=1, run_id=run_ids[1],
+                        created_at=now, updated_at=now))
+        session.flush()
+        session.add_all([Image(job_id=job_id, index=0, seed=i, object_key=key, sha256="ab" * 32, size_bytes=100,
+                               width=64, height=64, batch_id=batch_id, batch_size=4, batch_position=i % 4,
+                               created_at=now - timedelta(seconds=10 + i))
+                         for i, (job_id, key) in enumerate(zip(ids, keys))])
+    try:
+        yield {"names": names, "ids": ids, "created": now - timedelta(minutes=1)}
+    finally:
+        with client.db.session() as session:
+            for table, column, values in ((Image, Image.batch_id, [batch_id]), (Job, Job.run_id, run_ids),
+                                          (Batch, Batch.id, [batch_id]), (Run, Run.id, run_ids)):
+                session.execute(delete(table).where(column.in_(values)))
+        for key in keys:
+            client.storage.delete(key)
+
+
+def key_id(client: Any, token: str) -> str:
+    from producer.api.keys import find_key
+
+    key = find_key(client.db, token)
+    assert key is not None
+    return key.id
+
+
+def login(page: Any, url: str, token: str) -> None:
+    page.goto(f"{url}/login?next=/")
+    page.fill("input[name=token]", token)
+    with page.expect_navigation():
+        page.locator("button", has_text="log in").click()
+
+
+def forget_keys(client: Any, tokens: list[str]) -> None:
+    """The keys and every job they submitted, out of the database."""
+    from sqlalchemy import delete
+
+    from models.tables import ApiKey, Job
+
+    ids = [key_id(client, token) for token in tokens]
+    with client.db.session() as session:
+        session.execute(delete(Job).where(Job.api_key_id.in_(ids)))
+        session.execute(delete(ApiKey).where(ApiKey.id.in_(ids)))
+
+
+def test_gallery_search_and_live_pages_in_chromium(settings, client, chromium, make_key):  # noqa: F811
+    """A run of 50 images (rows written straight into the tables) as its key sees it in Chromium:
+    a compact gallery a few screens tall whose cards open their record beside it, paged by keyset;
+    the registry's name for the model's folder; times in the viewer's zone (UTC, labelled, without
+    JavaScript); the jobs searched by prompt and by state, paged; a job submitted and cancelled
+    through the API showing on open pages without a reload; and who sees which run."""
+    from zoneinfo import ZoneInfo
+
+    prompts = [f"a red fox number {i}" for i in range(GALLERY_JOBS)]
+    prompts[3] = "a BLUE whale, 100% <b>bold</b>_x"  # LIKE's wildcards and markup: taken as they are
+    prompts[7] = "a blue whale at dawn"
+    alice, bob, admin = make_key(), make_key(), make_key("--admin")
+    try:
+        with seeded_runs(settings, client, key_id(client, alice), prompts) as seeded, serving(settings) as url, \
+                httpx.Client(base_url=url, timeout=30) as http:
+            mine, operators = seeded["names"]
+            # 1. runs and keys: a key sees its own runs, an admin key every run, the operator's too
+            for token, sees in ((alice, {mine}), (bob, set()), (admin, {mine, operators})):
+                http.post("/login", data={"token": token, "next": "/"})
+                overview = http.get("/")
+                assert overview.status_code == 200
+                for name in (mine, operators):
+                    assert http.get(f"/runs/{name}").status_code == (200 if name in sees else 404), (token, name)
+                    assert (f'href="/runs/{name}"' in overview.text) == (name in sees), (token, name)
+                assert ("No run of this key yet" in overview.text) == (not sees)
+            # what a page is asked for is checked: a 422 page, never a query with NUL in it
+            for path in ("/?q=a%00b", "/?state=%00", "/?state=done", "/?before=%00", "/?after=bm90LWpzb24",
+                         f"/runs/{mine}?before=%00", f"/runs/{mine}?after=WzEsMiwzXQ"):
+                answer = http.get(path)
+                assert answer.status_code == 422 and "Traceback" not in answer.text, (path, answer.text[:300])
+            http.cookies.clear()
+
+            context = chromium.new_context(viewport={"width": 1280, "height": 800}, locale="en-US",
+                                           timezone_id="Asia/Kolkata")
+            try:
+                page = context.new_page()
+                login(page, url, alice)
+                # 2. the gallery: 48 cards of a thumbnail and the prompt, newest job first, a few screens tall
+                assert page.goto(f"{url}/runs/{mine}").status == 200
+                cards = page.locator(".gallery details.card")
+                assert cards.count() == 48
+                height = page.evaluate("() => document.documentElement.scrollHeight")
+                assert height < 3000, height
+                print(f"a 48-image gallery page at 1280x800: {height} px")
+                assert cards.nth(0).locator(".clip").inner_text() == prompts[0]
+                # 3. a click opens the card's record beside the gallery, markup shown as text; Escape closes it
+                record = cards.nth(3).locator(".record")
+                assert not record.is_visible()
+                cards.nth(3).locator("summary").click()
+                assert record.is_visible()
+                text = record.inner_text()
+                assert prompts[3] in text and seeded["ids"][3][:8] in text and "position 3 of 4" in text
+                model = record.locator("dd.model")
+                assert model.inner_text() == "tiny" and model.get_attribute("title").endswith("/models/tiny")
+                assert record.locator("button", has_text="submit again").is_visible()
+                assert page.evaluate("() => document.documentElement.scrollHeight") == height
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "gallery.png"), full_page=True)
+                page.keyboard.press("Escape")
+                assert not record.is_visible()
+                # 4. times in the viewer's zone, named; the run's progress says when it was made
+                made = page.locator("#progress time.local")
+                local = seeded["created"].astimezone(ZoneInfo("Asia/Kolkata"))
+                assert made.inner_text() == f"{local:%b} {local.day}, {local:%Y, %I:%M:%S %p} GMT+5:30"
+                # 5. keyset pages of the gallery: the older holds the last two images, the newer the first 48
+                page.locator(".pager a.older").click()
+                page.wait_for_url("**/runs/*?before=*")
+                assert cards.count() == 2 and cards.nth(1).locator(".clip").inner_text() == prompts[-1]
+                assert page.locator(".pager a.older").count() == 0
+                page.locator(".pager a.newer").click()
+                page.wait_for_url("**/runs/*?after=*")
+                assert cards.count() == 48 and cards.nth(0).locator(".clip").inner_text() == prompts[0]
+
+                # 6. the jobs, searched: by prompt (any case, wildcards literal), by state, paged
+                def found(query: dict[str, str]) -> list[str]:
+                    assert page.goto(f"{url}/?{urlencode(query)}").status == 200
+                    return page.locator("#recent tr td:nth-child(3)").all_inner_texts()
+
+                assert found({"q": "blue WHALE"}) == [prompts[3], prompts[7]]
+                page.screenshot(path=str(ARTIFACTS / "search.png"), full_page=True)
+                assert page.locator("#matches").inner_text().startswith("2 matches of prompts holding")
+                assert found({"q": "FOX"}) == prompts[:3] + prompts[4:7] + prompts[8:22]
+                assert "Showing the newest 20 matches" in page.locator("#matches").inner_text()
+                assert found({"q": "100%"}) == found({"q": "</b>_x"}) == [prompts[3]]
+                assert found({"q": "d_x"}) == []
+                assert found({"q": "<img src=x id=injected>"}) == [] and page.locator("#injected").count() == 0
+                assert page.locator("input[name=q]").input_value() == "<img src=x id=injected>"
+                assert page.goto(f"{url}/?q={'x' * 201}").status == 422
+                assert found({"state": "failed"}) == []
+                first = found({"state": "succeeded"})
+                assert first == prompts[:20]
+                page.locator("#recent a.older").click()
+                page.wait_for_url("**/?state=succeeded&before=*")
+                assert page.locator("#recent tr td:nth-child(3)").all_inner_texts() == prompts[20:40]
+                page.locator("#recent a.older").click()
+                page.wait_for_url("**/?state=succeeded&before=*")
+                assert page.locator("#recent tr td:nth-child(3)").all_inner_texts() == prompts[40:]
+                assert page.locator("#recent a.older").count() == 0
+                page.locator("#recent a.newer").click()
+                page.wait_for_url("**/?state=succeeded&after=*")
+                assert page.locator("#recent tr td:nth-child(3)").all_inner_texts() == prompts[20:40]
+
+                # 7. live: a job submitted, then cancelled, through the API shows on the open overview
+                # and on its own open page, neither read again by the browser
+                assert page.goto(f"{url}/").status == 200
+                page.evaluate("() => { window.stayed = true; }")
+                job_id = http.post("/v1/jobs", json=small(prompt="a live otter"), headers=bearer(alice)).json()["id"]
+                row = "id => { const a = document.querySelector(`#recent a[href='/jobs/${id}']`);" \
+                      " return a && a.closest('tr').querySelector('.state').textContent; }"
+                assert poll(page, row, job_id, timeout=TIMEOUT) == "queued"
+                job_page = context.new_page()
+                assert job_page.goto(f"{url}/jobs/{job_id}").status == 200
+                assert job_page.locator("#state").inner_text() == "queued"
+                job_page.evaluate("() => { window.stayed = true; }")
+                assert http.delete(f"/v1/jobs/{job_id}", headers=bearer(alice)).status_code == 200
+                poll(page, f"id => ({row})(id) === 'cancelled'", job_id, timeout=TIMEOUT)
+                poll(job_page, "() => document.getElementById('state').textContent === 'cancelled'", timeout=TIMEOUT)
+                assert page.evaluate("() => window.stayed") and job_page.evaluate("() => window.stayed")
+            finally:
+                context.close()
+
+            # 8. without JavaScript: times in UTC, labelled so; a card still opens its record
+            context = chromium.new_context(viewport={"width": 1280, "height": 800}, java_script_enabled=False)
+            try:
+                page = context.new_page()
+                login(page, url, alice)
+                assert page.goto(f"{url}/runs/{mine}").status == 200
+                utc = seeded["created"].astimezone(timezone.utc)
+                assert page.locator("#progress time.local").inner_text() == f"{utc:%Y-%m-%d %H:%M:%S} UTC"
+                page.locator(".gallery details.card").nth(1).locator("summary").click()
+                assert prompts[1] in page.locator(".gallery details.card").nth(1).locator(".record").inner_text()
+            finally:
+                context.close()
+    finally:
+        forget_keys(client, [alice, bob, admin])
+
+
+def test_durations_and_model_names_read_as_people_say_them(tmp_path):
+    from types import SimpleNamespace
+
+    from producer.api.dashboard import _duration, _when
+    from producer.api.panels import model_name
+
+    assert [_duration(s) for s in (0, 45, 60, 200, 7490, 7200, 3 * 86400 + 4 * 3600 + 59)] == \
+        ["0 s", "45 s", "1 min", "3 min 20 s", "2 h 4 min", "2 h", "3 d 4 h"]
+    assert str(_when("2026-12-05T10:03:01+01:00")) == \
+        '<time datetime="2026-12-05T09:03:01+00:00" class="local">2026-12-05 09:03:01 UTC</time>'
+    shared = SimpleNamespace(settings=SimpleNamespace(data_dir=tmp_path))
+    hub_cache = "/root/.cache/huggingface/hub/models--stabilityai--stable-diffusion-2-1-base/snapshots/5ede9e4b"
+    for recorded, shown in (("sd21", "sd21"), ("stabilityai/stable-diffusion-2-1", "sd21"), (hub_cache, "sd21-base"),
+                            (str(tmp_path / "models" / "tiny"), "tiny"), ("/srv/weights/my-finetune/", "my-finetune"),
+                            (None, None)):
+        assert model_name(recorded, shared) == shown, recorded

@@ -1,7 +1,8 @@
 """The web dashboard at `/`: server-rendered pages (Jinja2, templates/) for people, beside the API.
 
-    /                         queues and their depths, jobs by state, workers, runs with progress bars, recent jobs
-    /runs/{name}              a run's progress and its gallery: every image with its provenance
+    /                         queues and their depths, jobs by state, workers, runs with progress bars, the
+                              jobs (?q= prompt text, ?state=, paged by ?before=/?after= cursors)
+    /runs/{name}              a run's progress and its gallery: thumbnails, each image's record on a click
     /jobs/{id}                a job: parameters, images, provenance, live progress (the events stream)
     /jobs/{id}/images/{i}     an image (?thumbnail=1: a small JPEG), served through the API
     POST /jobs/{id}/again     a new job with the same parameters and seed; answers with its page
@@ -16,12 +17,17 @@ SDQUEUE_API_AUTH=off the dashboard shows every job and run, to anyone who can re
 
 Images are served through the API, not by redirect to the object store, whose endpoint a browser
 may not reach; pages allow scripts only of their own (a nonce), images and forms only from here.
+
+The pages work without JavaScript (times then show in UTC, labelled so). With it, times show in
+the viewer's zone, and a page reads itself again every few seconds while its tab is visible, as
+`?fragment=1` (its content alone), swapping the sections marked `data-live` that changed; the job
+page follows its job's event stream instead while the job runs.
 """
 
 from __future__ import annotations
 
 import secrets
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -29,6 +35,7 @@ from urllib.parse import quote, urlsplit
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from starlette.concurrency import run_in_threadpool
 
 from producer.api import panels
@@ -45,21 +52,52 @@ COOKIE = "sdqueue_key"
 MAX_LOGIN_BYTES = 4096
 
 
-def _when(value: Any) -> str:
+def _utc(value: Any) -> datetime | None:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
-    return value.strftime("%Y-%m-%d %H:%M:%S") if isinstance(value, datetime) else "-"
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def _when(value: Any) -> Markup | str:
+    """A time as `<time>`: UTC, labelled, for a page without JavaScript; the page's script shows
+    it in the viewer's zone with the zone's name."""
+    when = _utc(value)
+    if when is None:
+        return "-"
+    return Markup('<time datetime="{}" class="local">{} UTC</time>').format(
+        when.isoformat(timespec="seconds"), when.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _ago(value: Any) -> Markup | str:
+    """How long ago, as people say it ("3 min ago"), the time itself on hover."""
+    when = _utc(value)
+    if when is None:
+        return "-"
+    seconds = (datetime.now(timezone.utc) - when).total_seconds()
+    said = "just now" if seconds < 5 else f"{_duration(seconds)} ago"
+    return Markup('<time datetime="{}" class="ago" title="{} UTC">{}</time>').format(
+        when.isoformat(timespec="seconds"), when.strftime("%Y-%m-%d %H:%M:%S"), said)
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
+    """A duration as people read it, to its two largest units: "45 s", "3 min 20 s", "2 h 5 min", "3 d 4 h"."""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h" if hours else f"{days} d"
     if hours:
-        return f"{hours}h {rest // 60:02d}m"
-    return f"{rest // 60}m {rest % 60:02d}s" if rest >= 60 else f"{rest} s"
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    if minutes:
+        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+    return f"{secs} s"
 
 
 templates.env.filters["when"] = _when
+templates.env.filters["ago"] = _ago
 templates.env.filters["duration"] = _duration
 
 
@@ -106,11 +144,13 @@ def safe_next(target: str | None) -> str:
 # -- pages ---------------------------------------------------------------------------------------------
 
 def page(request: Request, name: str, who: Caller | None, status_code: int = 200, **context: Any) -> HTMLResponse:
+    """A page; with ?fragment=1 its content alone (what the page's script reads again to update itself)."""
     nonce = secrets.token_urlsafe(16)
     shared: Backend = request.app.state.backend
+    fragment = request.query_params.get("fragment") == "1"
     response = templates.TemplateResponse(
         request, name, {"root": root(request), "who": who, "auth": shared.settings.api_auth == "on", "nonce": nonce,
-                        **context}, status_code=status_code)
+                        "fragment": fragment, **context}, status_code=status_code)
     response.headers["Content-Security-Policy"] = (
         f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; img-src 'self'; "
         "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -133,25 +173,27 @@ def refused(request: Request, who: Caller | None, exc: Exception) -> HTMLRespons
 
 
 @router.get("/", response_class=HTMLResponse)
-async def overview(request: Request, shared: Backend = Depends(backend)) -> Response:
+async def overview(request: Request, q: str | None = None, state: str | None = None, before: str | None = None,
+                   after: str | None = None, shared: Backend = Depends(backend)) -> Response:
     who = await viewer(request, shared)
     if who is None:
         return to_login(request)
     try:
-        found = await run_in_threadpool(panels.overview, shared, who)
+        search = panels.read_search(q, state, before, after)
+        found = await run_in_threadpool(panels.overview, shared, who, search)
     except Exception as exc:
         return refused(request, who, exc)
     return page(request, "overview.html", who, **found)
 
 
 @router.get("/runs/{name:path}", response_class=HTMLResponse)
-async def run_page(name: str, request: Request, page_number: int = Query(1, alias="page", ge=1, le=100_000),
-                   shared: Backend = Depends(backend)) -> Response:
+async def run_page(name: str, request: Request, before: str | None = None,
+                   after: str | None = None, shared: Backend = Depends(backend)) -> Response:
     who = await viewer(request, shared)
     if who is None:
         return to_login(request)
     try:
-        found = await run_in_threadpool(panels.run_page, shared, who, name, page_number)
+        found = await run_in_threadpool(panels.run_page, shared, who, name, before, None if before else after)
     except Exception as exc:
         return refused(request, who, exc)
     return page(request, "run.html", who, **found)
