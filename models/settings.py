@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(default=24 * 2**20, gt=0)
     # How long a presigned image URL the API hands out stays valid.
     api_url_seconds: int = Field(default=300, gt=0, le=7 * 24 * 3600)
+    # How long the presigned URLs of a run's dataset exported to S3 (GET /v1/runs/{name}/export?to=s3) stay valid.
+    api_export_url_seconds: int = Field(default=3600, gt=0, le=7 * 24 * 3600)
     # Event streams (GET /v1/jobs/{id}/events) one API key may hold open at once, across all API
     # processes: each holds a Redis connection. One more is refused with 429.
     api_max_streams_per_key: int = Field(default=16, ge=1, le=100_000)

@@ -1,7 +1,7 @@
 """The `sdqueue` command.
 
 Producer commands (submit, status, wait, fetch, cancel, top, db) import no worker code and no torch.
-Worker commands (worker, models build-*, demo) import the worker lazily, when they run.
+Worker commands (worker, reproduce, models build-*, demo) import the worker lazily, when they run.
 Errors a user can cause print one line and exit non-zero; no stack trace.
 """
 
@@ -15,16 +15,15 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from models.errors import (BadDestination, BadInput, ConfigError, InvalidRequest, JobNotFound, JobTimeout, RunBusy,
                            RunNotFound, SdqueueError)
-from models.logs import configure_logging, make_handler, redirect_std_streams
-from models.request import parse_request
-from models.settings import load_settings
 from models.text import inert
-from producer.client import Client
-from producer.files import read_image_file
+
+if TYPE_CHECKING:
+    from models.settings import Settings
+    from producer.client import Client
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT = 1, 2, 3, 4
 PRIORITIES = ["interactive", "bulk"]
@@ -82,6 +81,16 @@ seconds = finite_float(0)
 MAX_CONCURRENCY, MAX_COUNT, MAX_API_WORKERS = 256, 1000, 256
 
 
+def split_option(text: str) -> Any:
+    """An argparse type: export's --split, parsed (producer/runs/splits.py) before anything is read."""
+    from producer.runs.splits import parse_split
+
+    try:
+        return parse_split(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 class Parser(argparse.ArgumentParser):
     """A bad option is one line, like every other refusal of the CLI (argparse would print the
     usage first): `sdqueue submit: error: argument --timeout: ...`; `--help` shows the usage."""
@@ -95,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sdqueue",
         description="Stable Diffusion 2.1 batch generation: producers enqueue jobs, GPU workers run them. "
         "Settings come from SDQUEUE_* variables (SDQUEUE_BROKER_URL, SDQUEUE_DATABASE_URL, "
-        "SDQUEUE_STORAGE_URL, SDQUEUE_S3_ENDPOINT_URL, SDQUEUE_MODEL, ...).",
+        "SDQUEUE_STORAGE_URL, SDQUEUE_S3_ENDPOINT_URL, SDQUEUE_MODEL, ...). With SDQUEUE_API_URL (and "
+        "SDQUEUE_API_KEY) set, submit, status, wait, fetch, cancel, run, runs and export go through the HTTP API "
+        "instead; the other commands work on the database and broker directly.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -185,15 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--json", action="store_true", help="one frame as JSON")
 
     export = commands.add_parser(
-        "export", help="write a run's images as a dataset (image folder, WebDataset shards or a Parquet index) "
-        "to a folder or s3://bucket/prefix, each image checked against its recorded sha256")
+        "export", help="write a run's images as a dataset (image folder, WebDataset shards, Parquet with the images, "
+        "or a datasets.load_from_disk folder) to a folder or s3://bucket/prefix, each image checked against its "
+        "recorded sha256")
     export.add_argument("run", metavar="RUN", help="the run's name")
     export.add_argument("dest", metavar="DEST", help="a folder, or s3://bucket/prefix (SDQUEUE_S3_* settings)")
-    export.add_argument("--format", required=True, choices=["imagefolder", "webdataset", "parquet"])
+    export.add_argument("--format", required=True, choices=["imagefolder", "webdataset", "parquet", "hf"])
+    export.add_argument("--split", type=split_option, metavar="NAME=FRACTION,...",
+                        help="e.g. train=0.98,validation=0.02: each row in one split, stable by its key")
     export.add_argument("--partial", action="store_true",
                         help="export the succeeded jobs of a run that has not finished yet")
     export.add_argument("--shard-size", type=int_between(1, 2**31 - 1), default=1000,
-                        help="webdataset: samples per shard (default 1000)")
+                        help="webdataset, parquet, hf: images per file (default 1000)")
     export.add_argument("--concurrency", type=int_between(1, MAX_CONCURRENCY), default=8,
                         help=f"images fetched at once, 1..{MAX_CONCURRENCY} (default 8)")
     export.add_argument("--force", action="store_true", help="write over an earlier export and any file in the way")
@@ -209,6 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--slots", type=int_between(1, 1024), help="jobs held at once, gathered into batches, "
                         "1..1024 (default: SDQUEUE_WORKER_SLOTS or 16)")
     worker.add_argument("--loglevel", default="INFO")
+
+    reproduce_help = ("make a succeeded job's images again on this machine from its record (model, scheduler, "
+                      "parameters, seeds, input) and compare them with the stored ones: equal, or the largest "
+                      "difference and PSNR; exit 0 when equal or within the tolerance, 1 when not")
+    reproduce = commands.add_parser("reproduce", help=reproduce_help, description=reproduce_help)
+    reproduce.add_argument("job_id", metavar="JOB")
+    reproduce.add_argument("--index", type=int_between(0, 3), help="compare image I only (default: every image); "
+                           "the job's images are made together, as the job runs alone")
+    reproduce.add_argument("--model", help="registry name or diffusers folder instead of the recorded model")
+    reproduce.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: SDQUEUE_DEVICE or auto)")
+    reproduce.add_argument("--tolerance", type=int_between(0, 255), metavar="D",
+                           help="accept a largest difference of D/255 (default: 1 on the recorded device type and "
+                           "dtype, as batch mates may change a value by 1/255; none across them)")
+    reproduce.add_argument("--out", type=Path, metavar="FILE", help="write the re-made image there (one image)")
+    reproduce.add_argument("--force", action="store_true", help="with --out: write over a file that exists")
+    reproduce.add_argument("--json", action="store_true", help="the comparison as JSON")
 
     webhooks = commands.add_parser(
         "webhooks", help="deliver webhooks: POST each ended job's record to its webhook_url, signed, with retries "
@@ -272,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     # Pillow logs what it thinks of a hostile file as well as raising: the refusal is the one line.
     logging.getLogger("PIL").addHandler(logging.NullHandler())
     try:
+        if os.environ.get("SDQUEUE_API_URL"):  # job and run commands through the HTTP API
+            from producer import remote
+
+            if remote.goes_remote(args):
+                return remote.main(args)
+            remote.check_local(args.command)
         return COMMANDS[args.command](args)
     except (InvalidRequest, BadDestination) as exc:
         return _fail(str(exc), EXIT_USAGE)
@@ -299,7 +335,48 @@ def _fail(message: str, code: int) -> int:
 
 
 def _client() -> Client:
+    from producer.client import Client
+
     return Client(load_settings())
+
+
+# Each command imports what it uses, when it runs: pydantic-settings, Pillow, SQLAlchemy and Celery
+# cost 0.3 s and more, so `--help` and the commands that go through the API (producer/remote.py)
+# load none of them.
+def load_settings(**overrides: Any) -> Settings:
+    from models.settings import load_settings
+
+    return load_settings(**overrides)
+
+
+def configure_logging(*args: Any, **kwargs: Any) -> Any:
+    from models.logs import configure_logging
+
+    return configure_logging(*args, **kwargs)
+
+
+def make_handler(*args: Any, **kwargs: Any) -> Any:
+    from models.logs import make_handler
+
+    return make_handler(*args, **kwargs)
+
+
+def redirect_std_streams(*args: Any, **kwargs: Any) -> Any:
+    from models.logs import redirect_std_streams
+
+    return redirect_std_streams(*args, **kwargs)
+
+
+def parse_request(data: Any) -> Any:
+    from models.request import parse_request
+
+    return parse_request(data)
+
+
+def read_image_file(path: Path) -> bytes:
+    from producer.files import read_image_file
+
+    return read_image_file(path)
 
 
 def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -416,6 +493,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # device, nor a file that is there unless --force
     rejects = args.rejects or args.manifest.with_name(args.manifest.name + ".rejects.jsonl")
     rejects_file = check_output(rejects, force=args.force, inputs=[args.manifest]) if manifest.reject_count else None
+    from producer.client import Client
+
     settings = load_settings()
     configure_logging(settings, "WARNING")  # the report is the output; the log says what went wrong
     client = Client(settings)
@@ -559,7 +638,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from producer.runs.export import export_run
 
     report = export_run(load_settings(), args.run, args.dest, format=args.format, partial=args.partial,
-                        shard_size=args.shard_size, concurrency=args.concurrency, force=args.force)
+                        shard_size=args.shard_size, concurrency=args.concurrency, force=args.force,
+                        split=args.split)
     print(inert(str(report)))
     return 0
 
@@ -568,6 +648,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from models.errors import ServiceUnavailable
     from models.outage import wait_out
     from models.sweep import Sweeper
+    from producer.client import Client
 
     settings = load_settings()
     configure_logging(settings, "WARNING")  # the report is the output; the log says what went wrong
@@ -622,6 +703,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
             redirect_std_streams()
         raise
     return run_worker(settings, loglevel=args.loglevel)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from worker.reproduce import ImageNotFound, reproduce
+
+    settings = load_settings(**({"device": args.device} if args.device else {}))
+    configure_logging(settings, "WARNING")  # the comparison is the output
+    try:
+        result = reproduce(settings, args.job_id, index=args.index, model=args.model, tolerance=args.tolerance,
+                           out=args.out, force=args.force)
+    except ImageNotFound as exc:
+        return _fail(str(exc), EXIT_NOT_FOUND)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=1))
+    else:
+        print("\n".join(inert(line) for line in result.lines()))
+    return 0 if result.ok else EXIT_ERROR
 
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
@@ -731,6 +829,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "sweep": cmd_sweep,
     "db": cmd_db,
     "worker": cmd_worker,
+    "reproduce": cmd_reproduce,
     "webhooks": cmd_webhooks,
     "models": cmd_models,
     "beat": cmd_beat,

@@ -67,17 +67,20 @@ class Client:
         return self._sender
 
     def submit(self, request: GenerationRequest | dict[str, Any], *, priority: str = Priority.INTERACTIVE.value,
-               api_key_id: str | None = None, webhook_url: str | None = None) -> str:
-        """Validate, record and enqueue one job; returns its id."""
+               api_key_id: str | None = None, webhook_url: str | None = None,
+               webhook_events: list[str] | None = None) -> str:
+        """Validate, record and enqueue one job; returns its id. `webhook_events`: the ends of the
+        job its webhook is POSTed for (succeeded, failed, cancelled; default all of them)."""
         # 1. validate (raises InvalidRequest) and check we can send at all, before any write
         if not isinstance(request, GenerationRequest):
             request = parse_request(request)
         priority = check_priority(priority)
+        webhook_events = checked_webhook_events(webhook_url, webhook_events)
         self.sender  # noqa: B018  (refuses the in-process broker before anything is written)
         # 2. the row's values: the seed resolved (a drawn seed is recorded like a given one), the
         #    img2img input in storage before the row that names it
         values = job_row(request, base_queue=self.settings.queue, priority=priority, storage=self.storage,
-                         api_key_id=api_key_id, webhook_url=webhook_url)
+                         api_key_id=api_key_id, webhook_url=webhook_url, webhook_events=webhook_events)
         values["enqueued_at"] = values["created_at"]
         # 3. the row (its input taken back if it cannot be written), then the message
         with self.removing_inputs_on_failure([values]), self.db.session() as session:
@@ -90,7 +93,7 @@ class Client:
 
     def submit_many(self, requests: list[GenerationRequest | dict[str, Any]], *,
                     priority: str = Priority.INTERACTIVE.value, api_key_id: str | None = None,
-                    webhook_url: str | None = None) -> list[str]:
+                    webhook_url: str | None = None, webhook_events: list[str] | None = None) -> list[str]:
         """Validate all, then record and enqueue all in one transaction and one pipelined send;
         returns their ids in order. All or nothing: one bad request refuses the whole list
         (InvalidRequest naming each by its index), and a broker that cannot be reached takes
@@ -105,9 +108,11 @@ class Client:
         if problems:
             raise InvalidRequest(problems)
         priority = check_priority(priority)
+        webhook_events = checked_webhook_events(webhook_url, webhook_events)
         self.sender  # noqa: B018
         values = [job_row(request, base_queue=self.settings.queue, priority=priority, storage=self.storage,
-                          api_key_id=api_key_id, webhook_url=webhook_url) for request in parsed]
+                          api_key_id=api_key_id, webhook_url=webhook_url, webhook_events=webhook_events)
+                  for request in parsed]
         with self.removing_inputs_on_failure(values), self.db.session() as session:
             written = insert_jobs(session, values)
         try:
@@ -280,3 +285,13 @@ def check_priority(priority: str) -> str:
     if priority not in allowed:
         raise InvalidRequest([f"priority={priority!r}: must be one of {', '.join(allowed)}"])
     return priority
+
+
+def checked_webhook_events(webhook_url: str | None, webhook_events: list[str] | None) -> list[str] | None:
+    """The ends a webhook is POSTed for, checked (as the API checks them); InvalidRequest otherwise."""
+    from models.webhooks import check_webhook_events
+
+    events = check_webhook_events(webhook_events)
+    if events is not None and webhook_url is None:
+        raise InvalidRequest(["webhook_events is given without a webhook_url: give both, or neither"])
+    return events

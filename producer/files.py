@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from models.errors import InvalidRequest
-from models.request import MAX_IMAGE_BYTES
 
 # What a refusal calls each kind of file that is not a regular one.
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
@@ -99,6 +98,8 @@ def _too_large(size: int | None, bound: int) -> str:
 
 def read_image_file(path: Path, bound: int | None = None) -> bytes:
     """The bytes of an input image file within MAX_IMAGE_BYTES, or InvalidRequest naming it."""
+    from models.request import MAX_IMAGE_BYTES  # Pillow and pydantic: only when an image is read
+
     try:
         return read_bounded(path, MAX_IMAGE_BYTES if bound is None else bound)
     except UnreadableFile as exc:

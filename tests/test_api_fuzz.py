@@ -4,6 +4,7 @@ valid and invalid data alike, no server error, and every answer is one the schem
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import socket
 import uuid
@@ -13,6 +14,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance, response_schema_conformance, status_code_conformance,
@@ -32,6 +34,16 @@ def _schema() -> Any:
 
 
 schema = _schema()
+
+# POST /v1/runs takes a manifest's bytes in these types: rows good and bad, a grid or not, any bytes
+_value = st.one_of(st.text(max_size=20), st.integers(), st.none())
+_rows = st.lists(st.dictionaries(st.sampled_from(["prompt", "seed", "width", "key", "image"]), _value), max_size=3)
+_lines = _rows.map(lambda rows: "".join(json.dumps(row) + "\n" for row in rows).encode())
+schemathesis.openapi.media_type("application/x-ndjson", _lines, aliases=["application/jsonl"])
+schemathesis.openapi.media_type("application/toml", st.one_of(
+    st.sampled_from([b'prompts = ["a cat"]\nseeds = [1, 2]\nsizes = ["256x256"]\n', b"prompts = ", b""]),
+    st.binary(max_size=40)))
+schemathesis.openapi.media_type("application/vnd.apache.parquet", st.binary(max_size=64))
 
 
 @pytest.fixture(autouse=True)

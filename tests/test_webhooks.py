@@ -341,6 +341,28 @@ def test_every_end_of_a_job_makes_exactly_one_delivery(client):
     assert len(deliveries(db, succeeded)) == 1
 
 
+def test_the_python_client_asks_for_chosen_ends_and_checks_them(client):
+    url = "http://127.0.0.1:9/hook"
+    job_id = client.submit(small(prompt="a paper boat"), webhook_url=url, webhook_events=["cancelled"])
+    [kite] = client.submit_many([small(prompt="a kite")], webhook_url=url, webhook_events=["failed", "succeeded"])
+    assert client.get(job_id)["webhook"]["events"] == ["cancelled"]
+    assert client.get(kite)["webhook"]["events"] == ["succeeded", "failed"]  # in the order of every end
+    before = job_total(client.db)
+    for events, hook, said in ((["done"], url, "'done' is not one of"), (["failed"], None, "without a webhook_url")):
+        with pytest.raises(InvalidRequest, match=said):
+            client.submit(small(prompt="a paper plane"), webhook_url=hook, webhook_events=events)
+        with pytest.raises(InvalidRequest, match=said):
+            client.submit_many([small(prompt="a paper plane")], webhook_url=hook, webhook_events=events)
+    assert job_total(client.db) == before  # nothing written
+
+
+def job_total(db: Database) -> int:
+    from sqlalchemy import func
+
+    with db.session() as session:
+        return session.scalar(select(func.count()).select_from(Job))
+
+
 @pytest.fixture
 def sqlite_db(tmp_path: Path) -> Iterator[Database]:
     url = f"sqlite:///{tmp_path / 'webhooks.db'}"

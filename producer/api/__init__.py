@@ -11,6 +11,7 @@ their images, for many callers at once, each with an API key of its own.
     idempotency.py  `Idempotency-Key`: one answer per key, given again to a retry
     admit.py        writing a validated submit: inputs stored, cap counted and rows inserted at once, sent
     jobs.py         /v1/jobs routes: submit, batch, read, list, images, cancel
+    runs.py         /v1/runs routes: a manifest or grid uploaded as a run; list, show, cancel, retry, export
     events.py       /v1/jobs/{id}/events: Server-Sent Events of a job's state and progress
     health.py       /healthz and /readyz
     docs.py         /docs (Swagger UI) and /redoc (ReDoc), their scripts served from the installed package

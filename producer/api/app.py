@@ -95,7 +95,7 @@ def root(request: Request) -> str:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from producer.api import dashboard, docs, events, health, jobs, metrics
+    from producer.api import dashboard, docs, events, health, jobs, metrics, runs
 
     settings = settings or load_settings()
     shared = Backend(settings)
@@ -108,9 +108,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="sdqueue", version="1", description=DESCRIPTION, lifespan=lifespan, docs_url=None,
                   redoc_url=None)  # docs.py serves both pages from installed files, not a CDN
     app.state.backend = shared
-    app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes, exempt=runs.OWN_BODY_BOUND)
     errors.install(app)
     app.include_router(jobs.router)
+    app.include_router(runs.router)
     app.include_router(events.router)
     app.include_router(health.router)
     app.include_router(dashboard.router)  # the web pages, left out of the OpenAPI document

@@ -32,14 +32,16 @@ _INTEGER = re.compile(r"[+-]?\d{1,30}")
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for a body over `max_bytes`, declared or counted."""
+    """ASGI middleware: 413 for a body over `max_bytes`, declared or counted. The routes in
+    `exempt` (method, path) bound their own bodies (an uploaded manifest may be gigabytes)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: frozenset[tuple[str, str]] = frozenset()):
         self.app = app
         self.max_bytes = max_bytes
+        self.exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope["method"], _app_path(scope)) in self.exempt:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
@@ -61,6 +63,12 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+def _app_path(scope: Scope) -> str:
+    """The request's path within the app (without the prefix a proxy mounts it under)."""
+    path, prefix = scope["path"], scope.get("root_path", "")
+    return path[len(prefix):] if prefix and path.startswith(prefix) else path
 
 
 def is_form(request: Request) -> bool:

@@ -61,8 +61,9 @@ def api_record(job: Job, prefix: str) -> dict[str, Any]:
         record.pop(internal, None)
     path = f"{prefix}/v1/jobs/{job.id}"
     record["images"] = [
-        {"index": image["index"], "seed": image["seed"], "sha256": image["sha256"], "size_bytes": image["size_bytes"],
-         "width": image["width"], "height": image["height"], "url": f"{path}/images/{image['index']}"}
+        {"index": image["index"], "seed": image["seed"], "sha256": image["sha256"],
+         "pixel_sha256": image["pixel_sha256"], "size_bytes": image["size_bytes"], "width": image["width"],
+         "height": image["height"], "url": f"{path}/images/{image['index']}"}
         for image in record["images"]
     ]
     record["links"] = {"self": path, "events": f"{path}/events", "images": [image["url"] for image in record["images"]]}
@@ -283,10 +284,10 @@ def list_page(shared: Backend, who: Caller, *, state: JobState | None, run: str 
         raise InvalidRequest([f"run={quoted(run)}: must not hold control characters: {refused}"])
     with shared.client.db.session() as session:
         if run is not None:
-            run_id = session.scalar(select(Run.id).where(or_(Run.name == run, Run.id == run)).limit(1))
-            if run_id is None:
+            found_run = session.scalar(select(Run).where(or_(Run.name == run, Run.id == run)).limit(1))
+            if found_run is None or not who.owns_run(found_run):  # another key's run: as if none had the name
                 raise RunNotFound(run[:100])
-            query = query.where(Job.run_id == run_id)
+            query = query.where(Job.run_id == found_run.id)
         found = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
         page = found[:limit]
         return {"jobs": [api_record(job, prefix) for job in page],

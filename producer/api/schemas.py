@@ -80,7 +80,10 @@ def batch_body() -> dict[str, Any]:
 class ImageOut(BaseModel):
     index: int
     seed: int
-    sha256: str
+    sha256: str = Field(description="of the PNG file, its metadata included")
+    pixel_sha256: str | None = Field(description="of its decoded pixels (RGB, row-major, 8 bits a channel): what "
+                                     "`sdqueue reproduce` compares a re-made image with; null for images made "
+                                     "before it was recorded")
     size_bytes: int
     width: int
     height: int
@@ -162,3 +165,97 @@ def refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
     }
     # Every route may refuse a parameter (422): FastAPI's own description of that answer is not ours.
     return {code: {"description": described[code][0], "model": described[code][1]} for code in sorted({*codes, 422})}
+
+
+# -- runs (runs.py) --------------------------------------------------------------------------------
+
+def run_body() -> dict[str, Any]:
+    """A run's manifest or grid: the body itself, or the file part `file` of a form."""
+    raw = {"type": "string", "format": "binary"}
+    form = {"type": "object", "required": ["file"], "properties": {
+        "file": {**raw, "description": "the manifest or grid; its format from its name's suffix or its type"},
+        **{name: {"type": "string", "description": f"as the query parameter {name}"}
+           for name in ("name", "format", "skip_invalid", "append", "priority", "defaults")},
+    }}
+    return {"required": True, "content": {
+        "application/x-ndjson": {"schema": {**raw, "description": "JSON Lines: one request object a line, "
+                                                                  "plus `key` and `priority`"}},
+        "application/jsonl": {"schema": raw},
+        "application/json": {"schema": {**raw, "description": "read as JSON Lines"}},
+        "text/csv": {"schema": {**raw, "description": "a header of request fields, one request a line"}},
+        "application/vnd.apache.parquet": {"schema": raw},
+        "application/toml": {"schema": {**raw, "description": "a grid: the product of a few lists of values"}},
+        "multipart/form-data": {"schema": form},
+    }}
+
+
+class RunOut(BaseModel):
+    """A run: its jobs by state and its progress."""
+
+    name: str
+    id: str
+    state: str = Field(description="writing (not all of its rows are in yet: POST it again to complete it), queued, "
+                                   "running, finished or cancelled")
+    created_at: str
+    sealed: bool = Field(description="every row of its source is a job, sent")
+    expected_jobs: int | None
+    jobs: dict[str, int] = Field(description="its jobs, counted by state")
+    images_done: int
+    images_total: int = Field(description="the images its jobs ask for, whatever their state")
+    images_per_second: float = Field(description="over the last 5 minutes")
+    eta_seconds: float | None = Field(description="at that rate; null while nothing is made")
+    source_sha256: str | None
+    defaults: dict[str, Any] = Field(description="the request fields rows without their own value take")
+    priority: Priority
+    schedule: str | None
+
+
+class RejectOut(BaseModel):
+    line: int = Field(description="the line of the file (Parquet: the row's index; grid: its place in the expansion)")
+    key: Any = Field(description="the row's own key, if it gave one")
+    errors: list[str]
+
+
+class RunMade(BaseModel):
+    run: RunOut
+    created: bool = Field(description="false: the run existed (same name, source and defaults) and was completed")
+    written: int = Field(description="jobs written by this request")
+    rejects: list[RejectOut] = Field(description="with skip_invalid: the first bad rows, left out")
+    reject_count: int
+
+
+class BadRows(BaseModel):
+    """A 422 of POST /v1/runs: a bad option (`detail` alone), or bad rows (with the first rejects and their count)."""
+    detail: list[str]
+    rejects: list[RejectOut] | None = Field(default=None, description="bad rows: the first ones")
+    reject_count: int | None = Field(default=None, description="bad rows: how many")
+
+
+class RunPage(BaseModel):
+    runs: list[RunOut]
+    next_cursor: str | None = Field(description="give it as `cursor` for the next page; null on the last")
+
+
+class RunCancelled(BaseModel):
+    run: RunOut
+    cancelled: int
+
+
+class RunRetried(BaseModel):
+    run: RunOut
+    retried: int
+
+
+class ExportedFile(BaseModel):
+    name: str = Field(description="its path within the export")
+    size_bytes: int
+    url: str = Field(description="a presigned URL of the object store")
+
+
+class RunExported(BaseModel):
+    run: str
+    format: str
+    location: str = Field(description="s3://bucket/prefix/exports/RUN/FORMAT")
+    images: int
+    expires_in: int = Field(description="seconds the URLs stay valid (SDQUEUE_API_EXPORT_URL_SECONDS)")
+    files: list[ExportedFile]

@@ -17,7 +17,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from sqlalchemy import select, text
 
@@ -27,6 +27,8 @@ from producer.bulk import BATCH, by_queue, insert_jobs, job_row, send_marked
 from producer.client import Client, check_priority
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from producer.runs.manifest import Manifest, RunRow
 
 # Room for "@" and a fire time after a schedule's name.
@@ -74,6 +76,8 @@ def enqueue_run(
     append: bool = False,
     progress: bool | None = None,
     batch_size: int = BATCH,
+    api_key_id: str | None = None,
+    admit: Callable[[Session, int], None] | None = None,
 ) -> EnqueueReport | None:
     """Make (or resume) the run `name` with the valid rows of `manifest`.
 
@@ -81,6 +85,11 @@ def enqueue_run(
     of a race to make it (two schedulers firing the same slot) does nothing. A run that exists
     is resumed only if it was made from the same source and defaults (RunExists otherwise), or
     with `append`, which adds the rows it lacks whatever they came from.
+
+    `api_key_id`: the API key the run and its jobs belong to (None: the operator's, the CLI's and
+    the schedules'); a run of that name made by another owner is RunExists, whatever its source.
+    `admit`: called in each batch's transaction before its rows are inserted, with how many there
+    are; what it raises refuses that batch (the API counts a key's cap of queued jobs there).
     """
     # 1. checks before any write: the name, the priority, a broker we can send to
     check_run_name(name)
@@ -89,7 +98,7 @@ def enqueue_run(
     started = time.monotonic()
     # 2. the run: made now, or found (the same source and defaults, unless appending)
     run_id, created = _make_run(client, name, manifest, defaults or {}, priority, schedule, fire_time,
-                                 append=append or only_if_new)
+                                 append=append or only_if_new, api_key_id=api_key_id)
     if not created and only_if_new:
         return None
     # 3. jobs an interrupted enqueue wrote but never sent
@@ -102,7 +111,7 @@ def enqueue_run(
             missing = rows if created else _missing(client, run_id, rows)
             existing += len(rows) - len(missing)
             if missing:
-                written = _write(client, run_id, missing, priority)
+                written = _write(client, run_id, missing, priority, api_key_id, admit)
                 sent += send_marked(client, written)
                 inserted += sum(len(ids) for ids in written.values())
             bar.update(len(rows))
@@ -144,34 +153,44 @@ def _missing(client: Client, run_id: str, rows: list[RunRow]) -> list[RunRow]:
 
 
 def _make_run(client: Client, name: str, manifest: Manifest, defaults: dict[str, Any], priority: str,
-              schedule: str | None, fire_time: datetime | None, *, append: bool) -> tuple[str, bool]:
+              schedule: str | None, fire_time: datetime | None, *, append: bool,
+              api_key_id: str | None) -> tuple[str, bool]:
     """The run's id, and whether this call made it; a race to make it has one winner. A run found
-    must have been made from the same source and defaults, unless `append`."""
+    must be the same owner's, made from the same source and defaults unless `append`."""
     run_id = str(uuid.uuid4())
     values = dict(id=run_id, name=name, source=manifest.source, source_sha256=manifest.sha256, defaults=defaults,
                   priority=priority, schedule=schedule, fire_time=fire_time, expected_jobs=len(manifest.rows),
-                  created_at=utcnow())
+                  api_key_id=api_key_id, created_at=utcnow())
     with client.db.session() as session:
         made = session.execute(_insert(session, Run).values(**values).on_conflict_do_nothing(
             index_elements=["name"]).returning(Run.id)).scalar_one_or_none()
         if made is not None:
             return made, True
         found = session.scalars(select(Run).where(Run.name == name)).one()
+        _check_owner(found, api_key_id)
         if not append:
             _check_same_run(found, manifest, defaults)
         return found.id, False
 
 
-def check_run(client: Client, name: str, manifest: Manifest, defaults: dict[str, Any], *, append: bool = False) -> None:
-    """Before anything is written: RunExists if a run of that name was made from another source
-    or other defaults (and not `append`)."""
+def check_run(client: Client, name: str, manifest: Manifest, defaults: dict[str, Any], *, append: bool = False,
+              api_key_id: str | None = None) -> None:
+    """Before anything is written: RunExists if a run of that name is another owner's, or was
+    made from another source or other defaults (and not `append`)."""
     check_run_name(name)
-    if append:
-        return
     with client.db.session() as session:
         found = session.scalars(select(Run).where(Run.name == name)).one_or_none()
         if found is not None:
-            _check_same_run(found, manifest, defaults)
+            _check_owner(found, api_key_id)
+            if not append:
+                _check_same_run(found, manifest, defaults)
+
+
+def _check_owner(run: Run, api_key_id: str | None) -> None:
+    """Only who made a run resumes or appends to it. The refusal names no owner: an API key must
+    not learn which key (or whether the operator) holds a name."""
+    if run.api_key_id != api_key_id:
+        raise RunExists(f"the run name {run.name!r} is taken: give another name")
 
 
 def _check_same_run(run: Run, manifest: Manifest, defaults: dict[str, Any]) -> None:
@@ -196,13 +215,17 @@ def _options(defaults: dict[str, Any]) -> str:
     return " ".join(given) or "none"
 
 
-def _write(client: Client, run_id: str, rows: list[RunRow], priority: str) -> dict[str, list[str]]:
+def _write(client: Client, run_id: str, rows: list[RunRow], priority: str, api_key_id: str | None,
+           admit: Callable[[Session, int], None] | None) -> dict[str, list[str]]:
     """Write one batch of rows (inputs first); returns the ids written, by queue. A row whose key
     another enqueue wrote meanwhile is skipped, not doubled."""
     now = utcnow()
     values = [job_row(row.request, base_queue=client.settings.queue, priority=row.priority or priority,
-                      storage=client.storage, now=now, run_id=run_id, run_key=row.key) for row in rows]
+                      storage=client.storage, now=now, run_id=run_id, run_key=row.key, api_key_id=api_key_id)
+              for row in rows]
     with client.db.session() as session:
+        if admit is not None:
+            admit(session, len(values))
         written = insert_jobs(session, values)
     return by_queue(values, written)
 

@@ -249,12 +249,15 @@ def load_manifest(
     *,
     fire_time: datetime | None = None,
     schedule: str | None = None,
+    files: bool = True,
 ) -> Manifest:
     """Read and validate every row of the manifest at `path`, by its suffix.
 
     `defaults` (request fields) fill the fields a row does not give; then the request schema's own
-    defaults apply. `fire_time` and `schedule` fill a grid's placeholders.
+    defaults apply. `fire_time` and `schedule` fill a grid's placeholders. `files=False` for a
+    manifest uploaded over HTTP: it may name no file on this host (a row's image, a prompts_file).
     """
+    base_dir = path.parent if files else None
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise ManifestError(f"{path}: unknown manifest format {suffix or '(no suffix)'!r}: "
@@ -262,7 +265,7 @@ def load_manifest(
     if suffix == ".toml":
         data = _read(path, MAX_GRID_BYTES)
         spec = parse_toml(path, data, ManifestError)
-        return load_grid(spec, path.parent, defaults, fire_time=fire_time, schedule=schedule, source=str(path),
+        return load_grid(spec, base_dir, defaults, fire_time=fire_time, schedule=schedule, source=str(path),
                          sha256=hashlib.sha256(data).hexdigest())
     read = {".csv": _csv_rows, ".parquet": _parquet_rows}.get(suffix, _jsonl_rows)
     first: list[str] = []  # the first pass's sha256
@@ -270,7 +273,7 @@ def load_manifest(
     def scan() -> Iterator[RunRow | Rejected]:
         digest = hashlib.sha256()
         # JSON and CSV rows are JSON already; Parquet values may be bytes, times or decimals.
-        rows = _Rows(path.parent, defaults, plain_rejects=suffix == ".parquet")
+        rows = _Rows(base_dir, defaults, plain_rejects=suffix == ".parquet")
         try:
             yield from read(path, digest, rows)
         except UnreadableFile as exc:
@@ -283,12 +286,12 @@ def load_manifest(
             raise ManifestError(f"{path}: the file changed while it was read: nothing after its first "
                                 "pass can be trusted; run the command again")
 
-    return Manifest(str(path), scan, lambda: first[0], lambda: _Rows(path.parent, defaults))
+    return Manifest(str(path), scan, lambda: first[0], lambda: _Rows(base_dir, defaults))
 
 
 def load_grid(
     spec: dict[str, Any],
-    base_dir: Path,
+    base_dir: Path | None,
     defaults: dict[str, Any] | None = None,
     *,
     fire_time: datetime | None = None,
@@ -300,7 +303,7 @@ def load_grid(
     prompts, negative_prompts, sizes, guidance_scales, steps, num_images, seeds.
 
     Any other request field is one value for every row. A relative `prompts_file` or `image` is
-    found in `base_dir`.
+    found in `base_dir` (None: no file may be named, the grid came over HTTP).
     """
     where = source or "grid"
     # 1. the keys
@@ -442,8 +445,8 @@ def fill_placeholders(text: str, fire_time: datetime | None, schedule: str | Non
 class _Rows:
     """One pass's rows, validated one by one into good rows (with their keys) and rejects."""
 
-    def __init__(self, base_dir: Path, defaults: dict[str, Any] | None, *, plain_rejects: bool = False):
-        self.base_dir = base_dir
+    def __init__(self, base_dir: Path | None, defaults: dict[str, Any] | None, *, plain_rejects: bool = False):
+        self.base_dir = base_dir  # None: the rows may name no file (an upload)
         self.defaults = dict(defaults or {})
         self.plain_rejects = plain_rejects  # whether a rejected row needs _plain to be JSON
         self._keys = _KeyBook()  # every key given or derived so far, its first line; derived keys by digest
@@ -499,7 +502,8 @@ class _Rows:
             first = self._keys.first_line(key, line)
             if first != line:
                 return self.reject(line, [f"derived key {key!r} repeats the key of line {first}"], row)
-        return RunRow(line, key, request, priority, str(self.base_dir / image) if isinstance(image, str) else None)
+        path = str(self.base_dir / image) if isinstance(image, str) and self.base_dir is not None else None
+        return RunRow(line, key, request, priority, path)
 
     def _explicit_key(self, key: Any, line: int, problems: list[str]) -> str | None:
         if isinstance(key, bool) or not isinstance(key, (str, int)) or not 1 <= len(str(key)) <= MAX_KEY_CHARS:
@@ -542,6 +546,9 @@ class _Rows:
         if not isinstance(image, str) or not image:
             raise InvalidRequest([f"image={_shown(image)}: must be the path of an image file, "
                                   "relative to the manifest's folder"])
+        if self.base_dir is None:  # an upload must not read this host's files
+            raise InvalidRequest([f"image={_shown(image)}: an uploaded manifest cannot name files: its rows are "
+                                  "text-to-image (submit img2img jobs to POST /v1/jobs)"])
         return self._file_image(self.base_dir / image)
 
     def _file_image(self, path: Path) -> bytes:
@@ -814,9 +821,12 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _prompts_file(name: Any, base_dir: Path, fire_time: datetime | None, schedule: str | None,
+def _prompts_file(name: Any, base_dir: Path | None, fire_time: datetime | None, schedule: str | None,
                   where: str) -> list[str]:
     """The prompts of a file, one a line (blank lines skipped), placeholders filled."""
+    if base_dir is None:
+        raise ManifestError(f"{where}: an uploaded grid cannot name files: give its prompts as a list, not a "
+                            "prompts_file")
     if not isinstance(name, str) or not name:
         raise ManifestError(f"{where}: prompts_file must be the path of a text file, not {name!r}")
     path = base_dir / fill_placeholders(name, fire_time, schedule, where=f"{where}: prompts_file")

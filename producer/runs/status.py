@@ -1,5 +1,5 @@
-"""What `sdqueue runs` shows and does: a run's counts by state, its progress and rate,
-cancelling or retrying its jobs in bulk, and deleting a run with its images."""
+"""What `sdqueue runs` (and /v1/runs) shows and does: a run's counts by state, its progress and
+rate, cancelling or retrying its jobs in bulk, and deleting a run with its images."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 
 from models.cancel import cancel_job
 from models.errors import InvalidRequest, RunBusy, RunNotFound, StorageError
@@ -34,14 +34,37 @@ class RunStatus:
     images_done: int = 0
     recent_images: int = 0  # made in the last `window` seconds
     window: float = RATE_WINDOW  # or less: from the first of those images, when the run began within it
+    id: str = ""
+    source_sha256: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    api_key_id: str | None = None  # the API key that made it; None: the operator's
 
     @property
     def total(self) -> int:
         return sum(self.jobs.values())
 
     @property
+    def images_total(self) -> int:
+        """Images its jobs ask for, whatever their state."""
+        return sum(self.images.values())
+
+    @property
     def finished(self) -> bool:
         return self.sealed and not (self.jobs["queued"] or self.jobs["running"])
+
+    @property
+    def state(self) -> str:
+        """writing (its rows are not all in yet: enqueueing it again completes it), running (a job
+        is), queued (jobs wait, none runs), cancelled (every job was), else finished."""
+        if not self.sealed:
+            return "writing"
+        if self.jobs["running"]:
+            return "running"
+        if self.jobs["queued"]:
+            return "queued"
+        if self.total and self.jobs["cancelled"] == self.total:
+            return "cancelled"
+        return "finished"
 
     @property
     def rate(self) -> float:
@@ -55,28 +78,34 @@ class RunStatus:
         return left / self.rate if self.rate > 0 else None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "priority": self.priority, "created_at": self.created_at.isoformat(),
-                "schedule": self.schedule, "sealed": self.sealed, "expected_jobs": self.expected_jobs,
-                "jobs": self.jobs, "total": self.total, "images_done": self.images_done,
-                "images_per_second": round(self.rate, 3), "eta_seconds": self.eta_seconds}
+        return {"name": self.name, "id": self.id, "state": self.state, "priority": self.priority,
+                "created_at": self.created_at.isoformat(), "schedule": self.schedule, "sealed": self.sealed,
+                "expected_jobs": self.expected_jobs, "jobs": self.jobs, "total": self.total,
+                "images_done": self.images_done, "images_total": self.images_total,
+                "images_per_second": round(self.rate, 3), "eta_seconds": self.eta_seconds,
+                "source_sha256": self.source_sha256, "defaults": self.defaults}
 
 
 def _status_of(run: Run) -> RunStatus:
     return RunStatus(run.name, run.priority, aware(run.created_at) or utcnow(), run.schedule, run.sealed_at is not None,
-                     run.expected_jobs)
+                     run.expected_jobs, id=run.id, source_sha256=run.source_sha256, defaults=dict(run.defaults or {}),
+                     api_key_id=run.api_key_id)
 
 
-def list_runs(client: Client, limit: int = 100) -> list[RunStatus]:
-    """The newest runs with their jobs counted by state."""
+def list_runs(client: Client, limit: int = 100, *, api_key_id: str | None = None,
+              before: tuple[datetime, str] | None = None, window: float = RATE_WINDOW) -> list[RunStatus]:
+    """The newest runs, each as run_status gives it. `api_key_id`: only that key's runs (None:
+    every run); `before`: only runs older than this (created_at, id), the last of a page."""
+    query = select(Run)
+    if api_key_id is not None:
+        query = query.where(Run.api_key_id == api_key_id)
+    if before is not None:
+        created, run_id = before
+        query = query.where(or_(Run.created_at < created, and_(Run.created_at == created, Run.id < run_id)))
     with client.db.session() as session:
-        runs = session.scalars(select(Run).order_by(Run.created_at.desc()).limit(limit)).all()
+        runs = session.scalars(query.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit)).all()
         found = {run.id: _status_of(run) for run in runs}
-        if found:
-            for run_id, state, count in session.execute(
-                select(Job.run_id, Job.state, func.count()).where(Job.run_id.in_(list(found)))
-                .group_by(Job.run_id, Job.state)
-            ):
-                found[run_id].jobs[state] = count
+        _count(session, found, window)
     return list(found.values())
 
 
@@ -85,22 +114,33 @@ def run_status(client: Client, name: str, window: float = RATE_WINDOW) -> RunSta
     with client.db.session() as session:
         run = _get_run(session, name)
         status = _status_of(run)
+        _count(session, {run.id: status}, window)
+    return status
+
+
+def _count(session: Any, found: dict[str, RunStatus], window: float) -> None:
+    """Fill in the runs' jobs and images by state and their recent images, in two queries."""
+    if not found:
+        return
+    ids = list(found)
+    for run_id, state, count, images in session.execute(
+        select(Job.run_id, Job.state, func.count(), func.sum(Job.num_images)).where(Job.run_id.in_(ids))
+        .group_by(Job.run_id, Job.state)
+    ):
+        found[run_id].jobs[state] = count
+        found[run_id].images[state] = int(images or 0)
+    now = utcnow()
+    recent = {run_id: (count, first) for run_id, count, first in session.execute(
+        select(Job.run_id, func.count(), func.min(Image.created_at)).select_from(Image).join(Job, Job.id == Image.job_id)
+        .where(Job.run_id.in_(ids), Image.created_at >= now - timedelta(seconds=window)).group_by(Job.run_id)
+    )}
+    for run_id, status in found.items():
         status.window = window
-        for state, count, images in session.execute(
-            select(Job.state, func.count(), func.sum(Job.num_images)).where(Job.run_id == run.id).group_by(Job.state)
-        ):
-            status.jobs[state] = count
-            status.images[state] = int(images or 0)
         status.images_done = status.images["succeeded"]
-        now = utcnow()
-        count, first = session.execute(
-            select(func.count(), func.min(Image.created_at)).select_from(Image).join(Job, Job.id == Image.job_id)
-            .where(Job.run_id == run.id, Image.created_at >= now - timedelta(seconds=window))
-        ).one()
+        count, first = recent.get(run_id, (0, None))
         status.recent_images = count or 0
         if first is not None:  # a run that began making images within the window: its rate since then
             status.window = min(window, max((now - aware(first)).total_seconds(), 1.0))
-    return status
 
 
 CANCEL_STATES = ("queued", "running", "all")
