@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/sdqueue demo
 
+# Two pytest processes, a test file each at a time (pytest-xdist): most tests wait on servers and workers
 test: install services browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 services:
 	deploy/dev-services.sh

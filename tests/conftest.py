@@ -4,6 +4,7 @@ the CLI, and an in-process Celery worker on the real broker."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 import uuid
@@ -13,6 +14,10 @@ from typing import Any, Callable, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# `make test` runs two pytest processes (pytest-xdist) on a machine of 2 cores, beside other work:
+# one torch thread per worker, in this process and in every worker process a test starts.
+os.environ.setdefault("SDQUEUE_TORCH_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -97,8 +102,25 @@ def settings_env(
         keys = list(client.scan_iter(match=f"*{env['SDQUEUE_QUEUE']}*", count=1000))
         if keys:
             client.delete(*keys)
+        forget_unacked(client, env["SDQUEUE_QUEUE"])
     finally:
         client.close()
+
+
+def forget_unacked(client: Any, queue: str) -> None:
+    """Drop kombu's `unacked` entries (messages taken but never acked: a worker stopped or killed
+    mid-job) of the queues named after `queue`; the hash and its index are shared by every queue."""
+    tags = []
+    for tag, raw in client.hscan_iter("unacked", count=1000):
+        try:
+            routing_key = json.loads(raw)[2]
+        except (ValueError, IndexError, TypeError):
+            continue
+        if isinstance(routing_key, str) and queue in routing_key:
+            tags.append(tag)
+    if tags:
+        client.hdel("unacked", *tags)
+        client.zrem("unacked_index", *tags)
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 def test_demo_without_weights_says_so_then_runs_on_tiny(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDQUEUE_")}
+    # no deployment's settings; torch's threads pinned as for every test (a loaded machine, two pytest processes)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDQUEUE_") or k == "SDQUEUE_TORCH_THREADS"}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     result = subprocess.run([sys.executable, "-m", "producer.cli", "demo", "--dir", str(tmp_path / "demo")],
                             capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)

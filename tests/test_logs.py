@@ -163,7 +163,8 @@ def test_print_and_stderr_writes_become_json_lines(settings, captured):
 def test_worker_process_logs_json_lines(settings_env, client, tmp_path):
     # `sdqueue worker` as an operator runs it: Celery's lines and ours, each a JSON object on stderr
     # and stdout, from the first (torch's threads) to the last (Celery's shutdown notice)
-    env = {**os.environ, "SDQUEUE_LOG_FORMAT": "json", "SDQUEUE_METRICS_PORT": "0"}
+    # SDQUEUE_TORCH_THREADS=0: the automatic choice, logged as such (the tests otherwise pin 1)
+    env = {**os.environ, "SDQUEUE_LOG_FORMAT": "json", "SDQUEUE_METRICS_PORT": "0", "SDQUEUE_TORCH_THREADS": "0"}
     stderr = tmp_path / "worker.err"
     with open(stderr, "wb") as err, open(tmp_path / "worker.out", "wb") as out:
         worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker"], stdout=out, stderr=err,

@@ -34,7 +34,7 @@ def held_by_worker(client, job_ids):  # type: ignore[no-untyped-def]
 def test_shutdown_gives_back_what_did_not_start(settings_env, client, tmp_path, request, second):
     proc, log = start_worker(tmp_path, "worker")
     try:
-        job_ids = [client.submit(small(prompt=f"a long night {i}", num_inference_steps=120, seed=i)) for i in range(4)]
+        job_ids = [client.submit(small(prompt=f"a long night {i}", num_inference_steps=60, seed=i)) for i in range(4)]
         with Subscription(client.settings, job_ids) as events:
             wait_for(lambda: held_by_worker(client, job_ids))  # all four claimed
             # and one of them denoising (claimed is not yet started: CI once signalled in between)

@@ -1,4 +1,4 @@
-"""A few dozen mixed jobs through Redis and a worker, batching continuously (each image checked
+"""A score of mixed jobs through Redis and a worker, batching continuously (each image checked
 against its job made alone) and in windows (a batch replayed from its record)."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_mixed_stream_all_succeed_in_shared_batches(batching, settings, client, 
     from worker.tasks import generate
 
     assert settings.batching == batching
-    requests = mixed_requests(36, png_bytes(256, 256))
+    requests = mixed_requests(20, png_bytes(256, 256))
     job_ids = [client.submit(r) for r in requests]
     records = [client.wait(job_id, timeout=TIMEOUT) for job_id in job_ids]
     for request, record in zip(requests, records):
