@@ -424,25 +424,10 @@ def cmd_wait(args: argparse.Namespace) -> int:
         if not args.progress:
             record = client.wait(args.job_id, timeout=args.timeout)
         else:
-            from tqdm import tqdm
+            from producer.progress import progress_bar
 
-            # The steps of the attempt in hand (a retry starts again at 1), the job's state as the label.
-            bar = tqdm(desc="waiting", unit="step", file=sys.stderr, dynamic_ncols=True)
-
-            def show(event: dict[str, Any]) -> None:
-                if event.get("type") == "progress":
-                    step, steps = event["step"], event["steps"]
-                    if steps != bar.total or step < bar.n:
-                        bar.reset(total=steps)
-                    bar.set_description_str("running", refresh=False)
-                    bar.update(step - bar.n)
-                elif event.get("type") == "state":
-                    bar.set_description_str(inert(str(event["state"])))
-
-            try:
-                record = client.wait(args.job_id, timeout=args.timeout, on_event=show)
-            finally:
-                bar.close()
+            with progress_bar() as on_event:
+                record = client.wait(args.job_id, timeout=args.timeout, on_event=on_event)
     finally:
         client.close()
     _show(record, args.json)

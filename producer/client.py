@@ -238,12 +238,12 @@ class Client:
         over). Each file is whole or absent; when a download or the disk fails (OutputFailed for
         the disk), the files and folders this call made are removed.
         """
-        from producer.outputs import OutputFailed, Outputs
+        from producer.outputs import Outputs
 
         # 1. the destination: a writable folder without the files, or a refusal before anything is downloaded
         dest = Path(dest)
         out = Outputs(force=force)
-        try:
+        with out.all_or_nothing("the images this fetch wrote"):
             out.folder(dest)
             images = self.get(job_id)["images"]
             targets = [dest / f"{job_id}-{image['index']}.png" for image in images]
@@ -256,12 +256,6 @@ class Client:
             for image, path in zip(images, targets):
                 data = self.storage.get(image["key"])
                 out.write_bytes(path, data)
-        except OutputFailed as exc:
-            out.undo()
-            raise OutputFailed(f"{exc}; the images this fetch wrote were removed") from None
-        except BaseException:
-            out.undo()
-            raise
         return targets
 
     def cancel(self, job_id: str) -> dict[str, Any]:

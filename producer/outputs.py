@@ -158,6 +158,19 @@ class Outputs:
         with self.file(path) as part:
             part.write_bytes(data)
 
+    @contextmanager
+    def all_or_nothing(self, what: str) -> Iterator[None]:
+        """Around a command's writes: on any failure, `undo`; an OutputFailed then says that `what`
+        (e.g. "the images this fetch wrote") were removed."""
+        try:
+            yield
+        except OutputFailed as exc:
+            self.undo()
+            raise OutputFailed(f"{exc}; {what} were removed") from None
+        except BaseException:
+            self.undo()
+            raise
+
     def undo(self) -> None:
         """Remove the files, then the (then empty) folders, made so far."""
         with self._lock:

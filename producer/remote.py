@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urljoin
 
 from models.errors import ConfigError
@@ -107,25 +107,10 @@ def wait(api: Client, args: argparse.Namespace) -> int:
     if not args.progress:
         job = api.wait(args.job_id, timeout=args.timeout)
     else:
-        from tqdm import tqdm
+        from producer.progress import progress_bar
 
-        # The steps of the attempt in hand (a retry starts again at 1), the job's state as the label.
-        bar = tqdm(desc="waiting", unit="step", file=sys.stderr, dynamic_ncols=True)
-
-        def progress(event: dict[str, Any]) -> None:
-            if event.get("type") == "progress":
-                step, steps = event["step"], event["steps"]
-                if steps != bar.total or step < bar.n:
-                    bar.reset(total=steps)
-                bar.set_description_str("running", refresh=False)
-                bar.update(step - bar.n)
-            elif event.get("type") == "state":
-                bar.set_description_str(inert(str(event["state"])))
-
-        try:
-            job = api.wait(args.job_id, timeout=args.timeout, on_event=progress)
-        finally:
-            bar.close()
+        with progress_bar() as on_event:
+            job = api.wait(args.job_id, timeout=args.timeout, on_event=on_event)
     show(api, job, args.json)
     return 0 if job.state == "succeeded" else EXIT_ERROR
 

@@ -154,10 +154,10 @@ class AsyncClient:
 
     async def fetch(self, job_id: str, dest: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
         from producer.http import downloads
-        from producer.outputs import OutputFailed, Outputs
+        from producer.outputs import Outputs
 
         folder, out = Path(dest), Outputs(force=force)
-        try:
+        with out.all_or_nothing("the images this fetch wrote"):
             out.folder(folder)
             job = await self.get(job_id)
             targets = downloads.image_targets(job, folder, force)
@@ -165,12 +165,6 @@ class AsyncClient:
                 response = await self._send(Call("GET", f"/v1/jobs/{segment(job.id)}/images/{image.index}",
                                                  replayable=True), follow_redirects=True)
                 out.write_bytes(path, downloads.checked(image, response.content))
-        except OutputFailed as exc:
-            out.undo()
-            raise OutputFailed(f"{exc}; the images this fetch wrote were removed") from None
-        except BaseException:
-            out.undo()
-            raise
         return targets
 
     async def create_run(self, manifest: bytes | str | os.PathLike[str], *, name: str, format: str | None = None,

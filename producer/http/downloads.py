@@ -51,43 +51,37 @@ def extract(stream: io.BufferedIOBase, dest: Path, force: bool) -> list[Path]:
     outside `dest`, nothing but folders and regular files; on any failure what was written is removed."""
     import tarfile  # imported here, as tempfile in AsyncClient.export_run: `sdqueue status` needs neither
 
-    from producer.outputs import OutputFailed, Outputs
+    from producer.outputs import Outputs
 
     out = Outputs(force=force)
     written: list[Path] = []
     try:
-        out.folder(dest)
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            top = None
-            for member in tar:
-                parts = PurePosixPath(member.name).parts
-                if not parts or member.name.startswith("/") or ".." in parts or top not in (None, parts[0]):
-                    raise ApiError(f"the export names {member.name!r}, a path outside its folder: nothing was kept")
-                top = parts[0]
-                if len(parts) == 1 and member.isdir():
-                    continue  # the top folder: `dest` itself
-                path = dest.joinpath(*parts[1:] if len(parts) > 1 else parts)
-                if member.isdir():
-                    out.folder(path)
-                elif member.isfile():
-                    out.folder(path.parent)
-                    source = tar.extractfile(member)
-                    assert source is not None
-                    with out.file(path) as part, open(part, "wb") as target:
-                        while chunk := source.read(1 << 20):
-                            target.write(chunk)
-                    written.append(path)
-                else:
-                    raise ApiError(f"the export holds {member.name!r}, neither a file nor a folder: nothing was kept")
-    except OutputFailed as exc:
-        out.undo()
-        raise OutputFailed(f"{exc}; the files this export wrote were removed") from None
-    except tarfile.TarError as exc:
-        out.undo()
+        with out.all_or_nothing("the files this export wrote"):
+            out.folder(dest)
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                top = None
+                for member in tar:
+                    parts = PurePosixPath(member.name).parts
+                    if not parts or member.name.startswith("/") or ".." in parts or top not in (None, parts[0]):
+                        raise ApiError(f"the export names {member.name!r}, a path outside its folder: nothing was kept")
+                    top = parts[0]
+                    if len(parts) == 1 and member.isdir():
+                        continue  # the top folder: `dest` itself
+                    path = dest.joinpath(*parts[1:] if len(parts) > 1 else parts)
+                    if member.isdir():
+                        out.folder(path)
+                    elif member.isfile():
+                        out.folder(path.parent)
+                        source = tar.extractfile(member)
+                        assert source is not None
+                        with out.file(path) as part, open(part, "wb") as target:
+                            while chunk := source.read(1 << 20):
+                                target.write(chunk)
+                        written.append(path)
+                    else:
+                        raise ApiError(f"the export holds {member.name!r}, neither a file nor a folder: nothing was kept")
+    except tarfile.TarError as exc:  # everything written was removed already
         raise ApiError(f"the export is not a whole tar stream ({exc}): nothing was kept") from None
-    except BaseException:
-        out.undo()
-        raise
     return written
 
 

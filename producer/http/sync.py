@@ -185,10 +185,10 @@ class Client:
         is whole or absent, checked against its recorded sha256; when anything fails, the files
         and folders this call made are removed."""
         from producer.http import downloads
-        from producer.outputs import OutputFailed, Outputs
+        from producer.outputs import Outputs
 
         folder, out = Path(dest), Outputs(force=force)
-        try:
+        with out.all_or_nothing("the images this fetch wrote"):
             out.folder(folder)
             job = self.get(job_id)
             targets = downloads.image_targets(job, folder, force)
@@ -196,12 +196,6 @@ class Client:
                 response = self._send(Call("GET", f"/v1/jobs/{segment(job.id)}/images/{image.index}",
                                            replayable=True), follow_redirects=True)
                 out.write_bytes(path, downloads.checked(image, response.content))
-        except OutputFailed as exc:
-            out.undo()
-            raise OutputFailed(f"{exc}; the images this fetch wrote were removed") from None
-        except BaseException:
-            out.undo()
-            raise
         return targets
 
     # runs
