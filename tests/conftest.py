@@ -94,6 +94,9 @@ def settings_env(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     yield env
+    # Its jobs still queued or running end here: a later test's sweeper (the database is the
+    # session's) would otherwise send their messages again, into queues this teardown removed.
+    settle_jobs(postgres_url, env["SDQUEUE_QUEUE"])
     # What the test's queue left in Redis (its lists, kombu's bindings, the worker registry's keys)
     import redis
 
@@ -105,6 +108,23 @@ def settings_env(
         forget_unacked(client, env["SDQUEUE_QUEUE"])
     finally:
         client.close()
+
+
+def settle_jobs(database_url: str, queue: str) -> None:
+    """Cancel the jobs of `queue` (and its bulk queue) that are still queued or running."""
+    from sqlalchemy import create_engine, update
+
+    from models.db import normalize_url
+    from models.tables import Job, JobState
+
+    engine = create_engine(normalize_url(database_url))
+    try:
+        with engine.begin() as conn:
+            conn.execute(update(Job).where(Job.queue.like(f"{queue}%"),
+                                           Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value]))
+                         .values(state=JobState.CANCELLED.value, lease_owner=None, lease_expires_at=None))
+    finally:
+        engine.dispose()
 
 
 def forget_unacked(client: Any, queue: str) -> None:
