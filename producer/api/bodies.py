@@ -11,7 +11,7 @@ import binascii
 import hashlib
 import json
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -51,18 +51,24 @@ class BodyLimit:
             # The body is not read: the connection cannot be reused after this answer.
             await answer.response()(scope, receive, send)
             return
-        received = 0
+        # the app's handler answers 413
+        await self.app(scope, bounded_receive(receive, self.max_bytes, lambda: BodyTooLarge(self.max_bytes)), send)
 
-        async def counted() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)  # the app's handler answers 413
-            return message
 
-        await self.app(scope, counted, send)
+def bounded_receive(receive: Receive, bound: int, refusal: Callable[[], Exception]) -> Receive:
+    """`receive`, raising `refusal()` once the body has passed `bound` bytes, as it arrives."""
+    received = 0
+
+    async def counted() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > bound:
+                raise refusal()
+        return message
+
+    return counted
 
 
 def _app_path(scope: Scope) -> str:

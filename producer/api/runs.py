@@ -72,7 +72,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
-from starlette.types import Message, Receive
 
 from models.errors import InvalidRequest, RunExists, RunNotFound, ServiceUnavailable, StorageUnavailable
 from models.request import GenerationRequest, parse_request
@@ -81,7 +80,7 @@ from models.tables import Job, JobState, Priority, Run
 from producer.api import schemas
 from producer.api.app import Backend, backend, root
 from producer.api.auth import Caller, caller
-from producer.api.bodies import BOOL_FIELDS
+from producer.api.bodies import BOOL_FIELDS, bounded_receive
 from producer.api.errors import Answer, ApiError, BadBody, Conflict, TooManyRequests
 from producer.api.jobs import decode_cursor, quoted
 from producer.api.limits import CAP_RETRY_SECONDS, check_cap, check_rate, hold_key
@@ -209,22 +208,6 @@ class Upload:
     options: RunOptions
 
 
-def _bounded(receive: Receive, what: str, bound: int) -> Receive:
-    """`receive`, refusing (413) a body past `bound` bytes as it arrives."""
-    received = 0
-
-    async def counted() -> Message:
-        nonlocal received
-        message = await receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > bound:
-                raise ManifestTooLarge(what, bound)
-        return message
-
-    return counted
-
-
 def _declared_over(request: Request, bound: int) -> bool:
     declared = request.headers.get("content-length", "")
     return declared.isdigit() and int(declared) > bound
@@ -263,7 +246,8 @@ async def _spool_form(request: Request, folder: Path, raw: dict[str, str], who: 
     bound = MAX_MANIFEST_BYTES + FORM_OVERHEAD
     if _declared_over(request, bound):
         raise ManifestTooLarge("manifest", MAX_MANIFEST_BYTES)
-    bounded = Request(request.scope, _bounded(request.receive, "manifest", bound))
+    receive = bounded_receive(request.receive, bound, lambda: ManifestTooLarge("manifest", bound))
+    bounded = Request(request.scope, receive)
     form = await bounded.form(max_files=1, max_fields=len(OPTIONS))
     try:
         problems: list[str] = []
