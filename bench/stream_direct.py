@@ -49,7 +49,7 @@ class Direct:
         return {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 4)}
 
     def warm_continuous(self, shapes: set[tuple[int, int, bool]]) -> None:
-        from worker.pipeline import prepare_input_image
+        from worker.inputs import prepare_input_image
 
         jobs = []
         for request in warm_up_requests(shapes):
@@ -63,7 +63,7 @@ class Direct:
     @staticmethod
     def jobs_of(worker: WorkerProcess, job_ids: list[str]) -> list[dict[str, Any]]:
         """run_direct's jobs from a worker run's rows, arriving when they were created there."""
-        from worker.pipeline import prepare_input_image
+        from worker.inputs import prepare_input_image
 
         with worker.client.db.session() as session:
             rows = session.query(Job).filter(Job.id.in_(job_ids)).order_by(Job.created_at).all()

@@ -25,10 +25,13 @@ class ModelSpec:
     # A local folder holding the weights (built models, or a local copy of hub weights).
     local_dir: Path | None = None
     description: str = ""
+    # "diffusers": a pipeline of weights (worker/pipeline.py); "standin": the stand-in GPU
+    # (worker/standin.py), no weights and no torch.
+    backend: str = "diffusers"
 
     @property
     def random_weights(self) -> bool:
-        return self.hub_id is None
+        return self.hub_id is None and self.backend == "diffusers"
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -49,6 +52,11 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec(
             "sd21-arch", None, 768, "v_prediction",
             description="full SD 2.1 768-v architecture with random weights (benchmarks)",
+        ),
+        ModelSpec(
+            "standin", None, 768, "v_prediction", scheduler="standin", backend="standin",
+            description="a stand-in GPU: sleeps an H100's modelled time per UNet call, a pattern image "
+                        "from the seed (control-plane tests and benchmarks; SDQUEUE_STANDIN_SCALE)",
         ),
     )
 }

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # their own steps end (steps, strength and guidance may differ); "window": a batch of jobs that
     # share size, steps and strength forms in a window and runs to its end (the older engine).
     batching: Literal["continuous", "window"] = "continuous"
+    # SDQUEUE_MODEL=standin (worker/standin.py): its modelled GPU time is multiplied by this; 0
+    # sleeps not at all (the control plane at full speed).
+    standin_scale: float = Field(default=1.0, ge=0, le=1000)
     # torch.compile of the UNet per (size, batch bucket): "auto" is "default" on CUDA and "off"
     # on the CPU; "max-autotune" compiles longer for faster kernels (and CUDA graphs).
     compile: Literal["auto", "off", "default", "max-autotune"] = "auto"

@@ -209,7 +209,7 @@ def counting_unet_calls(engine):  # type: ignore[no-untyped-def]
 
     def counting(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(sample.shape[0])
-        return engine.model.txt2img.unet(sample, *args, **kwargs)
+        return engine.model.unet(sample, *args, **kwargs)
 
     engine.unet_call = counting
     try:
@@ -234,7 +234,7 @@ def gated_unet(after: int, timeout: float = 180):  # type: ignore[no-untyped-def
         calls.append(sample.shape[0])
         if len(calls) > after:
             gate.wait(timeout)
-        return engine.model.txt2img.unet(sample, *args, **kwargs)
+        return engine.model.unet(sample, *args, **kwargs)
 
     engine.unet_call = gated
     try:
@@ -261,7 +261,7 @@ def failing_unet(error: Callable[[], BaseException]) -> Iterator[UnetFault]:
     from worker.tasks import generate
 
     engine = generate.context.engine
-    original = engine.model.txt2img.unet
+    original = engine.model.unet
     fault = UnetFault(error)
 
     def call(sample, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -289,7 +289,7 @@ def model(data_dir):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def cache(model):  # type: ignore[no-untyped-def]
     """The model's text-conditioning cache."""
-    from worker.batch import ConditioningCache
+    from worker.samples import ConditioningCache
 
     return ConditioningCache(model)
 

@@ -70,6 +70,10 @@ class Config:
     broken_jobs: int = 0  # compel jobs submitted beside a broken worker (0: no broken worker)
     revokes: int = 0  # jobs revoked through Celery (half queued, half running)
     spool_disk: str = ""  # the size of the workers' spool filesystem (a tmpfs), e.g. "2m"; "": not limited
+    # The healthy workers' model: "tiny" denoises on the CPU; "standin" (worker/standin.py) sleeps
+    # its modelled time instead, so a worker starts in a second and the faults cost no CPU. The
+    # broken worker always runs "tiny": its fault is compel's import.
+    model: str = "tiny"
 
     @classmethod
     def full(cls) -> Config:
@@ -77,7 +81,10 @@ class Config:
 
     @classmethod
     def short(cls) -> Config:
-        return cls(workers=2, wave=25, outage=8.0, deadline=600.0, broken_jobs=12, revokes=4, spool_disk="2m", settings={
+        return cls(workers=2, wave=25, outage=8.0, deadline=600.0, broken_jobs=12, revokes=4, spool_disk="2m",
+                   model="standin", settings={
+            # a 256x256 step of a full loop takes about 0.4 s: jobs are still running when a fault comes
+            "SDQUEUE_STANDIN_SCALE": "20",
             "SDQUEUE_LEASE_SECONDS": "5", "SDQUEUE_HEARTBEAT_SECONDS": "1", "SDQUEUE_SWEEP_INTERVAL": "1.5",
             "SDQUEUE_REQUEUE_AFTER": "6", "SDQUEUE_MAX_ATTEMPTS": "2", "SDQUEUE_ORPHAN_GRACE": "30",
             "SDQUEUE_PROBE_INTERVAL": "2",
@@ -348,7 +355,7 @@ class Suite:
             "SDQUEUE_BROKER_URL": self.redis.url, "SDQUEUE_DATABASE_URL": database_url,
             "SDQUEUE_STORAGE_URL": f"s3://{BUCKET}/run", "SDQUEUE_S3_ENDPOINT_URL": self.s3.endpoint,
             "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
-            "SDQUEUE_MODEL": "tiny", "SDQUEUE_DATA_DIR": str(data_dir), "SDQUEUE_DEVICE": "cpu",
+            "SDQUEUE_MODEL": self.cfg.model, "SDQUEUE_DATA_DIR": str(data_dir), "SDQUEUE_DEVICE": "cpu",
             "SDQUEUE_SPOOL_DIR": str(self.workdir / "spool"), "SDQUEUE_WORKER_SLOTS": "8",
             "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
             "SDQUEUE_TEST_POISON_PROMPT": POISON,
@@ -465,7 +472,7 @@ class Suite:
         broken.mkdir(parents=True, exist_ok=True)
         (broken / "__init__.py").write_text('raise ImportError("this host\'s image is broken: pyparsing (fault suite)")\n')
         log_path = self.workdir / "logs" / "broken-worker.log"
-        env = {**self.env, "PYTHONPATH": os.pathsep.join([str(broken.parent), str(ROOT)])}
+        env = {**self.env, "SDQUEUE_MODEL": "tiny", "PYTHONPATH": os.pathsep.join([str(broken.parent), str(ROOT)])}
         with open(log_path, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO"], cwd=ROOT,
                                     env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import max_diff
-from worker.batch import CompatKey, ConditioningCache, Prompt, Sample, compat_key, generate_batch, start_step
+from worker.batch import generate_batch
+from worker.samples import CompatKey, ConditioningCache, Prompt, Sample, compat_key, start_step
 
 
 def run(model, cache, key, samples):  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.batch import CompatKey, Prompt, Sample
+from worker.samples import CompatKey, Prompt, Sample
 from worker.batcher import Batcher, PixelBudget, Work, plan_batch
 
 K512 = CompatKey("txt2img", 512, 512, 25)

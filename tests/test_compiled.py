@@ -14,7 +14,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from tests.conftest import max_diff
-from worker.batch import CompatKey, Prompt, Sample, generate_batch
+from worker.batch import generate_batch
+from worker.samples import CompatKey, Prompt, Sample
 from worker.compiled import (
     ARTIFACTS_FILE,
     CompiledUnet,

@@ -14,9 +14,11 @@ import torch
 from tests.conftest import counting_unet_calls, max_diff, small, wait_for
 from tests.test_end_to_end import pixels, s3_object
 from tests.test_loop import picture
-from worker.batch import CompatKey, Prompt, Sample, compat_key, generate_batch, job_samples
+from worker.batch import generate_batch
+from worker.samples import CompatKey, Prompt, Sample, compat_key, job_samples
 from worker.batcher import Batcher, PixelBudget, Work
-from worker.loop import ContinuousLoop, Loops, drain, run_direct
+from worker.loop import ContinuousLoop, drain, run_direct
+from worker.loops import Loops
 
 TIMEOUT = 180
 

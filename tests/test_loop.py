@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from tests.conftest import max_diff
-from worker.batch import CompatKey, Prompt, Sample, generate_batch, start_step
+from worker.batch import generate_batch
+from worker.samples import CompatKey, Prompt, Sample, start_step
 from worker.loop import ContinuousLoop, drain
 
 SIZE = 256

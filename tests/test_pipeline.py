@@ -196,7 +196,7 @@ def test_a_prepared_input_is_the_same_every_time_and_a_plain_one_is_unchanged(pn
     import numpy as np
     from PIL import Image
 
-    from worker.pipeline import input_orientation, prepare_input_image
+    from worker.inputs import input_orientation, prepare_input_image
 
     data = jpeg(red_on_top().transpose(Image.Transpose.ROTATE_270), 8)
     first, again = prepare_input_image(data, 256, 320), prepare_input_image(data, 256, 320)  # a re-run turns it alike

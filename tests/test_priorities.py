@@ -29,8 +29,12 @@ TIMEOUT = 120
 def settings(settings_env, monkeypatch, request):  # type: ignore[no-untyped-def]
     """Window batching (its batches are what these tests read; tests/test_continuous.py checks
     the continuous loops' priorities), two 256x256 images a batch, the default bulk share; the
-    worker slots as the test's parameter."""
+    worker slots as the test's parameter. The stand-in GPU: the order of batches is the engine's,
+    whatever denoises (a batch of one step takes it about 0.3 s, as the tiny model on a CPU)."""
     from models.settings import load_settings
+
+    monkeypatch.setenv("SDQUEUE_MODEL", "standin")
+    monkeypatch.setenv("SDQUEUE_STANDIN_SCALE", "20")
 
     monkeypatch.setenv("SDQUEUE_BATCHING", "window")
     monkeypatch.setenv("SDQUEUE_PIXEL_BUDGET", str(2 * 256 * 256))

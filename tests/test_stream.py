@@ -14,7 +14,7 @@ from sqlalchemy import select
 from models.db import Database
 from models.tables import Batch
 from tests.conftest import small
-from worker.batch import compat_key
+from worker.samples import compat_key
 
 TIMEOUT = 300
 
@@ -84,8 +84,8 @@ def test_mixed_stream_all_succeed_in_shared_batches(batching, settings, client, 
 def made_alone(ctx, db, job_id: str) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
     """The job's images, made again by the worker's batch function with no other job."""
     from models.tables import Job
-    from worker.batch import job_samples
-    from worker.pipeline import prepare_input_image
+    from worker.samples import job_samples
+    from worker.inputs import prepare_input_image
 
     with db.session() as session:
         job = session.get(Job, job_id)

@@ -245,7 +245,7 @@ def test_the_reporter_under_window_batching_and_its_rate(settings, monkeypatch):
     from types import SimpleNamespace
 
     from worker import status as status_module
-    from worker.batch import CompatKey
+    from worker.samples import CompatKey
     from worker.batcher import Batcher, PixelBudget, Work
     from worker.quarantine import Health
 

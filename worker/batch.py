@@ -13,107 +13,27 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image
 
 from models.errors import JobError
 from worker.pipeline import LoadedModel
+from worker.samples import CompatKey, Conditioning, Dropped, Prompt, Sample, StepDone, UnetCall
 
 
-@dataclass(frozen=True)
-class CompatKey:
-    """What samples must share to run in one denoising loop (the model is the worker's own)."""
-
-    mode: str  # txt2img | img2img
-    width: int
-    height: int
-    steps: int
-    start_step: int = 0  # img2img: the first of `steps` scheduler steps that runs
-
-    @property
-    def pixels(self) -> int:
-        return self.width * self.height
-
-    def __str__(self) -> str:
-        return f"{self.mode}-{self.width}x{self.height}-{self.steps}s-from{self.start_step}"
-
-
-def start_step(steps: int, strength: float) -> int:
-    """img2img's first step, as diffusers computes it: strength 1 starts at 0, strength 0 never starts."""
-    return steps - min(int(steps * strength), steps)
-
-
-def compat_key(params: dict[str, Any], img2img: bool) -> CompatKey:
-    steps = params["num_inference_steps"]
-    if img2img:
-        return CompatKey("img2img", params["width"], params["height"], steps, start_step(steps, params["strength"]))
-    return CompatKey("txt2img", params["width"], params["height"], steps)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str
-    negative: str
-    use_compel: bool
-
-
-@dataclass
-class Sample:
-    """One image to make: image `index` of job `job_id`."""
-
-    job_id: str
-    index: int
-    seed: int
-    prompt: Prompt
-    guidance_scale: float
-    init_image: Image.Image | None = field(default=None, repr=False)
-
-
-def job_samples(job_id: str, params: dict[str, Any], seed: int, init_image: Image.Image | None) -> list[Sample]:
-    """A job's samples: image i from seed + i, all with the job's prompt and guidance."""
-    prompt = Prompt(params["prompt"], params["negative_prompt"], params["use_compel"])
-    return [Sample(job_id, i, seed + i, prompt, params["guidance_scale"], init_image) for i in range(params["num_images"])]
-
-
-@dataclass
-class Conditioning:
-    embeds: torch.Tensor  # [1, tokens, dim]
-    negative_embeds: torch.Tensor  # [1, tokens, dim]
-
-    @property
-    def tokens(self) -> int:
-        return int(self.embeds.shape[1])
-
-
-class ConditioningCache:
-    """Text embeddings by prompt: a prompt repeated across jobs or batches is encoded once."""
-
-    def __init__(self, model: LoadedModel, capacity: int = 256):
-        self.model = model
-        self.capacity = capacity
-        self._cache: dict[Prompt, Conditioning] = {}
-
-    def get(self, prompts: list[Prompt]) -> list[Conditioning]:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        plain = [p for p in missing if not p.use_compel]
-        if plain:
-            for prompt, conditioning in zip(plain, encode_plain(self.model, plain)):
-                self._store(prompt, conditioning)
-        for prompt in (p for p in missing if p.use_compel):
-            self._store(prompt, encode_compel(self.model, prompt))
-        return [self._cache[p] for p in prompts]
-
-    def _store(self, prompt: Prompt, conditioning: Conditioning) -> None:
-        check_conditioning(prompt, conditioning)
-        if len(self._cache) >= self.capacity:
-            self._cache.pop(next(iter(self._cache)))  # the oldest entry
-        self._cache[prompt] = conditioning
+def encode_prompts(model: LoadedModel, prompts: list[Prompt]) -> list[Conditioning]:
+    """The text conditioning of each prompt, checked: plain prompts in one encoder call, compel's
+    one by one."""
+    plain = [p for p in prompts if not p.use_compel]
+    encoded = dict(zip(plain, encode_plain(model, plain))) if plain else {}
+    for prompt in prompts:
+        if prompt.use_compel and prompt not in encoded:
+            encoded[prompt] = encode_compel(model, prompt)
+    return [check_conditioning(p, encoded[p]) for p in prompts]
 
 
 @torch.inference_mode()
@@ -164,22 +84,6 @@ def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     """[-1, 1] NCHW -> HWC uint8, rounding as diffusers' image processor does."""
     array = (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
     return list((array * 255).round().astype("uint8"))
-
-
-# Stand-in for the UNet call: tests wrap it to simulate a CUDA out-of-memory error.
-UnetCall = Callable[..., torch.Tensor]
-
-# What the loop asks at every step: the job ids whose samples must leave it now (cancelled, or
-# no longer this worker's). Their batch mates carry on unchanged.
-Dropped = Callable[[], "set[str] | frozenset[str]"]
-
-# What the loop reports after each step: (step, steps, job_ids): step `step` (1-based) of the
-# `steps` this loop runs (for img2img, those after its start step) is done for the jobs whose samples
-# are still in it. The worker publishes progress from it; it must be quick and must not raise.
-StepDone = Callable[[int, int, "list[str]"], None]
-
-# One sample's outcome: its pixels, None when it left the loop, or the JobError that failed it.
-SampleResult = "np.ndarray | JobError | None"
 
 
 def keep_rows(scheduler: Any, keep: torch.Tensor) -> None:
@@ -293,7 +197,3 @@ def generate_batch(
         else:
             results[i] = pixels
     return results
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()

@@ -14,7 +14,7 @@ from typing import Any, Callable, Hashable
 
 from models.logs import about
 from models.tables import Priority
-from worker.batch import CompatKey, Sample
+from worker.samples import CompatKey, Sample
 
 
 @dataclass(eq=False)

@@ -68,7 +68,7 @@ def signature(exc: BaseException) -> str:
 
 
 def _host_reason(error: BaseException) -> str | None:
-    from worker.batch import is_out_of_memory
+    from worker.samples import is_out_of_memory
 
     if isinstance(error, ImportError):
         return "a module cannot be imported"

@@ -32,8 +32,9 @@ from typing import Any, ContextManager, Sequence
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from worker.batch import UnetCall
+from models.settings import Settings
 from worker.pipeline import LoadedModel
+from worker.samples import UnetCall
 
 log = logging.getLogger(__name__)
 
@@ -355,3 +356,20 @@ def save_compile_cache(directory: Path) -> Path | None:
     partial.replace(bundle)
     log.info("compile cache bundle: %s (%.1f MB)", bundle, len(data) / 2**20)
     return bundle
+
+
+def compiled_unet(settings: Settings, model: LoadedModel, pixel_budget: int) -> UnetCall | None:
+    """The UNet call per SDQUEUE_COMPILE (None: the plain UNet), its graphs compiled for the
+    warm-up sizes and every batch bucket the budget allows, before the worker takes a job; the
+    compile cache lives in the data dir, so a restarted worker compiles from it."""
+    cache = settings.data_dir / "compile-cache"
+    if compile_mode(settings.compile, model.device) is not None:
+        use_compile_cache(cache)
+    call = prepare_unet(model, settings.compile)
+    if call is not None:
+        native = model.spec.native_size
+        sizes = settings.warmup_size_list or [(native, native)]
+        rows = 2 * max(1, pixel_budget // min(w * h for w, h in sizes))  # guided: two rows a sample
+        warm_up(call, model, sizes, buckets_up_to(rows))
+        save_compile_cache(cache)
+    return call

@@ -32,7 +32,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from PIL import Image as PILImage
 
 from models import jobs
@@ -48,18 +47,17 @@ from models.settings import Settings
 from models.storage import Storage, object_key_for
 from models.tables import Batch, Image, utcnow
 from worker import metrics
-from worker.batch import (
-    CompatKey, ConditioningCache, Dropped, Sample, StepDone, UnetCall, generate_batch, is_out_of_memory,
-)
+from worker.backend import Model
 from worker.batcher import Batcher, PixelBudget, Work
 from worker.blame import host_fault, signature
-from worker.loop import Finished, LoopFailed, Loops
 from worker.encode import encode_png, sha256_of
+from worker.inputs import input_orientation
 from worker.leases import LeaseKeeper
-from worker.pipeline import LoadedModel, input_orientation, library_versions
+from worker.loops import Finished, LoopFailed, Loops
 from worker.quarantine import Health, probe
 from worker.relay import EventRelay
 from worker.spool import DiskFull, Spool
+from worker.samples import CompatKey, ConditioningCache, Dropped, Sample, StepDone, UnetCall, is_out_of_memory
 from worker.status import StatusReporter
 
 log = logging.getLogger(__name__)
@@ -72,11 +70,11 @@ Send = Callable[[list[str], "str | None"], None]
 POISON_ENV = "SDQUEUE_TEST_POISON_PROMPT"
 
 
-def default_pixel_budget(device: str) -> int:
+def default_pixel_budget(model: Model) -> int:
     """8 images of 768x768 on an 80 GB card (12.3 GB measured for that batch), scaled by memory;
     on the CPU, what keeps a batch of the tiny model at a few seconds."""
-    if device.startswith("cuda"):
-        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    total = model.device_memory
+    if total is not None:
         return max(768 * 768, int(8 * 768 * 768 * total / (80 * 2**30)))
     return 16 * 256 * 256
 
@@ -94,7 +92,7 @@ STATE_AFTER = {"succeeded": "succeeded", "failed": "failed", "dead-lettered": "f
 class Engine:
     def __init__(
         self,
-        model: LoadedModel,
+        model: Model,
         db: Database,
         storage: Storage,
         hostname: str,
@@ -117,7 +115,7 @@ class Engine:
         self.batching = batching
         self.loops = Loops(model, self.budget, bulk_share=bulk_share)
         self.conditioning = ConditioningCache(model)
-        self.versions = library_versions()
+        self.versions = model.versions()
         self.settings: Settings | None = None
         self.keeper: LeaseKeeper | None = None
         self.spool: Spool | None = None
@@ -167,7 +165,7 @@ class Engine:
     def unet_call(self, call: UnetCall | None) -> None:
         self.loops.unet_call = call
         for loop in self.loops.loops.values():
-            loop.unet_call = call or self.model.txt2img.unet
+            loop.unet_call = call or self.model.unet
 
     @property
     def draining(self) -> bool:
@@ -428,8 +426,8 @@ class Engine:
         if poison and any(s.prompt.text == poison for s in work.samples):
             log.critical("%s: a sample's prompt is the poison prompt: this worker process dies now", POISON_ENV)
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.model.device.startswith("cuda") and not len(self.loops):
-            torch.cuda.reset_peak_memory_stats()
+        if not len(self.loops):
+            self.model.reset_peak_memory()
         try:
             ready = self.loops.admit(work)
         except Exception as exc:  # e.g. an input image the loop cannot take: this job alone
@@ -469,7 +467,7 @@ class Engine:
         metrics.on_gpu(time.perf_counter() - member.admitted for member, _, _ in finished)
         first = min(finished, key=lambda f: f[0].admitted)[0]
         key = works[0].key
-        peak = torch.cuda.max_memory_allocated() if self.model.device.startswith("cuda") else None
+        peak = self.model.peak_memory()
         size = sum(len(images) for _, images, _ in finished)
         record = self._batch_record(
             f"loop-{key.width}x{key.height}-{works[0].tokens}t", size, len(works),
@@ -531,8 +529,7 @@ class Engine:
         if poison and any(s.prompt.text == poison for s in samples):
             log.critical("%s: a sample's prompt is the poison prompt: this worker process dies now", POISON_ENV)
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.model.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
+        self.model.reset_peak_memory()
         started, clock = utcnow(), time.perf_counter()
         self.on_gpu = batch
         try:
@@ -563,7 +560,7 @@ class Engine:
         if key.steps > key.start_step:  # a mean over the batch's steps, its decode included
             metrics.steps(len(samples), seconds / (key.steps - key.start_step), key.steps - key.start_step)
         self._mark_alone(alone, False)  # those no longer ours are settled; _store skips them
-        peak = torch.cuda.max_memory_allocated() if self.model.device.startswith("cuda") else None
+        peak = self.model.peak_memory()
         record = self._batch_record(str(key), len(samples), len(batch), seconds=seconds, started=started, peak=peak)
         log.info("batch %s: %d job(s), %d image(s) in %.2f s", key, len(batch), len(samples), seconds,
                  extra=about(batch_id=record.id))
@@ -605,14 +602,13 @@ class Engine:
         if key.mode == "img2img" and key.start_step >= key.steps:
             return [np.asarray(s.init_image.convert("RGB")) for s in samples]  # strength 0 keeps the input
         try:
-            return generate_batch(self.model, key, samples, conditioning, self.unet_call, dropped, step_done)
+            return self.model.generate(key, samples, conditioning, self.unet_call, dropped, step_done)
         except Exception as exc:
             if not is_out_of_memory(exc) or len(samples) == 1:
                 raise
         self.budget.shrink(key, len(samples) * key.pixels)
         metrics.OUT_OF_MEMORY.inc()
-        if self.model.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        self.model.free_memory()
         half = len(samples) // 2
         log.warning("out of memory on %d samples of %s: splitting; budget now %d px", len(samples), key,
                     self.budget.for_key(key))
@@ -895,7 +891,7 @@ class Engine:
             "model_source": batch.model,
             "model_revision": self.model.revision,
             "scheduler": self.model.scheduler_name,
-            "scheduler_config": dict(self.model.txt2img.scheduler.config),
+            "scheduler_config": self.model.scheduler_config,
             "device": self.model.device,
             "dtype": self.model.dtype_name,
             "batch_id": batch.id,

@@ -50,7 +50,7 @@ def reason_of(error: BaseException) -> str:
     """A JobError's reason, out-of-memory, or the unexpected error's class (a bounded set)."""
     if isinstance(error, JobError):
         return error.reason
-    from worker.batch import is_out_of_memory
+    from worker.samples import is_out_of_memory
 
     return "out-of-memory" if is_out_of_memory(error) else type(error).__name__
 

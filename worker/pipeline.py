@@ -7,7 +7,6 @@ is worker/batch.py.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from dataclasses import dataclass, field
@@ -17,10 +16,8 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-from PIL import Image
 
 from models.errors import ModelUnavailable
-from models.images import exif_orientation, upright
 from models.registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -54,6 +51,61 @@ class LoadedModel:
 
             self._compel = CompelForSD(self.txt2img, device=self.device)
         return self._compel
+
+    # -- what the engine asks of any model (worker/backend.py's Model) ---------------------------
+
+    @property
+    def unet(self) -> Any:
+        return self.txt2img.unet
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return dict(self.txt2img.scheduler.config)
+
+    @property
+    def device_memory(self) -> int | None:
+        """The card's memory in bytes; None on the CPU."""
+        if not self.device.startswith("cuda"):
+            return None
+        return int(torch.cuda.get_device_properties(torch.device(self.device)).total_memory)
+
+    def versions(self) -> dict[str, str]:
+        return library_versions()
+
+    def encode(self, prompts: list[Any]) -> list[Any]:
+        from worker.batch import encode_prompts
+
+        return encode_prompts(self, prompts)
+
+    def new_loop(self, width: int, height: int, tokens: int | None, unet_call: Any = None) -> Any:
+        from worker.loop import ContinuousLoop
+
+        return ContinuousLoop(self, width, height, tokens, unet_call)
+
+    def generate(self, *args: Any, **kwargs: Any) -> list[Any]:
+        """worker/batch.py's generate_batch on this model (window batching)."""
+        from worker.batch import generate_batch
+
+        return generate_batch(self, *args, **kwargs)
+
+    def compile(self, settings: Any, pixel_budget: int) -> Any:
+        """The UNet call per SDQUEUE_COMPILE (None: the plain UNet), compiled before the first job."""
+        from worker.compiled import compiled_unet
+
+        return compiled_unet(settings, self, pixel_budget)
+
+    def reset_peak_memory(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_memory(self) -> int | None:
+        """The most GPU memory allocated since reset_peak_memory; None on the CPU."""
+        return torch.cuda.max_memory_allocated() if self.device.startswith("cuda") else None
+
+    def free_memory(self) -> None:
+        """After out of memory: the allocator's cached blocks go back to the card."""
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 def pick_device(setting: str) -> str:
@@ -153,28 +205,6 @@ def load_model(spec: ModelSpec, device: str = "auto") -> LoadedModel:
     if spec.random_weights:
         log.warning("model %s has RANDOM weights: its images are noise (tests and benchmarks only)", spec.name)
     return LoadedModel(spec, source, revision, device, dtype, pipe, img2img)
-
-
-# The EXIF orientation prepare_input_image applied, kept in the prepared image's info (the image
-# travels with its samples to the engine, which puts it in each image's record).
-ORIENTATION_INFO = "sdqueue_input_orientation"
-
-
-def prepare_input_image(data: bytes, width: int, height: int) -> Image.Image:
-    """The img2img input as the pipeline takes it: upright by its EXIF orientation (a phone's
-    portrait is stored sideways), RGB, resized to width x height."""
-    with Image.open(io.BytesIO(data)) as img:
-        orientation = exif_orientation(img)
-        img = upright(img.convert("RGB"), orientation)
-        if img.size != (width, height):
-            img = img.resize((width, height), Image.Resampling.LANCZOS)
-        img.info[ORIENTATION_INFO] = orientation
-        return img
-
-
-def input_orientation(image: Image.Image | None) -> int | None:
-    """The EXIF orientation applied to a prepared input (1: used as stored); None: no input."""
-    return None if image is None else image.info.get(ORIENTATION_INFO)
 
 
 def library_versions() -> dict[str, str]:

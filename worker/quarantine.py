@@ -110,7 +110,7 @@ def probe(model: Any, generate: Callable[..., list[Any]], features: dict[str, An
     import numpy as np
     from PIL import Image
 
-    from worker.batch import ConditioningCache, compat_key, job_samples
+    from worker.samples import ConditioningCache, compat_key, job_samples
 
     size = min(PROBE_SIZE, model.spec.native_size)
     params = {"prompt": PROBE_PROMPT, "negative_prompt": "blurry" if features.get("negative") else "",

@@ -8,9 +8,9 @@ from sqlalchemy import select
 from models.db import Database
 from models.storage import Storage
 from models.tables import Image, Job
-from worker.batch import compat_key, job_samples
+from worker.samples import compat_key, job_samples
 from worker.engine import Engine
-from worker.pipeline import prepare_input_image
+from worker.inputs import prepare_input_image
 
 
 def replay_batch(engine: Engine, db: Database, storage: Storage, batch_id: str) -> list[np.ndarray]:

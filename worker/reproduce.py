@@ -45,11 +45,12 @@ from models.registry import REGISTRY, resolve_model
 from models.settings import Settings
 from models.storage import Storage, open_storage
 from models.tables import Batch, Image, Job, JobState
-from worker.batch import ConditioningCache, compat_key, generate_batch, job_samples
+from worker.batch import generate_batch
+from worker.samples import ConditioningCache, compat_key, job_samples
 from worker.encode import encode_png, read_record, sha256_of
 from worker.loop import run_direct
-from worker.pipeline import (LoadedModel, library_versions, load_model, pick_device, pin_torch_threads,
-                             prepare_input_image)
+from worker.inputs import prepare_input_image
+from worker.pipeline import LoadedModel, library_versions, load_model, pick_device, pin_torch_threads
 
 # The default tolerance on the recorded device type and dtype, in 1/255 (see the docstring).
 SAME_DEVICE_TOLERANCE = 1

@@ -31,7 +31,6 @@ from models.db import Database
 from models.errors import JobError, JobNotFound
 from models.logs import job_context
 from models.outage import OutageTooLong, wait_out
-from models.registry import resolve_model
 from models.settings import Settings
 from models.storage import Storage, open_storage
 from models.sweep import Sweeper
@@ -39,7 +38,7 @@ from models.tables import JobState, Run
 from models.workers import healthy_workers, live_worker_names
 from worker import metrics
 from worker.app import app
-from worker.batch import compat_key, job_samples
+from worker.samples import compat_key, job_samples
 from worker.batcher import Work
 from worker.blame import host_fault
 from worker.sweeping import PeriodicSweeper
@@ -63,20 +62,18 @@ class WorkerContext:
 
     @classmethod
     def open(cls, settings: Settings) -> WorkerContext:
+        from worker.backend import open_model
         from worker.engine import Engine, default_pixel_budget
-        from worker.pipeline import load_model, pick_device, pin_torch_threads
 
         db = Database(settings.database_url)
         storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-        device = pick_device(settings.device)
-        pin_torch_threads(settings.torch_threads, settings.workers_per_host, device)  # before the first model call
-        model = load_model(resolve_model(settings.model, settings.data_dir), device)
+        model = open_model(settings)
         engine = Engine(
             model, db, storage, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
-            pixel_budget=settings.pixel_budget or default_pixel_budget(model.device),
+            pixel_budget=settings.pixel_budget or default_pixel_budget(model),
             window=settings.batch_window_ms / 1000, bulk_share=settings.bulk_share, batching=settings.batching,
         )
-        engine.unet_call = compiled_unet(settings, model, engine.budget.default)
+        engine.unet_call = model.compile(settings, engine.budget.default)
         send = partial(send_jobs, default_queue=settings.queue)
         engine.serve(settings, send)
         sweeper = PeriodicSweeper(Sweeper(settings, db, storage, send), settings)
@@ -88,25 +85,6 @@ class WorkerContext:
             self.sweeper.stop()
         self.engine.stop()
         self.db.dispose()
-
-
-def compiled_unet(settings: Settings, model: Any, pixel_budget: int) -> Any:
-    """The UNet call per SDQUEUE_COMPILE (None: the plain UNet), its graphs compiled for the
-    warm-up sizes and every batch bucket the budget allows, before the worker takes a job; the
-    compile cache lives in the data dir, so a restarted worker compiles from it."""
-    from worker.compiled import buckets_up_to, compile_mode, prepare_unet, save_compile_cache, use_compile_cache, warm_up
-
-    cache = settings.data_dir / "compile-cache"
-    if compile_mode(settings.compile, model.device) is not None:
-        use_compile_cache(cache)
-    call = prepare_unet(model, settings.compile)
-    if call is not None:
-        native = model.spec.native_size
-        sizes = settings.warmup_size_list or [(native, native)]
-        rows = 2 * max(1, pixel_budget // min(w * h for w, h in sizes))  # guided: two rows a sample
-        warm_up(call, model, sizes, buckets_up_to(rows))
-        save_compile_cache(cache)
-    return call
 
 
 def send_jobs(job_ids: list[str], queue: str | None = None, *, default_queue: str) -> None:
@@ -158,7 +136,7 @@ def generate(self: PipelineTask, job_id: str) -> str:
 def run_job(ctx: WorkerContext, job_id: str, queue: str | None = None) -> str:
     """Run one job end to end; returns how it ended (see worker/engine.py), or why it did not run.
     `queue`: the one its message came from (None: the worker's own)."""
-    from worker.pipeline import prepare_input_image
+    from worker.inputs import prepare_input_image
 
     engine = ctx.engine
     if engine.draining or engine.quarantined:
