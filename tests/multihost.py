@@ -663,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # tear the network down on the way out
     head = (f"# python -m tests.multihost {' '.join(argv if argv is not None else sys.argv[1:])}: {cfg.workers} hosts, "
-            f"{cfg.jobs} jobs of {cfg.size}x{cfg.size} at {cfg.steps} steps, tiny model, 1 torch thread a worker, "
+            f"{cfg.jobs} jobs of {cfg.size}x{cfg.size} at {cfg.steps} steps, {cfg.model} model, 1 torch thread a worker, "
             f"{' '.join(f'{k}={v}' for k, v in cfg.settings.items())}; {platform.node()}, {os.cpu_count()} CPUs "
             f"(load average {os.getloadavg()[0]:.1f} at the start), {time.strftime('%Y-%m-%d')}")
     print(head)

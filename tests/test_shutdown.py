@@ -16,6 +16,14 @@ from tests.conftest import small, wait_for
 TIMEOUT = 240
 
 
+@pytest.fixture(autouse=True)
+def standin(settings_env, monkeypatch):  # type: ignore[no-untyped-def]
+    """The stand-in GPU for these workers: a step of one 256x256 image takes about 0.07 s, so a job
+    of 60 steps is still denoising when the signal comes, and no CPU goes to it."""
+    monkeypatch.setenv("SDQUEUE_MODEL", "standin")
+    monkeypatch.setenv("SDQUEUE_STANDIN_SCALE", "5")
+
+
 def start_worker(tmp_path, name: str) -> tuple[subprocess.Popen, object]:  # type: ignore[no-untyped-def]
     log = open(tmp_path / f"{name}.log", "wb")
     # One 256x256 image per batch: the other jobs a worker holds wait their turn in its batcher.
