@@ -720,7 +720,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     if args.models_command == "list":
         for spec in REGISTRY.values():
-            where = spec.hub_id or f"built locally ({'sdqueue models build-tiny' if spec.name == 'tiny' else 'sdqueue models build-arch'})"
+            if spec.backend == "standin":
+                where = "no weights (worker/standin.py)"
+            else:
+                where = spec.hub_id or f"built locally ({'sdqueue models build-tiny' if spec.name == 'tiny' else 'sdqueue models build-arch'})"
             print(f"{spec.name:10} {spec.native_size:5}px {spec.prediction_type:13} {where}  {spec.description}")
         return 0
     from worker.build import build_and_save

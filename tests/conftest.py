@@ -174,6 +174,9 @@ def worker(settings):  # type: ignore[no-untyped-def]
     with start_worker(app, pool="threads", concurrency=settings.worker_slots, perform_ping_check=False, shutdown_timeout=120,
                       queues=worker_queues(settings.queue)) as w:
         yield w
+    # Task threads still running (a quarantined worker hands each message back after a second)
+    # end before the engine stops and the test's queues are removed: none sends a message after.
+    w.pool.executor.shutdown(wait=True)
     reset_context()
 
 

@@ -25,7 +25,7 @@ from models import jobs, webhooks
 from models.db import Database, upgrade
 from models.errors import InvalidRequest
 from models.tables import ApiKey, Job, WebhookAttempt, WebhookDelivery
-from tests.conftest import small, wait_for
+from tests.conftest import settle_jobs, small, wait_for
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +140,7 @@ def settings_env(redis_url: str, postgres_url: str, settled: None, tmp_path: Pat
     yield env
     import redis
 
+    settle_jobs(postgres_url, env["SDQUEUE_QUEUE"])  # no later test's sweeper sends their messages again
     broker = redis.Redis.from_url(redis_url)  # this test's own queues only: other sessions share the database
     for key in broker.scan_iter(match=f"*{tag}*"):
         broker.delete(key)
