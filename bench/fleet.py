@@ -9,7 +9,8 @@ one-image 512x512 jobs through `sdqueue run`. For the whole run it measures:
   finished between the 10th and 90th percentile of finish times, over that interval);
 - p50 / p95 from a job's creation to its success (a bulk run is queued at once: this is mostly
   waiting in the queue);
-- CPU seconds per job of every process kind: the workers, the `sdqueue run` that enqueued,
+- CPU seconds per job of every process kind: the workers (and without their PNG encoding, by their
+  own sdqueue_worker_png_encode_seconds_total), the `sdqueue run` that enqueued,
   PostgreSQL (the postmaster, its backends and helpers), Redis and SeaweedFS, from the kernel's
   counters (/proc: utime + stime, with reaped children);
 - PostgreSQL statements per job (pg_stat_statements, this benchmark's own polling left out) and
@@ -56,13 +57,13 @@ from models.db import Database, upgrade  # noqa: E402
 from models.tables import Image, Job, Run  # noqa: E402
 from tests.faults import RECORDED, image_sets_wrong  # noqa: E402
 from tests.servers import (  # noqa: E402
-    S3_ACCESS_KEY, S3_SECRET_KEY, PostgresServer, RedisServer, SeaweedServer, s3_client,
+    S3_ACCESS_KEY, S3_SECRET_KEY, PostgresServer, RedisServer, SeaweedServer, free_port, s3_client,
 )
 
 BUCKET = "fleet"
 IMAGES_PER_S = 4.5  # one H100 worker on 768x768 (README: the GPU figures; worker/standin.py's default)
 TICKS = os.sysconf("SC_CLK_TCK")
-KINDS = ("workers", "enqueue", "postgres", "redis", "seaweedfs")
+KINDS = ("workers", "workers outside PNG", "enqueue", "postgres", "redis", "seaweedfs")
 MONITOR = "/* fleet-monitor */"  # in this benchmark's own queries, which the statement counts leave out
 
 
@@ -93,6 +94,17 @@ def tree_cpu(pid: int) -> float:
         if entry.name.isdigit() and (child := _stat(int(entry.name))) is not None:
             children.setdefault(int(child[1]), []).append(int(entry.name))
     return own + sum(tree_cpu(child) for child in children.get(pid, []))
+
+
+def png_seconds(port: int) -> float:
+    """A worker's sdqueue_worker_png_encode_seconds_total, from its /metrics."""
+    from urllib.request import urlopen
+
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith("sdqueue_worker_png_encode_seconds_total "):
+                return float(line.split()[1])
+    return 0.0
 
 
 @dataclass
@@ -126,11 +138,12 @@ class Fleet:
 
     # --- the servers' counters ----------------------------------------------------------------
 
-    def counters(self, db: Database, workers: list[subprocess.Popen]) -> Counters:
+    def counters(self, db: Database, workers: list[subprocess.Popen], ports: list[int]) -> Counters:
         import redis
 
         cpu = {
             "workers": sum(tree_cpu(w.pid) for w in workers),
+            "png": sum(png_seconds(port) for port in ports),
             "postgres": tree_cpu(self.pg._proc.pid),  # type: ignore[union-attr]
             "redis": tree_cpu(self.redis._proc.pid),  # type: ignore[union-attr]
             "seaweedfs": tree_cpu(self.s3._proc.pid),  # type: ignore[union-attr]
@@ -184,18 +197,18 @@ class Fleet:
         upgrade(database_url)
         env = self.env(database_url, tag)
         logs = [self.workdir / f"worker-{tag}-{i}.log" for i in range(args.workers)]
-        workers = []
-        for log_path in logs:
+        workers, ports = [], [free_port() for _ in logs]
+        for log_path, port in zip(logs, ports):
             with open(log_path, "wb") as log:
                 workers.append(subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO"],
-                                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True))
+                                                cwd=ROOT, env={**env, "SDQUEUE_METRICS_PORT": str(port)},
+                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         db = Database(database_url)
         try:
             wait(lambda: all(" ready." in p.read_text(errors="replace") for p in logs), "the workers ready", 120)
             with db.engine.connect() as conn:
                 conn.exec_driver_sql(f"SELECT {MONITOR} pg_stat_statements_reset()")
-            before = self.counters(db, workers)
+            before = self.counters(db, workers, ports)
             enqueue = subprocess.Popen([sys.executable, "-m", "producer.cli", "run", str(self.manifest()),
                                         "--name", f"fleet-{tag}"], cwd=ROOT, env=env,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -215,7 +228,7 @@ class Fleet:
                     return session.scalar(ended) >= args.jobs
 
             wait(all_ended, "every job ended", args.deadline, step=1.0)
-            after = self.counters(db, workers)
+            after = self.counters(db, workers, ports)
             with db.engine.connect() as conn:
                 top = [(int(calls), " ".join(query.split())[:110]) for calls, query in conn.exec_driver_sql(
                     f"SELECT {MONITOR} calls, query FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
@@ -248,6 +261,7 @@ class Fleet:
         latencies = sorted((r.finished_at - r.created_at).total_seconds() for r in rows if r.finished_at)
         n = len(rows)
         cpu = {kind: after.cpu[kind] - before.cpu[kind] for kind in after.cpu} | {"enqueue": enqueue_cpu}
+        cpu["workers outside PNG"] = cpu["workers"] - cpu.pop("png")  # their own counter of PNG encoding
         return Repeat(
             jobs=n, seconds=seconds, end_to_end=n / seconds,
             sustained=middle / max(1e-9, (hi - lo).total_seconds()),

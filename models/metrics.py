@@ -34,6 +34,8 @@ _WAIT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200,
 WORKER_INFO = Metric("sdqueue_worker_info", "gauge", "1 per worker process: its name, model, device and batching",
                      ("worker", "model", "device", "batching"))
 IMAGES = Metric("sdqueue_worker_images_total", "counter", "images made, stored and recorded (images/s: its rate)")
+PNG_SECONDS = Metric("sdqueue_worker_png_encode_seconds_total", "counter",
+                     "CPU seconds the worker's threads spent encoding PNGs (with their metadata)")
 JOBS_ENDED = Metric("sdqueue_worker_jobs_ended_total", "counter",
                     "jobs this worker held that ended, by how (worker/engine.py: succeeded, failed, retry, "
                     "dead-lettered, lost, released)", ("outcome",))
@@ -67,7 +69,7 @@ SPOOL_BYTES = Metric("sdqueue_worker_spool_bytes", "gauge", "images waiting in t
 SPOOL_DISK_FULL = Metric("sdqueue_worker_spool_disk_full", "gauge",
                          "1 while the spool's disk is too full to take images: no new batch starts")
 
-WORKER = (WORKER_INFO, IMAGES, JOBS_ENDED, FAILURES, OUT_OF_MEMORY, OCCUPANCY, STEP_SECONDS, QUEUE_SECONDS,
+WORKER = (WORKER_INFO, IMAGES, PNG_SECONDS, JOBS_ENDED, FAILURES, OUT_OF_MEMORY, OCCUPANCY, STEP_SECONDS, QUEUE_SECONDS,
           GPU_SECONDS, JOBS_HELD, GPU_MEMORY_ALLOCATED, GPU_MEMORY_RESERVED, GPU_UTILIZATION, QUARANTINED,
           SPOOL_BYTES, SPOOL_DISK_FULL)
 

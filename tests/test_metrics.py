@@ -158,6 +158,7 @@ def test_a_worker_serves_its_metrics(settings, client, worker):
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert grew("sdqueue_worker_images_total") == 4
+    assert grew("sdqueue_worker_png_encode_seconds_total") > 0  # the CPU time of 4 PNGs
     assert grew("sdqueue_worker_jobs_ended_total", outcome="succeeded") == 2
     assert grew("sdqueue_worker_jobs_ended_total", outcome="failed") == 1
     assert grew("sdqueue_worker_failures_total", reason="prompt-unparsable") == 1

@@ -29,6 +29,7 @@ disable_created_metrics()  # no NAME_created series: rate() needs none
 PORT_TRIES = 16
 
 IMAGES = Counter(names.IMAGES.name, names.IMAGES.help)
+PNG_SECONDS = Counter(names.PNG_SECONDS.name, names.PNG_SECONDS.help)
 JOBS_ENDED = Counter(names.JOBS_ENDED.name, names.JOBS_ENDED.help, names.JOBS_ENDED.labels)
 FAILURES = Counter(names.FAILURES.name, names.FAILURES.help, names.FAILURES.labels)
 OUT_OF_MEMORY = Counter(names.OUT_OF_MEMORY.name, names.OUT_OF_MEMORY.help)

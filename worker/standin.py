@@ -69,14 +69,13 @@ class StandinUnet:
 
 
 def pattern(seed: int, width: int, height: int) -> np.ndarray:
-    """The stand-in's image of `seed`: a bilinear blend of four corner colours drawn from the seed
-    (a smooth image, which PNG encodes about as fast as a real one). HxWx3 uint8."""
-    corners = np.random.default_rng([seed, width, height]).integers(0, 256, size=(4, 3)).astype(np.float32)
-    x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
-    y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
-    top = corners[0] * (1 - x) + corners[1] * x
-    bottom = corners[2] * (1 - x) + corners[3] * x
-    return np.rint(top * (1 - y) + bottom * y).astype(np.uint8)
+    """The stand-in's image of `seed`: a vertical blend of two colours drawn from the seed, each row
+    one colour (cheap to make, and cheap for PNG to encode: about 4 ms at 512x512 here, where a
+    pixel-by-pixel gradient took 27). HxWx3 uint8."""
+    ends = np.random.default_rng([seed, width, height]).integers(0, 256, size=(2, 3)).astype(np.float32)
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    rows = np.rint(ends[0] * (1 - y) + ends[1] * y).astype(np.uint8)
+    return np.ascontiguousarray(np.broadcast_to(rows[:, None, :], (height, width, 3)))
 
 
 class StandinLoop:
