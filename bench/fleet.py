@@ -14,7 +14,8 @@ one-image 512x512 jobs through `sdqueue run`. For the whole run it measures:
   PostgreSQL (the postmaster, its backends and helpers), Redis and SeaweedFS, from the kernel's
   counters (/proc: utime + stime, with reaped children);
 - PostgreSQL statements per job (pg_stat_statements, this benchmark's own polling left out) and
-  WAL bytes per job; Redis commands per job (INFO's total_commands_processed);
+  WAL bytes per job; Redis commands per job (INFO's total_commands_processed); the statements
+  that cost PostgreSQL most (execution and planning time);
 - the audit of tests/faults.py: every job succeeded once, one image per index from one claim, every
   object's sha256 equal to its row's, no object without a row and no row without its object.
 
@@ -72,7 +73,8 @@ class StatsPostgres(PostgresServer):
 
     def _command(self) -> list[str]:
         return super()._command() + ["-c", "shared_preload_libraries=pg_stat_statements",
-                                     "-c", "pg_stat_statements.track=all", "-c", "pg_stat_statements.max=10000"]
+                                     "-c", "pg_stat_statements.track=all", "-c", "pg_stat_statements.max=10000",
+                                     "-c", "pg_stat_statements.track_planning=on"]
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -127,7 +129,7 @@ class Repeat:
     statements_per_job: float
     wal_bytes_per_job: float
     redis_commands_per_job: float
-    top_statements: list[tuple[int, str]]  # calls, query: the run's most frequent
+    top_statements: list[tuple[int, float, float, str]]  # calls, ms executing, ms planning, query: the dearest
     problems: list[str] = field(default_factory=list)
 
 
@@ -166,7 +168,7 @@ class Fleet:
     # --- one repeat ----------------------------------------------------------------------------
 
     def manifest(self) -> Path:
-        path = self.workdir / f"fleet-{self.args.jobs}.jsonl"
+        path = self.workdir / f"fleet-{self.args.jobs}.jsonl"  # one per size: the warm-up's is smaller
         if not path.exists():
             with open(path, "w") as f:
                 for i in range(self.args.jobs):
@@ -188,7 +190,7 @@ class Fleet:
 
     def repeat(self, number: int) -> Repeat:
         args = self.args
-        tag = f"r{number}"
+        tag = f"r{number}" if number >= 0 else "warmup"
         import psycopg
 
         database_url = self.pg.create_database(f"fleet_{tag}")
@@ -230,10 +232,12 @@ class Fleet:
             wait(all_ended, "every job ended", args.deadline, step=1.0)
             after = self.counters(db, workers, ports)
             with db.engine.connect() as conn:
-                top = [(int(calls), " ".join(query.split())[:110]) for calls, query in conn.exec_driver_sql(
-                    f"SELECT {MONITOR} calls, query FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
-                    f"WHERE d.datname = current_database() AND strpos(query, 'fleet-monitor') = 0 "
-                    f"ORDER BY calls DESC LIMIT 8")]
+                top = [(int(calls), float(run), float(plan), " ".join(query.split())[:100])
+                       for calls, run, plan, query in conn.exec_driver_sql(
+                           f"SELECT {MONITOR} calls, total_exec_time, total_plan_time, query FROM pg_stat_statements s "
+                           f"JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = current_database() "
+                           f"AND strpos(query, 'fleet-monitor') = 0 "
+                           f"ORDER BY total_exec_time + total_plan_time DESC LIMIT 10")]
         finally:
             for proc in workers:
                 if proc.poll() is None:
@@ -310,6 +314,11 @@ class Fleet:
                 StatsPostgres(self.workdir / "postgres") as self.pg, \
                 SeaweedServer(self.workdir / "s3") as self.s3:
             s3_client(self.s3.endpoint).create_bucket(Bucket=BUCKET)
+            if self.args.warmup:  # the first run of a fresh set of servers is slower (caches, autovacuum): not counted
+                jobs, self.args.jobs = self.args.jobs, min(self.args.jobs, 1000)
+                self.repeat(-1)
+                self.args.jobs = jobs
+                print("warm-up run done", flush=True)
             repeats = []
             for number in range(self.args.repeats):
                 repeats.append(self.repeat(number))
@@ -360,8 +369,8 @@ def table(args: argparse.Namespace, repeats: list[Repeat]) -> list[str]:
     for kind, label in (("postgres", "PostgreSQL"), ("redis", "Redis"), ("seaweedfs", "SeaweedFS")):
         carried = [1000 / r.cpu_per_job_ms[kind] / IMAGES_PER_S for r in repeats if r.cpu_per_job_ms[kind] > 0]
         lines.append(f"  {label:24} {spread(carried, 0)}")
-    lines += ["", "most frequent statements (last repeat): calls, query"]
-    lines += [f"  {calls:8} {query}" for calls, query in repeats[-1].top_statements]
+    lines += ["", "dearest statements (last repeat): calls, ms executing, ms planning, query"]
+    lines += [f"  {calls:7} {run:8.0f} {plan:7.0f}  {query}" for calls, run, plan, query in repeats[-1].top_statements]
     problems = [p for r in repeats for p in r.problems]
     lines += ["", f"audit: {'; '.join(problems) if problems else 'every job succeeded once, objects and rows agree'}"]
     return lines
@@ -381,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=16, help="SDQUEUE_WORKER_SLOTS of each worker")
     parser.add_argument("--scale", type=float, default=0.0, help="SDQUEUE_STANDIN_SCALE (0: no GPU time)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="count the first run too (by default a run of up to 1,000 jobs warms the servers up first)")
     parser.add_argument("--deadline", type=float, default=1800.0, help="seconds a run may take")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
