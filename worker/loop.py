@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,14 +36,14 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from models.errors import JobError
 from worker.batcher import PixelBudget, Work
-from worker.loops import LoopSample, Loops
+from worker.loops import LoopSample, Loops, SampleSet
 from worker.pipeline import LoadedModel
 from worker.samples import Conditioning, Sample, UnetCall, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
 
-class ContinuousLoop:
+class ContinuousLoop(SampleSet):
     """Samples of one size and one conditioning length, denoised together one UNet call per step."""
 
     def __init__(self, model: LoadedModel, width: int, height: int, tokens: int | None = None,
@@ -56,10 +56,7 @@ class ContinuousLoop:
         self.tokens = tokens  # None: fixed by the first admitted sample
         self.unet_call = unet_call or pipe.unet
         self.vectorised = type(pipe.scheduler) is EulerDiscreteScheduler
-        self.active: list[LoopSample] = []
-
-    def __len__(self) -> int:
-        return len(self.active)
+        super().__init__()
 
     # -- joining and leaving (between steps) -------------------------------------------------
 
@@ -136,18 +133,6 @@ class ContinuousLoop:
         pixels = torch.cat([prepared[id(sample.init_image)] for sample in samples])
         return pipe.vae.config.scaling_factor * retrieve_latents(pipe.vae.encode(pixels), generator=generators)
 
-    def drop(self, job_ids: Iterable[str]) -> list[LoopSample]:
-        """Remove the samples of `job_ids` (cancelled, lost); the others carry on unchanged."""
-        gone = set(job_ids)
-        return self.drop_samples(s for s in self.active if s.job_id in gone)
-
-    def drop_samples(self, samples: Iterable[LoopSample]) -> list[LoopSample]:
-        """Remove these samples (one claim's: a job claimed again may have another in the loop)."""
-        gone = {id(s) for s in samples}
-        dropped = [s for s in self.active if id(s) in gone]
-        self.active = [s for s in self.active if id(s) not in gone]
-        return dropped
-
     # -- one step ---------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -188,13 +173,7 @@ class ContinuousLoop:
         else:
             for row, s in enumerate(active):
                 s.latents = s.scheduler.step(noise_pred[row : row + 1], s.t, s.latents, return_dict=False)[0]
-        for s in active:
-            s.calls += 1
-            s.shared_max = max(s.shared_max, len(active))
-            s.shared_total += len(active)
-        finished = [s for s in active if s.done]
-        self.active = [s for s in active if not s.done]
-        return finished
+        return self.stepped(active)
 
     def _sigmas(self, active: list[LoopSample], offset: int) -> torch.Tensor:
         """Each row's sigma (offset 0) or next sigma (offset 1), float32 on the schedulers' device (CPU)."""

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Hashable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable
 
 import numpy as np
 
@@ -58,6 +58,40 @@ class LoopSample:
     def guided(self) -> bool:
         return self.sample.guidance_scale > 1.0
 
+
+
+class SampleSet:
+    """What every continuous loop keeps of its samples, whatever denoises them: the active ones,
+    dropped between steps, and each one's count of calls once a step is made."""
+
+    def __init__(self) -> None:
+        self.active: list[LoopSample] = []
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    def drop(self, job_ids: Iterable[str]) -> list[LoopSample]:
+        """Remove the samples of `job_ids` (cancelled, lost); the others carry on unchanged."""
+        gone = set(job_ids)
+        return self.drop_samples(s for s in self.active if s.job_id in gone)
+
+    def drop_samples(self, samples: Iterable[LoopSample]) -> list[LoopSample]:
+        """Remove these samples (one claim's: a job claimed again may have another in the loop)."""
+        gone = {id(s) for s in samples}
+        dropped = [s for s in self.active if id(s) in gone]
+        self.active = [s for s in self.active if id(s) not in gone]
+        return dropped
+
+    def stepped(self, active: list[LoopSample]) -> list[LoopSample]:
+        """After one model call over `active`: each counts it and who shared it; those whose
+        schedule ended leave, and are returned."""
+        for s in active:
+            s.calls += 1
+            s.shared_max = max(s.shared_max, len(active))
+            s.shared_total += len(active)
+        finished = [s for s in active if s.done]
+        self.active = [s for s in active if not s.done]
+        return finished
 
 
 @dataclass(eq=False)

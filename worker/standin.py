@@ -17,13 +17,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from models.registry import ModelSpec
 from models.settings import Settings
-from worker.loops import LoopSample
+from worker.loops import LoopSample, SampleSet
 from worker.samples import CompatKey, Conditioning, Dropped, Prompt, Sample, StepDone, UnetCall, start_step
 
 TOKENS = 77  # what CLIP's tokenizer pads every plain prompt to
@@ -78,7 +78,7 @@ def pattern(seed: int, width: int, height: int) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(rows[:, None, :], (height, width, 3)))
 
 
-class StandinLoop:
+class StandinLoop(SampleSet):
     """worker/loop.py's ContinuousLoop without the tensors: each sample counts its steps, and every
     `step()` is one (sleeping) UNet call over all of them."""
 
@@ -90,10 +90,7 @@ class StandinLoop:
         self.width, self.height = width, height
         self.tokens = tokens
         self.unet_call = unet_call or model.unet
-        self.active: list[LoopSample] = []
-
-    def __len__(self) -> int:
-        return len(self.active)
+        super().__init__()
 
     def admit(self, samples: list[Sample], conditioning: list[Conditioning], steps: int,
               strength: float | None = None) -> list[LoopSample]:
@@ -122,16 +119,6 @@ class StandinLoop:
         self.active.extend(admitted)
         return admitted
 
-    def drop(self, job_ids: Iterable[str]) -> list[LoopSample]:
-        gone = set(job_ids)
-        return self.drop_samples(s for s in self.active if s.job_id in gone)
-
-    def drop_samples(self, samples: Iterable[LoopSample]) -> list[LoopSample]:
-        gone = {id(s) for s in samples}
-        dropped = [s for s in self.active if id(s) in gone]
-        self.active = [s for s in self.active if id(s) not in gone]
-        return dropped
-
     def step(self) -> list[LoopSample]:
         if not self.active:
             return []
@@ -139,13 +126,7 @@ class StandinLoop:
         rows = sum(2 if s.guided else 1 for s in active)
         latents = np.empty((rows, 4, self.height // LATENT_SCALE, self.width // LATENT_SCALE), dtype=np.float16)
         self.unet_call(latents, [s.t for s in active], encoder_hidden_states=None, return_dict=False)
-        for s in active:
-            s.calls += 1
-            s.shared_max = max(s.shared_max, len(active))
-            s.shared_total += len(active)
-        finished = [s for s in active if s.done]
-        self.active = [s for s in active if not s.done]
-        return finished
+        return self.stepped(active)
 
     def decode(self, finished: list[LoopSample]) -> list[np.ndarray]:
         """Each finished sample's image: its seed's pattern (img2img: blended into its input by its
