@@ -89,17 +89,10 @@ class AsyncClient:
     async def get(self, job_id: str) -> Job:
         return parsed(Job.from_json, await self._json(Call("GET", f"/v1/jobs/{segment(job_id)}", replayable=True)))
 
-    async def jobs(self, *, state: str | None = None, run: str | None = None, since: datetime | str | None = None,
-                   page_size: int = 50) -> AsyncIterator[Job]:
-        cursor = None
-        while True:
-            page = await self._json(Call("GET", "/v1/jobs", params=jobs_params(state, run, since, page_size, cursor),
-                                         replayable=True))
-            for job in page["jobs"]:
-                yield parsed(Job.from_json, job)
-            cursor = page.get("next_cursor")
-            if not cursor:
-                return
+    def jobs(self, *, state: str | None = None, run: str | None = None, since: datetime | str | None = None,
+             page_size: int = 50) -> AsyncIterator[Job]:
+        return self._pages("/v1/jobs", lambda cursor: jobs_params(state, run, since, page_size, cursor), "jobs",
+                           Job.from_json)
 
     async def cancel(self, job_id: str) -> Job:
         return parsed(Job.from_json, await self._json(Call("DELETE", f"/v1/jobs/{segment(job_id)}")))
@@ -174,13 +167,17 @@ class AsyncClient:
                                priority=priority, defaults=defaults)
         return parsed(RunCreated.from_json, await self._json(call))
 
-    async def runs(self, *, page_size: int = 50) -> AsyncIterator[Run]:
+    def runs(self, *, page_size: int = 50) -> AsyncIterator[Run]:
+        return self._pages("/v1/runs", lambda cursor: {"limit": page_size, "cursor": cursor}, "runs", Run.from_json)
+
+    async def _pages(self, path: str, params: Callable[[str | None], dict[str, Any]], key: str,
+                     kind: Callable[[Any], Any]) -> AsyncIterator[Any]:
+        """The items of a keyset-paged list (`key` in each page), a page read at a time as the iterator goes."""
         cursor = None
         while True:
-            page = await self._json(Call("GET", "/v1/runs", params={"limit": page_size, "cursor": cursor},
-                                         replayable=True))
-            for run in page["runs"]:
-                yield parsed(Run.from_json, run)
+            page = await self._json(Call("GET", path, params=params(cursor), replayable=True))
+            for item in page[key]:
+                yield parsed(kind, item)
             cursor = page.get("next_cursor")
             if not cursor:
                 return

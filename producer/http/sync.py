@@ -102,14 +102,8 @@ class Client:
     def jobs(self, *, state: str | None = None, run: str | None = None, since: datetime | str | None = None,
              page_size: int = 50) -> Iterator[Job]:
         """The key's jobs, newest first, read a page at a time as the iterator goes."""
-        cursor = None
-        while True:
-            page = self._json(Call("GET", "/v1/jobs", params=jobs_params(state, run, since, page_size, cursor),
-                                   replayable=True))
-            yield from (parsed(Job.from_json, job) for job in page["jobs"])
-            cursor = page.get("next_cursor")
-            if not cursor:
-                return
+        return self._pages("/v1/jobs", lambda cursor: jobs_params(state, run, since, page_size, cursor), "jobs",
+                           Job.from_json)
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued or running job; Conflict (with `.state`) once it has ended."""
@@ -212,10 +206,15 @@ class Client:
 
     def runs(self, *, page_size: int = 50) -> Iterator[Run]:
         """The runs the key sees, newest first, a page at a time."""
+        return self._pages("/v1/runs", lambda cursor: {"limit": page_size, "cursor": cursor}, "runs", Run.from_json)
+
+    def _pages(self, path: str, params: Callable[[str | None], dict[str, Any]], key: str,
+               kind: Callable[[Any], Any]) -> Iterator[Any]:
+        """The items of a keyset-paged list (`key` in each page), a page read at a time as the iterator goes."""
         cursor = None
         while True:
-            page = self._json(Call("GET", "/v1/runs", params={"limit": page_size, "cursor": cursor}, replayable=True))
-            yield from (parsed(Run.from_json, run) for run in page["runs"])
+            page = self._json(Call("GET", path, params=params(cursor), replayable=True))
+            yield from (parsed(kind, item) for item in page[key])
             cursor = page.get("next_cursor")
             if not cursor:
                 return
