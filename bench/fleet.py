@@ -87,15 +87,19 @@ def _stat(pid: int) -> list[str] | None:
 
 def tree_cpu(pid: int) -> float:
     """CPU seconds of a process, of its children it reaped, and of its live descendants."""
-    fields = _stat(pid)
-    if fields is None:
-        return 0.0
-    own = sum(int(v) for v in fields[11:15]) / TICKS  # utime, stime, cutime, cstime
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (child := _stat(int(entry.name))) is not None:
             children.setdefault(int(child[1]), []).append(int(entry.name))
-    return own + sum(tree_cpu(child) for child in children.get(pid, []))
+
+    def cpu(of: int) -> float:
+        fields = _stat(of)
+        if fields is None:
+            return 0.0
+        own = sum(int(v) for v in fields[11:15]) / TICKS  # utime, stime, cutime, cstime
+        return own + sum(cpu(child) for child in children.get(of, []))
+
+    return cpu(pid)
 
 
 def png_seconds(port: int) -> float:

@@ -74,3 +74,13 @@ def open_model(settings: Settings) -> Model:
     device = pick_device(settings.device)
     pin_torch_threads(settings.torch_threads, settings.workers_per_host, device)  # before the first model call
     return load_model(spec, device)
+
+
+def dist_version(name: str) -> str:
+    """An installed distribution's version, or "unknown"."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"

@@ -19,6 +19,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from models.errors import ModelUnavailable
 from models.registry import ModelSpec
+from worker.backend import dist_version
 
 log = logging.getLogger(__name__)
 
@@ -214,17 +215,8 @@ def library_versions() -> dict[str, str]:
     try:
         import compel
 
-        versions["compel"] = getattr(compel, "__version__", None) or _dist_version("compel")
+        versions["compel"] = getattr(compel, "__version__", None) or dist_version("compel")
     except ImportError:
         pass
-    versions["sdqueue"] = _dist_version("sdqueue")
+    versions["sdqueue"] = dist_version("sdqueue")
     return versions
-
-
-def _dist_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"

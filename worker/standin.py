@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
 
 from models.registry import ModelSpec
 from models.settings import Settings
+from worker.backend import dist_version
 from worker.loops import LoopSample, SampleSet
 from worker.samples import CompatKey, Conditioning, Dropped, Prompt, Sample, StepDone, UnetCall, start_step
 
@@ -167,10 +167,7 @@ class StandinModel:
                                    "decode": self.timing.decode, "scale": self.timing.scale}}
 
     def versions(self) -> dict[str, str]:
-        try:
-            return {"sdqueue": version("sdqueue"), "standin": "1"}
-        except PackageNotFoundError:
-            return {"sdqueue": "unknown", "standin": "1"}
+        return {"sdqueue": dist_version("sdqueue"), "standin": "1"}
 
     def encode(self, prompts: list[Prompt]) -> list[Conditioning]:
         empty = np.zeros((1, TOKENS, 0), dtype=np.float16)  # 77 tokens of nothing
