@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands.add_parser("current", help="show the database's schema revision")
 
     worker = commands.add_parser("worker", help="run a GPU worker: pins one pipeline, runs jobs from the broker")
-    worker.add_argument("--model", help="registry name or diffusers folder (default: SDQUEUE_MODEL)")
+    worker.add_argument("--model", help="registry name (`sdqueue models list`; standin: the stand-in GPU) or diffusers folder (default: SDQUEUE_MODEL)")
     worker.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: SDQUEUE_DEVICE or auto)")
     worker.add_argument("--slots", type=int_between(1, 1024), help="jobs held at once, gathered into batches, "
                         "1..1024 (default: SDQUEUE_WORKER_SLOTS or 16)")
