@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import ast
 import re
+import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.errors import ConfigError, SchemaOutOfDate, ServiceUnavailable
@@ -74,8 +76,9 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() != "postgresql":
         return create_engine(url, pool_pre_ping=True, hide_parameters=True)
     given = set(parsed.query)  # what the URL itself sets wins
-    engine = create_engine(url, pool_pre_ping=True, hide_parameters=True,
+    engine = create_engine(url, hide_parameters=True,
                            connect_args={k: v for k, v in _PG_CLIENT_SILENCE.items() if k not in given})
+    _ping_when_idle(engine)
 
     @event.listens_for(engine, "connect")
     def _server_gives_up(dbapi_conn, _record):  # type: ignore[no-untyped-def]
@@ -84,6 +87,34 @@ def make_engine(url: str) -> Engine:
         dbapi_conn.commit()
 
     return engine
+
+
+# A pooled connection idle for longer than this is pinged before `Database.statement` hands it out.
+PING_AFTER_IDLE = 1.0
+# Set while `Database.statement` checks a connection out.
+_HOT_PATH: ContextVar[bool] = ContextVar("sdqueue_hot_path", default=False)
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """SQLAlchemy's pool_pre_ping, but a connection `Database.statement` takes (a worker's hot paths,
+    three a job) is pinged only after PING_AFTER_IDLE seconds idle: a ping each time was a round trip
+    more than the statement itself. One used a moment ago that turns out dead (the server restarted
+    since) fails its statement as a disconnect: SQLAlchemy then drops it and every connection older,
+    and those callers wait the outage out (models/outage.py), trying again on a new one. Every other
+    checkout is pinged, as before: a one-off read must not fail once after a restart."""
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_dbapi_conn, record):  # type: ignore[no-untyped-def]
+        record.info["idle_from"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn, record, _proxy):  # type: ignore[no-untyped-def]
+        if _HOT_PATH.get() and time.monotonic() - record.info.get("idle_from", float("-inf")) <= PING_AFTER_IDLE:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # the pool drops it and checks out another (DisconnectionError's contract)
+            raise DisconnectionError(f"a pooled connection is dead: {exc}") from exc
 
 
 def alembic_config(url: str) -> Config:
@@ -157,12 +188,26 @@ class Database:
         if check:
             check_schema(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.postgres = self.engine.dialect.name == "postgresql"
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on error."""
         with self._sessions() as session, session.begin():
             yield session
+
+    @contextmanager
+    def statement(self) -> Iterator[Connection]:
+        """A connection on which each statement commits by itself: no BEGIN and COMMIT round trips,
+        for the hot paths' single statements (models/jobs.py), whose callers wait an outage out
+        (a connection used within the last second is handed out unpinged: `_ping_when_idle`)."""
+        hot = _HOT_PATH.set(True)
+        try:
+            conn = self.engine.connect()
+        finally:
+            _HOT_PATH.reset(hot)
+        with conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
     def dispose(self) -> None:
         """Close the pool's connections. One a thread still holds (a worker's thread finishing as

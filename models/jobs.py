@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Row, delete, func, select, text, update
 from sqlalchemy.orm import Session, lazyload
 
+from models.db import Database
 from models.errors import JobNotFound
-from models.tables import Image, Job, JobState, Upload, WebhookDelivery, utcnow
+from models.tables import Batch, Image, Job, JobState, Upload, WebhookDelivery, utcnow
 
 ALLOWED = {
     JobState.QUEUED: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
@@ -158,6 +159,119 @@ def claim(
     return job, "claimed"
 
 
+# --- The worker's hot paths: one statement each ------------------------------------------------
+# A worker claims each job, says which objects it will upload, and records its images. On
+# PostgreSQL each of these is one statement of fixed text (psycopg prepares it after a few uses),
+# committed by itself (no BEGIN and COMMIT round trips), with the lease checked in its WHERE and no
+# ORM objects built. When it changes nothing (the job is not plainly queued, the lease is not this
+# one's, the job has a webhook, the rows were written before an outage cut the answer off), the
+# caller goes the general way above, in a transaction that finds out why. On SQLite, always.
+# bench/fleet.py measured what they save; the README's sizing section has the figures.
+#
+# Each finds its job by its id alone: a state is compared as `coalesce(state, '')`, which no index
+# matches. Compared plainly, the planner may walk ix_jobs_state_lease instead, through every running
+# job, whenever its statistics say few jobs are running (after a big enqueue, they say none): it did,
+# at half a millisecond a statement, growing with the fleet.
+
+
+def _state_is(state: JobState) -> Any:
+    return func.coalesce(Job.state, "") == state.value
+
+# What a claim hands the worker.
+CLAIMED = (Job.id, Job.params, Job.seed, Job.input_key, Job.input_sha256, Job.priority, Job.suspect,
+           Job.suspect_group, Job.run_id, Job.created_at, Job.started_at, Job.attempts, Job.lease_owner,
+           Job.lease_token)
+
+_CLAIM = text(f"""
+UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_token = lease_token + 1, lease_owner = :owner,
+  lease_expires_at = :expires, started_at = :now, updated_at = :now, worker = :owner, model = :model
+WHERE id = :job_id AND coalesce(state, '') = 'queued' AND failures < :max_attempts
+RETURNING {", ".join(column.key for column in CLAIMED)}
+""").columns(*CLAIMED)
+
+
+def claim_queued(db: Database, job_id: str, owner: str, model: str, *, lease_seconds: float,
+                 max_attempts: int) -> Row[Any] | None:
+    """`claim` of a queued job that has not failed as often as it may (the one case where a claim
+    asks nothing more), in one UPDATE: the claimed row (the CLAIMED columns), or None when the job
+    is not such a job, and `claim` must decide."""
+    if not db.postgres:
+        return None
+    now = utcnow()
+    with db.statement() as conn:
+        return conn.execute(_CLAIM, {"owner": owner, "expires": now + timedelta(seconds=lease_seconds), "now": now,
+                                     "model": model, "job_id": job_id, "max_attempts": max_attempts}).one_or_none()
+
+
+_RECORD_UPLOADS = text("""
+INSERT INTO uploads (object_key, job_id, lease_token, created_at)
+SELECT key, jobs.id, jobs.lease_token, :now FROM jobs, unnest(CAST(:keys AS varchar[])) AS key
+WHERE jobs.id = :job_id AND coalesce(jobs.state, '') = 'running' AND jobs.lease_owner = :owner
+  AND jobs.lease_token = :token
+ON CONFLICT DO NOTHING
+""")
+
+
+def record_uploads_now(db: Database, lease: Lease, keys: list[str]) -> bool:
+    """`record_uploads` in one statement; False when it wrote nothing (the lease is lost, or the
+    rows are there already): `record_uploads` then says which."""
+    if not db.postgres or not keys:
+        return False
+    with db.statement() as conn:
+        written = conn.execute(_RECORD_UPLOADS, {"now": utcnow(), "keys": keys, "job_id": lease.job_id,
+                                                 "owner": lease.owner, "token": lease.token}).rowcount
+    return written == len(keys)
+
+
+IMAGE_COLUMNS = ("index", "seed", "object_key", "sha256", "pixel_sha256", "size_bytes", "width", "height",
+                 "batch_id", "batch_size", "batch_position", "steps_run", "shared_max", "shared_mean")
+_IMAGE_TYPES = {"index": "integer", "seed": "bigint", "size_bytes": "integer", "width": "integer",
+                "height": "integer", "batch_size": "integer", "batch_position": "integer", "steps_run": "integer",
+                "shared_max": "integer", "shared_mean": "double precision"}
+BATCH_COLUMNS = ("id", "worker", "model", "model_revision", "scheduler", "device", "dtype", "size", "versions",
+                 "compat_key", "jobs", "seconds", "peak_memory_bytes", "started_at", "finished_at")
+
+# The job succeeds, its batch's row is written unless there, its images' rows are written, and its
+# uploads' rows go: all only if the lease holds and the job has no webhook (whose delivery row
+# `transition` writes).
+_SUCCEED = text(f"""
+WITH done AS (
+  UPDATE jobs SET state = 'succeeded', finished_at = :now, updated_at = :now, error = NULL, suspect = false,
+    suspect_group = NULL, lease_owner = NULL, lease_expires_at = NULL, running_alone = false
+  WHERE id = :job_id AND coalesce(state, '') = 'running' AND lease_owner = :owner AND lease_token = :token
+    AND webhook_url IS NULL
+  RETURNING id
+), batch AS (
+  INSERT INTO batches ({", ".join(BATCH_COLUMNS)})
+  SELECT {", ".join(f"CAST(:b_{c} AS json)" if c == "versions" else f":b_{c}" for c in BATCH_COLUMNS)} FROM done
+  ON CONFLICT (id) DO NOTHING
+), image AS (
+  INSERT INTO images (job_id, {", ".join(IMAGE_COLUMNS)}, created_at)
+  SELECT done.id, {", ".join(f"i.{c}" for c in IMAGE_COLUMNS)}, :now FROM done,
+    unnest({", ".join(f"CAST(:i_{c} AS {_IMAGE_TYPES.get(c, 'varchar')}[])" for c in IMAGE_COLUMNS)})
+    AS i({", ".join(IMAGE_COLUMNS)})
+), gone AS (
+  DELETE FROM uploads WHERE job_id IN (SELECT id FROM done) AND object_key = ANY(CAST(:i_object_key AS varchar[]))
+)
+SELECT count(*) FROM done
+""")
+
+
+def succeed_now(db: Database, lease: Lease, images: list[dict[str, Any]], batch: dict[str, Any]) -> bool:
+    """`succeed` in one statement; `images` the values of their rows (IMAGE_COLUMNS), `batch` of
+    its row (BATCH_COLUMNS). False when it wrote nothing: `succeed` then records the job, or says
+    why it cannot."""
+    if not db.postgres:
+        return False
+    import json
+
+    params: dict[str, Any] = {"now": utcnow(), "job_id": lease.job_id, "owner": lease.owner, "token": lease.token}
+    params.update({f"b_{c}": json.dumps(batch[c]) if c == "versions" else batch[c] for c in BATCH_COLUMNS})
+    params.update({f"i_{c}": [image[c] for image in images] for c in IMAGE_COLUMNS})
+    with db.statement() as conn:
+        return bool(conn.execute(_SUCCEED, params).scalar())
+
+
 def lease_of(job: Job) -> Lease:
     assert job.lease_owner is not None
     return Lease(job.id, job.lease_owner, job.lease_token)
@@ -183,8 +297,7 @@ def renew(session: Session, owner: str, job_ids: Iterable[str], lease_seconds: f
     for start in range(0, len(ids), CHUNK):
         kept.update(session.scalars(
             update(Job)
-            .where(Job.id.in_(ids[start : start + CHUNK]), Job.lease_owner == owner,
-                   Job.state == JobState.RUNNING.value)
+            .where(Job.id.in_(ids[start : start + CHUNK]), Job.lease_owner == owner, _state_is(JobState.RUNNING))
             .values(lease_expires_at=expires)
             .returning(Job.id)
         ))
@@ -226,12 +339,16 @@ def _insert_new(session: Session, table: Any) -> Any:
     return insert(table).on_conflict_do_nothing()
 
 
-def succeed(session: Session, lease: Lease, images: list[Image]) -> Job:
+def succeed(session: Session, lease: Lease, images: list[Image], batch: dict[str, Any] | None = None) -> Job:
+    """The job succeeded with `images`, made in `batch` (the values of its row: written here unless
+    another job of the same batch wrote it first)."""
     job = _held(session, lease)
     transition(job, JobState.SUCCEEDED)
     job.error = None
     job.suspect = False
     job.suspect_group = None
+    if batch is not None:
+        session.execute(_insert_new(session, Batch).values(**batch))
     for image in images:
         session.add(image)
     session.flush()
@@ -365,8 +482,7 @@ def release(session: Session, owner: str, job_ids: Iterable[str]) -> list[str]:
     for start in range(0, len(ids), CHUNK):
         released += session.scalars(
             update(Job)
-            .where(Job.id.in_(ids[start : start + CHUNK]), Job.lease_owner == owner,
-                   Job.state == JobState.RUNNING.value)
+            .where(Job.id.in_(ids[start : start + CHUNK]), Job.lease_owner == owner, _state_is(JobState.RUNNING))
             .values(state=JobState.QUEUED.value, lease_owner=None, lease_expires_at=None, running_alone=False,
                     enqueued_at=utcnow())
             .returning(Job.id)

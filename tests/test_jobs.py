@@ -6,7 +6,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import delete, insert, select, text, update
 
 from models import jobs
 from models.db import Database, upgrade
@@ -292,3 +292,92 @@ def test_an_expired_lease_of_a_live_worker_is_not_taken_over_by_a_second_deliver
         found, why = jobs.claim(session, job_id, "w2", "tiny", lease_seconds=LEASE, max_attempts=3,
                                 live_workers=lambda: set())  # w1 is gone: taken over
     assert found is not None and found.lease_owner == "w2"
+
+
+# --- the worker's one-statement paths (PostgreSQL; on SQLite they decline and `claim`/`succeed` go) ---
+
+def batch_values() -> dict:
+    return {"id": str(uuid.uuid4()), "worker": "w1", "model": "tiny", "model_revision": None, "scheduler": "s",
+            "device": "cpu", "dtype": "float32", "size": 1, "versions": {"torch": "x"}, "compat_key": "k", "jobs": 1,
+            "seconds": 0.1, "peak_memory_bytes": None, "started_at": utcnow(), "finished_at": utcnow()}
+
+
+def image_values(key: str, batch_id: str) -> dict:
+    return {"index": 0, "seed": 1, "object_key": key, "sha256": "0" * 64, "pixel_sha256": None, "size_bytes": 1,
+            "width": 256, "height": 256, "batch_id": batch_id, "batch_size": None, "batch_position": None,
+            "steps_run": 3, "shared_max": 2, "shared_mean": 1.5}
+
+
+def test_one_statement_claim_uploads_and_success_record_what_the_general_path_does(database):
+    job_id = new_job(database)
+    claimed = jobs.claim_queued(database, job_id, "w1", "tiny", lease_seconds=LEASE, max_attempts=3)
+    if database.engine.dialect.name == "sqlite":
+        assert claimed is None  # the general path's, always
+        return
+    lease = jobs.lease_of(claimed)
+    assert lease == jobs.Lease(job_id, "w1", 1) and claimed.attempts == 1 and claimed.params == {}
+    row = job(database, job_id)
+    assert row.state == "running" and row.worker == "w1" and row.model == "tiny" and row.lease_expires_at
+    # a second delivery: not plainly queued, so the one statement declines and `claim` says why
+    assert jobs.claim_queued(database, job_id, "w1", "tiny", lease_seconds=LEASE, max_attempts=3) is None
+    assert claim(database, job_id, "w1") == (None, "this worker holds it already")
+
+    key = f"images/{job_id}/1/0.png"
+    assert jobs.record_uploads_now(database, lease, [key])
+    assert not jobs.record_uploads_now(database, lease, [key])  # written already: `record_uploads` decides
+    batch = batch_values()
+    assert jobs.succeed_now(database, lease, [image_values(key, batch["id"])], batch)
+    row = job(database, job_id)
+    assert row.state == "succeeded" and row.finished_at and row.lease_owner is None and row.error is None
+    assert [(i.object_key, i.batch_id, i.steps_run, i.shared_mean) for i in row.images] == [(key, batch["id"], 3, 1.5)]
+    with database.session() as session:
+        assert session.scalars(select(Upload).where(Upload.job_id == job_id)).all() == []
+    assert not jobs.succeed_now(database, lease, [image_values(key, batch["id"])], batch)  # ended: nothing again
+
+
+def test_one_statement_paths_refuse_a_lost_lease_and_leave_webhook_jobs_to_the_general_path(database):
+    if database.engine.dialect.name == "sqlite":
+        pytest.skip("PostgreSQL only: on SQLite the general path runs")
+    job_id = new_job(database)
+    stale = jobs.lease_of(jobs.claim_queued(database, job_id, "w1", "tiny", lease_seconds=LEASE, max_attempts=3))
+    expire(database, job_id)
+    current, _ = claim(database, job_id, "w2")  # taken over: w1's lease is stale
+    key = f"images/{job_id}/{stale.token}/0.png"
+    assert not jobs.record_uploads_now(database, stale, [key])
+    with pytest.raises(jobs.LeaseLost), database.session() as session:
+        jobs.record_uploads(session, stale, [key])
+    batch = batch_values()
+    assert not jobs.succeed_now(database, stale, [image_values(key, batch["id"])], batch)
+    assert job(database, job_id).state == "running" and job(database, job_id).lease_owner == "w2"
+
+    with database.session() as session:  # a job with a webhook: its end writes a delivery row
+        session.execute(update(Job).where(Job.id == job_id).values(webhook_url="http://127.0.0.1:9/hook"))
+    assert not jobs.succeed_now(database, current, [], batch)
+    with database.session() as session:
+        jobs.succeed(session, current, [], batch)
+    row = job(database, job_id)
+    assert row.state == "succeeded" and row.webhook is not None and row.webhook.state == "pending"
+
+
+def test_one_statement_paths_find_the_job_by_its_id_whatever_the_statistics_say(postgres_url):
+    """After a big enqueue the planner's statistics say no job is running; a plain `state =
+    'running'` then led it through ix_jobs_state_lease, over every running job (with these 2,000
+    queued jobs it did)."""
+    database = Database(postgres_url)
+    ids = [str(uuid.uuid4()) for _ in range(2000)]
+    try:
+        with database.session() as session:
+            session.execute(insert(Job), [{"id": job_id, "mode": "txt2img", "params": {}, "seed": 1, "width": 256,
+                                           "height": 256, "num_inference_steps": 1, "num_images": 1} for job_id in ids])
+        with database.engine.connect() as conn:
+            conn.exec_driver_sql("ANALYZE jobs")
+            for statement in (jobs._CLAIM.element, jobs._RECORD_UPLOADS, jobs._SUCCEED):
+                params = {name: None for name in statement.compile().params}
+                params.update(job_id=ids[0], owner="w1", token=1, now=utcnow(), keys=["k"], i_object_key=["k"],
+                              max_attempts=3)
+                plan = "\n".join(row[0] for row in conn.execute(text("EXPLAIN " + statement.text), params))
+                assert "jobs_pkey" in plan and "ix_jobs_state" not in plan, plan
+    finally:
+        with database.session() as session:  # nothing left queued for other tests' sweepers to send
+            session.execute(delete(Job).where(Job.id.in_(ids)))
+        database.dispose()

@@ -620,17 +620,10 @@ class Engine:
 
     def _finish(self, batch: list[Work], record: Batch, results: list[Any],
                 stats: list[tuple[int, int, float]] | None = None) -> None:
-        """Record the run, then store each job's images. `stats`, per image, what it shared in a
-        continuous loop (None: a window batch, whose images record their batch position)."""
-        try:
-            record.finished_at = utcnow()
-            self._outage(lambda: self._add(record), f"recording batch {record.id}")
-        except Exception as exc:
-            log.error("batch %s cannot be recorded (%s): its jobs are given back", record.id, exc,
-                      extra=about(batch_id=record.id))
-            self._in_flight.release()
-            self._give_back(batch, timeout=10)
-            return
+        """Store each job's images; the run's record (`record`) is written with the first of them
+        to be recorded. `stats`, per image, what it shared in a continuous loop (None: a window
+        batch, whose images record their batch position)."""
+        record.finished_at = utcnow()
         try:
             position = 0
             for work in batch:
@@ -640,10 +633,6 @@ class Engine:
                 position += len(work.samples)
         finally:
             self._in_flight.release()
-
-    def _add(self, row: Any) -> None:
-        with self.db.session() as session:
-            session.add(row)
 
     def _guard(self, work: Work, action: Callable[[], None]) -> None:
         """Run one job's step on the pool; whatever goes wrong settles the job, never the pool."""
@@ -687,13 +676,14 @@ class Engine:
             metrics.PNG_SECONDS.inc(time.thread_time() - cpu)
             key = object_key_for(work.job_id, sample.index, lease.token)
             objects.append((key, png))
-            rows.append(Image(
-                job_id=work.job_id, index=sample.index, seed=sample.seed, object_key=key, sha256=sha256_of(png),
-                pixel_sha256=pixel_hash, size_bytes=len(png), width=picture.width, height=picture.height,
-                batch_id=batch.id, **batching,
-            ))
+            rows.append({
+                "index": sample.index, "seed": sample.seed, "object_key": key, "sha256": sha256_of(png),
+                "pixel_sha256": pixel_hash, "size_bytes": len(png), "width": picture.width,
+                "height": picture.height, "batch_id": batch.id, "batch_size": None, "batch_position": None,
+                "steps_run": None, "shared_max": None, "shared_mean": None, **batching,
+            })
         # Say what will be uploaded before uploading it: an object never lies unseen in the store.
-        self._outage(lambda: self._in_session(jobs.record_uploads, lease, [key for key, _ in objects]),
+        self._outage(lambda: self._record_uploads(lease, [key for key, _ in objects]),
                      f"job {work.job_id}: recording its uploads")
         for done, (key, png) in enumerate(objects):
             if work.lease in self._lost:
@@ -707,7 +697,7 @@ class Engine:
                             extra=work.about(batch.id))
                 try:
                     self.spool.add(lease, objects[done:],
-                                   lambda stored: self._on_pool(self._unspooled, work, rows, stored))
+                                   lambda stored: self._on_pool(self._unspooled, work, rows, batch, stored))
                 except DiskFull as full:
                     # The host's disk, not the job: back to the queue uncharged; the spool starts
                     # no batch until space returns (what it wrote of this job is deleted).
@@ -715,23 +705,35 @@ class Engine:
                               extra=work.about(batch.id))
                     self._give_back([work], timeout=10)
                 return
-        self._record(work, rows)
+        self._record(work, rows, batch)
 
-    def _unspooled(self, work: Work, rows: list[Image], stored: bool) -> None:
+    def _record_uploads(self, lease: jobs.Lease, keys: list[str]) -> None:
+        if not jobs.record_uploads_now(self.db, lease, keys):
+            self._in_session(jobs.record_uploads, lease, keys)
+
+    def _unspooled(self, work: Work, rows: list[dict[str, Any]], batch: Batch, stored: bool) -> None:
         if stored:
-            self._guard(work, lambda: self._record(work, rows))
+            self._guard(work, lambda: self._record(work, rows, batch))
         elif work.lease in self._lost:
             self.settle(work, "lost")
         else:  # the store stayed away longer than we wait: another attempt makes the images again
             self._give_back([work], timeout=10)
 
-    def _record(self, work: Work, rows: list[Image]) -> None:
-        self._outage(lambda: self._in_session(jobs.succeed, work.lease, rows), f"job {work.job_id}: recording it")
+    def _record(self, work: Work, rows: list[dict[str, Any]], batch: Batch) -> None:
+        """The job succeeded with these images (the values of their rows), made in `batch`."""
+        values = {column: getattr(batch, column) for column in jobs.BATCH_COLUMNS}
+
+        def record() -> None:
+            if not jobs.succeed_now(self.db, work.lease, rows, values):
+                images = [Image(job_id=work.job_id, **row) for row in rows]
+                self._in_session(jobs.succeed, work.lease, images, values)
+
+        self._outage(record, f"job {work.job_id}: recording it")
         metrics.IMAGES.inc(len(rows))
         with self._lock:
             self.images_done += len(rows)
         log.info("%s: claim %d recorded %d image(s)", work.label, work.lease.token, len(rows),
-                 extra=work.about(rows[0].batch_id if rows else None))
+                 extra=work.about(batch.id))
         self.health.succeeded()
         self.settle(work, "succeeded")
 

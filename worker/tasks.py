@@ -186,33 +186,43 @@ def _leave_to_others(engine: Any, job_id: str, queue: str | None, *, pause: bool
     engine.send_again([job_id], queue)
 
 
-def _run_name(ctx: WorkerContext, session: Any, run_id: str | None) -> str | None:
-    """The name of a job's run, read once per run (not once per claim) for the logs."""
+def _run_name(ctx: WorkerContext, run_id: str | None) -> str | None:
+    """The name of a job's run, read once per run (not once per claim) for the logs; its id while
+    the database cannot say (the claim is made: a name for the logs must not undo it)."""
     if run_id is None:
         return None
     if run_id not in ctx.run_names:
         if len(ctx.run_names) >= RUN_NAMES_KEPT:
             ctx.run_names.clear()
-        ctx.run_names[run_id] = session.scalar(select(Run.name).where(Run.id == run_id)) or run_id
+        try:
+            with ctx.db.session() as session:
+                ctx.run_names[run_id] = session.scalar(select(Run.name).where(Run.id == run_id)) or run_id
+        except Exception as exc:
+            log.warning("the name of run %s cannot be read (%s): its id stands for it in the logs", run_id, exc)
+            return run_id
     return ctx.run_names[run_id]
 
 
 def _claim(ctx: WorkerContext, job_id: str) -> Work | str:
-    """The claimed job as work for the engine, or why it was not claimed."""
-    with ctx.db.session() as session:
-        job, why = jobs.claim(session, job_id, ctx.engine.hostname, ctx.engine.model.spec.name,
-                              lease_seconds=ctx.settings.lease_seconds, max_attempts=ctx.settings.max_attempts,
-                              healthy_workers=lambda: healthy_workers(ctx.settings),
-                              live_workers=lambda: live_worker_names(ctx.settings))
-        if job is None:
-            return why
-        if job.attempts == 1:  # time in queue: to its first claim
-            metrics.claimed(jobs.aware(job.created_at), jobs.aware(job.started_at))
-        params = dict(job.params)
-        run_name = _run_name(ctx, session, job.run_id)
-        return Work(
-            job_id, compat_key(params, img2img=job.input_key is not None), [], job.created_at.timestamp(),
-            priority=job.priority, params=params, input_sha256=job.input_sha256, lease=jobs.lease_of(job),
-            alone=job.suspect, suspect_group=job.suspect_group, seed=job.seed, input_key=job.input_key,
-            run_id=job.run_id, run_name=run_name,
-        )
+    """The claimed job as work for the engine, or why it was not claimed. A plainly queued job
+    takes one statement (`claim_queued`); any other goes through `claim`, which decides."""
+    owner, model, settings = ctx.engine.hostname, ctx.engine.model.spec.name, ctx.settings
+    job: Any = jobs.claim_queued(ctx.db, job_id, owner, model, lease_seconds=settings.lease_seconds,
+                                 max_attempts=settings.max_attempts)
+    if job is None:
+        with ctx.db.session() as session:
+            job, why = jobs.claim(session, job_id, owner, model, lease_seconds=settings.lease_seconds,
+                                  max_attempts=settings.max_attempts,
+                                  healthy_workers=lambda: healthy_workers(settings),
+                                  live_workers=lambda: live_worker_names(settings))
+            if job is None:
+                return why
+    if job.attempts == 1:  # time in queue: to its first claim
+        metrics.claimed(jobs.aware(job.created_at), jobs.aware(job.started_at))
+    params = dict(job.params)
+    return Work(
+        job_id, compat_key(params, img2img=job.input_key is not None), [], job.created_at.timestamp(),
+        priority=job.priority, params=params, input_sha256=job.input_sha256, lease=jobs.lease_of(job),
+        alone=job.suspect, suspect_group=job.suspect_group, seed=job.seed, input_key=job.input_key,
+        run_id=job.run_id, run_name=_run_name(ctx, job.run_id),
+    )
