@@ -3,8 +3,9 @@
 Only hints, like the broker's messages: the job row says what happened. A follower (the API's
 event stream, `sdqueue wait`, `Client.wait`) subscribes first, then reads the row, then takes
 events as they come, and reads the row again at the end (or when no event came for a while), so a
-missed event costs a little latency, never a wrong answer. Publishing is cheap: one PUBLISH on a
-connection kept open, and progress at most every SDQUEUE_PROGRESS_INTERVAL seconds per job.
+missed event costs a little latency, never a wrong answer. Publishing is cheap: PUBLISH on a
+connection kept open (a worker's events, from its relay thread, pipelined: what waits goes in one
+round trip), and progress at most every SDQUEUE_PROGRESS_INTERVAL seconds per job.
 
 Each event is a JSON object with `type` ("state" or "progress"), `job_id` and `at` (Unix time):
     {"type": "state", "job_id": ..., "state": "running", "at": ...}
@@ -17,7 +18,8 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 from models.settings import Settings
 
@@ -45,6 +47,7 @@ class Publisher:
         self._redis: Any = _redis(settings) if self.enabled else None
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()  # .batch: the events `batched` gathers in this thread
 
     def state(self, job_id: str, state: str) -> None:
         self._last.pop(job_id, None)
@@ -60,8 +63,29 @@ class Publisher:
             self._last[job_id] = now
         self._publish(job_id, {"type": "progress", "job_id": job_id, "step": step, "steps": steps, "at": time.time()})
 
+    @contextmanager
+    def batched(self) -> Iterator[None]:
+        """What this thread publishes inside goes out at the end, in one round trip (a pipeline)."""
+        self._local.batch = []
+        try:
+            yield
+        finally:
+            events, self._local.batch = self._local.batch, None
+            if events and self.enabled:
+                try:
+                    pipe = self._redis.pipeline(transaction=False)
+                    for name, payload in events:
+                        pipe.publish(name, payload)
+                    pipe.execute()
+                except Exception as exc:  # the broker is down: followers read the rows instead
+                    log.debug("%d event(s) not published: %s", len(events), exc)
+
     def _publish(self, job_id: str, event: dict[str, Any]) -> None:
         if not self.enabled:
+            return
+        batch = getattr(self._local, "batch", None)
+        if batch is not None:
+            batch.append((channel(job_id), json.dumps(event)))
             return
         try:
             self._redis.publish(channel(job_id), json.dumps(event))

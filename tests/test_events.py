@@ -161,3 +161,26 @@ def test_wait_polls_the_record_without_redis(settings, client, monkeypatch):
     finally:
         canceller.join()
         reader.close()
+
+
+def test_the_relay_sends_what_waits_in_one_round_trip_in_order(settings, listener):
+    """A worker's events go out from its relay thread, pipelined (worker/relay.py): more than one
+    pipeline's worth queued at once all arrive, each job's in order, and a broker that is away
+    loses them without an error."""
+    from models.events import Publisher
+    from worker.relay import BATCH, EventRelay
+
+    relay = EventRelay(Publisher(settings))
+    jobs = [f"relay-{i}" for i in range(BATCH + 50)]
+    for job_id in jobs:
+        relay.state(job_id, "running")
+    for job_id in jobs:
+        relay.state(job_id, "succeeded")
+    relay.close()
+    wait_for(lambda: all(len(listener.of(job_id)) == 2 for job_id in jobs), timeout=30)
+    assert all([e["state"] for e in listener.of(job_id)] == ["running", "succeeded"] for job_id in jobs)
+
+    away = Publisher(settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"}))
+    with away.batched():
+        away.state("relay-away", "running")  # sent at the end of the batch: refused, and only a hint lost
+    away.close()

@@ -11,6 +11,10 @@ from typing import Any, Callable
 from models.events import Publisher
 
 
+# Events sent in one round trip at most.
+BATCH = 256
+
+
 class EventRelay:
     """Publishes the jobs' events (models/events.py) from a thread of its own: the GPU thread only
     queues them, so a broker that is slow or away never holds a denoising step. One queue keeps a
@@ -37,9 +41,21 @@ class EventRelay:
             pass
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            publish, args = item
-            publish(*args)  # never raises
+        """Each time, every event waiting (up to BATCH) in one round trip to the broker."""
+        while True:
+            items = [self._queue.get()]
+            while items[-1] is not None and len(items) < BATCH:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            with self.publisher.batched():
+                for item in items:
+                    if item is not None:
+                        publish, args = item
+                        publish(*args)  # never raises
+            if items[-1] is None:
+                return
 
     def close(self, timeout: float = 5.0) -> None:
         """Publish what is queued (for at most `timeout` seconds), then close the connection."""
