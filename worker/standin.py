@@ -71,11 +71,21 @@ class StandinUnet:
 def pattern(seed: int, width: int, height: int) -> np.ndarray:
     """The stand-in's image of `seed`: a vertical blend of two colours drawn from the seed, each row
     one colour (cheap to make, and cheap for PNG to encode: about 4 ms at 512x512 here, where a
-    pixel-by-pixel gradient took 27). HxWx3 uint8."""
+    pixel-by-pixel gradient took 27). HxWx3 uint8.
+
+    Filled by doubling: column 0, then columns 0-1 copied to 2-3, and so on, in log2(width) block
+    copies; 0.4 ms at 512x512 where one broadcast copy took 2.8 (numpy copies a zero-stride source
+    element by element), and this is CPU the fleet benchmark counts as the worker's."""
     ends = np.random.default_rng([seed, width, height]).integers(0, 256, size=(2, 3)).astype(np.float32)
     y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
-    rows = np.rint(ends[0] * (1 - y) + ends[1] * y).astype(np.uint8)
-    return np.ascontiguousarray(np.broadcast_to(rows[:, None, :], (height, width, 3)))
+    image = np.empty((height, width, 3), np.uint8)
+    image[:, 0, :] = np.rint(ends[0] * (1 - y) + ends[1] * y).astype(np.uint8)
+    filled = 1
+    while filled < width:
+        more = min(filled, width - filled)
+        image[:, filled : filled + more] = image[:, :more]
+        filled += more
+    return image
 
 
 class StandinLoop(SampleSet):
