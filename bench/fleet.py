@@ -5,14 +5,17 @@ worker --model standin` processes (worker/standin.py: the real engine; SDQUEUE_S
 default, so the GPU takes no time and the control plane is all there is), and sends a run of M
 one-image 512x512 jobs through `sdqueue run`. For the whole run it measures:
 
-- jobs/s end to end (M / first job created to last job finished) and sustained (the jobs that
-  finished between the 10th and 90th percentile of finish times, over that interval);
-- p50 / p95 from a job's creation to its success (a bulk run is queued at once: this is mostly
-  waiting in the queue);
+- the enqueue first, alone: the workers are ready but consume nothing (Celery's cancel_consumer)
+  until `sdqueue run` has written and sent the whole run, so what PostgreSQL and Redis spend on
+  the enqueue is told apart from what they spend on running the jobs (claims, renewals, records);
+- jobs/s end to end (M / the workers resuming to the last job finished) and sustained (the jobs
+  that finished between the 10th and 90th percentile of finish times, over that interval);
+- p50 / p95 from a job's claim to its success (its time in the pipeline; the wait in the queue
+  before, with the whole run queued at once, says nothing);
 - CPU seconds per job of every process kind: the workers (and without their PNG encoding, by their
   own sdqueue_worker_png_encode_seconds_total), the `sdqueue run` that enqueued,
-  PostgreSQL (the postmaster, its backends and helpers), Redis and SeaweedFS, from the kernel's
-  counters (/proc: utime + stime, with reaped children);
+  PostgreSQL (the postmaster, its backends and helpers) and Redis while the jobs ran and during
+  the enqueue, and SeaweedFS, from the kernel's counters (/proc: utime + stime, with reaped children);
 - PostgreSQL statements per job (pg_stat_statements, this benchmark's own polling left out) and
   WAL bytes per job; Redis commands per job (INFO's total_commands_processed); the statements
   that cost PostgreSQL most (execution and planning time);
@@ -46,6 +49,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +68,8 @@ from tests.servers import (  # noqa: E402
 BUCKET = "fleet"
 IMAGES_PER_S = 4.5  # one H100 worker on 768x768 (README: the GPU figures; worker/standin.py's default)
 TICKS = os.sysconf("SC_CLK_TCK")
-KINDS = ("workers", "workers outside PNG", "enqueue", "postgres", "redis", "seaweedfs")
+KINDS = ("workers", "workers outside PNG", "postgres", "redis", "seaweedfs", "enqueue", "postgres, enqueue",
+         "redis, enqueue")
 MONITOR = "/* fleet-monitor */"  # in this benchmark's own queries, which the statement counts leave out
 
 
@@ -119,19 +124,22 @@ class Counters:
     statements: int
     wal_lsn: str
     redis_commands: int
+    sessions: int  # connections PostgreSQL has opened to the run's database
 
 
 @dataclass
 class Repeat:
     jobs: int
-    seconds: float  # first created to last finished
+    seconds: float  # the workers resuming to the last job finished
     end_to_end: float  # jobs/s
     sustained: float  # jobs/s between the 10th and 90th percentile of finish times
-    p50: float
+    p50: float  # claimed to succeeded
     p95: float
     cpu_per_job_ms: dict[str, float]
-    statements_per_job: float
+    statements_per_job: float  # while the jobs ran, as the two below
+    enqueue_statements_per_job: float
     wal_bytes_per_job: float
+    connections_per_job: float  # PostgreSQL connections opened while the jobs ran
     redis_commands_per_job: float
     top_statements: list[tuple[int, float, float, str]]  # calls, ms executing, ms planning, query: the dearest
     problems: list[str] = field(default_factory=list)
@@ -160,10 +168,12 @@ class Fleet:
                 f"ON d.oid = s.dbid WHERE d.datname = current_database() AND strpos(s.query, 'fleet-monitor') = 0"
             ).scalar_one()
             lsn = conn.exec_driver_sql(f"SELECT {MONITOR} pg_current_wal_lsn()::text").scalar_one()
+            sessions = conn.exec_driver_sql(
+                f"SELECT {MONITOR} sessions FROM pg_stat_database WHERE datname = current_database()").scalar_one()
         client = redis.Redis.from_url(self.redis.url)
         commands = int(client.info("stats")["total_commands_processed"])
         client.close()
-        return Counters(cpu, int(statements), lsn, commands)
+        return Counters(cpu, int(statements), lsn, commands, int(sessions))
 
     def wal_bytes(self, db: Database, start: str, end: str) -> int:
         with db.engine.connect() as conn:
@@ -215,6 +225,7 @@ class Fleet:
             with db.engine.connect() as conn:
                 conn.exec_driver_sql(f"SELECT {MONITOR} pg_stat_statements_reset()")
             before = self.counters(db, workers, ports)
+            consuming(self.redis.url, env["SDQUEUE_QUEUE"], False)
             enqueue = subprocess.Popen([sys.executable, "-m", "producer.cli", "run", str(self.manifest()),
                                         "--name", f"fleet-{tag}"], cwd=ROOT, env=env,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -223,6 +234,12 @@ class Fleet:
             if enqueue.returncode != 0:
                 raise RuntimeError(f"sdqueue run failed: {enqueue.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
             enqueue_cpu = usage.ru_utime + usage.ru_stime
+            enqueue_statements = self.counters(db, workers, ports).statements - before.statements
+            with db.engine.connect() as conn:  # the dearest statements below: those of the jobs' run
+                conn.exec_driver_sql(f"SELECT {MONITOR} pg_stat_statements_reset()")
+            enqueued = self.counters(db, workers, ports)
+            resumed = datetime.now(timezone.utc)
+            consuming(self.redis.url, env["SDQUEUE_QUEUE"], True)
             with db.session() as session:
                 run_id = session.scalars(select(Run.id).where(Run.name == f"fleet-{tag}")).one()
             ended = select(func.count()).select_from(Job).where(
@@ -252,32 +269,41 @@ class Fleet:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
         try:
-            return self.figures(db, run_id, env, logs, before, after, enqueue_cpu, top)
+            return self.figures(db, run_id, env, logs, (before, enqueued, after), resumed,
+                                (enqueue_cpu, enqueue_statements), top)
         finally:
             db.dispose()
 
-    def figures(self, db: Database, run_id: str, env: dict[str, str], logs: list[Path], before: Counters,
-                after: Counters, enqueue_cpu: float, top: list[tuple[int, str]]) -> Repeat:
+    def figures(self, db: Database, run_id: str, env: dict[str, str], logs: list[Path],
+                counted: tuple[Counters, Counters, Counters], resumed: datetime, enqueue: tuple[float, int],
+                top: list[tuple[int, float, float, str]]) -> Repeat:
+        """`counted`: the counters before the enqueue, after it, and once every job ended; `enqueue`:
+        the CPU seconds of `sdqueue run`, and the statements it made."""
+        before, enqueued, after = counted
+        enqueue_cpu, enqueue_statements = enqueue
         with db.session() as session:
-            rows = session.execute(select(Job.id, Job.state, Job.created_at, Job.finished_at)
+            rows = session.execute(select(Job.id, Job.state, Job.started_at, Job.finished_at)
                                    .where(Job.run_id == run_id)).all()
-        created = min(r.created_at for r in rows)
         finished = sorted(r.finished_at for r in rows if r.finished_at is not None)
-        seconds = (finished[-1] - created).total_seconds()
+        seconds = (finished[-1] - resumed).total_seconds()
         lo, hi = finished[len(finished) // 10], finished[(len(finished) * 9) // 10]
         middle = sum(1 for t in finished if lo < t <= hi)
-        latencies = sorted((r.finished_at - r.created_at).total_seconds() for r in rows if r.finished_at)
+        latencies = sorted((r.finished_at - r.started_at).total_seconds() for r in rows if r.finished_at)
         n = len(rows)
-        cpu = {kind: after.cpu[kind] - before.cpu[kind] for kind in after.cpu} | {"enqueue": enqueue_cpu}
+        cpu = {kind: after.cpu[kind] - enqueued.cpu[kind] for kind in after.cpu} | {"enqueue": enqueue_cpu}
         cpu["workers outside PNG"] = cpu["workers"] - cpu.pop("png")  # their own counter of PNG encoding
+        for kind in ("postgres", "redis"):
+            cpu[f"{kind}, enqueue"] = enqueued.cpu[kind] - before.cpu[kind]
         return Repeat(
             jobs=n, seconds=seconds, end_to_end=n / seconds,
             sustained=middle / max(1e-9, (hi - lo).total_seconds()),
             p50=latencies[len(latencies) // 2], p95=latencies[(len(latencies) * 95) // 100],
             cpu_per_job_ms={kind: 1000 * cpu[kind] / n for kind in KINDS},
-            statements_per_job=(after.statements - before.statements) / n,
-            wal_bytes_per_job=self.wal_bytes(db, before.wal_lsn, after.wal_lsn) / n,
-            redis_commands_per_job=(after.redis_commands - before.redis_commands) / n,
+            statements_per_job=(after.statements - enqueued.statements) / n,
+            enqueue_statements_per_job=enqueue_statements / n,
+            wal_bytes_per_job=self.wal_bytes(db, enqueued.wal_lsn, after.wal_lsn) / n,
+            redis_commands_per_job=(after.redis_commands - enqueued.redis_commands) / n,
+            connections_per_job=(after.sessions - enqueued.sessions) / n,
             top_statements=top,
             problems=self.audit(db, run_id, env, logs),
         )
@@ -331,6 +357,21 @@ class Fleet:
             return repeats
 
 
+def consuming(broker_url: str, queue: str, on: bool) -> None:
+    """Every worker of `queue` stops (False) or starts again (True) consuming its queues, as
+    `celery control cancel_consumer / add_consumer` do; returns once each has answered."""
+    from celery import Celery
+
+    from models.constants import worker_queues
+
+    control = Celery(broker=broker_url).control
+    for name in worker_queues(queue):
+        answers = (control.add_consumer(name, reply=True, timeout=10) if on
+                   else control.cancel_consumer(name, reply=True, timeout=10))
+        if not answers:
+            raise RuntimeError(f"no worker answered {'add' if on else 'cancel'}_consumer {name}")
+
+
 def wait(predicate: Any, what: str, timeout: float, step: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -356,16 +397,18 @@ def table(args: argparse.Namespace, repeats: list[Repeat]) -> list[str]:
         "",
         f"jobs/s end to end          {spread(each(lambda r: r.end_to_end))}",
         f"jobs/s sustained (p10-p90) {spread(each(lambda r: r.sustained))}",
-        f"created to succeeded, p50  {spread(each(lambda r: r.p50), 2)} s",
-        f"created to succeeded, p95  {spread(each(lambda r: r.p95), 2)} s",
+        f"claimed to succeeded, p50  {spread(each(lambda r: r.p50), 2)} s",
+        f"claimed to succeeded, p95  {spread(each(lambda r: r.p95), 2)} s",
         "",
-        "CPU ms per job",
+        "CPU ms per job (the enqueue's apart: it ran first, alone)",
     ]
     for kind in KINDS:
         lines.append(f"  {kind:24} {spread(each(lambda r: r.cpu_per_job_ms[kind]), 3)}")
     lines += [
-        f"PostgreSQL statements/job  {spread(each(lambda r: r.statements_per_job))}",
+        f"PostgreSQL statements/job  {spread(each(lambda r: r.statements_per_job))}"
+        f" (enqueue {spread(each(lambda r: r.enqueue_statements_per_job))})",
         f"PostgreSQL WAL bytes/job   {spread(each(lambda r: r.wal_bytes_per_job), 0)}",
+        f"PostgreSQL connections/job {spread(each(lambda r: r.connections_per_job), 3)}",
         f"Redis commands/job         {spread(each(lambda r: r.redis_commands_per_job))}",
         "",
         f"projection: workers at {IMAGES_PER_S} images/s (one image a job) that one core of each carries",
