@@ -111,7 +111,8 @@ class Job(Base):
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.QUEUED.value)
+    # Indexed through ix_jobs_state_lease, which starts with it.
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
     mode: Mapped[str] = mapped_column(String(8))  # txt2img | img2img
     # Every request field but the image bytes, with the seed as resolved at submit time.
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -214,7 +215,7 @@ class Image(Base):
     __table_args__ = (UniqueConstraint("job_id", "index", name="uq_images_job_index"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))  # indexed by uq_images_job_index
     index: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(BigInteger)
     object_key: Mapped[str] = mapped_column(String(512))
