@@ -102,7 +102,9 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_state_lease", "state", "lease_expires_at"),
-        Index("ix_jobs_run_state", "run_id", "state"),
+        # A run's jobs in a state, newest first (its gallery: the succeeded ones), and its counts by
+        # state with the images asked, from the index alone.
+        Index("ix_jobs_run_state_created", "run_id", "state", "created_at", "id", postgresql_include=["num_images"]),
         # Newest first, paged by (created_at, id): every job, a key's, a run's (the API's lists, the dashboard)
         Index("ix_jobs_created", "created_at", "id"),
         Index("ix_jobs_key_created", "api_key_id", "created_at", "id"),

@@ -262,7 +262,10 @@ def run_page(shared: Backend, who: Caller, name: str, before: str | None, after:
         run_id = run.id
     status = run_row(run_status(shared.client, name).as_dict())
     with shared.client.db.session() as session:
-        in_run = (select(Image, Job).join(Job, Job.id == Image.job_id).where(Job.run_id == run_id)
+        # Only succeeded jobs have images: named, so that ix_jobs_run_state_created finds them newest
+        # first, not a walk from the run's newest job, queued, down to its first with images.
+        in_run = (select(Image, Job).join(Job, Job.id == Image.job_id)
+                  .where(Job.run_id == run_id, Job.state == JobState.SUCCEEDED.value)
                   .options(lazyload(Job.images), lazyload(Job.webhook)))
         if after is not None:  # the page before this one, read upwards from its first image
             created, job_id, index = _image_cursor(after)
