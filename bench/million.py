@@ -1,0 +1,179 @@
+"""A million-row run: how long its enqueue takes, and how the read paths answer at that size while
+stand-in workers run it (issue 16, part 4).
+
+One command starts its own Redis, PostgreSQL and SeaweedFS (as bench/fleet.py does), writes a
+manifest of N one-image 512x512 rows, and:
+
+1. times `sdqueue run` of the whole manifest (wall clock, CPU, peak RSS), the workers not started;
+2. starts W `sdqueue worker --model standin` processes and `sdqueue api` (auth off, loopback), and
+   while the workers run the jobs, times each read a user makes of the run, R times:
+   - `sdqueue runs show NAME --json`, the CLI as a user runs it (its process start included), on
+     the database and through the API (SDQUEUE_API_URL),
+   - GET /v1/runs/NAME,
+   - GET /v1/jobs?run=NAME: the first page, then the page after --deep pages of 200 (following
+     next_cursor),
+   - the dashboard's run page, GET /runs/NAME;
+3. stops everything after --run-seconds and says how far the run got.
+
+    .venv/bin/python bench/million.py                        # 1,000,000 rows: about 10 minutes here
+    .venv/bin/python bench/million.py --rows 20000 --repeats 2 --run-seconds 20   # a smoke test
+
+Writes the table to bench/results/million-cpu-DATE.txt. The run is not taken to its end: at the
+fleet benchmark's 80-120 jobs/s a million jobs take this machine hours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from fleet import BUCKET, machine, spread, wait  # noqa: E402
+
+from tests.servers import (  # noqa: E402
+    S3_ACCESS_KEY, S3_SECRET_KEY, PostgresServer, RedisServer, SeaweedServer, free_port, s3_client,
+)
+
+
+def write_manifest(path: Path, rows: int) -> None:
+    with open(path, "w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"key": f"row-{i}", "prompt": f"a lighthouse at dusk, study {i % 997}",
+                                "width": 512, "height": 512, "num_inference_steps": 25, "seed": i}) + "\n")
+
+
+def timed(action: Callable[[], Any], repeats: int) -> list[float]:
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=120) as response:
+        return response.read()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--deep", type=int, default=50, help="pages of 200 to follow before timing a deep page")
+    parser.add_argument("--run-seconds", type=float, default=60.0, help="how long the workers run before it stops")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    head = f"# python bench/million.py {' '.join(argv if argv is not None else sys.argv[1:])}: {machine()}, {time.strftime('%Y-%m-%d %H:%M')}"
+    print(head, flush=True)
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    with tempfile.TemporaryDirectory(prefix="sdqueue-million-") as tmp:
+        workdir = Path(tmp)
+        manifest = workdir / "million.jsonl"
+        write_manifest(manifest, args.rows)
+        with RedisServer(workdir / "redis") as redis, PostgresServer(workdir / "postgres") as pg, \
+                SeaweedServer(workdir / "s3") as s3:
+            s3_client(s3.endpoint).create_bucket(Bucket=BUCKET)
+            database_url = pg.create_database("million")
+            from models.db import upgrade
+
+            upgrade(database_url)
+            port = free_port()
+            env = {**os.environ, "SDQUEUE_BROKER_URL": redis.url, "SDQUEUE_DATABASE_URL": database_url,
+                   "SDQUEUE_STORAGE_URL": f"s3://{BUCKET}/million", "SDQUEUE_S3_ENDPOINT_URL": s3.endpoint,
+                   "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+                   "AWS_DEFAULT_REGION": "us-east-1", "SDQUEUE_MODEL": "standin", "SDQUEUE_STANDIN_SCALE": "0",
+                   "SDQUEUE_DATA_DIR": str(workdir / "data"), "SDQUEUE_QUEUE": "million", "SDQUEUE_API_AUTH": "off"}
+            cli = [sys.executable, "-m", "producer.cli"]
+
+            # 1. the enqueue, alone
+            started = time.perf_counter()
+            enqueue = subprocess.Popen([*cli, "run", str(manifest), "--name", "million"], cwd=ROOT, env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            _, status, usage = os.wait4(enqueue.pid, 0)
+            seconds = time.perf_counter() - started
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise RuntimeError(f"sdqueue run failed: {enqueue.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            say(f"{args.rows:,} rows, `sdqueue run`: {seconds:.1f} s ({args.rows / seconds:,.0f} rows/s), "
+                f"{usage.ru_utime + usage.ru_stime:.1f} s of CPU, peak RSS {usage.ru_maxrss / 1024:.0f} MiB")
+
+            # 2. workers and the API; the reads, while they run
+            procs = [subprocess.Popen([*cli, "worker", "--loglevel", "WARNING"], cwd=ROOT,
+                                      env={**env, "SDQUEUE_METRICS_PORT": str(free_port())},
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                     for _ in range(args.workers)]
+            procs.append(subprocess.Popen([*cli, "api", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True))
+            base = f"http://127.0.0.1:{port}"
+            try:
+                wait(lambda: _answers(f"{base}/healthz"), "the API", 120)
+                running_from = time.monotonic()
+
+                def deep_page() -> None:
+                    cursor = None
+                    for _ in range(args.deep):
+                        page = json.loads(get(f"{base}/v1/jobs?run=million&limit=200" + (f"&cursor={cursor}" if cursor else "")))
+                        cursor = page["next_cursor"]
+                    get(f"{base}/v1/jobs?run=million&limit=200&cursor={cursor}")
+
+                reads = {
+                    "sdqueue runs show --json (CLI)": lambda: subprocess.run([*cli, "runs", "show", "million", "--json"],
+                                                                            cwd=ROOT, env=env, check=True,
+                                                                            capture_output=True),
+                    "sdqueue runs show --json (remote CLI)": lambda: subprocess.run(
+                        [*cli, "runs", "show", "million", "--json"], cwd=ROOT, env={**env, "SDQUEUE_API_URL": base},
+                        check=True, capture_output=True),
+                    "GET /v1/runs/million": lambda: get(f"{base}/v1/runs/million"),
+                    "GET /v1/jobs?run=million, first page": lambda: get(f"{base}/v1/jobs?run=million&limit=200"),
+                    "dashboard /runs/million": lambda: get(f"{base}/runs/million"),
+                }
+                for label, action in reads.items():
+                    say(f"{label:44} {spread(timed(action, args.repeats), 3)} s")
+                pages = timed(deep_page, 1)[0] / (args.deep + 1)
+                say(f"{'GET /v1/jobs?run=million, pages 1-' + str(args.deep + 1):44} {pages:.3f} s a page (mean)")
+                time.sleep(max(0.0, args.run_seconds - (time.monotonic() - running_from)))
+                run = json.loads(get(f"{base}/v1/runs/million"))
+                say(f"after {time.monotonic() - running_from:.0f} s of {args.workers} stand-in workers: {run['jobs']}")
+            finally:
+                for proc in procs:
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGTERM)
+                for proc in procs:
+                    try:
+                        proc.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"million-cpu-{time.strftime('%Y%m%d-%H%M%S')}.txt").write_text("\n".join([head, *lines]) + "\n")
+    return 0
+
+
+def _answers(url: str) -> bool:
+    try:
+        get(url)
+        return True
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
