@@ -180,6 +180,16 @@ def check_schema(engine: Engine) -> None:
     )
 
 
+def dialect_insert(session: Session, table: Any) -> Any:
+    """An INSERT into `table` in the dialect of the session's database (PostgreSQL or SQLite), which
+    both have `on_conflict_do_nothing`."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table)
+
+
 class Database:
     """An engine with its session factory, checked against the schema this code expects."""
 

@@ -13,6 +13,7 @@ caller's transaction.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterable
 from sqlalchemy import Row, delete, func, select, text, update
 from sqlalchemy.orm import Session, lazyload
 
-from models.db import Database
+from models.db import Database, dialect_insert
 from models.errors import JobNotFound
 from models.tables import Batch, Image, Job, JobState, Upload, WebhookDelivery, utcnow
 
@@ -263,8 +264,6 @@ def succeed_now(db: Database, lease: Lease, images: list[dict[str, Any]], batch:
     why it cannot."""
     if not db.postgres:
         return False
-    import json
-
     params: dict[str, Any] = {"now": utcnow(), "job_id": lease.job_id, "owner": lease.owner, "token": lease.token}
     params.update({f"b_{c}": json.dumps(batch[c]) if c == "versions" else batch[c] for c in BATCH_COLUMNS})
     params.update({f"i_{c}": [image[c] for image in images] for c in IMAGE_COLUMNS})
@@ -327,16 +326,8 @@ def record_uploads(session: Session, lease: Lease, keys: list[str]) -> None:
     if keys:  # a retry after an outage may find them written: nothing again
         rows = [{"object_key": key, "job_id": lease.job_id, "lease_token": lease.token, "created_at": utcnow()}
                 for key in keys]
-        session.execute(_insert_new(session, Upload).values(rows))
+        session.execute(dialect_insert(session, Upload).on_conflict_do_nothing().values(rows))
 
-
-def _insert_new(session: Session, table: Any) -> Any:
-    """INSERT ... ON CONFLICT DO NOTHING, in the database's own dialect (PostgreSQL or SQLite)."""
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table).on_conflict_do_nothing()
 
 
 def succeed(session: Session, lease: Lease, images: list[Image], batch: dict[str, Any] | None = None) -> Job:
@@ -348,7 +339,7 @@ def succeed(session: Session, lease: Lease, images: list[Image], batch: dict[str
     job.suspect = False
     job.suspect_group = None
     if batch is not None:
-        session.execute(_insert_new(session, Batch).values(**batch))
+        session.execute(dialect_insert(session, Batch).on_conflict_do_nothing().values(**batch))
     for image in images:
         session.add(image)
     session.flush()

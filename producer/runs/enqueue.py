@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from sqlalchemy import select, text
 
+from models.db import dialect_insert
 from models.errors import InvalidRequest, RunExists
 from models.tables import Job, JobState, Priority, Run, utcnow
 from producer.bulk import BATCH, by_queue, insert_jobs, job_row, send_marked
@@ -162,7 +163,7 @@ def _make_run(client: Client, name: str, manifest: Manifest, defaults: dict[str,
                   priority=priority, schedule=schedule, fire_time=fire_time, expected_jobs=len(manifest.rows),
                   api_key_id=api_key_id, created_at=utcnow())
     with client.db.session() as session:
-        made = session.execute(_insert(session, Run).values(**values).on_conflict_do_nothing(
+        made = session.execute(dialect_insert(session, Run).values(**values).on_conflict_do_nothing(
             index_elements=["name"]).returning(Run.id)).scalar_one_or_none()
         if made is not None:
             return made, True
@@ -240,15 +241,6 @@ def _send_unsent(client: Client, run_id: str) -> int:
     for job_id, queue in unsent:
         grouped[queue or client.settings.queue].append(job_id)
     return send_marked(client, grouped)
-
-
-def _insert(session: Any, table: Any) -> Any:
-    """INSERT with ON CONFLICT DO NOTHING, in the dialect at hand (PostgreSQL or SQLite)."""
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table)
 
 
 class _NoBar:
