@@ -192,15 +192,8 @@ class Fleet:
         return path
 
     def env(self, database_url: str, tag: str) -> dict[str, str]:
-        return {
-            **os.environ,
-            "SDQUEUE_BROKER_URL": self.redis.url, "SDQUEUE_DATABASE_URL": database_url,
-            "SDQUEUE_STORAGE_URL": f"s3://{BUCKET}/{tag}", "SDQUEUE_S3_ENDPOINT_URL": self.s3.endpoint,
-            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
-            "SDQUEUE_MODEL": "standin", "SDQUEUE_STANDIN_SCALE": str(self.args.scale),
-            "SDQUEUE_DATA_DIR": str(self.workdir / "data"), "SDQUEUE_QUEUE": f"fleet-{tag}",
-            "SDQUEUE_WORKER_SLOTS": str(self.args.slots),
-        }
+        return {**standin_env(self.redis.url, database_url, self.s3.endpoint, tag, self.workdir, self.args.scale),
+                "SDQUEUE_QUEUE": f"fleet-{tag}", "SDQUEUE_WORKER_SLOTS": str(self.args.slots)}
 
     def repeat(self, number: int) -> Repeat:
         args = self.args
@@ -260,14 +253,7 @@ class Fleet:
                            f"AND strpos(query, 'fleet-monitor') = 0 "
                            f"ORDER BY total_exec_time + total_plan_time DESC LIMIT 10")]
         finally:
-            for proc in workers:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGTERM)
-            for proc in workers:
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            stop(workers)
         try:
             return self.figures(db, run_id, env, logs, (before, enqueued, after), resumed,
                                 (enqueue_cpu, enqueue_statements), top)
@@ -355,6 +341,30 @@ class Fleet:
                 print(f"repeat {number + 1}: {repeats[-1].end_to_end:.0f} jobs/s end to end; "
                       f"{'; '.join(repeats[-1].problems) or 'audit clean'}", flush=True)
             return repeats
+
+
+def standin_env(redis_url: str, database_url: str, s3_endpoint: str, prefix: str, workdir: Path,
+                scale: float) -> dict[str, str]:
+    """The environment of sdqueue's commands on these servers, with stand-in GPUs of `scale`."""
+    return {
+        **os.environ,
+        "SDQUEUE_BROKER_URL": redis_url, "SDQUEUE_DATABASE_URL": database_url,
+        "SDQUEUE_STORAGE_URL": f"s3://{BUCKET}/{prefix}", "SDQUEUE_S3_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
+        "SDQUEUE_MODEL": "standin", "SDQUEUE_STANDIN_SCALE": str(scale), "SDQUEUE_DATA_DIR": str(workdir / "data"),
+    }
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to each process's group (a worker's warm shutdown), SIGKILL to any still there a minute later."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def consuming(broker_url: str, queue: str, on: bool) -> None:

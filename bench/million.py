@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,11 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from fleet import BUCKET, machine, spread, wait  # noqa: E402
+from fleet import BUCKET, machine, spread, standin_env, stop, wait  # noqa: E402
 
-from tests.servers import (  # noqa: E402
-    S3_ACCESS_KEY, S3_SECRET_KEY, PostgresServer, RedisServer, SeaweedServer, free_port, s3_client,
-)
+from tests.servers import PostgresServer, RedisServer, SeaweedServer, free_port, s3_client  # noqa: E402
 
 
 def write_manifest(path: Path, rows: int) -> None:
@@ -97,11 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
             upgrade(database_url)
             port = free_port()
-            env = {**os.environ, "SDQUEUE_BROKER_URL": redis.url, "SDQUEUE_DATABASE_URL": database_url,
-                   "SDQUEUE_STORAGE_URL": f"s3://{BUCKET}/million", "SDQUEUE_S3_ENDPOINT_URL": s3.endpoint,
-                   "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
-                   "AWS_DEFAULT_REGION": "us-east-1", "SDQUEUE_MODEL": "standin", "SDQUEUE_STANDIN_SCALE": "0",
-                   "SDQUEUE_DATA_DIR": str(workdir / "data"), "SDQUEUE_QUEUE": "million", "SDQUEUE_API_AUTH": "off"}
+            env = {**standin_env(redis.url, database_url, s3.endpoint, "million", workdir, 0.0),
+                   "SDQUEUE_QUEUE": "million", "SDQUEUE_API_AUTH": "off"}
             cli = [sys.executable, "-m", "producer.cli"]
 
             # 1. the enqueue, alone
@@ -154,14 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = json.loads(get(f"{base}/v1/runs/million"))
                 say(f"after {time.monotonic() - running_from:.0f} s of {args.workers} stand-in workers: {run['jobs']}")
             finally:
-                for proc in procs:
-                    if proc.poll() is None:
-                        os.killpg(proc.pid, signal.SIGTERM)
-                for proc in procs:
-                    try:
-                        proc.wait(timeout=60)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(proc.pid, signal.SIGKILL)
+                stop(procs)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"million-cpu-{time.strftime('%Y%m%d-%H%M%S')}.txt").write_text("\n".join([head, *lines]) + "\n")
     return 0
