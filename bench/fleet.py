@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import func, select  # noqa: E402
 
 from models.db import Database, upgrade  # noqa: E402
+from models.settings import Settings  # noqa: E402
 from models.tables import Image, Job, Run  # noqa: E402
 from tests.faults import RECORDED, image_sets_wrong  # noqa: E402
 from tests.servers import (  # noqa: E402
@@ -193,7 +194,8 @@ class Fleet:
 
     def env(self, database_url: str, tag: str) -> dict[str, str]:
         return {**standin_env(self.redis.url, database_url, self.s3.endpoint, tag, self.workdir, self.args.scale),
-                "SDQUEUE_QUEUE": f"fleet-{tag}", "SDQUEUE_WORKER_SLOTS": str(self.args.slots)}
+                "SDQUEUE_QUEUE": f"fleet-{tag}", "SDQUEUE_WORKER_SLOTS": str(self.args.slots),
+                "SDQUEUE_JOBS_PER_MESSAGE": str(self.args.per_message)}
 
     def repeat(self, number: int) -> Repeat:
         args = self.args
@@ -403,7 +405,8 @@ def table(args: argparse.Namespace, repeats: list[Repeat]) -> list[str]:
 
     lines = [
         f"{args.workers} stand-in workers (SDQUEUE_STANDIN_SCALE={args.scale}, {args.slots} slots each), "
-        f"{args.jobs} one-image 512x512 jobs of {args.steps} steps through `sdqueue run`, {len(repeats)} repeat(s)",
+        f"{args.jobs} one-image 512x512 jobs of {args.steps} steps through `sdqueue run`, "
+        f"{args.per_message} to a message, {len(repeats)} repeat(s)",
         "",
         f"jobs/s end to end          {spread(each(lambda r: r.end_to_end))}",
         f"jobs/s sustained (p10-p90) {spread(each(lambda r: r.sustained))}",
@@ -446,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--slots", type=int, default=16, help="SDQUEUE_WORKER_SLOTS of each worker")
     parser.add_argument("--scale", type=float, default=0.0, help="SDQUEUE_STANDIN_SCALE (0: no GPU time)")
+    parser.add_argument("--per-message", type=int, default=Settings.model_fields["jobs_per_message"].default,
+                        help="SDQUEUE_JOBS_PER_MESSAGE: bulk jobs to a broker message")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="count the first run too (by default a run of up to 1,000 jobs warms the servers up first)")

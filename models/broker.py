@@ -2,8 +2,9 @@
 
 Celery's Redis transport (kombu) keeps a queue as a list of JSON messages (one list per priority
 step, `QUEUE\\x06\\x16N`), and the messages a worker holds unacknowledged in the hash `unacked`.
-Every sdqueue message is sent with its job id as the task id, so the job ids with a live message
-are the `headers.id` of those entries.
+A message of one job is sent with its job id as the task id; a message of several bulk jobs
+(SDQUEUE_JOBS_PER_MESSAGE) names them in its `sdqueue_jobs` header. So the job ids with a live message
+are those headers, or the `headers.id`, of those entries.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import time
 from typing import Any
 
+from models.constants import JOBS_HEADER
 from models.settings import Settings
 
 # Where cancellations are announced, so that a worker drops a running job's samples at once
@@ -31,8 +33,15 @@ local out = {#entries}
 for _, raw in ipairs(entries) do
   local ok, message = pcall(cjson.decode, raw)
   if ok and type(message) == 'table' and type(message['headers']) == 'table' then
-    local id = message['headers']['id']
-    if type(id) == 'string' then out[#out + 1] = id end
+    local jobs = message['headers']['sdqueue_jobs']
+    if type(jobs) == 'table' then
+      for _, id in ipairs(jobs) do
+        if type(id) == 'string' then out[#out + 1] = id end
+      end
+    else
+      local id = message['headers']['id']
+      if type(id) == 'string' then out[#out + 1] = id end
+    end
   end
 end
 return out
@@ -77,9 +86,9 @@ def live_job_ids(settings: Settings, queue: str) -> set[str]:
             if (tag.decode() if isinstance(tag, bytes) else tag) not in fresh:
                 continue
             try:
-                message = json.loads(raw)[0]
-                found.add(message["headers"]["id"])
-            except (ValueError, LookupError, TypeError):
+                headers = json.loads(raw)[0]["headers"]
+                found.update(headers[JOBS_HEADER] if isinstance(headers.get(JOBS_HEADER), list) else [headers["id"]])
+            except (ValueError, LookupError, TypeError, AttributeError):
                 continue
         return found
     finally:

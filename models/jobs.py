@@ -186,22 +186,23 @@ CLAIMED = (Job.id, Job.params, Job.seed, Job.input_key, Job.input_sha256, Job.pr
 _CLAIM = text(f"""
 UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_token = lease_token + 1, lease_owner = :owner,
   lease_expires_at = :expires, started_at = :now, updated_at = :now, worker = :owner, model = :model
-WHERE id = :job_id AND coalesce(state, '') = 'queued' AND failures < :max_attempts
+WHERE id = ANY(CAST(:job_ids AS varchar[])) AND coalesce(state, '') = 'queued' AND failures < :max_attempts
 RETURNING {", ".join(column.key for column in CLAIMED)}
 """).columns(*CLAIMED)
 
 
-def claim_queued(db: Database, job_id: str, owner: str, model: str, *, lease_seconds: float,
-                 max_attempts: int) -> Row[Any] | None:
-    """`claim` of a queued job that has not failed as often as it may (the one case where a claim
-    asks nothing more), in one UPDATE: the claimed row (the CLAIMED columns), or None when the job
-    is not such a job, and `claim` must decide."""
-    if not db.postgres:
-        return None
+def claim_queued(db: Database, job_ids: list[str], owner: str, model: str, *, lease_seconds: float,
+                 max_attempts: int) -> dict[str, Row[Any]]:
+    """`claim` of the queued jobs among `job_ids` that have not failed as often as they may (the one
+    case where a claim asks nothing more), all in one UPDATE: the claimed rows (the CLAIMED
+    columns) by job id. A job left out is not such a job, and `claim` must decide."""
+    if not db.postgres or not job_ids:
+        return {}
     now = utcnow()
     with db.statement() as conn:
-        return conn.execute(_CLAIM, {"owner": owner, "expires": now + timedelta(seconds=lease_seconds), "now": now,
-                                     "model": model, "job_id": job_id, "max_attempts": max_attempts}).one_or_none()
+        rows = conn.execute(_CLAIM, {"owner": owner, "expires": now + timedelta(seconds=lease_seconds), "now": now,
+                                     "model": model, "job_ids": job_ids, "max_attempts": max_attempts}).all()
+    return {row.id: row for row in rows}
 
 
 _RECORD_UPLOADS = text("""

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     warmup_sizes: str = ""
     # Jobs a worker holds at once (Celery thread slots): what its batches are gathered from.
     worker_slots: int = Field(default=16, ge=1, le=1024)
+    # Bulk jobs (runs, and batches sent at the bulk priority) travel this many to a broker message:
+    # a worker takes them together, claims them in one statement, and acknowledges the message
+    # once all have ended, so Celery's cost of a message is paid once for them all. Each job keeps
+    # its own lease. A worker then holds up to worker_slots x this many bulk jobs; 1 sends one job
+    # a message, as interactive jobs always are.
+    jobs_per_message: int = Field(default=8, ge=1, le=256)
     # Interactive jobs go before bulk ones (runs), but while bulk jobs wait, at least one batch in
     # this many is led by the oldest job whatever its priority: 1 ignores priorities then.
     bulk_share: int = Field(default=4, ge=1)

@@ -18,7 +18,7 @@ from sqlalchemy import delete
 from models import jobs
 from models.broker import uses_redis
 from models.cancel import cancel_job
-from models.constants import GENERATE_TASK
+from models.constants import GENERATE_TASK, queue_for
 from models.db import Database
 from models.errors import BadDestination, ConfigError, InvalidRequest, JobTimeout, ServiceUnavailable
 from models.events import Subscription
@@ -126,7 +126,8 @@ class Client:
         return f"broker {self.settings.broker_url} cannot be reached ({reason}): {self.take_back(values)}"
 
     def send(self, job_ids: list[str], queue: str | None = None) -> None:
-        """The jobs' messages, one per job, pipelined through one connection; the job id is the task id."""
+        """The jobs' messages, pipelined through one connection: one per job (the job id is the task
+        id), but SDQUEUE_JOBS_PER_MESSAGE to a message on the bulk queue."""
         sender = self.sender
         queue = queue or self.settings.queue
         if self._publisher is None and not self.settings.in_process_broker:
@@ -134,7 +135,8 @@ class Client:
 
             self._publisher = BulkPublisher(sender, self.settings.broker_url)
         if self._publisher is not None:
-            self._publisher.send(job_ids, queue)
+            bulk = queue == queue_for(self.settings.queue, Priority.BULK.value)
+            self._publisher.send(job_ids, queue, self.settings.jobs_per_message if bulk else 1)
             return
         with sender.producer_or_acquire() as producer:
             for job_id in job_ids:

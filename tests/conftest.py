@@ -8,6 +8,7 @@ import json
 import os
 import time
 import uuid
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -141,6 +142,21 @@ def forget_unacked(client: Any, queue: str) -> None:
     if tags:
         client.hdel("unacked", *tags)
         client.zrem("unacked_index", *tags)
+
+
+def waiting_job_ids(broker_url: str, queue: str) -> Counter:
+    """Job ids of the messages waiting in `queue` (a message of several bulk jobs names them in
+    its JOBS_HEADER), with how many messages each is in."""
+    import redis
+
+    from models.constants import JOBS_HEADER
+
+    broker = redis.Redis.from_url(broker_url)
+    try:
+        headers = [json.loads(raw)["headers"] for raw in broker.lrange(queue, 0, -1)]
+        return Counter(job_id for h in headers for job_id in h.get(JOBS_HEADER, [h["id"]]))
+    finally:
+        broker.close()
 
 
 @pytest.fixture

@@ -8,10 +8,11 @@ worker` processes on the tiny model, which it restarts when they die, as a super
 spool lies on a small filesystem of its own (a tmpfs, where it may mount one), so that it fills.
 Beside them it starts a broken worker (a module on its path that cannot be imported: a broken
 image) and submits compel jobs, which that worker cannot run. It submits waves of jobs and, while
-they run: kills a worker with SIGKILL mid-batch, delivers messages twice, cancels running jobs,
-revokes queued and running jobs through Celery, restarts Redis empty, stops S3 (the spool's disk
-fills), stops PostgreSQL and runs `sdqueue sweep` the moment it is back, and submits a poison job
-that kills whichever worker runs it. Then it audits: every job succeeded, was cancelled or (the
+they run: kills a worker with SIGKILL mid-batch (holding bulk jobs that came several to a
+message), delivers messages twice, cancels running jobs, revokes queued and running jobs through
+Celery, restarts Redis empty, stops S3 (the spool's disk fills), stops PostgreSQL (with bulk jobs
+running) and runs `sdqueue sweep` the moment it is back, and submits a poison job that kills
+whichever worker runs it. Then it audits: every job succeeded, was cancelled or (the
 poison job only) dead-lettered; none charged an attempt but the poison job (host faults are not
 the jobs'); none stuck; none run to completion twice; each success one image per index, from one
 claim; no object in S3 that no row references, no row whose object is missing, every object's
@@ -295,8 +296,12 @@ class Suite:
                 raise TimeoutError(f"{what}: not after {timeout:.0f} s")
             time.sleep(step)
 
-    def submit_wave(self) -> list[str]:
-        ids = [self.client.submit(r) for r in wave(self.rng, self.cfg.wave, self.png)]
+    def submit_wave(self, bulk: bool = False) -> list[str]:
+        """A wave of jobs: interactive ones one message each, or (`bulk`) bulk ones, several to a
+        message (SDQUEUE_JOBS_PER_MESSAGE)."""
+        requests = wave(self.rng, self.cfg.wave, self.png)
+        ids = (self.client.submit_many(requests, priority="bulk") if bulk
+               else [self.client.submit(r) for r in requests])
         self.job_ids += ids
         return ids
 
@@ -383,8 +388,8 @@ class Suite:
         if cfg.broken_jobs:
             self.broken_worker()
 
-        # 1. kill -9 of a worker mid-batch; and the poison job
-        self.submit_wave()
+        # 1. kill -9 of a worker mid-batch, holding bulk jobs that came several to a message; and the poison job
+        self.submit_wave(bulk=True)
         poison = self.client.submit({"prompt": POISON, "width": 256, "height": 256, "num_inference_steps": 2})
         self.job_ids.append(poison)
         report.poison_id = poison
@@ -439,7 +444,7 @@ class Suite:
         # 5. S3 away for `outage` seconds (the spool's disk fills), then 6. PostgreSQL (and
         #    `sdqueue sweep` run the moment it is back, as the deploy's sweep CronJob may)
         for name, server in (("S3", self.s3), ("PostgreSQL", self.pg)):
-            self.submit_wave()
+            self.submit_wave(bulk=server is self.pg)
             self.wait("jobs running", lambda: len(self.running()) >= 2)
             held = {j.id: (j.lease_token, j.lease_owner or "") for j in self.running()}
             server.stop()

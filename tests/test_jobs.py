@@ -310,7 +310,7 @@ def image_values(key: str, batch_id: str) -> dict:
 
 def test_one_statement_claim_uploads_and_success_record_what_the_general_path_does(database):
     job_id = new_job(database)
-    claimed = jobs.claim_queued(database, job_id, "w1", "tiny", lease_seconds=LEASE, max_attempts=3)
+    claimed = jobs.claim_queued(database, [job_id], "w1", "tiny", lease_seconds=LEASE, max_attempts=3).get(job_id)
     if database.engine.dialect.name == "sqlite":
         assert claimed is None  # the general path's, always
         return
@@ -319,7 +319,7 @@ def test_one_statement_claim_uploads_and_success_record_what_the_general_path_do
     row = job(database, job_id)
     assert row.state == "running" and row.worker == "w1" and row.model == "tiny" and row.lease_expires_at
     # a second delivery: not plainly queued, so the one statement declines and `claim` says why
-    assert jobs.claim_queued(database, job_id, "w1", "tiny", lease_seconds=LEASE, max_attempts=3) is None
+    assert jobs.claim_queued(database, [job_id], "w1", "tiny", lease_seconds=LEASE, max_attempts=3) == {}
     assert claim(database, job_id, "w1") == (None, "this worker holds it already")
 
     key = f"images/{job_id}/1/0.png"
@@ -335,11 +335,28 @@ def test_one_statement_claim_uploads_and_success_record_what_the_general_path_do
     assert not jobs.succeed_now(database, lease, [image_values(key, batch["id"])], batch)  # ended: nothing again
 
 
+def test_one_statement_claims_the_plainly_queued_jobs_of_a_message_and_leaves_the_rest_to_claim(database):
+    if database.engine.dialect.name == "sqlite":
+        pytest.skip("PostgreSQL only: on SQLite the general path runs")
+    queued, running, ended, failed = (new_job(database) for _ in range(4))
+    claim(database, running, "w2")
+    with database.session() as session:
+        session.execute(update(Job).where(Job.id == ended).values(state="cancelled"))
+        session.execute(update(Job).where(Job.id == failed).values(failures=3))
+    missing = str(uuid.uuid4())
+    claimed = jobs.claim_queued(database, [missing, queued, running, ended, failed], "w1", "tiny",
+                                lease_seconds=LEASE, max_attempts=3)
+    assert list(claimed) == [queued] and jobs.lease_of(claimed[queued]) == jobs.Lease(queued, "w1", 1)
+    assert job(database, running).lease_owner == "w2" and job(database, ended).state == "cancelled"
+    assert job(database, failed).state == "queued"  # `claim` decides whether w1 may take it again
+
+
 def test_one_statement_paths_refuse_a_lost_lease_and_leave_webhook_jobs_to_the_general_path(database):
     if database.engine.dialect.name == "sqlite":
         pytest.skip("PostgreSQL only: on SQLite the general path runs")
     job_id = new_job(database)
-    stale = jobs.lease_of(jobs.claim_queued(database, job_id, "w1", "tiny", lease_seconds=LEASE, max_attempts=3))
+    stale = jobs.lease_of(jobs.claim_queued(database, [job_id], "w1", "tiny", lease_seconds=LEASE,
+                                            max_attempts=3)[job_id])
     expire(database, job_id)
     current, _ = claim(database, job_id, "w2")  # taken over: w1's lease is stale
     key = f"images/{job_id}/{stale.token}/0.png"
@@ -373,7 +390,7 @@ def test_one_statement_paths_find_the_job_by_its_id_whatever_the_statistics_say(
             conn.exec_driver_sql("ANALYZE jobs")
             for statement in (jobs._CLAIM.element, jobs._RECORD_UPLOADS, jobs._SUCCEED):
                 params = {name: None for name in statement.compile().params}
-                params.update(job_id=ids[0], owner="w1", token=1, now=utcnow(), keys=["k"], i_object_key=["k"],
+                params.update(job_id=ids[0], job_ids=ids[:8], owner="w1", token=1, now=utcnow(), keys=["k"], i_object_key=["k"],
                               max_attempts=3)
                 plan = "\n".join(row[0] for row in conn.execute(text("EXPLAIN " + statement.text), params))
                 assert "jobs_pkey" in plan and "ix_jobs_state" not in plan, plan

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from sqlalchemy import func, select
 
 from models.constants import queue_for
@@ -21,7 +20,7 @@ from models.tables import Job, JobState, Run
 from producer.cli import main
 from producer.runs.enqueue import enqueue_run
 from producer.runs.manifest import load_manifest
-from tests.conftest import small, wait_for
+from tests.conftest import small, wait_for, waiting_job_ids
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -35,12 +34,7 @@ def run_jobs(client, name: str) -> list[Job]:  # type: ignore[no-untyped-def]
 
 
 def messages(settings, queue: str) -> Counter:  # type: ignore[no-untyped-def]
-    """Job ids of the messages waiting in `queue`, with how many each has."""
-    broker = redis.Redis.from_url(settings.broker_url)
-    try:
-        return Counter(json.loads(raw)["headers"]["id"] for raw in broker.lrange(queue, 0, -1))
-    finally:
-        broker.close()
+    return waiting_job_ids(settings.broker_url, queue)
 
 
 def test_a_manifest_run_twice_enqueues_each_job_once(client, settings, tmp_path):

@@ -4,7 +4,6 @@ with two beats running and across a restart."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -13,7 +12,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +27,7 @@ from models.tables import Job, Run
 from producer.cli import main
 from producer.runs import schedules as sched
 from producer.runs.schedules import Firings, Schedule, ScheduleError, load_schedules
+from tests.conftest import waiting_job_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -333,11 +332,7 @@ def assert_sent_once(settings, jobs: list[Job]) -> None:  # type: ignore[no-unty
     """Every job marked sent, and no message twice in its queue. (Not "every message still
     there": another test session starting on the same Redis database flushes it.)"""
     assert jobs and all(job.enqueued_at is not None for job in jobs)
-    broker = redis.Redis.from_url(settings.broker_url)
-    try:
-        sent = Counter(json.loads(m)["headers"]["id"] for m in broker.lrange(queue_for(settings.queue, "bulk"), 0, -1))
-    finally:
-        broker.close()
+    sent = waiting_job_ids(settings.broker_url, queue_for(settings.queue, "bulk"))
     assert set(sent) <= {job.id for job in jobs} and all(n == 1 for n in sent.values())
 
 

@@ -1,12 +1,15 @@
-"""The generate task: claim one job, hand it to the engine's batches, wait for its end.
+"""The generate tasks: claim a message's jobs, hand them to the engine's batches, wait for their end.
 
-Each job stays its own Celery task, with its own state, acknowledgement, retry and result; the
-worker runs many task threads (`worker_slots`), and the engine runs their jobs in shared batches.
-The message carries only the job id: the job row, written before the message was sent, holds the
-request, and the database decides who runs it: a delivery claims the job with a lease, or finds it
-ended or leased to a live worker and is acknowledged with nothing done. Seeds come from the row, so
-a job run again (its worker died) makes the same images; its object keys carry the claim's token,
-so a stale claim never overwrites a newer one's objects.
+A message carries one job's id (`sdqueue.generate`, the job id as its task id), or several bulk
+jobs' ids (`sdqueue.generate_many`, SDQUEUE_JOBS_PER_MESSAGE): Celery's cost of a message (its
+delivery, its task, its acknowledgement) is then paid once for them all, and they are claimed in
+one statement. The worker runs many task threads (`worker_slots`), and the engine runs their jobs
+in shared batches. The job rows, written before the message was sent, hold the requests, and the
+database decides who runs each job: a delivery claims it with a lease of its own, or finds it ended
+or leased to a live worker and leaves it, and the message is acknowledged once each of its jobs has
+ended or been left. Seeds come from the row, so a job run again (its worker died) makes the same
+images; its object keys carry the claim's token, so a stale claim never overwrites a newer one's
+objects.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -26,7 +30,7 @@ from celery.exceptions import Reject
 from sqlalchemy import select
 
 from models import jobs
-from models.constants import GENERATE_TASK
+from models.constants import GENERATE_MANY_TASK, GENERATE_TASK
 from models.db import Database
 from models.errors import JobError, JobNotFound
 from models.logs import job_context
@@ -123,67 +127,135 @@ def reset_context() -> None:
 @app.task(name=GENERATE_TASK, base=PipelineTask, bind=True, max_retries=None)
 def generate(self: PipelineTask, job_id: str) -> str:
     with job_context(job_id=job_id):  # what this task thread logs is about this job
-        try:
-            # The queue it came from (interactive or bulk) is where a worker shutting down sends it back.
-            return run_job(self.context, job_id, queue=(self.request.delivery_info or {}).get("routing_key"))
-        except OutageTooLong as exc:
-            # The database stayed away for longer than we wait: the message goes back to the queue
-            # rather than being acknowledged with nothing recorded.
-            log.error("job %s: %s; its message goes back to the queue", job_id, exc)
-            raise Reject(str(exc), requeue=True) from None
+        return _run_message(self, [job_id])[0]
+
+
+@app.task(name=GENERATE_MANY_TASK, base=PipelineTask, bind=True, max_retries=None)
+def generate_many(self: PipelineTask, job_ids: list[str]) -> list[str]:
+    """Several bulk jobs in one message (SDQUEUE_JOBS_PER_MESSAGE): claimed in one statement, each
+    with a lease of its own, run in the engine's batches like any job; the message is acknowledged
+    once every one of them has ended."""
+    return _run_message(self, [str(job_id) for job_id in job_ids])
+
+
+def _run_message(task: PipelineTask, job_ids: list[str]) -> list[str]:
+    try:
+        # The queue it came from (interactive or bulk) is where a worker shutting down sends it back.
+        return run_jobs(task.context, job_ids, queue=(task.request.delivery_info or {}).get("routing_key"))
+    except OutageTooLong as exc:
+        # The database stayed away for longer than we wait, and none of the message's jobs is
+        # claimed: the message goes back to the queue rather than being acknowledged with nothing recorded.
+        log.error("job(s) %s: %s; their message goes back to the queue", ", ".join(job_ids), exc)
+        raise Reject(str(exc), requeue=True) from None
 
 
 def run_job(ctx: WorkerContext, job_id: str, queue: str | None = None) -> str:
     """Run one job end to end; returns how it ended (see worker/engine.py), or why it did not run.
     `queue`: the one its message came from (None: the worker's own)."""
+    return run_jobs(ctx, [job_id], queue)[0]
+
+
+def run_jobs(ctx: WorkerContext, job_ids: list[str], queue: str | None = None) -> list[str]:
+    """Run the jobs of one message end to end, together in the engine's batches; returns how each
+    ended, or why it did not run, in their order. Raises OutageTooLong when the database stays
+    away before any of them is claimed."""
+    engine = ctx.engine
+    if engine.draining or engine.quarantined:
+        # Shutting down, or this host is at fault: leave the jobs to another worker, unclaimed.
+        _leave_to_others(engine, job_ids, queue, pause=engine.quarantined)
+        return ["handed back"] * len(job_ids)
+    # 1. claim them with leases (a database outage is waited out; the message stays unacknowledged)
+    works, ended, left = _claim_all(ctx, job_ids, queue)
+    # 2. into the engine's batches, which upload and record the images
+    futures = {}
+    for work in works:
+        with job_context(job_id=work.job_id):
+            futures[work.job_id] = _start(ctx, work)
+    if left:  # they failed here as often as they may: another worker's turn
+        _leave_to_others(engine, left, queue, pause=True)
+    ended.update((job_id, future.result()) for job_id, future in futures.items())
+    return [ended[job_id] for job_id in job_ids]
+
+
+def _claim_all(ctx: WorkerContext, job_ids: list[str], queue: str | None
+               ) -> tuple[list[Work], dict[str, str], list[str]]:
+    """The jobs claimed, as work for the engine; why each other one was not (by id); and those to
+    leave to other workers. The plainly queued jobs take one statement (`jobs.claim_queued`); each
+    other one goes through `jobs.claim`, which decides."""
+    owner, model, settings = ctx.engine.hostname, ctx.engine.model.spec.name, ctx.settings
+    what = f"job {job_ids[0]}" if len(job_ids) == 1 else f"{len(job_ids)} jobs of one message"
+    rows = wait_out(lambda: jobs.claim_queued(ctx.db, job_ids, owner, model, lease_seconds=settings.lease_seconds,
+                                              max_attempts=settings.max_attempts),
+                    f"{what}: claiming", timeout=settings.outage_timeout)
+    works: list[Work] = []
+    ended: dict[str, str] = {}
+    left: list[str] = []
+    away = False  # the database stayed away too long while some of the message's jobs were claimed
+    for job_id in job_ids:
+        with job_context(job_id=job_id):
+            job: Any = rows.get(job_id)
+            if job is None and away:
+                left.append(job_id)
+                ended[job_id] = "handed back"
+                continue
+            if job is None:
+                try:
+                    job = wait_out(lambda: _claim(ctx, job_id), f"job {job_id}: claiming it",
+                                   timeout=settings.outage_timeout)
+                except OutageTooLong:
+                    if not works and not rows:
+                        raise  # nothing of the message is claimed: it goes back whole
+                    log.error("job %s: the database stayed away too long; sent again unclaimed", job_id)
+                    away = True
+                    ctx.engine.send_again([job_id], queue)
+                    ended[job_id] = "handed back"
+                    continue
+                except JobNotFound:
+                    log.warning("job %s: no such job (a message whose submit was taken back): dropped", job_id)
+                    ended[job_id] = "unknown"
+                    continue
+                if isinstance(job, str):
+                    log.info("job %s not run: %s", job_id, job)
+                    if job == jobs.LEFT_TO_OTHERS:
+                        left.append(job_id)
+                    ended[job_id] = "skipped"
+                    continue
+            works.append(_work(ctx, job))
+    return works, ended, left
+
+
+def _start(ctx: WorkerContext, work: Work) -> Future:
+    """A job just claimed, held and on its way to a batch: its samples (image i from seed + i; an
+    img2img input read from storage, an outage waited out); the future says how it ended."""
     from worker.inputs import prepare_input_image
 
     engine = ctx.engine
-    if engine.draining or engine.quarantined:
-        # Shutting down, or this host is at fault: leave the job to another worker, unclaimed.
-        _leave_to_others(engine, job_id, queue, pause=engine.quarantined)
-        return "handed back"
-    # 1. claim the job with a lease (a database outage is waited out; the message stays unacknowledged)
-    try:
-        claimed = wait_out(lambda: _claim(ctx, job_id), f"job {job_id}: claiming it",
-                           timeout=ctx.settings.outage_timeout)
-    except JobNotFound:
-        log.warning("job %s: no such job (a message whose submit was taken back): dropped", job_id)
-        return "unknown"
-    if isinstance(claimed, str):
-        log.info("job %s not run: %s", job_id, claimed)
-        if claimed == jobs.LEFT_TO_OTHERS:  # it failed here as often as it may: another worker's turn
-            _leave_to_others(engine, job_id, queue, pause=True)
-        return "skipped"
-    work = claimed
     engine.hold(work)
-    engine.announce(job_id, JobState.RUNNING.value)
-    # 2. its samples: image i from seed + i; an img2img input from storage (an outage is waited out)
+    engine.announce(work.job_id, JobState.RUNNING.value)
     params = work.params
     init_image = None
     if work.input_key is not None:
         try:
-            data = wait_out(lambda: ctx.storage.get(work.input_key), f"job {job_id}: reading its input image",
+            data = wait_out(lambda: ctx.storage.get(work.input_key), f"job {work.job_id}: reading its input image",
                             timeout=ctx.settings.outage_timeout)
             init_image = prepare_input_image(data, params["width"], params["height"])
         except OutageTooLong:
-            return engine.give_back(work).result()
+            return engine.give_back(work)
         except Exception as exc:
             if host_fault(exc) is not None:  # this host cannot read images: not the job's fault
-                return engine.charge(work, exc).result()
+                return engine.charge(work, exc)
             error = JobError(f"the input image cannot be read ({type(exc).__name__}: {exc})", "input-unreadable")
-            return engine.fail(work, error).result()
-    work.samples = job_samples(job_id, params, work.seed, init_image)
-    # 3. into a batch; the engine uploads and records the images
-    return engine.submit(work).result()
+            return engine.fail(work, error)
+    work.samples = job_samples(work.job_id, params, work.seed, init_image)
+    return engine.submit(work)
 
 
-def _leave_to_others(engine: Any, job_id: str, queue: str | None, *, pause: bool) -> None:
-    """Send the job's message again, unclaimed. `pause`: this worker would take it back at once
-    (it still consumes), so a healthy worker gets a second to take it first."""
+def _leave_to_others(engine: Any, job_ids: list[str], queue: str | None, *, pause: bool) -> None:
+    """Send the jobs' messages again (one each), unclaimed. `pause`: this worker would take them
+    back at once (it still consumes), so a healthy worker gets a second to take them first."""
     if pause:
         time.sleep(1.0)
-    engine.send_again([job_id], queue)
+    engine.send_again(job_ids, queue)
 
 
 def _run_name(ctx: WorkerContext, run_id: str | None) -> str | None:
@@ -203,25 +275,24 @@ def _run_name(ctx: WorkerContext, run_id: str | None) -> str | None:
     return ctx.run_names[run_id]
 
 
-def _claim(ctx: WorkerContext, job_id: str) -> Work | str:
-    """The claimed job as work for the engine, or why it was not claimed. A plainly queued job
-    takes one statement (`claim_queued`); any other goes through `claim`, which decides."""
+def _claim(ctx: WorkerContext, job_id: str) -> Any:
+    """`jobs.claim` of a job the one statement did not claim: the claimed row, or why it was not claimed."""
     owner, model, settings = ctx.engine.hostname, ctx.engine.model.spec.name, ctx.settings
-    job: Any = jobs.claim_queued(ctx.db, job_id, owner, model, lease_seconds=settings.lease_seconds,
-                                 max_attempts=settings.max_attempts)
-    if job is None:
-        with ctx.db.session() as session:
-            job, why = jobs.claim(session, job_id, owner, model, lease_seconds=settings.lease_seconds,
-                                  max_attempts=settings.max_attempts,
-                                  healthy_workers=lambda: healthy_workers(settings),
-                                  live_workers=lambda: live_worker_names(settings))
-            if job is None:
-                return why
+    with ctx.db.session() as session:
+        job, why = jobs.claim(session, job_id, owner, model, lease_seconds=settings.lease_seconds,
+                              max_attempts=settings.max_attempts,
+                              healthy_workers=lambda: healthy_workers(settings),
+                              live_workers=lambda: live_worker_names(settings))
+        return job if job is not None else why
+
+
+def _work(ctx: WorkerContext, job: Any) -> Work:
+    """A claimed job (a row of CLAIMED columns, or a Job) as work for the engine."""
     if job.attempts == 1:  # time in queue: to its first claim
         metrics.claimed(jobs.aware(job.created_at), jobs.aware(job.started_at))
     params = dict(job.params)
     return Work(
-        job_id, compat_key(params, img2img=job.input_key is not None), [], job.created_at.timestamp(),
+        job.id, compat_key(params, img2img=job.input_key is not None), [], job.created_at.timestamp(),
         priority=job.priority, params=params, input_sha256=job.input_sha256, lease=jobs.lease_of(job),
         alone=job.suspect, suspect_group=job.suspect_group, seed=job.seed, input_key=job.input_key,
         run_id=job.run_id, run_name=_run_name(ctx, job.run_id),
