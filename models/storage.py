@@ -2,10 +2,13 @@
 
 `file:///path` keeps objects in a local folder; `s3://bucket/prefix` keeps them in any
 S3-compatible store through boto3 (AWS S3, MinIO, SeaweedFS, R2: set SDQUEUE_S3_ENDPOINT_URL).
+Uploads, a worker's one call an image, go through MinIO's client, with boto3's endpoint and
+credentials: a PUT of 60 KB cost it 0.5 ms of CPU against boto3's 1.1 (bench/put.py).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import threading
@@ -104,6 +107,8 @@ class S3Storage:
         self.endpoint_url = endpoint_url
         self.region = region
         self._client: Any = None
+        self._session: Any = None
+        self._uploader: Any = None
         self._opening = threading.Lock()
 
     @property
@@ -117,7 +122,8 @@ class S3Storage:
                 from botocore.config import Config
 
                 # A session of its own: the default session caches credentials and is not thread-safe.
-                self._client = boto3.session.Session().client(
+                self._session = boto3.session.Session()
+                self._client = self._session.client(
                     "s3",
                     endpoint_url=self.endpoint_url,
                     region_name=self.region,
@@ -132,25 +138,42 @@ class S3Storage:
                 )
             return self._client
 
+    @property
+    def uploader(self) -> Any:
+        """MinIO's client for PUTs, made on first use: the endpoint boto3 resolved (SDQUEUE_S3_ENDPOINT_URL,
+        or AWS's for the region), and the credentials of boto3's chain, refreshed as boto3 refreshes them."""
+        client = self.client
+        with self._opening:
+            if self._uploader is None:
+                self._uploader = _minio_client(client.meta.endpoint_url, self.region, self._session.get_credentials())
+            return self._uploader
+
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _error(self, what: str, exc: Exception) -> StorageError:
         """StorageUnavailable when the server cannot be reached or answers with a server error."""
         from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+        from minio.error import S3Error, ServerError
+        from urllib3.exceptions import HTTPError
 
-        if isinstance(exc, (ConnectionError, HTTPClientError)):
+        if isinstance(exc, (ConnectionError, HTTPClientError, HTTPError)):
             return StorageUnavailable(f"{what} {self.url}: the S3 server cannot be reached ({exc})")
+        status, code = 0, ""
         if isinstance(exc, ClientError):
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
             code = exc.response.get("Error", {}).get("Code", "")
-            if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
-                return StorageUnavailable(f"{what} {self.url}: the S3 server is unavailable ({exc})")
+        elif isinstance(exc, S3Error):
+            status, code = exc.response.status, exc.code or ""
+        elif isinstance(exc, ServerError):
+            status = exc.status_code
+        if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
+            return StorageUnavailable(f"{what} {self.url}: the S3 server is unavailable ({exc})")
         return StorageError(f"{what} {self.url} failed: {exc}")
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+            self.uploader.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data), content_type=content_type)
         except Exception as exc:
             raise self._error(f"upload of {key!r} to", exc) from exc
 
@@ -200,6 +223,29 @@ class S3Storage:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as exc:
             raise self._error("checking the bucket of", exc) from exc
+
+
+def _minio_client(endpoint_url: str, region: str, credentials: Any) -> Any:
+    """MinIO's client on boto3's endpoint, signing with boto3's credentials (None: anonymous)."""
+    import certifi
+    import urllib3
+    from minio import Minio
+    from minio.credentials import Credentials
+    from minio.credentials.providers import Provider
+
+    class FromBoto3(Provider):
+        def retrieve(self) -> Credentials:
+            frozen = credentials.get_frozen_credentials()
+            return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+    endpoint = urlparse(endpoint_url)
+    http = urllib3.PoolManager(
+        # As boto3's client above: a few quick tries here; a longer outage is waited out by the caller.
+        timeout=urllib3.Timeout(connect=5, read=30), maxsize=16,
+        retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("AWS_CA_BUNDLE") or certifi.where())
+    return Minio(endpoint.netloc, secure=endpoint.scheme == "https", region=region, http_client=http,
+                 credentials=FromBoto3() if credentials is not None else None)
 
 
 def open_storage(url: str, *, endpoint_url: str | None = None, region: str = "us-east-1") -> Storage:

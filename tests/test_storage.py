@@ -55,3 +55,17 @@ def test_s3_errors_are_storage_errors(s3_env, monkeypatch):
         refused.put("k", b"x")
     with pytest.raises(StorageError, match="download of 'k' from s3://sdqueue-test/denied failed"):
         refused.get("k")
+
+
+def test_an_s3_server_away_is_unavailable_and_a_refusal_is_not(s3_env, monkeypatch):
+    from models.errors import StorageUnavailable
+    from tests.servers import free_port
+
+    away = open_storage(f"s3://{BUCKET}/away", endpoint_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(StorageUnavailable, match="upload of 'k' to s3://sdqueue-test/away: the S3 server cannot be reached"):
+        away.put("k", b"x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(StorageError) as refused:
+        open_storage(f"s3://{BUCKET}/denied", endpoint_url=s3_env).put("k", b"x")
+    assert not isinstance(refused.value, StorageUnavailable)  # a refusal, not an outage
+
