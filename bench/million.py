@@ -13,20 +13,28 @@ manifest of N one-image 512x512 rows, and:
    - GET /v1/jobs?run=NAME: the first page, then the page after --deep pages of 200 (following
      next_cursor),
    - the dashboard's run page, GET /runs/NAME;
-3. stops everything after --run-seconds and says how far the run got.
+3. stops everything after --run-seconds and says how far the run got; or, with --to-end, waits for
+   the run's end and then:
+4. audits it: every job succeeded, claimed once, with one image per index from its claim; as many
+   objects in S3 as image rows, the same keys, and the sha256 of a sample of objects equal to their rows';
+5. exports it (`sdqueue export`) to WebDataset shards, then to Parquet, each timed with its peak RSS
+   (each export is deleted before the next: a million images is many gigabytes).
 
     .venv/bin/python bench/million.py                        # 1,000,000 rows: about 10 minutes here
     .venv/bin/python bench/million.py --rows 20000 --repeats 2 --run-seconds 20   # a smoke test
+    .venv/bin/python bench/million.py --to-end --workers 4 --size 256   # the whole run: hours here
 
-Writes the table to bench/results/million-cpu-DATE.txt. The run is not taken to its end: at the
-fleet benchmark's 80-120 jobs/s a million jobs take this machine hours.
+Writes the table to bench/results/million-cpu-DATE.txt. Without --to-end the run is not taken to its
+end: at the fleet benchmark's 90-150 jobs/s a million jobs take this machine hours.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,11 +52,11 @@ from fleet import BUCKET, machine, spread, standin_env, stop, wait  # noqa: E402
 from tests.servers import PostgresServer, RedisServer, SeaweedServer, free_port, s3_client  # noqa: E402
 
 
-def write_manifest(path: Path, rows: int) -> None:
+def write_manifest(path: Path, rows: int, size: int) -> None:
     with open(path, "w") as f:
         for i in range(rows):
             f.write(json.dumps({"key": f"row-{i}", "prompt": f"a lighthouse at dusk, study {i % 997}",
-                                "width": 512, "height": 512, "num_inference_steps": 25, "seed": i}) + "\n")
+                                "width": size, "height": size, "num_inference_steps": 25, "seed": i}) + "\n")
 
 
 def timed(action: Callable[[], Any], repeats: int) -> list[float]:
@@ -72,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--deep", type=int, default=50, help="pages of 200 to follow before timing a deep page")
     parser.add_argument("--run-seconds", type=float, default=60.0, help="how long the workers run before it stops")
+    parser.add_argument("--size", type=int, default=512, help="width and height of every row's image")
+    parser.add_argument("--to-end", action="store_true", help="run every job, then audit and export the run")
+    parser.add_argument("--sample", type=int, default=2000, help="objects whose sha256 the audit checks")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     head = f"# python bench/million.py {' '.join(argv if argv is not None else sys.argv[1:])}: {machine()}, {time.strftime('%Y-%m-%d %H:%M')}"
@@ -85,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sdqueue-million-") as tmp:
         workdir = Path(tmp)
         manifest = workdir / "million.jsonl"
-        write_manifest(manifest, args.rows)
+        write_manifest(manifest, args.rows, args.size)
         with RedisServer(workdir / "redis") as redis, PostgresServer(workdir / "postgres") as pg, \
                 SeaweedServer(workdir / "s3") as s3:
             s3_client(s3.endpoint).create_bucket(Bucket=BUCKET)
@@ -144,14 +155,93 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"{label:44} {spread(timed(action, args.repeats), 3)} s")
                 pages = timed(deep_page, 1)[0] / (args.deep + 1)
                 say(f"{'GET /v1/jobs?run=million, pages 1-' + str(args.deep + 1):44} {pages:.3f} s a page (mean)")
-                time.sleep(max(0.0, args.run_seconds - (time.monotonic() - running_from)))
+                if args.to_end:
+                    to_end(base, running_from, say)
+                else:
+                    time.sleep(max(0.0, args.run_seconds - (time.monotonic() - running_from)))
                 run = json.loads(get(f"{base}/v1/runs/million"))
                 say(f"after {time.monotonic() - running_from:.0f} s of {args.workers} stand-in workers: {run['jobs']}")
             finally:
                 stop(procs)
+            if args.to_end:
+                for line in audit(database_url, s3.endpoint, env, args.sample):
+                    say(line)
+                for form in ("webdataset", "parquet"):
+                    say(export(cli, env, workdir / f"export-{form}", form))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"million-cpu-{time.strftime('%Y%m%d-%H%M%S')}.txt").write_text("\n".join([head, *lines]) + "\n")
     return 0
+
+
+def to_end(base: str, since: float, say: Callable[[str], None]) -> None:
+    """Wait for the run's end (no job queued or running), saying how far it got every 10 minutes."""
+    said = time.monotonic()
+    while True:
+        counts = json.loads(get(f"{base}/v1/runs/million"))["jobs"]
+        if not counts.get("queued") and not counts.get("running"):
+            return
+        if time.monotonic() - said > 600:
+            said = time.monotonic()
+            done = sum(n for state, n in counts.items() if state not in ("queued", "running", "total"))
+            say(f"  {time.monotonic() - since:6.0f} s: {done:,} jobs ended ({done / (time.monotonic() - since):.0f}/s)")
+        time.sleep(5)
+
+
+def audit(database_url: str, s3_endpoint: str, env: dict[str, str], sample: int) -> list[str]:
+    """The run's audit, in bounded memory but for the set of its object keys."""
+    from sqlalchemy import text
+
+    from models.db import Database
+
+    db = Database(database_url)
+    s3 = s3_client(s3_endpoint)
+    prefix = env["SDQUEUE_STORAGE_URL"].removeprefix(f"s3://{BUCKET}/") + "/"
+    started = time.perf_counter()
+    try:
+        with db.engine.connect() as conn:
+            states = dict(conn.execute(text("SELECT state, count(*) FROM jobs GROUP BY state")).all())
+            attempts = dict(conn.execute(text("SELECT attempts, count(*) FROM jobs GROUP BY attempts")).all())
+            wrong = conn.scalar(text(
+                "SELECT count(*) FROM jobs j WHERE j.num_images <> (SELECT count(*) FROM images i WHERE i.job_id = j.id "
+                "AND i.object_key LIKE 'images/' || j.id || '/' || j.lease_token || '/%')"))
+            uploads = conn.scalar(text("SELECT count(*) FROM uploads"))
+            keys = set(conn.execute(text("SELECT object_key FROM images")).scalars())
+            picked = conn.execute(text("SELECT object_key, sha256 FROM images ORDER BY random() LIMIT :n"),
+                                  {"n": sample}).all()
+    finally:
+        db.dispose()
+    listed = 0
+    strays = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for item in page.get("Contents", []):
+            listed += 1
+            if item["Key"].removeprefix(prefix) in keys:
+                keys.discard(item["Key"].removeprefix(prefix))
+            else:
+                strays += 1
+    mismatched = sum(1 for key, sha in picked if hashlib.sha256(
+        s3.get_object(Bucket=BUCKET, Key=prefix + key)["Body"].read()).hexdigest() != sha)
+    problems = [f"{what}: {n:,}" for what, n in (
+        ("jobs without one image per index from their claim", wrong), ("upload rows left", uploads),
+        ("objects without a row", strays), ("rows without their object", len(keys)),
+        (f"objects of {len(picked):,} sampled whose sha256 is not their row's", mismatched)) if n]
+    return [f"audit ({time.perf_counter() - started:.0f} s): states {states}, attempts {attempts}, "
+            f"{listed:,} objects; " + ("; ".join(problems) or "every job succeeded once, objects and rows agree")]
+
+
+def export(cli: list[str], env: dict[str, str], dest: Path, form: str) -> str:
+    """`sdqueue export` of the whole run to `dest`, timed, with its peak RSS; `dest` is deleted after."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([*cli, "export", "million", str(dest), "--format", form], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"sdqueue export failed: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    shutil.rmtree(dest)
+    return (f"`sdqueue export --format {form}`: {seconds:.0f} s, {usage.ru_utime + usage.ru_stime:.0f} s of CPU, "
+            f"peak RSS {usage.ru_maxrss / 1024:.0f} MiB, {size / 2**30:.2f} GiB written")
 
 
 def _answers(url: str) -> bool:

@@ -56,11 +56,21 @@ class Publisher:
     def progress(self, job_id: str, step: int, steps: int) -> None:
         """Step `step` of `steps` done; published if the job's last progress event is old enough
         (the last step always is)."""
+        if self.progress_due(job_id, step, steps):
+            self.send_progress(job_id, step, steps)
+
+    def progress_due(self, job_id: str, step: int, steps: int) -> bool:
+        """Whether step `step` of `steps` is worth an event (the job's last one is old enough, or it
+        is the last step); if so, it counts as sent from now."""
         now = time.monotonic()
         with self._lock:
             if step < steps and now - self._last.get(job_id, float("-inf")) < self.settings.progress_interval:
-                return
+                return False
             self._last[job_id] = now
+        return True
+
+    def send_progress(self, job_id: str, step: int, steps: int) -> None:
+        """The event of a step `progress_due` said was due."""
         self._publish(job_id, {"type": "progress", "job_id": job_id, "step": step, "steps": steps, "at": time.time()})
 
     @contextmanager

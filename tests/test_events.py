@@ -184,3 +184,22 @@ def test_the_relay_sends_what_waits_in_one_round_trip_in_order(settings, listene
     with away.batched():
         away.state("relay-away", "running")  # sent at the end of the batch: refused, and only a hint lost
     away.close()
+
+
+def test_the_relay_queues_only_the_progress_that_is_due(settings, listener):
+    """A loop reports every step of every job; the relay queues a job's step only when its event is
+    due (the first, then one per SDQUEUE_PROGRESS_INTERVAL, and the last), not one entry per step."""
+    from models.events import Publisher
+    from worker.relay import EventRelay
+
+    relay = EventRelay(Publisher(settings.model_copy(update={"progress_interval": 3600})))
+    queued: list[Any] = []
+    put = relay._put
+    relay._put = lambda publish, args: (queued.append(args), put(publish, args))  # type: ignore[method-assign]
+    jobs = ["relay-progress-a", "relay-progress-b"]
+    for step in range(1, 11):
+        relay.progress(step, 10, jobs)
+    relay.close()
+    assert queued == [(1, 10, jobs), (10, 10, jobs)]
+    wait_for(lambda: all(len(listener.of(job_id)) == 2 for job_id in jobs), timeout=30)
+    assert all([e["step"] for e in listener.of(job_id)] == [1, 10] for job_id in jobs)

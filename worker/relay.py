@@ -13,6 +13,9 @@ from models.events import Publisher
 
 # Events sent in one round trip at most.
 BATCH = 256
+# How long the relay lets events gather after the first before it sends them: they are hints, and
+# a loop's steps come faster than round trips.
+GATHER = 0.01
 
 
 class EventRelay:
@@ -31,8 +34,15 @@ class EventRelay:
         self._put(self.publisher.state, (job_id, state))
 
     def progress(self, step: int, steps: int, job_ids: list[str]) -> None:
+        """A step of `job_ids`: queued only for those whose event is due (the publisher throttles
+        each job's progress; a dict look-up here, not a queue entry per job per step)."""
+        due = [job_id for job_id in job_ids if self.publisher.progress_due(job_id, step, steps)]
+        if due:
+            self._put(self._progress, (step, steps, due))
+
+    def _progress(self, step: int, steps: int, job_ids: list[str]) -> None:
         for job_id in job_ids:
-            self._put(self.publisher.progress, (job_id, step, steps))
+            self.publisher.send_progress(job_id, step, steps)
 
     def _put(self, publish: Callable[..., None], args: tuple[Any, ...]) -> None:
         try:
@@ -44,6 +54,8 @@ class EventRelay:
         """Each time, every event waiting (up to BATCH) in one round trip to the broker."""
         while True:
             items = [self._queue.get()]
+            if items[-1] is not None:
+                time.sleep(GATHER)
             while items[-1] is not None and len(items) < BATCH:
                 try:
                     items.append(self._queue.get_nowait())
