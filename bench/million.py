@@ -241,7 +241,7 @@ def export(cli: list[str], env: dict[str, str], dest: Path, form: str) -> str:
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     shutil.rmtree(dest)
     return (f"`sdqueue export --format {form}`: {seconds:.0f} s, {usage.ru_utime + usage.ru_stime:.0f} s of CPU, "
-            f"peak RSS {usage.ru_maxrss / 1024:.0f} MiB, {size / 2**30:.2f} GiB written")
+            f"peak RSS {usage.ru_maxrss / 1024:.0f} MiB, {size / 2**20:,.0f} MiB written")
 
 
 def _answers(url: str) -> bool:
