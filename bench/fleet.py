@@ -28,6 +28,7 @@ repeated (--repeats, a fresh database each time) and given as median [min-max].
 
     .venv/bin/python bench/fleet.py                          # 4 workers, 3 x 3,000 jobs: about 5 minutes
     .venv/bin/python bench/fleet.py --workers 2 --jobs 500 --repeats 1   # a smoke test, under a minute
+    .venv/bin/python bench/fleet.py --per-message 1          # bulk jobs one to a message (default 8)
 
 Writes the table, with the machine's description, to bench/results/fleet-cpu-DATE.txt (and the raw
 figures beside it as .json). Needs redis-server, PostgreSQL's server binaries and `weed` (the
