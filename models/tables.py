@@ -60,6 +60,9 @@ class Run(Base):
     # Rows of the source that passed validation, and when all of them were written and sent.
     expected_jobs: Mapped[int | None] = mapped_column(Integer, default=None)
     sealed_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The enqueue writes a batch of rows (all with one created_at), sends their messages, then sets
+    # this to that created_at: the run's queued rows created after it were written but not sent.
+    sent_through: Mapped[datetime | None] = mapped_column(default=None)
     # The API key that made the run; None: the operator's (the CLI, a schedule).
     api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), default=None, index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -154,8 +157,9 @@ class Job(Base):
     # by one of that group (a group of one: by this job, which is charged).
     running_alone: Mapped[bool] = mapped_column(default=False)
     # Where its messages go, and when the last was sent: a queued job whose message the broker
-    # lost is sent again, to its own queue.
-    # enqueued_at is None while a row written by a run's bulk enqueue has not been sent yet.
+    # lost is sent again, to its own queue. enqueued_at is None while a row written by the API's
+    # batch submit has not been sent yet; a run's rows are written with it set, and the run's
+    # `sent_through` says which were sent.
     queue: Mapped[str | None] = mapped_column(String(255), default=None)
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     priority: Mapped[str] = mapped_column(String(16), default=Priority.INTERACTIVE.value)

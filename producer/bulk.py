@@ -1,9 +1,10 @@
 """Job rows in bulk: made from validated requests, written in one transaction per batch (COPY on
 PostgreSQL), their messages sent pipelined, then marked sent.
 
-A row is written with `enqueued_at` NULL (not sent yet) and marked once its message has gone, so
-whatever stops a producer between the two, the rows it left unsent are found (by the next enqueue
-of the same run, or by the sweeper) and sent; a message sent twice costs its second delivery a
+A row of the API's batch submit is written with `enqueued_at` NULL (not sent yet) and marked once
+its message has gone; a run's rows are marked a batch at a time on the run's row (its
+`sent_through`, producer/runs/enqueue.py). So whatever stops a producer between the two, the rows
+it left unsent are found (by the next enqueue of the same run, or by the sweeper) and sent; a message sent twice costs its second delivery a
 look at the database. Used by runs (`sdqueue run`, schedules) and by the API's batch submit.
 """
 
@@ -28,7 +29,7 @@ BATCH = 1000
 # A drawn seed stays short enough to read and type back.
 DRAWN_SEED_BOUND = 2**32
 # Columns a caller may set beside the request's.
-EXTRA_COLUMNS = ("run_id", "run_key", "api_key_id", "webhook_url", "webhook_events")
+EXTRA_COLUMNS = ("run_id", "run_key", "api_key_id", "webhook_url", "webhook_events", "enqueued_at")
 # Columns COPY writes as JSON text.
 JSON_COLUMNS = ("params", "webhook_events")
 
@@ -110,13 +111,20 @@ def by_queue(values: list[dict[str, Any]], written: set[str]) -> dict[str, list[
 def send_marked(client: Sender, grouped: dict[str, list[str]]) -> int:
     """Send the messages of rows not yet sent, then mark them sent, a batch at a time; returns
     how many were sent."""
+    return send_unmarked(client, grouped, mark=True)
+
+
+def send_unmarked(client: Sender, grouped: dict[str, list[str]], *, mark: bool = False) -> int:
+    """Send the messages of rows, a batch at a time (`mark`: then mark each batch's rows sent);
+    returns how many were sent. A run's enqueue marks its batches on the run's row instead."""
     sent = 0
     for queue, job_ids in grouped.items():
         for start in range(0, len(job_ids), BATCH):
             chunk = job_ids[start : start + BATCH]
             client.send(chunk, queue)
-            with client.db.session() as session:
-                session.execute(update(Job).where(Job.id.in_(chunk), Job.enqueued_at.is_(None))
-                                .values(enqueued_at=utcnow()))
+            if mark:
+                with client.db.session() as session:
+                    session.execute(update(Job).where(Job.id.in_(chunk), Job.enqueued_at.is_(None))
+                                    .values(enqueued_at=utcnow()))
             sent += len(chunk)
     return sent

@@ -37,6 +37,12 @@ def messages(settings, queue: str) -> Counter:  # type: ignore[no-untyped-def]
     return waiting_job_ids(settings.broker_url, queue)
 
 
+def sent_through(client, name: str):  # type: ignore[no-untyped-def]
+    """When the newest batch of the run's rows that was sent was created (None: none was)."""
+    with client.db.session() as session:
+        return session.scalars(select(Run.sent_through).where(Run.name == name)).one()
+
+
 def test_a_manifest_run_twice_enqueues_each_job_once(client, settings, tmp_path):
     rows = [{"prompt": f"a lighthouse number {i}", "seed": i} for i in range(300)] + [{"prompt": "the same"}] * 2
     manifest = write_jsonl(tmp_path / "m.jsonl", rows)
@@ -97,7 +103,8 @@ def test_an_enqueue_stopped_halfway_resumes_with_every_row_once(client, settings
     assert f"{total - before} job(s) enqueued" in done.stdout
     jobs = run_jobs(client, name)
     assert len(jobs) == total and sorted(job.seed for job in jobs) == list(range(total))
-    assert all(job.enqueued_at is not None for job in jobs)  # none left written but never sent
+    through = sent_through(client, name)  # none left written but never sent
+    assert through is not None and all(job.created_at <= through for job in jobs)
     sent = messages(settings, queue_for(settings.queue, "bulk"))
     assert set(sent) == {job.id for job in jobs}
     # A batch sent but not yet marked when it stopped is sent again: its second delivery finds
@@ -115,7 +122,7 @@ def test_rows_written_but_not_sent_are_sent_by_the_next_enqueue(client, settings
     with pytest.raises(ConnectionError):
         enqueue_run(client, "unsent", manifest, progress=False, batch_size=10)
     monkeypatch.undo()
-    assert [job.enqueued_at for job in run_jobs(client, "unsent")] == [None] * 10
+    assert len(run_jobs(client, "unsent")) == 10 and sent_through(client, "unsent") is None  # written, not sent
 
     report = enqueue_run(client, "unsent", manifest, progress=False, batch_size=10)
     assert report is not None and (report.inserted, report.sent) == (15, 25)

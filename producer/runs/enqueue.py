@@ -1,8 +1,12 @@
 """A run's rows into the database and the broker: in batches, idempotent and resumable.
 
-Order, per batch of rows: the img2img inputs to storage, the rows in one transaction (marked not
-yet sent: `enqueued_at` is NULL), the messages pipelined through one connection, then the rows
-marked sent. Every row of a run has a stable key, unique in the run; so whatever killed an earlier
+Order, per batch of rows: the img2img inputs to storage, the rows in one transaction (all with
+one `created_at`), the messages pipelined through one connection, then the run's `sent_through`
+set to that `created_at`: the run's queued rows created after it were written but not sent. (An
+UPDATE of each batch's rows to mark them sent rewrote every row and its entries in every index:
+more than half of a million-row enqueue.) A thread of its own writes and sends each batch while the next one is read and made
+into rows: the database's and the broker's waits overlap the manifest's parsing, and one batch at
+most is in flight, so memory stays flat. Every row of a run has a stable key, unique in the run; so whatever killed an earlier
 enqueue (Ctrl-C, `kill -9`, a lost broker), running the same command again writes only the rows
 that are missing, sends the rows written but never sent, and never makes a second job for a row.
 A message sent twice costs its second delivery a look at the database (the lease decides), and
@@ -15,16 +19,17 @@ import sys
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from sqlalchemy import select, text
+from sqlalchemy import or_, select, text, update
 
 from models.db import dialect_insert
 from models.errors import InvalidRequest, RunExists
 from models.tables import Job, JobState, Priority, Run, utcnow
-from producer.bulk import BATCH, by_queue, insert_jobs, job_row, send_marked
+from producer.bulk import BATCH, by_queue, insert_jobs, job_row, send_marked, send_unmarked
 from producer.client import Client, check_priority
 
 if TYPE_CHECKING:
@@ -106,16 +111,28 @@ def enqueue_run(
     sent = _send_unsent(client, run_id)
     # 4. the rows that are missing, batch by batch, as the manifest is read again: memory stays flat
     existing = inserted = 0
-    with _progress_bar(len(manifest.rows), name, progress) as bar:
+    writing: Future[dict[str, list[str]]] | None = None  # the batch being written and sent
+
+    def written() -> None:
+        nonlocal sent, inserted, writing
+        if writing is not None:
+            ids = writing.result()
+            sent += sum(len(chunk) for chunk in ids.values())
+            inserted += sum(len(chunk) for chunk in ids.values())
+            writing = None
+
+    with _progress_bar(len(manifest.rows), name, progress) as bar, \
+            ThreadPoolExecutor(1, thread_name_prefix="sdqueue-enqueue") as writer:
         for rows in _batches(manifest.rows, batch_size):
             # A run made now has no rows to find (a second enqueue racing it is skipped by the insert).
             missing = rows if created else _missing(client, run_id, rows)
             existing += len(rows) - len(missing)
             if missing:
-                written = _write(client, run_id, missing, priority, api_key_id, admit)
-                sent += send_marked(client, written)
-                inserted += sum(len(ids) for ids in written.values())
+                values = _values(client, run_id, missing, priority, api_key_id)
+                written()  # the batch before: written and sent (or its error raised) before this one goes
+                writing = writer.submit(_write_and_send, client, run_id, values, admit)
             bar.update(len(rows))
+        written()
     # 5. sealed: every row of this manifest is a job of the run, and sent
     with client.db.session() as session:
         run = session.get(Run, run_id)
@@ -216,26 +233,43 @@ def _options(defaults: dict[str, Any]) -> str:
     return " ".join(given) or "none"
 
 
-def _write(client: Client, run_id: str, rows: list[RunRow], priority: str, api_key_id: str | None,
-           admit: Callable[[Session, int], None] | None) -> dict[str, list[str]]:
-    """Write one batch of rows (inputs first); returns the ids written, by queue. A row whose key
-    another enqueue wrote meanwhile is skipped, not doubled."""
+def _values(client: Client, run_id: str, rows: list[RunRow], priority: str,
+            api_key_id: str | None) -> list[dict[str, Any]]:
+    """The job rows of one batch of the manifest's rows (their img2img inputs stored first), all
+    created (and to be sent) at one time."""
     now = utcnow()
-    values = [job_row(row.request, base_queue=client.settings.queue, priority=row.priority or priority,
-                      storage=client.storage, now=now, run_id=run_id, run_key=row.key, api_key_id=api_key_id)
-              for row in rows]
+    return [job_row(row.request, base_queue=client.settings.queue, priority=row.priority or priority,
+                    storage=client.storage, now=now, run_id=run_id, run_key=row.key, api_key_id=api_key_id,
+                    enqueued_at=now)
+            for row in rows]
+
+
+def _write_and_send(client: Client, run_id: str, values: list[dict[str, Any]],
+                    admit: Callable[[Session, int], None] | None) -> dict[str, list[str]]:
+    """Write one batch's rows, send their messages, then move the run's `sent_through` up to them;
+    returns the ids written, by queue. A row whose key another enqueue wrote meanwhile is skipped,
+    not doubled."""
     with client.db.session() as session:
         if admit is not None:
             admit(session, len(values))
-        written = insert_jobs(session, values)
-    return by_queue(values, written)
+        ids = by_queue(values, insert_jobs(session, values))
+    send_unmarked(client, ids)
+    created = values[0]["created_at"]
+    with client.db.session() as session:
+        session.execute(update(Run).where(Run.id == run_id, or_(Run.sent_through.is_(None), Run.sent_through < created))
+                        .values(sent_through=created))
+    return ids
 
 
 def _send_unsent(client: Client, run_id: str) -> int:
+    """Send the run's queued rows an interrupted enqueue wrote but did not send: those created after
+    the run's `sent_through` (and any not marked sent the way an older sdqueue marked them)."""
     with client.db.session() as session:
+        through = session.scalar(select(Run.sent_through).where(Run.id == run_id))
         unsent = session.execute(
             select(Job.id, Job.queue).where(Job.run_id == run_id, Job.state == JobState.QUEUED.value,
-                                            Job.enqueued_at.is_(None))
+                                            or_(Job.enqueued_at.is_(None), Job.created_at > through)
+                                            if through is not None else True)
         ).all()
     grouped: dict[str, list[str]] = defaultdict(list)
     for job_id, queue in unsent:
