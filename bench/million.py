@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deep", type=int, default=50, help="pages of 200 to follow before timing a deep page")
     parser.add_argument("--run-seconds", type=float, default=60.0, help="how long the workers run before it stops")
     parser.add_argument("--size", type=int, default=512, help="width and height of every row's image")
+    parser.add_argument("--scale", type=float, default=0.0,
+                        help="SDQUEUE_STANDIN_SCALE of the workers (0: no GPU time, they take every core they can; "
+                             "1: an H100's time, they mostly wait)")
     parser.add_argument("--to-end", action="store_true", help="run every job, then audit and export the run")
     parser.add_argument("--sample", type=int, default=2000, help="objects whose sha256 the audit checks")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
             upgrade(database_url)
             port = free_port()
-            env = {**standin_env(redis.url, database_url, s3.endpoint, "million", workdir, 0.0),
+            env = {**standin_env(redis.url, database_url, s3.endpoint, "million", workdir, args.scale),
                    "SDQUEUE_QUEUE": "million", "SDQUEUE_API_AUTH": "off"}
             cli = [sys.executable, "-m", "producer.cli"]
 
