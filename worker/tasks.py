@@ -135,7 +135,7 @@ def generate_many(self: PipelineTask, job_ids: list[str]) -> list[str]:
     """Several bulk jobs in one message (SDQUEUE_JOBS_PER_MESSAGE): claimed in one statement, each
     with a lease of its own, run in the engine's batches like any job; the message is acknowledged
     once every one of them has ended."""
-    return _run_message(self, [str(job_id) for job_id in job_ids])
+    return _run_message(self, list(dict.fromkeys(str(job_id) for job_id in job_ids)))  # each once
 
 
 def _run_message(task: PipelineTask, job_ids: list[str]) -> list[str]:
