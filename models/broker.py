@@ -48,6 +48,13 @@ return out
 """
 
 
+def job_ids_of(headers: dict[str, Any]) -> list[str]:
+    """The job ids a message carries, from its headers: its JOBS_HEADER, or its task id (the
+    Python twin of _IDS_IN_RANGE's reading)."""
+    jobs = headers.get(JOBS_HEADER)
+    return jobs if isinstance(jobs, list) else [headers["id"]]
+
+
 def uses_redis(settings: Settings) -> bool:
     return settings.broker_url.startswith(("redis://", "rediss://"))
 
@@ -86,8 +93,7 @@ def live_job_ids(settings: Settings, queue: str) -> set[str]:
             if (tag.decode() if isinstance(tag, bytes) else tag) not in fresh:
                 continue
             try:
-                headers = json.loads(raw)[0]["headers"]
-                found.update(headers[JOBS_HEADER] if isinstance(headers.get(JOBS_HEADER), list) else [headers["id"]])
+                found.update(job_ids_of(json.loads(raw)[0]["headers"]))
             except (ValueError, LookupError, TypeError, AttributeError):
                 continue
         return found

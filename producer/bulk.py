@@ -4,8 +4,9 @@ PostgreSQL), their messages sent pipelined, then marked sent.
 A row of the API's batch submit is written with `enqueued_at` NULL (not sent yet) and marked once
 its message has gone; a run's rows are marked a batch at a time on the run's row (its
 `sent_through`, producer/runs/enqueue.py). So whatever stops a producer between the two, the rows
-it left unsent are found (by the next enqueue of the same run, or by the sweeper) and sent; a message sent twice costs its second delivery a
-look at the database. Used by runs (`sdqueue run`, schedules) and by the API's batch submit.
+it left unsent are found (by the next enqueue of the same run, or by the sweeper) and sent; a
+message sent twice costs its second delivery a look at the database. Used by runs (`sdqueue run`,
+schedules) and by the API's batch submit.
 """
 
 from __future__ import annotations
@@ -108,14 +109,8 @@ def by_queue(values: list[dict[str, Any]], written: set[str]) -> dict[str, list[
     return grouped
 
 
-def send_marked(client: Sender, grouped: dict[str, list[str]]) -> int:
-    """Send the messages of rows not yet sent, then mark them sent, a batch at a time; returns
-    how many were sent."""
-    return send_unmarked(client, grouped, mark=True)
-
-
-def send_unmarked(client: Sender, grouped: dict[str, list[str]], *, mark: bool = False) -> int:
-    """Send the messages of rows, a batch at a time (`mark`: then mark each batch's rows sent);
+def send_batches(client: Sender, grouped: dict[str, list[str]], *, mark: bool) -> int:
+    """Send the messages of rows, a batch at a time, and (`mark`) then mark each batch's rows sent;
     returns how many were sent. A run's enqueue marks its batches on the run's row instead."""
     sent = 0
     for queue, job_ids in grouped.items():

@@ -26,7 +26,7 @@ from models.request import GenerationRequest, parse_request
 from models.settings import Settings, load_settings
 from models.storage import open_storage
 from models.tables import Job, JobState, Priority
-from producer.bulk import by_queue, insert_jobs, job_row, send_marked
+from producer.bulk import by_queue, insert_jobs, job_row, send_batches
 
 if TYPE_CHECKING:  # Celery is imported when a message is sent: reading a job (`sdqueue status`) needs none of it
     from celery import Celery
@@ -116,7 +116,7 @@ class Client:
         with self.removing_inputs_on_failure(values), self.db.session() as session:
             written = insert_jobs(session, values)
         try:
-            send_marked(self, by_queue(values, written))
+            send_batches(self, by_queue(values, written), mark=True)
         except Exception as exc:
             raise ServiceUnavailable(self._unsent(exc, values)) from exc
         return [value["id"] for value in values]

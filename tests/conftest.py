@@ -149,12 +149,12 @@ def waiting_job_ids(broker_url: str, queue: str) -> Counter:
     its JOBS_HEADER), with how many messages each is in."""
     import redis
 
-    from models.constants import JOBS_HEADER
+    from models.broker import job_ids_of
 
     broker = redis.Redis.from_url(broker_url)
     try:
-        headers = [json.loads(raw)["headers"] for raw in broker.lrange(queue, 0, -1)]
-        return Counter(job_id for h in headers for job_id in h.get(JOBS_HEADER, [h["id"]]))
+        return Counter(job_id for raw in broker.lrange(queue, 0, -1)
+                       for job_id in job_ids_of(json.loads(raw)["headers"]))
     finally:
         broker.close()
 

@@ -144,7 +144,8 @@ def _run_message(task: PipelineTask, job_ids: list[str]) -> list[str]:
         return run_jobs(task.context, job_ids, queue=(task.request.delivery_info or {}).get("routing_key"))
     except OutageTooLong as exc:
         # The database stayed away for longer than we wait, and none of the message's jobs is
-        # claimed: the message goes back to the queue rather than being acknowledged with nothing recorded.
+        # claimed: the message goes back to the queue rather than being acknowledged with nothing
+        # recorded.
         log.error("job(s) %s: %s; their message goes back to the queue", ", ".join(job_ids), exc)
         raise Reject(str(exc), requeue=True) from None
 
@@ -171,7 +172,7 @@ def run_jobs(ctx: WorkerContext, job_ids: list[str], queue: str | None = None) -
     for work in works:
         with job_context(job_id=work.job_id):
             futures[work.job_id] = _start(ctx, work)
-    if left:  # they failed here as often as they may: another worker's turn
+    if left:  # they failed here as often as they may, or could not be claimed: another worker's turn
         _leave_to_others(engine, left, queue, pause=True)
     ended.update((job_id, future.result()) for job_id, future in futures.items())
     return [ended[job_id] for job_id in job_ids]
@@ -181,7 +182,8 @@ def _claim_all(ctx: WorkerContext, job_ids: list[str], queue: str | None
                ) -> tuple[list[Work], dict[str, str], list[str]]:
     """The jobs claimed, as work for the engine; why each other one was not (by id); and those to
     leave to other workers. The plainly queued jobs take one statement (`jobs.claim_queued`); each
-    other one goes through `jobs.claim`, which decides."""
+    other one goes through `jobs.claim`, which decides. Once some are claimed, a database that stays
+    away leaves the rest to other workers, unclaimed."""
     owner, model, settings = ctx.engine.hostname, ctx.engine.model.spec.name, ctx.settings
     what = f"job {job_ids[0]}" if len(job_ids) == 1 else f"{len(job_ids)} jobs of one message"
     rows = wait_out(lambda: jobs.claim_queued(ctx.db, job_ids, owner, model, lease_seconds=settings.lease_seconds,
@@ -194,32 +196,30 @@ def _claim_all(ctx: WorkerContext, job_ids: list[str], queue: str | None
     for job_id in job_ids:
         with job_context(job_id=job_id):
             job: Any = rows.get(job_id)
-            if job is None and away:
-                left.append(job_id)
-                ended[job_id] = "handed back"
-                continue
-            if job is None:
+            if job is None and not away:
                 try:
                     job = wait_out(lambda: _claim(ctx, job_id), f"job {job_id}: claiming it",
                                    timeout=settings.outage_timeout)
                 except OutageTooLong:
                     if not works and not rows:
                         raise  # nothing of the message is claimed: it goes back whole
-                    log.error("job %s: the database stayed away too long; sent again unclaimed", job_id)
+                    log.error("job %s: the database stayed away too long; it and the message's other unclaimed "
+                              "jobs are sent again", job_id)
                     away = True
-                    ctx.engine.send_again([job_id], queue)
-                    ended[job_id] = "handed back"
-                    continue
                 except JobNotFound:
                     log.warning("job %s: no such job (a message whose submit was taken back): dropped", job_id)
                     ended[job_id] = "unknown"
                     continue
-                if isinstance(job, str):
-                    log.info("job %s not run: %s", job_id, job)
-                    if job == jobs.LEFT_TO_OTHERS:
-                        left.append(job_id)
-                    ended[job_id] = "skipped"
-                    continue
+            if job is None:  # the database stayed away
+                left.append(job_id)
+                ended[job_id] = "handed back"
+                continue
+            if isinstance(job, str):
+                log.info("job %s not run: %s", job_id, job)
+                if job == jobs.LEFT_TO_OTHERS:
+                    left.append(job_id)
+                ended[job_id] = "skipped"
+                continue
             works.append(_work(ctx, job))
     return works, ended, left
 

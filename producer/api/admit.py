@@ -15,7 +15,7 @@ from producer.api.app import Backend
 from producer.api.auth import Caller
 from producer.api.errors import hide_secrets
 from producer.api.limits import check_batch_size, check_cap, hold_key
-from producer.bulk import by_queue, insert_jobs, job_row, send_marked
+from producer.bulk import by_queue, insert_jobs, job_row, send_batches
 
 
 class _Inputs:
@@ -60,7 +60,7 @@ def enqueue(shared: Backend, who: Caller, requests: list[GenerationRequest], *, 
         if single:
             client.send([values[0]["id"]], values[0]["queue"])
         else:
-            send_marked(client, by_queue(values, written))
+            send_batches(client, by_queue(values, written), mark=True)
     except Exception as exc:
         reason = hide_secrets(f"{type(exc).__name__}: {exc}")
         raise ServiceUnavailable(f"the broker cannot be reached ({reason}): {client.take_back(values)}") from exc

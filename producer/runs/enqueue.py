@@ -4,9 +4,11 @@ Order, per batch of rows: the img2img inputs to storage, the rows in one transac
 one `created_at`), the messages pipelined through one connection, then the run's `sent_through`
 set to that `created_at`: the run's queued rows created after it were written but not sent. (An
 UPDATE of each batch's rows to mark them sent rewrote every row and its entries in every index:
-more than half of a million-row enqueue.) A thread of its own writes and sends each batch while the next one is read and made
-into rows: the database's and the broker's waits overlap the manifest's parsing, and one batch at
-most is in flight, so memory stays flat. Every row of a run has a stable key, unique in the run; so whatever killed an earlier
+more than half of a million-row enqueue.) A thread of its own writes and sends each batch while
+the next one is read and made into rows: the database's and the broker's waits overlap the
+manifest's parsing, and one batch at most is in flight, so memory stays flat.
+
+Every row of a run has a stable key, unique in the run; so whatever killed an earlier
 enqueue (Ctrl-C, `kill -9`, a lost broker), running the same command again writes only the rows
 that are missing, sends the rows written but never sent, and never makes a second job for a row.
 A message sent twice costs its second delivery a look at the database (the lease decides), and
@@ -29,7 +31,7 @@ from sqlalchemy import or_, select, text, update
 from models.db import dialect_insert
 from models.errors import InvalidRequest, RunExists
 from models.tables import Job, JobState, Priority, Run, utcnow
-from producer.bulk import BATCH, by_queue, insert_jobs, job_row, send_marked, send_unmarked
+from producer.bulk import BATCH, by_queue, insert_jobs, job_row, send_batches
 from producer.client import Client, check_priority
 
 if TYPE_CHECKING:
@@ -116,9 +118,9 @@ def enqueue_run(
     def written() -> None:
         nonlocal sent, inserted, writing
         if writing is not None:
-            ids = writing.result()
-            sent += sum(len(chunk) for chunk in ids.values())
-            inserted += sum(len(chunk) for chunk in ids.values())
+            count = sum(len(ids) for ids in writing.result().values())  # each job written is sent
+            sent += count
+            inserted += count
             writing = None
 
     with _progress_bar(len(manifest.rows), name, progress) as bar, \
@@ -253,7 +255,7 @@ def _write_and_send(client: Client, run_id: str, values: list[dict[str, Any]],
         if admit is not None:
             admit(session, len(values))
         ids = by_queue(values, insert_jobs(session, values))
-    send_unmarked(client, ids)
+    send_batches(client, ids, mark=False)
     created = values[0]["created_at"]
     with client.db.session() as session:
         session.execute(update(Run).where(Run.id == run_id, or_(Run.sent_through.is_(None), Run.sent_through < created))
@@ -274,7 +276,7 @@ def _send_unsent(client: Client, run_id: str) -> int:
     grouped: dict[str, list[str]] = defaultdict(list)
     for job_id, queue in unsent:
         grouped[queue or client.settings.queue].append(job_id)
-    return send_marked(client, grouped)
+    return send_batches(client, grouped, mark=True)
 
 
 class _NoBar:

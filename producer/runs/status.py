@@ -14,7 +14,7 @@ from models.errors import InvalidRequest, RunBusy, RunNotFound, StorageError
 from models.jobs import CHUNK, IllegalTransition, aware
 from models.tables import Image, Job, JobState, Run, Upload, WebhookAttempt, WebhookDelivery, utcnow
 from producer.client import Client
-from producer.bulk import send_marked
+from producer.bulk import send_batches
 
 STATES = [state.value for state in JobState]
 # images/s is measured over this much of the recent past.
@@ -230,7 +230,7 @@ def retry_run(client: Client, name: str) -> int:
     """Queue the run's failed jobs again, with their seeds and a clean failure count; returns how many."""
     back = _change_jobs(client, name, JobState.FAILED, state=JobState.QUEUED.value, failures=0, dead_letter=False,
                         error=None, finished_at=None, enqueued_at=None)
-    return send_marked(client, back)
+    return send_batches(client, back, mark=True)
 
 
 def _change_jobs(client: Client, name: str, current: JobState, **values: Any) -> dict[str, list[str]]:
