@@ -80,6 +80,44 @@ def test_a_job_that_cannot_run_is_failed_with_its_error(ctx):
     assert run_job(ctx, job_id) == "skipped"  # a redelivered message for an ended job does nothing
 
 
+def test_a_database_away_mid_message_runs_what_was_claimed_and_leaves_the_rest_to_others(ctx, monkeypatch):
+    """A message of three jobs: the first is claimed, then the database stays away longer than a
+    worker waits (SDQUEUE_OUTAGE_TIMEOUT, here half a second): the first runs, the other two are
+    sent again unclaimed, in one send, and nothing is charged. With nothing claimed, the message
+    goes back whole."""
+    import worker.tasks as tasks
+    from models.errors import ServiceUnavailable
+    from models.outage import OutageTooLong
+
+    job_ids = []
+    for seed in (1, 2, 3):
+        job_ids.append(str(uuid.uuid4()))
+        with ctx.db.session() as session:
+            session.add(Job(id=job_ids[-1], mode="txt2img", params={**params(), "seed": seed}, seed=seed, width=256,
+                            height=256, num_inference_steps=2, num_images=1))
+    claim, calls = tasks._claim, []
+
+    def away_after_one(context, job_id):  # type: ignore[no-untyped-def]
+        calls.append(job_id)
+        if len(calls) > 1:
+            raise ServiceUnavailable("database sqlite:///db.sqlite cannot be reached")
+        return claim(context, job_id)
+
+    sent: list[list[str]] = []
+    monkeypatch.setattr(tasks, "_claim", away_after_one)
+    monkeypatch.setattr(ctx, "settings", ctx.settings.model_copy(update={"outage_timeout": 0.5}))
+    monkeypatch.setattr(ctx.engine, "send_again", lambda ids, queue=None: sent.append(list(ids)))
+    assert tasks.run_jobs(ctx, job_ids) == ["succeeded", "handed back", "handed back"]
+    assert sent == [job_ids[1:]] and calls[0] == job_ids[0] and set(calls[1:]) == {job_ids[1]}  # 2: retried
+    with ctx.db.session() as session:
+        assert [(session.get(Job, j).state, session.get(Job, j).failures) for j in job_ids] == [
+            ("succeeded", 0), ("queued", 0), ("queued", 0)]
+
+    with pytest.raises(OutageTooLong):  # the database away from the first claim on
+        tasks.run_jobs(ctx, job_ids[1:])
+    assert sent == [job_ids[1:]]  # nothing more sent: the message itself goes back to the queue
+
+
 # img2img inputs are used upright: a phone's portrait is stored sideways with an EXIF orientation
 
 
