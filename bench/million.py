@@ -17,8 +17,11 @@ manifest of N one-image 512x512 rows, and:
    the run's end and then:
 4. audits it: every job succeeded, claimed once, with one image per index from its claim; as many
    objects in S3 as image rows, the same keys, and the sha256 of a sample of objects equal to their rows';
-5. exports it (`sdqueue export`) to WebDataset shards, then to Parquet, each timed with its peak RSS
-   (each export is deleted before the next: a million images is many gigabytes).
+5. exports it (`sdqueue export`) to WebDataset shards and to Parquet, the two side by side, each
+   timed with its peak RSS, and deletes them.
+
+With --to-end, every --every seconds of the run (600) it also times `runs show` (on the database and through
+the API) and the dashboard's run page once each.
 
     .venv/bin/python bench/million.py                        # 1,000,000 rows: about 10 minutes here
     .venv/bin/python bench/million.py --rows 20000 --repeats 2 --run-seconds 20   # a smoke test
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="SDQUEUE_STANDIN_SCALE of the workers (0: no GPU time, they take every core they can; "
                              "1: an H100's time, they mostly wait)")
     parser.add_argument("--to-end", action="store_true", help="run every job, then audit and export the run")
+    parser.add_argument("--every", type=float, default=600.0, help="with --to-end, seconds between progress lines")
     parser.add_argument("--sample", type=int, default=2000, help="objects whose sha256 the audit checks")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
@@ -159,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                 pages = timed(deep_page, 1)[0] / (args.deep + 1)
                 say(f"{'GET /v1/jobs?run=million, pages 1-' + str(args.deep + 1):44} {pages:.3f} s a page (mean)")
                 if args.to_end:
-                    to_end(base, running_from, say)
+                    probes = {label: reads[label] for label in (
+                        "sdqueue runs show --json (CLI)", "sdqueue runs show --json (remote CLI)",
+                        "dashboard /runs/million")}
+                    to_end(base, running_from, probes, args.every, say)
                 else:
                     time.sleep(max(0.0, args.run_seconds - (time.monotonic() - running_from)))
                 run = json.loads(get(f"{base}/v1/runs/million"))
@@ -169,24 +176,28 @@ def main(argv: list[str] | None = None) -> int:
             if args.to_end:
                 for line in audit(database_url, s3.endpoint, env, args.sample):
                     say(line)
-                for form in ("webdataset", "parquet"):
-                    say(export(cli, env, workdir / f"export-{form}", form))
+                for line in exports(cli, env, workdir, ("webdataset", "parquet")):
+                    say(line)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"million-cpu-{time.strftime('%Y%m%d-%H%M%S')}.txt").write_text("\n".join([head, *lines]) + "\n")
     return 0
 
 
-def to_end(base: str, since: float, say: Callable[[str], None]) -> None:
-    """Wait for the run's end (no job queued or running), saying how far it got every 10 minutes."""
+def to_end(base: str, since: float, probes: dict[str, Callable[[], Any]], every: float,
+           say: Callable[[str], None]) -> None:
+    """Wait for the run's end (no job queued or running); every `every` seconds say how far it got and
+    time each probe once, while the workers run."""
     said = time.monotonic()
     while True:
         counts = json.loads(get(f"{base}/v1/runs/million"))["jobs"]
         if not counts.get("queued") and not counts.get("running"):
             return
-        if time.monotonic() - said > 600:
+        if time.monotonic() - said > every:
             said = time.monotonic()
             done = sum(n for state, n in counts.items() if state not in ("queued", "running", "total"))
-            say(f"  {time.monotonic() - since:6.0f} s: {done:,} jobs ended ({done / (time.monotonic() - since):.0f}/s)")
+            timings = ", ".join(f"{label} {timed(action, 1)[0]:.2f} s" for label, action in probes.items())
+            say(f"  {time.monotonic() - since:6.0f} s: {done:,} jobs ended ({done / (time.monotonic() - since):.0f}/s); "
+                f"{timings}")
         time.sleep(5)
 
 
@@ -232,19 +243,34 @@ def audit(database_url: str, s3_endpoint: str, env: dict[str, str], sample: int)
             f"{listed:,} objects; " + ("; ".join(problems) or "every job succeeded once, objects and rows agree")]
 
 
-def export(cli: list[str], env: dict[str, str], dest: Path, form: str) -> str:
-    """`sdqueue export` of the whole run to `dest`, timed, with its peak RSS; `dest` is deleted after."""
+def exports(cli: list[str], env: dict[str, str], workdir: Path, forms: tuple[str, ...]) -> list[str]:
+    """`sdqueue export` of the whole run in each form, the exports side by side (one process each), each
+    timed with its peak RSS; each export's files are deleted after."""
     started = time.perf_counter()
-    proc = subprocess.Popen([*cli, "export", "million", str(dest), "--format", form], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"sdqueue export failed: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
-    shutil.rmtree(dest)
-    return (f"`sdqueue export --format {form}`: {seconds:.0f} s, {usage.ru_utime + usage.ru_stime:.0f} s of CPU, "
-            f"peak RSS {usage.ru_maxrss / 1024:.0f} MiB, {size / 2**20:,.0f} MiB written")
+    procs = {}
+    for form in forms:
+        log = open(workdir / f"export-{form}.log", "wb")
+        procs[subprocess.Popen([*cli, "export", "million", str(workdir / f"export-{form}"), "--format", form],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log).pid] = (form, log)
+    lines = []
+    while procs:
+        pid, status, usage = os.wait4(-1, 0)
+        if pid not in procs:
+            continue
+        seconds = time.perf_counter() - started
+        form, log = procs.pop(pid)
+        log.close()
+        if os.waitstatus_to_exitcode(status) != 0:
+            error = (workdir / f"export-{form}.log").read_text(errors="replace")[-2000:]
+            lines.append(f"`sdqueue export --format {form}` FAILED: {error}")
+            continue
+        dest = workdir / f"export-{form}"
+        size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+        shutil.rmtree(dest)
+        lines.append(f"`sdqueue export --format {form}` ({len(forms)} side by side): {seconds:.0f} s, "
+                     f"{usage.ru_utime + usage.ru_stime:.0f} s of CPU, peak RSS {usage.ru_maxrss / 1024:.0f} MiB, "
+                     f"{size / 2**20:,.0f} MiB written")
+    return lines
 
 
 def _answers(url: str) -> bool:
