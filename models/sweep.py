@@ -25,7 +25,7 @@ from typing import Callable
 from sqlalchemy import exists, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from models import broker, jobs
+from models import broker, counts, jobs
 from models.db import Database
 from models.outage import wait_out
 from models.settings import Settings
@@ -48,13 +48,15 @@ class SweepReport:
     dead_lettered: list[str] = field(default_factory=list)  # their worker died with them alone, once too often
     resent: list[str] = field(default_factory=list)  # queued, but the broker had no message: sent again
     orphans: int = 0  # objects deleted that no job references
+    folded: int = 0  # changes of runs' counts folded into their counters (not worth a log line alone)
 
     def __bool__(self) -> bool:
         return bool(self.expired or self.dead_lettered or self.resent or self.orphans)
 
     def __str__(self) -> str:
         return (f"{len(self.expired)} expired lease(s) requeued, {len(self.dead_lettered)} dead-lettered, "
-                f"{len(self.resent)} lost message(s) sent again, {self.orphans} orphan object(s) deleted")
+                f"{len(self.resent)} lost message(s) sent again, {self.orphans} orphan object(s) deleted, "
+                f"{self.folded} count change(s) folded")
 
 
 class Sweeper:
@@ -136,6 +138,7 @@ class Sweeper:
             self.requeue_expired(report)
         self.resend_lost(report, force=force_scan)
         self.delete_orphans(report, self.settings.orphan_grace if orphan_grace is None else orphan_grace)
+        report.folded = counts.fold(self.db)
         if report:
             log.info("sweep: %s", report)
         return report

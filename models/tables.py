@@ -68,6 +68,44 @@ class Run(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class RunCount(Base):
+    """A run's jobs and the images they ask for, in one state: what the changes in RunCountChange
+    added up to when they were last folded (models/counts.py)."""
+
+    __tablename__ = "run_counts"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    jobs: Mapped[int] = mapped_column(BigInteger)
+    images: Mapped[int] = mapped_column(BigInteger)
+
+
+class RunCountChange(Base):
+    """Jobs and images a statement moved into (positive) or out of (negative) a state of a run,
+    written by the triggers on `jobs` (migration 0014) and folded into RunCount and RunRate. No
+    foreign key: the jobs of a run being deleted write theirs after the run's row may be gone."""
+
+    __tablename__ = "run_count_changes"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(36), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    jobs: Mapped[int] = mapped_column(Integer)
+    images: Mapped[int] = mapped_column(Integer)
+    bucket: Mapped[int] = mapped_column(BigInteger)  # the change's time, in Unix seconds, down to 10
+
+
+class RunRate(Base):
+    """Images of a run's jobs that succeeded within ten seconds from `bucket` (Unix seconds): its
+    recent rate. Kept for an hour."""
+
+    __tablename__ = "run_rates"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    images: Mapped[int] = mapped_column(BigInteger)
+
+
 class ApiKey(Base):
     """A key of the HTTP API: what it may do, and the secret its webhooks are signed with. Only the
     sha256 of its token is stored; the token is shown once, when the key is made."""

@@ -34,6 +34,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, lazyload
 
 from models.broker import queue_depth
+from models.counts import read_counts
 from models.constants import queue_for
 from models.errors import InvalidRequest, RunNotFound
 from models.jobs import aware, job_record
@@ -229,10 +230,8 @@ def visible_runs(session: Session, who: Caller, limit: int) -> list[dict[str, An
     runs = {run.id: {"name": run.name, "priority": run.priority, "created_at": aware(run.created_at),
                      "schedule": run.schedule, "sealed": run.sealed_at is not None,
                      "jobs": dict.fromkeys(STATES, 0)} for run in session.scalars(query)}
-    if runs:
-        for run_id, state, count in session.execute(select(Job.run_id, Job.state, func.count())
-                                                    .where(Job.run_id.in_(list(runs))).group_by(Job.run_id, Job.state)):
-            runs[run_id]["jobs"][state] = count
+    for run_id, counts in read_counts(session, runs, 0).items():
+        runs[run_id]["jobs"].update(counts.jobs)
     return [run_row({**run, "total": sum(run["jobs"].values())}) for run in runs.values()]
 
 

@@ -3,13 +3,15 @@ rate, cancelling or retrying its jobs in bulk, and deleting a run with its image
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 
 from models.cancel import cancel_job
+from models.counts import read_counts
 from models.errors import InvalidRequest, RunBusy, RunNotFound, StorageError
 from models.jobs import CHUNK, IllegalTransition, aware
 from models.tables import Image, Job, JobState, Run, Upload, WebhookAttempt, WebhookDelivery, utcnow
@@ -119,28 +121,16 @@ def run_status(client: Client, name: str, window: float = RATE_WINDOW) -> RunSta
 
 
 def _count(session: Any, found: dict[str, RunStatus], window: float) -> None:
-    """Fill in the runs' jobs and images by state and their recent images, in two queries."""
-    if not found:
-        return
-    ids = list(found)
-    for run_id, state, count, images in session.execute(
-        select(Job.run_id, Job.state, func.count(), func.sum(Job.num_images)).where(Job.run_id.in_(ids))
-        .group_by(Job.run_id, Job.state)
-    ):
-        found[run_id].jobs[state] = count
-        found[run_id].images[state] = int(images or 0)
-    now = utcnow()
-    recent = {run_id: (count, first) for run_id, count, first in session.execute(
-        select(Job.run_id, func.count(), func.min(Image.created_at)).select_from(Image).join(Job, Job.id == Image.job_id)
-        .where(Job.run_id.in_(ids), Image.created_at >= now - timedelta(seconds=window)).group_by(Job.run_id)
-    )}
-    for run_id, status in found.items():
-        status.window = window
+    """Fill in the runs' jobs and images by state and their recent images, from the counters."""
+    for run_id, counts in read_counts(session, found, window).items():
+        status = found[run_id]
+        status.jobs.update(counts.jobs)
+        status.images.update(counts.images)
         status.images_done = status.images["succeeded"]
-        count, first = recent.get(run_id, (0, None))
-        status.recent_images = count or 0
-        if first is not None:  # a run that began making images within the window: its rate since then
-            status.window = min(window, max((now - aware(first)).total_seconds(), 1.0))
+        status.recent_images = counts.recent_images
+        status.window = max(counts.window, 1.0)
+        if counts.first is not None:  # a run that began making images within the window: its rate since then
+            status.window = min(status.window, max(time.time() - counts.first, 1.0))
 
 
 CANCEL_STATES = ("queued", "running", "all")
