@@ -66,6 +66,21 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(params=["postgresql", "sqlite"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """A Database at this sdqueue's schema: the session's PostgreSQL one, then a SQLite file of the test's own."""
+    from models.db import Database, upgrade
+
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'sdqueue.db'}"
+        upgrade(url)
+    database = Database(url)
+    yield database
+    database.dispose()
+
+
 @pytest.fixture
 def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """AWS credentials in the environment, where boto3 (and the CLI in a subprocess) reads them."""

@@ -7,7 +7,6 @@ import random
 import threading
 import uuid
 
-import pytest
 from sqlalchemy import delete, func, insert, select, update
 
 from models import counts, jobs
@@ -15,18 +14,6 @@ from models.db import Database, upgrade
 from models.tables import Job, JobState, Run, RunCount, RunCountChange, RunRate
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.servers import postgres_database
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def database(request, tmp_path):  # type: ignore[no-untyped-def]
-    if request.param == "postgresql":
-        url = request.getfixturevalue("postgres_url")
-    else:
-        url = f"sqlite:///{tmp_path / 'counts.db'}"
-        upgrade(url)
-    database = Database(url)
-    yield database
-    database.dispose()
 
 
 def new_run(database: Database) -> str:

@@ -9,22 +9,10 @@ import pytest
 from sqlalchemy import delete, insert, select, text, update
 
 from models import jobs
-from models.db import Database, upgrade
+from models.db import Database
 from models.tables import Image, Job, JobState, Upload, utcnow
 
 LEASE = 30.0
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def database(request, tmp_path):  # type: ignore[no-untyped-def]
-    if request.param == "postgresql":
-        url = request.getfixturevalue("postgres_url")
-    else:
-        url = f"sqlite:///{tmp_path / 'jobs.db'}"
-        upgrade(url)
-    database = Database(url)
-    yield database
-    database.dispose()
 
 
 def new_job(database: Database) -> str:
@@ -268,13 +256,15 @@ def test_suspects_that_die_together_are_split_in_halves_until_one_is_charged(dat
 
 
 def test_a_claim_its_worker_never_heard_of_is_given_back_once_its_lease_ran_out(database):
+    # A worker of its own: the leases other tests' "w1" left running run out while this file runs
+    worker = f"w1-{uuid.uuid4().hex[:8]}"
     held, forgotten, fresh = new_job(database), new_job(database), new_job(database)
     for job_id in (held, forgotten, fresh):
-        claim(database, job_id, "w1")
+        claim(database, job_id, worker)
     expire(database, held)  # its heartbeat could not renew it (an outage): still held, kept
-    expire(database, forgotten)  # the claim's commit answered nobody: w1 never held it
+    expire(database, forgotten)  # the claim's commit answered nobody: the worker never held it
     with database.session() as session:
-        given_back = jobs.release_forgotten(session, "w1", [held])
+        given_back = jobs.release_forgotten(session, worker, [held])
     assert [job_id for job_id, _ in given_back] == [forgotten]
     assert job(database, forgotten).state == "queued" and job(database, forgotten).failures == 0
     assert job(database, held).state == "running" and job(database, fresh).state == "running"  # fresh: just claimed
