@@ -29,6 +29,7 @@ repeated (--repeats, a fresh database each time) and given as median [min-max].
     .venv/bin/python bench/fleet.py                          # 4 workers, 3 x 3,000 jobs: about 5 minutes
     .venv/bin/python bench/fleet.py --workers 2 --jobs 500 --repeats 1   # a smoke test, under a minute
     .venv/bin/python bench/fleet.py --per-message 1          # bulk jobs one to a message (default 8)
+    .venv/bin/python bench/fleet.py --counters both --repeats 4   # runs' counters' triggers on and off, alternating
 
 Writes the table, with the machine's description, to bench/results/fleet-cpu-DATE.txt (and the raw
 figures beside it as .json). Needs redis-server, PostgreSQL's server binaries and `weed` (the
@@ -59,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import func, select  # noqa: E402
 
+from models.counts import TRIGGERS as COUNT_TRIGGERS  # noqa: E402
 from models.db import Database, upgrade  # noqa: E402
 from models.settings import Settings  # noqa: E402
 from models.tables import Image, Job, Run  # noqa: E402
@@ -145,6 +147,7 @@ class Repeat:
     redis_commands_per_job: float
     top_statements: list[tuple[int, float, float, str]]  # calls, ms executing, ms planning, query: the dearest
     problems: list[str] = field(default_factory=list)
+    counters: bool = True  # the triggers that keep runs' counters were on
 
 
 class Fleet:
@@ -198,7 +201,7 @@ class Fleet:
                 "SDQUEUE_QUEUE": f"fleet-{tag}", "SDQUEUE_WORKER_SLOTS": str(self.args.slots),
                 "SDQUEUE_JOBS_PER_MESSAGE": str(self.args.per_message)}
 
-    def repeat(self, number: int) -> Repeat:
+    def repeat(self, number: int, counters: bool = True) -> Repeat:
         args = self.args
         tag = f"r{number}" if number >= 0 else "warmup"
         import psycopg
@@ -207,6 +210,10 @@ class Fleet:
         with psycopg.connect(self.pg.conninfo(f"fleet_{tag}"), autocommit=True) as conn:
             conn.execute("CREATE EXTENSION pg_stat_statements")  # its view, in this database
         upgrade(database_url)
+        if not counters:  # what they cost: the same run without them (its runs' counts are then wrong)
+            with psycopg.connect(self.pg.conninfo(f"fleet_{tag}"), autocommit=True) as conn:
+                for trigger in COUNT_TRIGGERS:
+                    conn.execute(f"ALTER TABLE jobs DISABLE TRIGGER {trigger}")
         env = self.env(database_url, tag)
         logs = [self.workdir / f"worker-{tag}-{i}.log" for i in range(args.workers)]
         workers, ports = [], [free_port() for _ in logs]
@@ -258,8 +265,10 @@ class Fleet:
         finally:
             stop(workers)
         try:
-            return self.figures(db, run_id, env, logs, (before, enqueued, after), resumed,
-                                (enqueue_cpu, enqueue_statements), top)
+            figures = self.figures(db, run_id, env, logs, (before, enqueued, after), resumed,
+                                   (enqueue_cpu, enqueue_statements), top)
+            figures.counters = counters
+            return figures
         finally:
             db.dispose()
 
@@ -340,8 +349,10 @@ class Fleet:
                 print("warm-up run done", flush=True)
             repeats = []
             for number in range(self.args.repeats):
-                repeats.append(self.repeat(number))
-                print(f"repeat {number + 1}: {repeats[-1].end_to_end:.0f} jobs/s end to end; "
+                counters = self.args.counters == "on" or (self.args.counters == "both" and number % 2 == 0)
+                repeats.append(self.repeat(number, counters))
+                print(f"repeat {number + 1} (counters {'on' if counters else 'off'}): "
+                      f"{repeats[-1].end_to_end:.0f} jobs/s end to end; "
                       f"{'; '.join(repeats[-1].problems) or 'audit clean'}", flush=True)
             return repeats
 
@@ -453,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-message", type=int, default=Settings.model_fields["jobs_per_message"].default,
                         help="SDQUEUE_JOBS_PER_MESSAGE: bulk jobs to a broker message")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--counters", choices=("on", "off", "both"), default="on",
+                        help="the triggers that keep runs' counters (models/counts.py): off measures what they "
+                             "cost; both alternates, on first, and gives a table for each")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="count the first run too (by default a run of up to 1,000 jobs warms the servers up first)")
     parser.add_argument("--deadline", type=float, default=1800.0, help="seconds a run may take")
@@ -462,7 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     print(head, flush=True)
     with tempfile.TemporaryDirectory(prefix="sdqueue-fleet-") as workdir:
         repeats = Fleet(args, Path(workdir)).run()
-    lines = [head, *table(args, repeats)]
+    if args.counters == "both":
+        lines = [head]
+        for on in (True, False):
+            lines += ["", f"## runs' counters {'on' if on else 'off'}", *table(args, [r for r in repeats if r.counters == on])]
+    else:
+        lines = [head, *table(args, repeats)]
     print("\n".join(lines[1:]))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -27,6 +27,8 @@ from models.tables import JobState, Run, RunCount, RunCountChange, RunRate
 
 STATES = tuple(state.value for state in JobState)
 
+# The triggers on `jobs` that write the changes (migration 0014).
+TRIGGERS = ("jobs_run_counts_insert", "jobs_run_counts_update", "jobs_run_counts_delete")
 # Seconds a change's time is rounded down to, as the triggers do.
 BUCKET = 10
 # run_rates keeps this much of the past: the longest window a rate is read over.
