@@ -488,7 +488,7 @@ class PartitionSuite(Suite):
     def claim_in_flight(self, host: Host, candidates: list[str]) -> subprocess.Popen:
         """`hold_claim` running on `host`, once it holds the lock of one of `candidates` (queued jobs)."""
         log = self.workdir / "logs" / f"claim-in-flight-{host.name}.log"
-        code = f"from tests.multihost import hold_claim; hold_claim({candidates[:20]!r})"
+        code = f"from tests.multihost import hold_claim; hold_claim({candidates[:500]!r})"  # the workers take the first ones while it starts
         with open(log, "ab") as out:
             holder = subprocess.Popen(self.network.command(host, [sys.executable, "-c", code]), cwd=ROOT,
                                       env=self.workers.host_env(host), stdout=out, stderr=subprocess.STDOUT,

@@ -32,7 +32,10 @@ from worker.compiled import (
 from worker.loop import ContinuousLoop, drain
 
 # torch.compile's first use imports torch.utils.mkldnn, which uses torch.jit.script_method (torch 2.13)
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+# (the warning); and a graph takes 20-60 s to compile on an idle 2-core machine, 5 to 10 times that
+# beside a load of 14: more than the suite's 300 s a test (the timeout)
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+              pytest.mark.timeout(900)]
 
 SIZE = 128  # latents of 16x16
 TOKENS = 77

@@ -507,7 +507,8 @@ def test_a_receiver_down_longer_than_the_retry_window_fails_the_delivery(client,
     log = (tmp_path / "webhooks.log").read_text()
     assert delivery.state == "failed" and delivery.finished_at is not None, log
     made = tries(client.db, delivery.id)
-    assert 2 <= len(made) <= 4 and delivery.attempts == len(made), log  # 0 s, 1 s, 3 s after the end
+    # 0 s, 1 s, 3 s after the end; under load the deliverer's first try can come after the window
+    assert 1 <= len(made) <= 4 and delivery.attempts == len(made), log
     assert all(t.status_code is None and t.error.startswith("ConnectError") for t in made)
     assert (made[-1].at - delivery.created_at).total_seconds() >= 3 - 0.5
     assert client.get(job_id)["webhook"]["state"] == "failed"
