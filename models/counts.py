@@ -23,9 +23,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from models.db import Database, dialect_insert
-from models.tables import JobState, Run, RunCount, RunCountChange, RunRate
-
-STATES = tuple(state.value for state in JobState)
+from models.tables import STATES, JobState, Run, RunCount, RunCountChange, RunRate
 
 # The triggers on `jobs` that write the changes (migration 0014).
 TRIGGERS = ("jobs_run_counts_insert", "jobs_run_counts_update", "jobs_run_counts_delete")
@@ -42,8 +40,9 @@ class Counts:
     jobs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     images: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))  # images asked, by job state
     recent_images: int = 0  # images of jobs that succeeded within the window
-    window: float = 0.0  # the seconds those were counted over: the whole buckets of the window
-    first: float | None = None  # the start of the first ten seconds in the window that had any (Unix seconds)
+    # The seconds those were counted over: the window's whole buckets, or, for a run that began
+    # making images within it, from the first bucket that had any (its rate since then).
+    window: float = 0.0
 
 
 def read_counts(session: Session, run_ids: Iterable[str], window: float, now: float | None = None) -> dict[str, Counts]:
@@ -68,13 +67,13 @@ def read_counts(session: Session, run_ids: Iterable[str], window: float, now: fl
     pending_rates = (select(RunCountChange.run_id, RunCountChange.bucket, RunCountChange.images)
                      .where(RunCountChange.run_id.in_(ids), RunCountChange.state == JobState.SUCCEEDED.value,
                             RunCountChange.images > 0, RunCountChange.bucket >= since))
+    first = dict.fromkeys(ids, now)
     for query in (rates, pending_rates):
         for run_id, bucket, images in session.execute(query):
-            counts = found[run_id]
-            counts.recent_images += int(images)
-            counts.first = bucket if counts.first is None else min(counts.first, bucket)
-    for counts in found.values():
-        counts.window = now - since
+            found[run_id].recent_images += int(images)
+            first[run_id] = min(first[run_id], bucket)
+    for run_id, counts in found.items():
+        counts.window = now - (since if counts.recent_images == 0 else first[run_id])
     return found
 
 

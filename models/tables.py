@@ -30,6 +30,10 @@ class JobState(str, enum.Enum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
+# Every state's name, in the order above: what counts by state list.
+STATES = tuple(state.value for state in JobState)
+
+
 class Priority(str, enum.Enum):
     """Interactive jobs go first; bulk jobs (runs) still get a share of the batches."""
 

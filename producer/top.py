@@ -23,12 +23,11 @@ from models.broker import queue_depth, redis_client, uses_redis
 from models.constants import worker_queues
 from models.jobs import aware
 from models.settings import Settings
-from models.tables import Job, JobState
+from models.tables import STATES, Job, JobState
 from models.text import inert
 from models.workers import list_workers
 from producer.client import Client
 
-STATES = [state.value for state in JobState]
 # Runs shown at most (the newest first), and how many of the newest runs are looked at.
 MAX_RUNS, RECENT_RUNS = 8, 100
 # A running job's progress bar, in characters.

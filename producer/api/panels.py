@@ -40,7 +40,7 @@ from models.errors import InvalidRequest, RunNotFound
 from models.jobs import aware, job_record
 from models.registry import REGISTRY, built_models_dir
 from models.request import parse_request
-from models.tables import Batch, Image, Job, JobState, Priority, Run
+from models.tables import STATES, Batch, Image, Job, JobState, Priority, Run
 from models.text import refused_character
 from producer.api.admit import enqueue
 from producer.api.app import Backend
@@ -50,7 +50,6 @@ from producer.api.jobs import decode_cursor, encode_cursor, image_key, visible_j
 from producer.api.limits import check_rate
 from producer.runs.status import run_status
 
-STATES = [state.value for state in JobState]
 ENDED = [state.value for state in JobState if state.terminal]
 JOBS_PAGE = 20
 RUNS_SHOWN = 50

@@ -3,7 +3,6 @@ rate, cancelling or retrying its jobs in bulk, and deleting a run with its image
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -14,11 +13,10 @@ from models.cancel import cancel_job
 from models.counts import read_counts
 from models.errors import InvalidRequest, RunBusy, RunNotFound, StorageError
 from models.jobs import CHUNK, IllegalTransition, aware
-from models.tables import Image, Job, JobState, Run, Upload, WebhookAttempt, WebhookDelivery, utcnow
+from models.tables import STATES, Image, Job, JobState, Run, Upload, WebhookAttempt, WebhookDelivery, utcnow
 from producer.client import Client
 from producer.bulk import send_batches
 
-STATES = [state.value for state in JobState]
 # images/s is measured over this much of the recent past.
 RATE_WINDOW = 300.0
 
@@ -129,8 +127,6 @@ def _count(session: Any, found: dict[str, RunStatus], window: float) -> None:
         status.images_done = status.images["succeeded"]
         status.recent_images = counts.recent_images
         status.window = max(counts.window, 1.0)
-        if counts.first is not None:  # a run that began making images within the window: its rate since then
-            status.window = min(status.window, max(time.time() - counts.first, 1.0))
 
 
 CANCEL_STATES = ("queued", "running", "all")
