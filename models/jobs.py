@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable
@@ -205,24 +205,40 @@ def claim_queued(db: Database, job_ids: list[str], owner: str, model: str, *, le
     return {row.id: row for row in rows}
 
 
-_RECORD_UPLOADS = text("""
+# The leases of several jobs, as three arrays a statement unnests side by side.
+_LEASES = "unnest(CAST(:l_job_id AS varchar[]), CAST(:l_owner AS varchar[]), CAST(:l_token AS integer[]))"
+
+_RECORD_UPLOADS = text(f"""
 INSERT INTO uploads (object_key, job_id, lease_token, created_at)
-SELECT key, jobs.id, jobs.lease_token, :now FROM jobs, unnest(CAST(:keys AS varchar[])) AS key
-WHERE jobs.id = :job_id AND coalesce(jobs.state, '') = 'running' AND jobs.lease_owner = :owner
-  AND jobs.lease_token = :token
+SELECT u.key, jobs.id, jobs.lease_token, :now
+FROM unnest(CAST(:u_job_id AS varchar[]), CAST(:u_key AS varchar[])) AS u(job_id, key)
+  JOIN {_LEASES} AS l(job_id, owner, token) ON l.job_id = u.job_id
+  JOIN jobs ON jobs.id = u.job_id
+WHERE jobs.id = ANY(CAST(:l_job_id AS varchar[])) AND coalesce(jobs.state, '') = 'running'
+  AND jobs.lease_owner = l.owner AND jobs.lease_token = l.token
 ON CONFLICT DO NOTHING
+RETURNING job_id
 """)
 
 
-def record_uploads_now(db: Database, lease: Lease, keys: list[str]) -> bool:
-    """`record_uploads` in one statement; False when it wrote nothing (the lease is lost, or the
-    rows are there already): `record_uploads` then says which."""
-    if not db.postgres or not keys:
-        return False
+def _leases(leases: list[Lease]) -> dict[str, list[Any]]:
+    return {"l_job_id": [lease.job_id for lease in leases], "l_owner": [lease.owner for lease in leases],
+            "l_token": [lease.token for lease in leases]}
+
+
+def record_uploads_now(db: Database, uploads: list[tuple[Lease, list[str]]]) -> set[str]:
+    """`record_uploads` of several jobs in one statement, each job's (lease, keys): the ids of
+    the jobs whose rows it wrote, all of them. A job left out (its lease is lost, or its rows are
+    there already) goes through `record_uploads`, which says which."""
+    uploads = [(lease, keys) for lease, keys in uploads if keys]
+    if not db.postgres or not uploads:
+        return set()
+    params: dict[str, Any] = {"now": utcnow(), **_leases([lease for lease, _ in uploads]),
+                              "u_job_id": [lease.job_id for lease, keys in uploads for _ in keys],
+                              "u_key": [key for _, keys in uploads for key in keys]}
     with db.statement() as conn:
-        written = conn.execute(_RECORD_UPLOADS, {"now": utcnow(), "keys": keys, "job_id": lease.job_id,
-                                                 "owner": lease.owner, "token": lease.token}).rowcount
-    return written == len(keys)
+        written = Counter(conn.execute(_RECORD_UPLOADS, params).scalars())
+    return {lease.job_id for lease, keys in uploads if written[lease.job_id] == len(keys)}
 
 
 IMAGE_COLUMNS = ("index", "seed", "object_key", "sha256", "pixel_sha256", "size_bytes", "width", "height",
@@ -233,43 +249,49 @@ _IMAGE_TYPES = {"index": "integer", "seed": "bigint", "size_bytes": "integer", "
 BATCH_COLUMNS = ("id", "worker", "model", "model_revision", "scheduler", "device", "dtype", "size", "versions",
                  "compat_key", "jobs", "seconds", "peak_memory_bytes", "started_at", "finished_at")
 
-# The job succeeds, its batch's row is written unless there, its images' rows are written, and its
-# uploads' rows go: all only if the lease holds and the job has no webhook (whose delivery row
-# `transition` writes).
+# The jobs succeed, their batch's row is written unless there, their images' rows are written,
+# and their uploads' rows go: each job only if its lease holds and it has no webhook (whose
+# delivery row `transition` writes).
 _SUCCEED = text(f"""
 WITH done AS (
   UPDATE jobs SET state = 'succeeded', finished_at = :now, updated_at = :now, error = NULL, suspect = false,
     suspect_group = NULL, lease_owner = NULL, lease_expires_at = NULL, running_alone = false
-  WHERE id = :job_id AND coalesce(state, '') = 'running' AND lease_owner = :owner AND lease_token = :token
-    AND webhook_url IS NULL
-  RETURNING id
+  FROM {_LEASES} AS l(job_id, owner, token)
+  WHERE jobs.id = ANY(CAST(:l_job_id AS varchar[])) AND jobs.id = l.job_id AND coalesce(jobs.state, '') = 'running'
+    AND jobs.lease_owner = l.owner AND jobs.lease_token = l.token AND jobs.webhook_url IS NULL
+  RETURNING jobs.id
 ), batch AS (
   INSERT INTO batches ({", ".join(BATCH_COLUMNS)})
-  SELECT {", ".join(f"CAST(:b_{c} AS json)" if c == "versions" else f":b_{c}" for c in BATCH_COLUMNS)} FROM done
+  SELECT {", ".join(f"CAST(:b_{c} AS json)" if c == "versions" else f":b_{c}" for c in BATCH_COLUMNS)}
+  WHERE EXISTS (SELECT 1 FROM done)
   ON CONFLICT (id) DO NOTHING
 ), image AS (
   INSERT INTO images (job_id, {", ".join(IMAGE_COLUMNS)}, created_at)
-  SELECT done.id, {", ".join(f"i.{c}" for c in IMAGE_COLUMNS)}, :now FROM done,
-    unnest({", ".join(f"CAST(:i_{c} AS {_IMAGE_TYPES.get(c, 'varchar')}[])" for c in IMAGE_COLUMNS)})
-    AS i({", ".join(IMAGE_COLUMNS)})
+  SELECT i.job_id, {", ".join(f"i.{c}" for c in IMAGE_COLUMNS)}, :now
+  FROM unnest(CAST(:i_job_id AS varchar[]), {", ".join(f"CAST(:i_{c} AS {_IMAGE_TYPES.get(c, 'varchar')}[])" for c in IMAGE_COLUMNS)})
+    AS i(job_id, {", ".join(IMAGE_COLUMNS)})
+  WHERE i.job_id IN (SELECT id FROM done)
 ), gone AS (
-  DELETE FROM uploads WHERE job_id IN (SELECT id FROM done) AND object_key = ANY(CAST(:i_object_key AS varchar[]))
+  DELETE FROM uploads USING unnest(CAST(:i_job_id AS varchar[]), CAST(:i_object_key AS varchar[])) AS g(job_id, object_key)
+  WHERE uploads.object_key = g.object_key AND uploads.job_id = g.job_id AND g.job_id IN (SELECT id FROM done)
 )
-SELECT count(*) FROM done
+SELECT id FROM done
 """)
 
 
-def succeed_now(db: Database, lease: Lease, images: list[dict[str, Any]], batch: dict[str, Any]) -> bool:
-    """`succeed` in one statement; `images` the values of their rows (IMAGE_COLUMNS), `batch` of
-    its row (BATCH_COLUMNS). False when it wrote nothing: `succeed` then records the job, or says
-    why it cannot."""
-    if not db.postgres:
-        return False
-    params: dict[str, Any] = {"now": utcnow(), "job_id": lease.job_id, "owner": lease.owner, "token": lease.token}
+def succeed_now(db: Database, succeeded: list[tuple[Lease, list[dict[str, Any]]]], batch: dict[str, Any]) -> set[str]:
+    """`succeed` of several jobs made in one batch, in one statement: each job's (lease, the
+    values of its images' rows: IMAGE_COLUMNS), `batch` the values of the batch's row
+    (BATCH_COLUMNS). The ids of the jobs it recorded; one left out goes through `succeed`, which
+    records it or says why it cannot."""
+    if not db.postgres or not succeeded:
+        return set()
+    params: dict[str, Any] = {"now": utcnow(), **_leases([lease for lease, _ in succeeded]),
+                              "i_job_id": [lease.job_id for lease, images in succeeded for _ in images]}
     params.update({f"b_{c}": json.dumps(batch[c]) if c == "versions" else batch[c] for c in BATCH_COLUMNS})
-    params.update({f"i_{c}": [image[c] for image in images] for c in IMAGE_COLUMNS})
+    params.update({f"i_{c}": [image[c] for _, images in succeeded for image in images] for c in IMAGE_COLUMNS})
     with db.statement() as conn:
-        return bool(conn.execute(_SUCCEED, params).scalar())
+        return set(conn.execute(_SUCCEED, params).scalars())
 
 
 def lease_of(job: Job) -> Lease:

@@ -10,7 +10,7 @@ from sqlalchemy import delete, insert, select, text, update
 
 from models import jobs
 from models.db import Database
-from models.tables import Image, Job, JobState, Upload, utcnow
+from models.tables import Batch, Image, Job, JobState, Upload, utcnow
 
 LEASE = 30.0
 
@@ -313,16 +313,16 @@ def test_one_statement_claim_uploads_and_success_record_what_the_general_path_do
     assert claim(database, job_id, "w1") == (None, "this worker holds it already")
 
     key = f"images/{job_id}/1/0.png"
-    assert jobs.record_uploads_now(database, lease, [key])
-    assert not jobs.record_uploads_now(database, lease, [key])  # written already: `record_uploads` decides
+    assert jobs.record_uploads_now(database, [(lease, [key])]) == {job_id}
+    assert jobs.record_uploads_now(database, [(lease, [key])]) == set()  # written already: `record_uploads` decides
     batch = batch_values()
-    assert jobs.succeed_now(database, lease, [image_values(key, batch["id"])], batch)
+    assert jobs.succeed_now(database, [(lease, [image_values(key, batch["id"])])], batch) == {job_id}
     row = job(database, job_id)
     assert row.state == "succeeded" and row.finished_at and row.lease_owner is None and row.error is None
     assert [(i.object_key, i.batch_id, i.steps_run, i.shared_mean) for i in row.images] == [(key, batch["id"], 3, 1.5)]
     with database.session() as session:
         assert session.scalars(select(Upload).where(Upload.job_id == job_id)).all() == []
-    assert not jobs.succeed_now(database, lease, [image_values(key, batch["id"])], batch)  # ended: nothing again
+    assert not jobs.succeed_now(database, [(lease, [image_values(key, batch["id"])])], batch)  # ended: nothing again
 
 
 def test_one_statement_claims_the_plainly_queued_jobs_of_a_message_and_leaves_the_rest_to_claim(database):
@@ -350,20 +350,51 @@ def test_one_statement_paths_refuse_a_lost_lease_and_leave_webhook_jobs_to_the_g
     expire(database, job_id)
     current, _ = claim(database, job_id, "w2")  # taken over: w1's lease is stale
     key = f"images/{job_id}/{stale.token}/0.png"
-    assert not jobs.record_uploads_now(database, stale, [key])
+    assert not jobs.record_uploads_now(database, [(stale, [key])])
     with pytest.raises(jobs.LeaseLost), database.session() as session:
         jobs.record_uploads(session, stale, [key])
     batch = batch_values()
-    assert not jobs.succeed_now(database, stale, [image_values(key, batch["id"])], batch)
+    assert not jobs.succeed_now(database, [(stale, [image_values(key, batch["id"])])], batch)
     assert job(database, job_id).state == "running" and job(database, job_id).lease_owner == "w2"
 
     with database.session() as session:  # a job with a webhook: its end writes a delivery row
         session.execute(update(Job).where(Job.id == job_id).values(webhook_url="http://127.0.0.1:9/hook"))
-    assert not jobs.succeed_now(database, current, [], batch)
+    assert not jobs.succeed_now(database, [(current, [])], batch)
     with database.session() as session:
         jobs.succeed(session, current, [], batch)
     row = job(database, job_id)
     assert row.state == "succeeded" and row.webhook is not None and row.webhook.state == "pending"
+
+
+def test_one_statement_records_the_jobs_of_a_batch_together_and_leaves_out_each_that_is_not_its_own(database):
+    """A batch's jobs: two whose leases hold, one taken over by another worker, one with a webhook.
+    The statements record the two (and the webhook job's uploads); the others are left to the
+    general path, and nothing of theirs is written."""
+    if database.engine.dialect.name == "sqlite":
+        pytest.skip("PostgreSQL only: on SQLite the general path runs")
+    ids = [new_job(database) for _ in range(4)]
+    first, second, stale_id, hooked = ids
+    claimed = jobs.claim_queued(database, ids, "w1", "tiny", lease_seconds=LEASE, max_attempts=3)
+    leases = {job_id: jobs.lease_of(claimed[job_id]) for job_id in ids}
+    expire(database, stale_id)
+    claim(database, stale_id, "w2")
+    with database.session() as session:
+        session.execute(update(Job).where(Job.id == hooked).values(webhook_url="http://127.0.0.1:9/hook"))
+    keys = {job_id: [f"images/{job_id}/1/{i}.png" for i in range(2)] for job_id in ids}
+    assert jobs.record_uploads_now(database, [(leases[j], keys[j]) for j in ids]) == {first, second, hooked}
+    batch = batch_values()
+    images = {j: [{**image_values(key, batch["id"]), "index": i} for i, key in enumerate(keys[j])] for j in ids}
+    assert jobs.succeed_now(database, [(leases[j], images[j]) for j in ids], batch) == {first, second}
+    for job_id in (first, second):
+        row = job(database, job_id)
+        assert row.state == "succeeded" and [i.object_key for i in row.images] == keys[job_id]
+    assert job(database, stale_id).lease_owner == "w2" and job(database, stale_id).images == []
+    assert job(database, hooked).state == "running" and job(database, hooked).images == []
+    with database.session() as session:
+        left = set(session.scalars(select(Upload.object_key).where(Upload.job_id.in_(ids))))
+    assert left == set(keys[hooked])  # the recorded jobs' uploads rows are gone; the webhook job's wait for it
+    with database.session() as session:
+        assert session.get(Batch, batch["id"]) is not None
 
 
 def test_one_statement_paths_find_the_job_by_its_id_whatever_the_statistics_say(postgres_url):
@@ -380,8 +411,9 @@ def test_one_statement_paths_find_the_job_by_its_id_whatever_the_statistics_say(
             conn.exec_driver_sql("ANALYZE jobs")
             for statement in (jobs._CLAIM.element, jobs._RECORD_UPLOADS, jobs._SUCCEED):
                 params = {name: None for name in statement.compile().params}
-                params.update(job_id=ids[0], job_ids=ids[:8], owner="w1", token=1, now=utcnow(), keys=["k"], i_object_key=["k"],
-                              max_attempts=3)
+                params.update(job_id=ids[0], job_ids=ids[:8], owner="w1", now=utcnow(), max_attempts=3,
+                              l_job_id=ids[:8], l_owner=["w1"] * 8, l_token=[1] * 8, u_job_id=ids[:8], u_key=["k"] * 8,
+                              i_job_id=ids[:8], i_object_key=["k"] * 8)
                 plan = "\n".join(row[0] for row in conn.execute(text("EXPLAIN " + statement.text), params))
                 assert "jobs_pkey" in plan and "ix_jobs_state" not in plan, plan
     finally:

@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -87,6 +88,15 @@ class Draining(Exception):
 # none: whoever took the job (a cancel, another worker, the sweeper) says what it is now.
 STATE_AFTER = {"succeeded": "succeeded", "failed": "failed", "dead-lettered": "failed", "retry": "queued",
                "released": "queued"}
+
+
+@dataclass
+class Made:
+    """One job's images, encoded: (object key, PNG) each, and the values of their rows."""
+
+    work: Work
+    objects: list[tuple[str, bytes]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Engine:
@@ -620,19 +630,53 @@ class Engine:
 
     def _finish(self, batch: list[Work], record: Batch, results: list[Any],
                 stats: list[tuple[int, int, float]] | None = None) -> None:
-        """Store each job's images; the run's record (`record`) is written with the first of them
+        """Store the jobs' images; the run's record (`record`) is written with the first of them
         to be recorded. `stats`, per image, what it shared in a continuous loop (None: a window
-        batch, whose images record their batch position)."""
+        batch, whose images record their batch position).
+
+        The jobs go through each stage together: encoded, their uploads recorded in one statement,
+        uploaded, and recorded as succeeded in one statement. A job the one statement leaves out
+        (its lease is lost, it has a webhook, it is not PostgreSQL) takes the general path alone."""
         record.finished_at = utcnow()
         try:
+            made: list[Made] = []
             position = 0
             for work in batch:
                 mine = results[position : position + len(work.samples)]
                 shared = stats[position : position + len(work.samples)] if stats is not None else None
-                self._guard(work, lambda: self._store(work, record, position, mine, shared))
+                self._guard(work, lambda: made.append(self._encode(work, record, position, mine, shared)))
                 position += len(work.samples)
+            made = [m for m in made if m is not None]
+            recorded = self._together(made, "recording their uploads", lambda: jobs.record_uploads_now(
+                self.db, [(m.work.lease, [key for key, _ in m.objects]) for m in made]))
+            uploaded: list[Made] = []
+            for m in made if recorded is not None else []:
+                self._guard(m.work, lambda: self._upload(m, record, m.work.job_id in recorded) and uploaded.append(m))
+            values = {column: getattr(record, column) for column in jobs.BATCH_COLUMNS}
+            succeeded = self._together(uploaded, "recording them", lambda: jobs.succeed_now(
+                self.db, [(m.work.lease, m.rows) for m in uploaded], values))
+            for m in uploaded if succeeded is not None else []:
+                self._guard(m.work, lambda: self._record(m.work, m.rows, record, m.work.job_id in succeeded))
         finally:
             self._in_flight.release()
+
+    def _together(self, made: list[Made], what: str, action: Callable[[], set[str]]) -> set[str] | None:
+        """One statement for several jobs: the ids it did (the others take the general path one by
+        one); None when the database stayed away past the outage timeout (each job is then
+        settled as released: its lease lapses and the sweeper gives it to another worker)."""
+        if not made:
+            return set()
+        try:
+            return self._outage(action, f"{len(made)} job(s): {what}")
+        except OutageTooLong as exc:
+            for m in made:
+                log.error("job %s: %s; its lease will lapse and the sweeper gives it to another worker",
+                          m.work.job_id, exc, extra=m.work.about())
+                self.settle(m.work, "released")
+            return None
+        except Exception:  # whose is unknown: each job alone on the general path, which charges it if its own
+            log.exception("%d job(s): %s in one statement failed; one by one instead", len(made), what)
+            return set()
 
     def _guard(self, work: Work, action: Callable[[], None]) -> None:
         """Run one job's step on the pool; whatever goes wrong settles the job, never the pool."""
@@ -649,20 +693,20 @@ class Engine:
             log.exception("job %s: recording it failed", work.job_id, extra=work.about())
             self._charge(work, exc)
 
-    def _store(self, work: Work, batch: Batch, first: int, results: list[Any],
-               shared: list[tuple[int, int, float]] | None = None) -> None:
-        """Encode, upload (or spool), then record one job's images."""
+    def _encode(self, work: Work, batch: Batch, first: int, results: list[Any],
+                shared: list[tuple[int, int, float]] | None = None) -> Made | None:
+        """One job's PNGs and the values of their rows; None when the job is settled instead
+        (no longer ours, or its images are errors)."""
         if work.future.done():  # settled already (no longer ours)
-            return
+            return None
         if work.lease in self._lost or any(r is None for r in results):
             self.settle(work, "lost")
-            return
+            return None
         errors = [r for r in results if isinstance(r, JobError)]
         if errors:
             self._fail(work, errors[0])
-            return
-        lease = work.lease
-        objects, rows = [], []
+            return None
+        made = Made(work)
         for offset, (sample, pixels) in enumerate(zip(work.samples, results)):
             picture = PILImage.fromarray(pixels)
             if shared is None:  # a window batch: its size and the image's place in it
@@ -674,21 +718,28 @@ class Engine:
             cpu = time.thread_time()
             png = encode_png(picture, self.image_record(work, sample, batch, batching, pixel_hash))
             metrics.PNG_SECONDS.inc(time.thread_time() - cpu)
-            key = object_key_for(work.job_id, sample.index, lease.token)
-            objects.append((key, png))
-            rows.append({
+            key = object_key_for(work.job_id, sample.index, work.lease.token)
+            made.objects.append((key, png))
+            made.rows.append({
                 "index": sample.index, "seed": sample.seed, "object_key": key, "sha256": sha256_of(png),
                 "pixel_sha256": pixel_hash, "size_bytes": len(png), "width": picture.width,
                 "height": picture.height, "batch_id": batch.id, "batch_size": None, "batch_position": None,
                 "steps_run": None, "shared_max": None, "shared_mean": None, **batching,
             })
+        return made
+
+    def _upload(self, made: Made, batch: Batch, recorded: bool) -> bool:
+        """Upload one job's images (or spool them); True when they are all in the store and the
+        job is to be recorded now. `recorded`: its uploads' rows are written already."""
+        work, objects, lease = made.work, made.objects, made.work.lease
         # Say what will be uploaded before uploading it: an object never lies unseen in the store.
-        self._outage(lambda: self._record_uploads(lease, [key for key, _ in objects]),
-                     f"job {work.job_id}: recording its uploads")
+        if not recorded:
+            self._outage(lambda: self._in_session(jobs.record_uploads, lease, [key for key, _ in objects]),
+                         f"job {work.job_id}: recording its uploads")
         for done, (key, png) in enumerate(objects):
             if work.lease in self._lost:
                 self.settle(work, "lost")
-                return
+                return False
             try:
                 self.storage.put(key, png, content_type="image/png")
             except StorageError as exc:
@@ -697,19 +748,15 @@ class Engine:
                             extra=work.about(batch.id))
                 try:
                     self.spool.add(lease, objects[done:],
-                                   lambda stored: self._on_pool(self._unspooled, work, rows, batch, stored))
+                                   lambda stored: self._on_pool(self._unspooled, work, made.rows, batch, stored))
                 except DiskFull as full:
                     # The host's disk, not the job: back to the queue uncharged; the spool starts
                     # no batch until space returns (what it wrote of this job is deleted).
                     log.error("job %s: %s; given back uncharged", work.job_id, full,
                               extra=work.about(batch.id))
                     self._give_back([work], timeout=10)
-                return
-        self._record(work, rows, batch)
-
-    def _record_uploads(self, lease: jobs.Lease, keys: list[str]) -> None:
-        if not jobs.record_uploads_now(self.db, lease, keys):
-            self._in_session(jobs.record_uploads, lease, keys)
+                return False
+        return True
 
     def _unspooled(self, work: Work, rows: list[dict[str, Any]], batch: Batch, stored: bool) -> None:
         if stored:
@@ -719,16 +766,19 @@ class Engine:
         else:  # the store stayed away longer than we wait: another attempt makes the images again
             self._give_back([work], timeout=10)
 
-    def _record(self, work: Work, rows: list[dict[str, Any]], batch: Batch) -> None:
-        """The job succeeded with these images (the values of their rows), made in `batch`."""
+    def _record(self, work: Work, rows: list[dict[str, Any]], batch: Batch, recorded: bool | None = None) -> None:
+        """The job succeeded with these images (the values of their rows), made in `batch`.
+        `recorded`: whether the one statement of its batch mates recorded it (None: not tried)."""
         values = {column: getattr(batch, column) for column in jobs.BATCH_COLUMNS}
 
         def record() -> None:
-            if not jobs.succeed_now(self.db, work.lease, rows, values):
-                images = [Image(job_id=work.job_id, **row) for row in rows]
-                self._in_session(jobs.succeed, work.lease, images, values)
+            if recorded is None and jobs.succeed_now(self.db, [(work.lease, rows)], values):
+                return
+            images = [Image(job_id=work.job_id, **row) for row in rows]
+            self._in_session(jobs.succeed, work.lease, images, values)
 
-        self._outage(record, f"job {work.job_id}: recording it")
+        if not recorded:
+            self._outage(record, f"job {work.job_id}: recording it")
         metrics.IMAGES.inc(len(rows))
         with self._lock:
             self.images_done += len(rows)
