@@ -108,7 +108,7 @@ class S3Storage:
         self.region = region
         self._client: Any = None
         self._session: Any = None
-        self._uploader: Any = None
+        self._minio: Any = None
         self._opening = threading.Lock()
 
     @property
@@ -139,14 +139,16 @@ class S3Storage:
             return self._client
 
     @property
-    def uploader(self) -> Any:
-        """MinIO's client for PUTs, made on first use: the endpoint boto3 resolved (SDQUEUE_S3_ENDPOINT_URL,
-        or AWS's for the region), and the credentials of boto3's chain, refreshed as boto3 refreshes them."""
+    def minio(self) -> Any:
+        """MinIO's client for PUTs and GETs, made on first use: the endpoint boto3 resolved
+        (SDQUEUE_S3_ENDPOINT_URL, or AWS's for the region), and the credentials of boto3's chain,
+        refreshed as boto3 refreshes them. Per object it costs a fraction of boto3's CPU (a 60 KB
+        PUT: 0.49 ms against 1.13, bench/put.py; an export's GETs: see the README)."""
         client = self.client
         with self._opening:
-            if self._uploader is None:
-                self._uploader = _minio_client(client.meta.endpoint_url, self.region, self._session.get_credentials())
-            return self._uploader
+            if self._minio is None:
+                self._minio = _minio_client(client.meta.endpoint_url, self.region, self._session.get_credentials())
+            return self._minio
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -173,15 +175,24 @@ class S3Storage:
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         try:
-            self.uploader.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data), content_type=content_type)
+            self.minio.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data), content_type=content_type)
         except Exception as exc:
             raise self._error(f"upload of {key!r} to", exc) from exc
 
     def get(self, key: str) -> bytes:
+        from minio.error import S3Error
+
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except self.client.exceptions.NoSuchKey:
-            raise StorageError(f"object {key!r} not found in {self.url}") from None
+            response = self.minio.get_object(self.bucket, self._key(key))
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+        except S3Error as exc:
+            if exc.code == "NoSuchKey":
+                raise StorageError(f"object {key!r} not found in {self.url}") from None
+            raise self._error(f"download of {key!r} from", exc) from exc
         except Exception as exc:
             raise self._error(f"download of {key!r} from", exc) from exc
 
