@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from fleet import BUCKET, machine, standin_env  # noqa: E402
-from million import write_manifest  # noqa: E402
+from fleet import BUCKET, standin_env  # noqa: E402
+from million import Results, write_manifest  # noqa: E402
 
 from tests.servers import PostgresServer, RedisServer, SeaweedServer, s3_client  # noqa: E402
 
@@ -167,14 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     forms = args.format or ["parquet", "webdataset"]
-    head = f"# python bench/export.py {' '.join(argv if argv is not None else sys.argv[1:])}: {machine()}, " \
-           f"{time.strftime('%Y-%m-%d %H:%M')}"
-    print(head, flush=True)
-    lines: list[str] = []
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
+    results = Results("export.py", argv)
+    say = results.say
 
     with tempfile.TemporaryDirectory(prefix="sdqueue-export-") as tmp:
         workdir = Path(tmp)
@@ -206,10 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 for line in export(env, dest, form, made, workdir / f"watch-{form}.txt"):
                     say(line)
                 subprocess.run(["rm", "-rf", str(dest)], check=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"export-cpu-{time.strftime('%Y%m%d-%H%M%S')}.txt"
-    path.write_text(head + "\n" + "\n".join(lines) + "\n")
-    print(f"written to {path}")
+    print(f"written to {results.write(args.out, 'export')}")
     return 0
 
 

@@ -55,6 +55,27 @@ from fleet import BUCKET, machine, spread, standin_env, stop, wait  # noqa: E402
 from tests.servers import PostgresServer, RedisServer, SeaweedServer, free_port, s3_client  # noqa: E402
 
 
+class Results:
+    """A benchmark's lines, printed as they come and written to bench/results at the end, under a
+    head naming the command, the machine and the time."""
+
+    def __init__(self, script: str, argv: list[str] | None):
+        self.head = (f"# python bench/{script} {' '.join(argv if argv is not None else sys.argv[1:])}: {machine()}, "
+                     f"{time.strftime('%Y-%m-%d %H:%M')}")
+        self.lines: list[str] = []
+        print(self.head, flush=True)
+
+    def say(self, line: str) -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def write(self, out: Path, name: str) -> Path:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{name}-cpu-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+        path.write_text("\n".join([self.head, *self.lines]) + "\n")
+        return path
+
+
 def write_manifest(path: Path, rows: int, size: int) -> None:
     with open(path, "w") as f:
         for i in range(rows):
@@ -92,13 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, default=2000, help="objects whose sha256 the audit checks")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
-    head = f"# python bench/million.py {' '.join(argv if argv is not None else sys.argv[1:])}: {machine()}, {time.strftime('%Y-%m-%d %H:%M')}"
-    print(head, flush=True)
-    lines: list[str] = []
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
+    results = Results("million.py", argv)
+    say = results.say
 
     with tempfile.TemporaryDirectory(prefix="sdqueue-million-") as tmp:
         workdir = Path(tmp)
@@ -178,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                     say(line)
                 for line in exports(cli, env, workdir, ("webdataset", "parquet")):
                     say(line)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"million-cpu-{time.strftime('%Y%m%d-%H%M%S')}.txt").write_text("\n".join([head, *lines]) + "\n")
+    results.write(args.out, "million")
     return 0
 
 

@@ -64,6 +64,8 @@ def test_an_s3_server_away_is_unavailable_and_a_refusal_is_not(s3_env, monkeypat
     away = open_storage(f"s3://{BUCKET}/away", endpoint_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(StorageUnavailable, match="upload of 'k' to s3://sdqueue-test/away: the S3 server cannot be reached"):
         away.put("k", b"x")
+    with pytest.raises(StorageUnavailable, match="download of 'k' from s3://sdqueue-test/away: the S3 server cannot be reached"):
+        away.get("k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     with pytest.raises(StorageError) as refused:
         open_storage(f"s3://{BUCKET}/denied", endpoint_url=s3_env).put("k", b"x")
