@@ -10,11 +10,12 @@ bench/fleet.py does) and:
    record writes: key images/JOB/1/0.png, one batch), and puts one real 256x256 PNG under every
    key in S3 (the same bytes: the export checks each against its row's sha256);
 3. runs `sdqueue export` of the run in each --format, one after the other, and prints its peak RSS
-   (wait4's ru_maxrss) and, at each tenth of its time, its RSS and the Python heap's live blocks,
-   which the export process reports each second. A bounded export's RSS stops growing early; a
-   leak grows with the rows.
+   (its VmHWM, read by bench/million.py's `reap`) and, at each tenth of its time, its RSS and the
+   Python heap's live blocks, which the export process reports each second. A bounded export's RSS
+   stops growing early; a leak grows with the rows.
 
     .venv/bin/python bench/export.py --rows 300000                     # both formats: ~20 minutes here
+    .venv/bin/python bench/export.py --rows 1000000                    # a million: ~70 minutes here
     .venv/bin/python bench/export.py --rows 20000 --format parquet     # a smoke test
     .venv/bin/python bench/export.py --env MALLOC_ARENA_MAX=2          # the export under an environment
 
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from fleet import BUCKET, standin_env  # noqa: E402
-from million import Results, write_manifest  # noqa: E402
+from million import Results, reap, write_manifest  # noqa: E402
 
 from tests.servers import PostgresServer, RedisServer, SeaweedServer, s3_client  # noqa: E402
 
@@ -106,8 +107,9 @@ def put_all(database_url: str, env: dict[str, str], data: bytes, threads: int = 
     os.environ.update({name: env[name] for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
     storage = open_storage(env["SDQUEUE_STORAGE_URL"], endpoint_url=env["SDQUEUE_S3_ENDPOINT_URL"])
     with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(lambda key: storage.put(key, data, "image/png"), keys, chunksize=256):
-            pass
+        for start in range(0, len(keys), 10_000):  # map submits all it is given at once: a slice at a time
+            for _ in pool.map(lambda key: storage.put(key, data, "image/png"), keys[start : start + 10_000]):
+                pass
 
 
 # The export runs as `sdqueue export` does, in a process that also writes, each second, its RSS and
@@ -136,7 +138,7 @@ def export(env: dict[str, str], dest: Path, form: str, rows: int, watch: Path) -
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", WATCHED, str(watch), "export", "bench", str(dest), "--format", form],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, usage, peak = next(reap([proc.pid]))
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         error = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
@@ -151,7 +153,7 @@ def export(env: dict[str, str], dest: Path, form: str, rows: int, watch: Path) -
             rss.append(f"{at[1] / 1024:.0f}")
             blocks.append(f"{at[2] / 1e3:.0f}")
     return [f"`sdqueue export --format {form}`: {seconds:.0f} s ({rows / seconds:,.0f} images/s), "
-            f"{usage.ru_utime + usage.ru_stime:.0f} s of CPU, peak RSS {usage.ru_maxrss / 1024:.0f} MiB, "
+            f"{usage.ru_utime + usage.ru_stime:.0f} s of CPU, peak RSS {peak / 1024:.0f} MiB, "
             f"{size / 2**20:,.0f} MiB written",
             f"  at the end of each tenth of its time: RSS (MiB) {' '.join(rss)}",
             f"  Python heap's live blocks (thousands)    {' '.join(blocks)}"]

@@ -44,7 +44,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,6 +74,32 @@ class Results:
         path = out / f"{name}-cpu-{time.strftime('%Y%m%d-%H%M%S')}.txt"
         path.write_text("\n".join([self.head, *self.lines]) + "\n")
         return path
+
+
+def high_water(pid: int) -> int:
+    """A running process's peak RSS since its exec, in KiB (VmHWM; 0 once it has exited). wait4's
+    ru_maxrss is no use for a child: Linux counts into it the RSS of the image it was forked from,
+    the benchmark's own, as it stood at the exec (bench/export.py once gave 2,125 MiB for an export
+    whose RSS never passed 200 MiB, read each second)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
+def reap(pids: list[int]) -> Iterator[tuple[int, int, Any, int]]:
+    """(pid, wait status, rusage, peak RSS in KiB) of each process as it ends, its VmHWM read each
+    second while it runs (so a peak in its last second is missed)."""
+    peaks = dict.fromkeys(pids, 0)
+    while peaks:
+        for pid in peaks:
+            peaks[pid] = max(peaks[pid], high_water(pid))
+        pid, status, usage = os.wait4(-1, os.WNOHANG)
+        if not pid:
+            time.sleep(1.0)
+        elif pid in peaks:
+            yield pid, status, usage, peaks.pop(pid)
 
 
 def write_manifest(path: Path, rows: int, size: int) -> None:
@@ -136,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             enqueue = subprocess.Popen([*cli, "run", str(manifest), "--name", "million"], cwd=ROOT, env=env,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            _, status, usage = os.wait4(enqueue.pid, 0)
+            _, status, usage, peak = next(reap([enqueue.pid]))
             seconds = time.perf_counter() - started
             if os.waitstatus_to_exitcode(status) != 0:
                 raise RuntimeError(f"sdqueue run failed: {enqueue.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
             say(f"{args.rows:,} rows, `sdqueue run`: {seconds:.1f} s ({args.rows / seconds:,.0f} rows/s), "
-                f"{usage.ru_utime + usage.ru_stime:.1f} s of CPU, peak RSS {usage.ru_maxrss / 1024:.0f} MiB")
+                f"{usage.ru_utime + usage.ru_stime:.1f} s of CPU, peak RSS {peak / 1024:.0f} MiB")
 
             # 2. workers and the API; the reads, while they run
             procs = [subprocess.Popen([*cli, "worker", "--loglevel", "WARNING"], cwd=ROOT,
@@ -268,10 +294,7 @@ def exports(cli: list[str], env: dict[str, str], workdir: Path, forms: tuple[str
         procs[subprocess.Popen([*cli, "export", "million", str(workdir / f"export-{form}"), "--format", form],
                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log).pid] = (form, log)
     lines = []
-    while procs:
-        pid, status, usage = os.wait4(-1, 0)
-        if pid not in procs:
-            continue
+    for pid, status, usage, peak in reap(list(procs)):
         seconds = time.perf_counter() - started
         form, log = procs.pop(pid)
         log.close()
@@ -283,7 +306,7 @@ def exports(cli: list[str], env: dict[str, str], workdir: Path, forms: tuple[str
         size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
         shutil.rmtree(dest)
         lines.append(f"`sdqueue export --format {form}` ({len(forms)} side by side): {seconds:.0f} s, "
-                     f"{usage.ru_utime + usage.ru_stime:.0f} s of CPU, peak RSS {usage.ru_maxrss / 1024:.0f} MiB, "
+                     f"{usage.ru_utime + usage.ru_stime:.0f} s of CPU, peak RSS {peak / 1024:.0f} MiB, "
                      f"{size / 2**20:,.0f} MiB written")
     return lines
 
