@@ -182,12 +182,15 @@ def main(argv: list[str] | None = None) -> int:
                 wait(lambda: _answers(f"{base}/healthz"), "the API", 120)
                 running_from = time.monotonic()
 
+                followed = [0]
+
                 def deep_page() -> None:
                     cursor = None
-                    for _ in range(args.deep):
+                    for followed[0] in range(1, args.deep + 2):  # up to the deep page, or the run's last
                         page = json.loads(get(f"{base}/v1/jobs?run=million&limit=200" + (f"&cursor={cursor}" if cursor else "")))
                         cursor = page["next_cursor"]
-                    get(f"{base}/v1/jobs?run=million&limit=200&cursor={cursor}")
+                        if cursor is None:
+                            return
 
                 reads = {
                     "sdqueue runs show --json (CLI)": lambda: subprocess.run([*cli, "runs", "show", "million", "--json"],
@@ -202,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for label, action in reads.items():
                     say(f"{label:44} {spread(timed(action, args.repeats), 3)} s")
-                pages = timed(deep_page, 1)[0] / (args.deep + 1)
-                say(f"{'GET /v1/jobs?run=million, pages 1-' + str(args.deep + 1):44} {pages:.3f} s a page (mean)")
+                pages = timed(deep_page, 1)[0] / followed[0]
+                say(f"{'GET /v1/jobs?run=million, pages 1-' + str(followed[0]):44} {pages:.3f} s a page (mean)")
                 if args.to_end:
                     probes = {label: reads[label] for label in (
                         "sdqueue runs show --json (CLI)", "sdqueue runs show --json (remote CLI)",
