@@ -74,6 +74,11 @@ IMAGES_PER_S = 4.5  # one H100 worker on 768x768 (README: the GPU figures; worke
 TICKS = os.sysconf("SC_CLK_TCK")
 KINDS = ("workers", "workers outside PNG", "postgres", "redis", "seaweedfs", "enqueue", "postgres, enqueue",
          "redis, enqueue")
+API_KINDS = ("api", "api, enqueue")  # with --via-api: `sdqueue api`, while the jobs ran and during the enqueue
+
+
+def kinds(args: argparse.Namespace) -> tuple[str, ...]:
+    return KINDS + (API_KINDS if args.via_api else ())
 MONITOR = "/* fleet-monitor */"  # in this benchmark's own queries, which the statement counts leave out
 
 
@@ -157,10 +162,12 @@ class Fleet:
 
     # --- the servers' counters ----------------------------------------------------------------
 
-    def counters(self, db: Database, workers: list[subprocess.Popen], ports: list[int]) -> Counters:
+    def counters(self, db: Database, workers: list[subprocess.Popen], ports: list[int],
+                 api: subprocess.Popen | None = None) -> Counters:
         import redis
 
         cpu = {
+            "api": tree_cpu(api.pid) if api is not None else 0.0,
             "workers": sum(tree_cpu(w.pid) for w in workers),
             "png": sum(png_seconds(port) for port in ports),
             "postgres": tree_cpu(self.pg._proc.pid),  # type: ignore[union-attr]
@@ -222,25 +229,37 @@ class Fleet:
                 workers.append(subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO"],
                                                 cwd=ROOT, env={**env, "SDQUEUE_METRICS_PORT": str(port)},
                                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        api, enqueue_env = None, env
+        if args.via_api:  # the run goes through `sdqueue api`, as a remote user's would (SDQUEUE_API_URL)
+            port = free_port()
+            api = subprocess.Popen([sys.executable, "-m", "producer.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
+                                   cwd=ROOT, env={**env, "SDQUEUE_API_AUTH": "off"}, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+            workers_and_api = [*workers, api]
+            enqueue_env = {**env, "SDQUEUE_API_URL": f"http://127.0.0.1:{port}"}
+        else:
+            workers_and_api = workers
         db = Database(database_url)
         try:
             wait(lambda: all(" ready." in p.read_text(errors="replace") for p in logs), "the workers ready", 120)
+            if api is not None:
+                wait(lambda: answers(f"{enqueue_env['SDQUEUE_API_URL']}/healthz"), "the API", 120)
             with db.engine.connect() as conn:
                 conn.exec_driver_sql(f"SELECT {MONITOR} pg_stat_statements_reset()")
-            before = self.counters(db, workers, ports)
+            before = self.counters(db, workers, ports, api)
             consuming(self.redis.url, env["SDQUEUE_QUEUE"], False)
             enqueue = subprocess.Popen([sys.executable, "-m", "producer.cli", "run", str(self.manifest()),
-                                        "--name", f"fleet-{tag}"], cwd=ROOT, env=env,
+                                        "--name", f"fleet-{tag}"], cwd=ROOT, env=enqueue_env,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             _, status, usage = os.wait4(enqueue.pid, 0)
             enqueue.returncode = os.waitstatus_to_exitcode(status)
             if enqueue.returncode != 0:
                 raise RuntimeError(f"sdqueue run failed: {enqueue.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
             enqueue_cpu = usage.ru_utime + usage.ru_stime
-            enqueue_statements = self.counters(db, workers, ports).statements - before.statements
+            enqueue_statements = self.counters(db, workers, ports, api).statements - before.statements
             with db.engine.connect() as conn:  # the dearest statements below: those of the jobs' run
                 conn.exec_driver_sql(f"SELECT {MONITOR} pg_stat_statements_reset()")
-            enqueued = self.counters(db, workers, ports)
+            enqueued = self.counters(db, workers, ports, api)
             resumed = datetime.now(timezone.utc)
             consuming(self.redis.url, env["SDQUEUE_QUEUE"], True)
             with db.session() as session:
@@ -254,7 +273,7 @@ class Fleet:
                     return session.scalar(ended) >= args.jobs
 
             wait(all_ended, "every job ended", args.deadline, step=1.0)
-            after = self.counters(db, workers, ports)
+            after = self.counters(db, workers, ports, api)
             with db.engine.connect() as conn:
                 top = [(int(calls), float(run), float(plan), " ".join(query.split())[:100])
                        for calls, run, plan, query in conn.exec_driver_sql(
@@ -263,7 +282,7 @@ class Fleet:
                            f"AND strpos(query, 'fleet-monitor') = 0 "
                            f"ORDER BY total_exec_time + total_plan_time DESC LIMIT 10")]
         finally:
-            stop(workers)
+            stop(workers_and_api)
         try:
             figures = self.figures(db, run_id, env, logs, (before, enqueued, after), resumed,
                                    (enqueue_cpu, enqueue_statements), top)
@@ -290,13 +309,13 @@ class Fleet:
         n = len(rows)
         cpu = {kind: after.cpu[kind] - enqueued.cpu[kind] for kind in after.cpu} | {"enqueue": enqueue_cpu}
         cpu["workers outside PNG"] = cpu["workers"] - cpu.pop("png")  # their own counter of PNG encoding
-        for kind in ("postgres", "redis"):
+        for kind in ("postgres", "redis", "api"):
             cpu[f"{kind}, enqueue"] = enqueued.cpu[kind] - before.cpu[kind]
         return Repeat(
             jobs=n, seconds=seconds, end_to_end=n / seconds,
             sustained=middle / max(1e-9, (hi - lo).total_seconds()),
             p50=latencies[len(latencies) // 2], p95=latencies[(len(latencies) * 95) // 100],
-            cpu_per_job_ms={kind: 1000 * cpu[kind] / n for kind in KINDS},
+            cpu_per_job_ms={kind: 1000 * cpu[kind] / n for kind in kinds(self.args)},
             statements_per_job=(after.statements - enqueued.statements) / n,
             enqueue_statements_per_job=enqueue_statements / n,
             wal_bytes_per_job=self.wal_bytes(db, enqueued.wal_lsn, after.wal_lsn) / n,
@@ -369,6 +388,16 @@ def standin_env(redis_url: str, database_url: str, s3_endpoint: str, prefix: str
     }
 
 
+def answers(url: str) -> bool:
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(url, timeout=5):
+            return True
+    except OSError:
+        return False
+
+
 def stop(procs: list[subprocess.Popen]) -> None:
     """SIGTERM to each process's group (a worker's warm shutdown), SIGKILL to any still there a minute later."""
     for proc in procs:
@@ -417,7 +446,8 @@ def table(args: argparse.Namespace, repeats: list[Repeat]) -> list[str]:
 
     lines = [
         f"{args.workers} stand-in workers (SDQUEUE_STANDIN_SCALE={args.scale}, {args.slots} slots each), "
-        f"{args.jobs} one-image 512x512 jobs of {args.steps} steps through `sdqueue run`, "
+        f"{args.jobs} one-image 512x512 jobs of {args.steps} steps through `sdqueue run`"
+        f"{' and `sdqueue api`' if args.via_api else ''}, "
         f"{args.per_message} to a message, {len(repeats)} repeat(s)",
         "",
         f"jobs/s end to end          {spread(each(lambda r: r.end_to_end))}",
@@ -427,7 +457,7 @@ def table(args: argparse.Namespace, repeats: list[Repeat]) -> list[str]:
         "",
         "CPU ms per job (the enqueue's apart: it ran first, alone)",
     ]
-    for kind in KINDS:
+    for kind in kinds(args):
         lines.append(f"  {kind:24} {spread(each(lambda r: r.cpu_per_job_ms[kind]), 3)}")
     lines += [
         f"PostgreSQL statements/job  {spread(each(lambda r: r.statements_per_job))}"
@@ -467,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counters", choices=("on", "off", "both"), default="on",
                         help="the triggers that keep runs' counters (models/counts.py): off measures what they "
                              "cost; both alternates, on first, and gives a table for each")
+    parser.add_argument("--via-api", action="store_true",
+                        help="start `sdqueue api` and send the run through it (SDQUEUE_API_URL), counting its CPU")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="count the first run too (by default a run of up to 1,000 jobs warms the servers up first)")
     parser.add_argument("--deadline", type=float, default=1800.0, help="seconds a run may take")
@@ -494,3 +526,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

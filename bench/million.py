@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from fleet import BUCKET, machine, spread, standin_env, stop, wait  # noqa: E402
+from fleet import BUCKET, answers, machine, spread, standin_env, stop, wait  # noqa: E402
 
 from tests.servers import PostgresServer, RedisServer, SeaweedServer, free_port, s3_client  # noqa: E402
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                                           start_new_session=True))
             base = f"http://127.0.0.1:{port}"
             try:
-                wait(lambda: _answers(f"{base}/healthz"), "the API", 120)
+                wait(lambda: answers(f"{base}/healthz"), "the API", 120)
                 running_from = time.monotonic()
 
                 followed = [0]
@@ -312,14 +312,6 @@ def exports(cli: list[str], env: dict[str, str], workdir: Path, forms: tuple[str
                      f"{usage.ru_utime + usage.ru_stime:.0f} s of CPU, peak RSS {peak / 1024:.0f} MiB, "
                      f"{size / 2**20:,.0f} MiB written")
     return lines
-
-
-def _answers(url: str) -> bool:
-    try:
-        get(url)
-        return True
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":
