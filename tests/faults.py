@@ -416,9 +416,16 @@ class Suite:
             self.client.sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=self.settings.queue)
         report.duplicates_sent = len(picked)
 
-        # 3. cancel running jobs
-        self.wait("jobs running", lambda: len(self.running()) >= 3)
-        for job in self.running()[:3]:
+        # 3. cancel three running jobs (a job that ends between the listing and its cancel is
+        #    passed over for the next one running)
+        tried: set[str] = set()
+        while len(report.cancelled_running) < 3:
+            self.wait("jobs running", lambda: any(j.id not in tried for j in self.running()))
+            fresh = [j for j in self.running() if j.id not in tried]
+            if not fresh:  # it ended since the wait saw it
+                continue
+            job = fresh[0]
+            tried.add(job.id)
             try:
                 self.client.cancel(job.id)
                 report.cancelled_running.append(job.id)
