@@ -189,11 +189,9 @@ class S3Storage:
             finally:
                 response.close()
                 response.release_conn()
-        except S3Error as exc:
-            if exc.code == "NoSuchKey":
-                raise StorageError(f"object {key!r} not found in {self.url}") from None
-            raise self._error(f"download of {key!r} from", exc) from exc
         except Exception as exc:
+            if isinstance(exc, S3Error) and exc.code == "NoSuchKey":
+                raise StorageError(f"object {key!r} not found in {self.url}") from None
             raise self._error(f"download of {key!r} from", exc) from exc
 
     def exists(self, key: str) -> bool:

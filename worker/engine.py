@@ -670,9 +670,7 @@ class Engine:
             return self._outage(action, f"{len(made)} job(s): {what}")
         except OutageTooLong as exc:
             for m in made:
-                log.error("job %s: %s; its lease will lapse and the sweeper gives it to another worker",
-                          m.work.job_id, exc, extra=m.work.about())
-                self.settle(m.work, "released")
+                self._outlasted(m.work, exc)
             return None
         except Exception:  # whose is unknown: each job alone on the general path, which charges it if its own
             log.exception("%d job(s): %s in one statement failed; one by one instead", len(made), what)
@@ -686,12 +684,16 @@ class Engine:
             log.info("%s", exc, extra=work.about())
             self.settle(work, "lost")
         except OutageTooLong as exc:
-            log.error("job %s: %s; its lease will lapse and the sweeper gives it to another worker", work.job_id, exc,
-                      extra=work.about())
-            self.settle(work, "released")
+            self._outlasted(work, exc)
         except Exception as exc:
             log.exception("job %s: recording it failed", work.job_id, extra=work.about())
             self._charge(work, exc)
+
+    def _outlasted(self, work: Work, exc: OutageTooLong) -> None:
+        """The database stayed away past the outage timeout: the job is released, uncharged."""
+        log.error("job %s: %s; its lease will lapse and the sweeper gives it to another worker", work.job_id, exc,
+                  extra=work.about())
+        self.settle(work, "released")
 
     def _encode(self, work: Work, batch: Batch, first: int, results: list[Any],
                 shared: list[tuple[int, int, float]] | None = None) -> Made | None:
