@@ -10,7 +10,7 @@ version() { grep -i "^$1==" constraints.txt | cut -d= -f3; }
 rm -rf .whl && mkdir .whl
 for name in diffusers importlib_metadata compel celery kombu billiard vine amqp click-didyoumean click-repl \
             click-plugins prompt_toolkit wcwidth tzlocal redis SQLAlchemy alembic Mako pydantic pydantic_core \
-            annotated-types typing-inspection pydantic-settings python-dotenv; do
+            annotated-types typing-inspection pydantic-settings python-dotenv lazy-importer typing_extensions; do
   pinned=$(version "$name")
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

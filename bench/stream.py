@@ -324,7 +324,7 @@ def main() -> int:
         from worker.pipeline import load_model
 
         model = load_model(resolve_model(args.model, settings.data_dir), settings.device)
-        pixel_budget = settings.pixel_budget or default_pixel_budget(model.device)
+        pixel_budget = settings.pixel_budget or default_pixel_budget(model)
         direct = Direct(model, pixel_budget)
         results: dict[str, Any] = {
             "machine": machine(), "model": args.model, "device": "cuda" if on_gpu else "cpu",
