@@ -84,7 +84,7 @@ def start_api(args: argparse.Namespace, scratch: str) -> tuple[str, str, Callabl
         server.terminate()
         server.wait(timeout=30)
         broker = redis.Redis.from_url(args.broker_url)
-        broker.delete(queue, f"{queue}.bulk", f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+        broker.delete(*broker.keys(f"{queue}.*"), f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
         broker.close()
         drop()
 

@@ -30,6 +30,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.constants import queue_for  # noqa: E402
 from models.db import upgrade  # noqa: E402
 from models.settings import load_settings  # noqa: E402
 from producer.client import Client  # noqa: E402
@@ -110,7 +111,8 @@ def main() -> int:
                         total = time.perf_counter() - started
                         assert report is not None and report.inserted == rows
                         per_message = client.settings.jobs_per_message  # bulk jobs to a message
-                        assert broker.llen("sdqueue-bench.bulk") == -(-rows // per_message)
+                        bulk = queue_for(client.settings.queue, "bulk", client.settings.default_model)
+                        assert broker.llen(bulk) == -(-rows // per_message)
                         again = time.perf_counter()
                         second = enqueue_run(client, name, load_manifest(manifest_path), progress=False)
                         assert second is not None and second.inserted == 0 and second.sent == 0

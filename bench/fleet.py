@@ -247,7 +247,7 @@ class Fleet:
             with db.engine.connect() as conn:
                 conn.exec_driver_sql(f"SELECT {MONITOR} pg_stat_statements_reset()")
             before = self.counters(db, workers, ports, api)
-            consuming(self.redis.url, env["SDQUEUE_QUEUE"], False)
+            consuming(self.redis.url, env["SDQUEUE_QUEUE"], "standin", False)
             enqueue = subprocess.Popen([sys.executable, "-m", "producer.cli", "run", str(self.manifest()),
                                         "--name", f"fleet-{tag}"], cwd=ROOT, env=enqueue_env,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -261,7 +261,7 @@ class Fleet:
                 conn.exec_driver_sql(f"SELECT {MONITOR} pg_stat_statements_reset()")
             enqueued = self.counters(db, workers, ports, api)
             resumed = datetime.now(timezone.utc)
-            consuming(self.redis.url, env["SDQUEUE_QUEUE"], True)
+            consuming(self.redis.url, env["SDQUEUE_QUEUE"], "standin", True)
             with db.session() as session:
                 run_id = session.scalars(select(Run.id).where(Run.name == f"fleet-{tag}")).one()
             ended = select(func.count()).select_from(Job).where(
@@ -410,15 +410,15 @@ def stop(procs: list[subprocess.Popen]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def consuming(broker_url: str, queue: str, on: bool) -> None:
-    """Every worker of `queue` stops (False) or starts again (True) consuming its queues, as
+def consuming(broker_url: str, queue: str, model: str, on: bool) -> None:
+    """Every worker of `queue` and `model` stops (False) or starts again (True) consuming its queues, as
     `celery control cancel_consumer / add_consumer` do; returns once each has answered."""
     from celery import Celery
 
     from models.constants import worker_queues
 
     control = Celery(broker=broker_url).control
-    for name in worker_queues(queue):
+    for name in worker_queues(queue, model):
         answers = (control.add_consumer(name, reply=True, timeout=10) if on
                    else control.cancel_consumer(name, reply=True, timeout=10))
         if not answers:

@@ -204,7 +204,7 @@ def redis_part(args: argparse.Namespace, lines: list[str]) -> dict[str, Figure]:
         return {"redis": cpu["used_cpu_user"] + cpu["used_cpu_sys"]}
 
     settings = load_settings(broker_url=args.redis_url, queue=QUEUE)
-    queue = queue_for(QUEUE, "bulk")
+    queue = queue_for(QUEUE, "bulk", settings.default_model)
     push = Figure("Redis", "push (pipelined LPUSH)", "messages/s")
     take = Figure("Redis", "take + ack (kombu consumer)", "messages/s")
     event = Figure("Redis", "event (PUBLISH)", "events/s")
@@ -223,7 +223,7 @@ def redis_part(args: argparse.Namespace, lines: list[str]) -> dict[str, Figure]:
             assert broker.llen(queue) == count
             # 2. take and acknowledge each, one at a time, as a worker's consumer does (prefetch 1, acks late)
             with Connection(args.redis_url, transport_options={"visibility_timeout": 3600}) as conn:
-                queues = [Queue(name, Exchange(name), routing_key=name) for name in worker_queues(QUEUE)]
+                queues = [Queue(name, Exchange(name), routing_key=name) for name in worker_queues(QUEUE, settings.default_model)]
                 taken = [0]
 
                 def ack(message: Any) -> None:
@@ -263,9 +263,9 @@ def postgres_part(args: argparse.Namespace, lines: list[str]) -> dict[str, Figur
     try:
         upgrade(url)
         admin = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
-        settings = {s: admin.execute(f"SHOW {s}").fetchone()[0]
-                    for s in ("server_version", "fsync", "synchronous_commit", "shared_buffers")}
-        lines.append("# PostgreSQL " + ", ".join(f"{k} {v}" for k, v in settings.items())
+        server = {s: admin.execute(f"SHOW {s}").fetchone()[0]
+                  for s in ("server_version", "fsync", "synchronous_commit", "shared_buffers")}
+        lines.append("# PostgreSQL " + ", ".join(f"{k} {v}" for k, v in server.items())
                      + " (the server these tests share; a scratch database of its own)")
 
         def server_cpu() -> dict[int, float]:
@@ -290,13 +290,14 @@ def postgres_part(args: argparse.Namespace, lines: list[str]) -> dict[str, Figur
         # 1. enqueue: a run's rows, written and marked sent a batch at a time
         rows = scaled(args, 20_000)
         queued: list[str] = []
+        job_settings = load_settings(queue=QUEUE)
         for repeat in range(args.repeat):
             run_id = str(uuid.uuid4())
             with databases[0].session() as session:
                 session.add(Run(id=run_id, name=f"sizing-{repeat}", priority="bulk", defaults={}))
             values = [job_row(parse_request({"prompt": f"a watercolour of lighthouse number {i} at dusk",
                                              "width": 768, "height": 768, "seed": i}),
-                              base_queue=QUEUE, priority="bulk", storage=storage, run_id=run_id, run_key=f"row-{i}")
+                              settings=job_settings, priority="bulk", storage=storage, run_id=run_id, run_key=f"row-{i}")
                       for i in range(rows)]
 
             def enqueue(db: Database, chunk: list[dict[str, Any]]) -> None:

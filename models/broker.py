@@ -13,7 +13,8 @@ import json
 import time
 from typing import Any
 
-from models.constants import JOBS_HEADER
+from models.constants import BULK_SUFFIX, JOBS_HEADER, worker_queues
+from models.registry import REGISTRY
 from models.settings import Settings
 
 # Where cancellations are announced, so that a worker drops a running job's samples at once
@@ -107,6 +108,22 @@ def queue_depth(client: Any, queue: str) -> int:
     for key in [queue] + [f"{queue}{_PRIORITY_SEP}{n}" for n in range(1, 10)]:
         pipe.llen(key)
     return sum(pipe.execute())
+
+
+def model_queue_depths(client: Any, base: str, models: list[str]) -> list[dict[str, Any]]:
+    """The queues of every model that hold messages (a list exists in Redis only while it holds
+    some), and those of `models` (model keys) even when empty: each as {"name", "model" (a registry
+    name, or a folder's `folder-` route), "priority", "depth"}, by model, interactive first."""
+    names = {queue for model in models for queue in worker_queues(base, model)}
+    for key in client.scan_iter(match=f"{base}.*", count=_CHUNK, _type="list"):
+        name = (key.decode() if isinstance(key, bytes) else key).split(_PRIORITY_SEP)[0]
+        route = name[len(base) + 1:].removesuffix(BULK_SUFFIX)
+        if route in REGISTRY or route.startswith("folder-"):  # not another list under the base (webhooks')
+            names.add(name)
+    ordered = sorted(names, key=lambda name: (name.removesuffix(BULK_SUFFIX), name.endswith(BULK_SUFFIX)))
+    return [{"name": name, "model": name[len(base) + 1:].removesuffix(BULK_SUFFIX),
+             "priority": "bulk" if name.endswith(BULK_SUFFIX) else "interactive", "depth": queue_depth(client, name)}
+            for name in ordered]
 
 
 def take_turn(settings: Settings, what: str, seconds: float) -> bool:

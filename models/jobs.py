@@ -125,6 +125,9 @@ def claim(
     now = utcnow()
     if JobState(job.state).terminal:
         return None, f"it is {job.state}"
+    if job.model is not None and job.model != model:
+        # A message in another model's queue: its own goes there again (the sweeper's resend).
+        return None, f"it is for model {job.model}, and this worker runs {model}"
     if job.state == JobState.RUNNING.value:
         expires = aware(job.lease_expires_at)
         if job.lease_owner == owner:
@@ -187,14 +190,15 @@ _CLAIM = text(f"""
 UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_token = lease_token + 1, lease_owner = :owner,
   lease_expires_at = :expires, started_at = :now, updated_at = :now, worker = :owner, model = :model
 WHERE id = ANY(CAST(:job_ids AS varchar[])) AND coalesce(state, '') = 'queued' AND failures < :max_attempts
+  AND coalesce(model, :model) = :model
 RETURNING {", ".join(column.key for column in CLAIMED)}
 """).columns(*CLAIMED)
 
 
 def claim_queued(db: Database, job_ids: list[str], owner: str, model: str, *, lease_seconds: float,
                  max_attempts: int) -> dict[str, Row[Any]]:
-    """`claim` of the queued jobs among `job_ids` that have not failed as often as they may (the one
-    case where a claim asks nothing more), all in one UPDATE: the claimed rows (the CLAIMED
+    """`claim` of the queued jobs of `model` among `job_ids` that have not failed as often as they
+    may (the one case where a claim asks nothing more), all in one UPDATE: the claimed rows (the CLAIMED
     columns) by job id. A job left out is not such a job, and `claim` must decide."""
     if not db.postgres or not job_ids:
         return {}
@@ -423,6 +427,13 @@ def refund(session: Session, job_ids: Iterable[str], worker: str) -> list[str]:
             job.error = None
         refunded.append(job.id)
     return refunded
+
+
+def queued_by_model(session: Session) -> dict[str, int]:
+    """Queued jobs by the model they wait for (None: from before jobs named their model), the most first."""
+    rows = session.execute(select(Job.model, func.count()).where(Job.state == JobState.QUEUED.value)
+                           .group_by(Job.model).order_by(func.count().desc(), Job.model)).all()
+    return {model or "(none named)": count for model, count in rows}
 
 
 def others_succeeded(session: Session, worker: str, mode: str, queues: list[str], *, minutes: float) -> bool:

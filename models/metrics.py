@@ -78,7 +78,12 @@ WORKER = (WORKER_INFO, IMAGES, PNG_SECONDS, JOBS_ENDED, FAILURES, OUT_OF_MEMORY,
 JOBS = Metric("sdqueue_jobs", "gauge", "jobs in the database, by state and priority", ("state", "priority"))
 OLDEST_QUEUED = Metric("sdqueue_jobs_oldest_queued_seconds", "gauge",
                        "age of the oldest queued job, by priority", ("priority",))
-QUEUE_DEPTH = Metric("sdqueue_queue_depth", "gauge", "messages waiting in a Redis queue (LLEN)", ("queue", "priority"))
+QUEUE_DEPTH = Metric("sdqueue_queue_depth", "gauge",
+                     "messages waiting in a Redis queue (LLEN): each model's queues that hold any, and the default "
+                     "model's", ("queue", "priority", "model"))
+QUEUED_BY_MODEL = Metric("sdqueue_jobs_queued_by_model", "gauge",
+                         "queued jobs by the model they wait for: a model no worker serves keeps its jobs here",
+                         ("model",))
 WEBHOOK_DELIVERIES = Metric("sdqueue_webhook_deliveries", "gauge",
                             "webhook deliveries by state (pending, delivered, failed)", ("state",))
 WEBHOOK_ATTEMPTS = Metric("sdqueue_webhook_attempts_total", "counter",
@@ -91,7 +96,7 @@ API_REQUEST_SECONDS = Metric("sdqueue_api_request_seconds", "histogram",
                              "seconds until the API started its answer (an event stream: its headers)",
                              ("method", "route"), buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
-API = (JOBS, OLDEST_QUEUED, QUEUE_DEPTH, WEBHOOK_DELIVERIES, WEBHOOK_ATTEMPTS, SOURCE_UP, API_REQUESTS,
+API = (JOBS, OLDEST_QUEUED, QUEUED_BY_MODEL, QUEUE_DEPTH, WEBHOOK_DELIVERIES, WEBHOOK_ATTEMPTS, SOURCE_UP, API_REQUESTS,
        API_REQUEST_SECONDS)
 
 ALL = WORKER + API

@@ -28,6 +28,10 @@ class ModelSpec:
     # "diffusers": a pipeline of weights (worker/pipeline.py); "standin": the stand-in GPU
     # (worker/standin.py), no weights and no torch.
     backend: str = "diffusers"
+    # The job modes it runs (a request's mode follows from its model and inputs), and what those
+    # inputs must be, as `sdqueue models list` shows them.
+    modes: tuple[str, ...] = ("txt2img", "img2img")
+    inputs: str = "txt2img: none; img2img: --image, resized to width x height, with --strength"
 
     @property
     def random_weights(self) -> bool:
@@ -60,6 +64,33 @@ REGISTRY: dict[str, ModelSpec] = {
         ),
     )
 }
+
+
+def model_key(name_or_path: str) -> str:
+    """What a job's `model` holds and its queues are named by: a registry name as it is, a folder
+    as its absolute path (the same on the producer's and the worker's hosts)."""
+    if name_or_path in REGISTRY:
+        return name_or_path
+    return str(Path(name_or_path).expanduser().resolve())
+
+
+def request_model(name: str, folders: list[Path] | tuple[Path, ...] = ()) -> str:
+    """The model a request names, checked before anything is written; returns its key. A registry
+    name, or a diffusers folder under one of `folders` (SDQUEUE_MODEL_FOLDERS). Raises ValueError
+    saying which bound it is outside."""
+    if name in REGISTRY:
+        return name
+    if "/" not in name and not name.startswith(("~", ".")):
+        raise ValueError(f"is not a registry model (one of {', '.join(REGISTRY)}; `sdqueue models list` shows "
+                         "them) nor a folder's path")
+    path = Path(name).expanduser().resolve()
+    if not folders:
+        raise ValueError("is a folder, and requests may name registry models only (SDQUEUE_MODEL_FOLDERS is empty)")
+    if not any(path.is_relative_to(root) for root in folders):
+        raise ValueError(f"is a folder outside SDQUEUE_MODEL_FOLDERS ({', '.join(map(str, folders))})")
+    if not (path / "model_index.json").is_file():
+        raise ValueError("is not a diffusers folder (it has no model_index.json)")
+    return str(path)
 
 
 def built_models_dir(data_dir: Path) -> Path:

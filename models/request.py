@@ -12,10 +12,12 @@ import warnings
 from typing import Annotated, Any
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, ValidationInfo,
+                      field_validator)
 
 from models.errors import InvalidRequest
 from models.images import upright_size
+from models.registry import request_model
 from models.text import check_text
 
 MIN_NUM_IMAGES, MAX_NUM_IMAGES = 1, 4
@@ -29,6 +31,7 @@ MAX_SEED = 2**63 - 1 - (MAX_NUM_IMAGES - 1)
 # Bounds of the img2img input file: it is resized to width x height, so larger buys nothing.
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_SIDE = 4096
+MAX_MODEL_CHARS = 512  # the jobs.model column
 # A prompt this long is a mistake, not a prompt; without compel only the first 77 tokens count.
 MAX_PROMPT_CHARS = 4000
 
@@ -48,6 +51,10 @@ class GenerationRequest(BaseModel):
     height: StrictInt = 768
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
     use_compel: StrictBool = False
+    # A registry name or an allowed folder (models/registry.py `request_model`); None: the
+    # deployment's SDQUEUE_DEFAULT_MODEL, filled in where the request is parsed with its settings.
+    model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS, strict=True)] | None = Field(
+        default=None, validate_default=True)
 
     @field_validator("prompt")
     @classmethod
@@ -61,6 +68,20 @@ class GenerationRequest(BaseModel):
     def _storable_text(cls, value: str) -> str:
         # PostgreSQL cannot hold NUL; ESC or CR would act on the terminal that shows the prompt.
         return check_text(value)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        context = info.context or {}
+        if value is None:
+            default = context.get("default_model")
+            if default is None:
+                return None
+            try:
+                return request_model(default, context.get("model_folders", ()))
+            except ValueError as exc:
+                raise ValueError(f"the default, SDQUEUE_DEFAULT_MODEL={default!r}, {exc}") from None
+        return request_model(check_text(value), context.get("model_folders", ()))
 
     @field_validator("width", "height")
     @classmethod
@@ -158,12 +179,19 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{field}={shown}: {message}"
 
 
-def parse_request(data: dict[str, Any]) -> GenerationRequest:
-    """Build a request from plain data, raising InvalidRequest naming every bad field."""
+def model_context(settings: Any) -> dict[str, Any]:
+    """What parse_request needs of a deployment's settings to check and fill in `model`."""
+    return {"default_model": settings.default_model, "model_folders": tuple(settings.model_folder_list)}
+
+
+def parse_request(data: dict[str, Any], settings: Any = None) -> GenerationRequest:
+    """Build a request from plain data, raising InvalidRequest naming every bad field. With the
+    deployment's `settings`, its model is checked against them and filled in when none is named;
+    without, only a registry name passes, and None stays None."""
     if not isinstance(data, dict):
         raise InvalidRequest([f"request must be an object of fields, not {type(data).__name__}"])
     try:
         # Not GenerationRequest(**data): a key that is not text is a bad field, not a TypeError.
-        return GenerationRequest.model_validate(data)
+        return GenerationRequest.model_validate(data, context=None if settings is None else model_context(settings))
     except ValidationError as exc:
         raise InvalidRequest([_describe(e) for e in exc.errors()]) from None

@@ -36,7 +36,14 @@ class Settings(BaseSettings):
     storage_url: str = ""  # empty: a folder in data_dir
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
+    # The model this process's worker pins (`sdqueue worker --model`): it consumes that model's queues.
     model: str = "sd21"
+    # The model of a request that names none (empty: SDQUEUE_MODEL's value, so that a deployment of
+    # one model sets one variable).
+    default_model: str = ""
+    # Folders under which a request may name a diffusers folder as its model (comma-separated;
+    # empty: requests name registry models only). A worker may pin any folder it is given.
+    model_folders: str = ""
     queue: str = DEFAULT_QUEUE
     # "auto" takes CUDA when there is one; the worker runs fp16 on CUDA and fp32 on the CPU.
     device: str = "auto"
@@ -150,6 +157,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
+        if not self.default_model:
+            self.default_model = self.model
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'sdqueue.db'}"
         if not self.storage_url:
@@ -171,6 +180,10 @@ class Settings(BaseSettings):
             if not (width.isdigit() and height.isdigit() and int(width) % 8 == 0 and int(height) % 8 == 0):
                 raise ValueError(f"SDQUEUE_WARMUP_SIZES={value!r}: {size!r} is not WIDTHxHEIGHT in multiples of 8")
         return value
+
+    @property
+    def model_folder_list(self) -> list[Path]:
+        return [Path(part.strip()).expanduser().resolve() for part in self.model_folders.split(",") if part.strip()]
 
     @property
     def warmup_size_list(self) -> list[tuple[int, int]]:

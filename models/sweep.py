@@ -26,8 +26,10 @@ from sqlalchemy import exists, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from models import broker, counts, jobs
+from models.constants import queue_for
 from models.db import Database
 from models.outage import wait_out
+from models.registry import model_key
 from models.settings import Settings
 from models.storage import Storage
 from models.tables import Image, Job, JobState, Upload, utcnow
@@ -197,7 +199,8 @@ class Sweeper:
             for job_id, queue in session.execute(select(Job.id, Job.queue).where(*overdue)):
                 waiting[queue].append(job_id)
         for queue, job_ids in waiting.items():
-            live = broker.live_job_ids(self.settings, queue or self.settings.queue)
+            live = broker.live_job_ids(self.settings, queue or queue_for(self.settings.queue, "interactive",
+                                                                              model_key(self.settings.default_model)))
             lost = [job_id for job_id in job_ids if job_id not in live]
             for start in range(0, len(lost), BATCH):
                 with self.db.session() as session:

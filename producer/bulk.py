@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from sqlalchemy import update
 
 from models.constants import queue_for
+from models.registry import model_key
 from models.request import GenerationRequest
 from models.storage import Storage, input_key_for
 from models.tables import Job, JobState, utcnow
@@ -43,14 +44,16 @@ class Sender(Protocol):
     def send(self, job_ids: list[str], queue: str | None = None) -> None: ...
 
 
-def job_row(request: GenerationRequest, *, base_queue: str, priority: str, storage: Storage,
+def job_row(request: GenerationRequest, *, settings: Any, priority: str, storage: Storage,
             now: datetime | None = None, **columns: Any) -> dict[str, Any]:
     """The values of a new queued job's row, not yet sent; an img2img input goes to storage first.
-    `columns`: any of EXTRA_COLUMNS."""
+    A request parsed without the deployment's settings takes its default model here. `columns`: any
+    of EXTRA_COLUMNS."""
     unknown = set(columns) - set(EXTRA_COLUMNS)
     if unknown:
         raise TypeError(f"not a job column to set: {', '.join(sorted(unknown))}")
     now = now or utcnow()
+    model = request.model or model_key(settings.default_model)
     job_id = str(uuid.uuid4())
     seed = request.seed if request.seed is not None else secrets.randbelow(DRAWN_SEED_BOUND)
     input_key = input_sha256 = None
@@ -60,10 +63,10 @@ def job_row(request: GenerationRequest, *, base_queue: str, priority: str, stora
         storage.put(input_key, request.image)
     return {
         "id": job_id, "state": JobState.QUEUED.value, "mode": request.mode,
-        "params": {**request.parameters(), "seed": seed}, "seed": seed, "seed_was_drawn": request.seed is None,
+        "params": {**request.parameters(), "seed": seed, "model": model}, "model": model, "seed": seed, "seed_was_drawn": request.seed is None,
         "width": request.width, "height": request.height, "num_inference_steps": request.num_inference_steps,
         "num_images": request.num_images, "input_key": input_key, "input_sha256": input_sha256,
-        "queue": queue_for(base_queue, priority), "enqueued_at": None, "priority": priority,
+        "queue": queue_for(settings.queue, priority, model), "enqueued_at": None, "priority": priority,
         "created_at": now, "updated_at": now, "attempts": 0, "failures": 0, "dead_letter": False,
         "lease_token": 0, "suspect": False, "running_alone": False,
         **dict.fromkeys(EXTRA_COLUMNS), **columns,

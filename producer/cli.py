@@ -39,6 +39,8 @@ REQUEST_OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--width", int, "output width in px: a multiple of 64 from 256 to 1024 (default 768)"),
     ("--height", int, "output height in px: a multiple of 64 from 256 to 1024 (default 768)"),
     ("--seed", int, "random seed >= 0; image i uses seed + i (default: drawn and recorded)"),
+    ("--model", str, "a registry model (`sdqueue models list`) or an allowed folder; its workers run the job "
+                     "(default: SDQUEUE_DEFAULT_MODEL)"),
 ]
 
 
@@ -367,10 +369,10 @@ def redirect_std_streams(*args: Any, **kwargs: Any) -> Any:
     return redirect_std_streams(*args, **kwargs)
 
 
-def parse_request(data: Any) -> Any:
+def parse_request(data: Any, settings: Any = None) -> Any:
     from models.request import parse_request
 
-    return parse_request(data)
+    return parse_request(data, settings)
 
 
 def read_image_file(path: Path) -> bytes:
@@ -465,9 +467,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from producer.runs.manifest import format_rejects, load_manifest, write_rejects
 
     defaults = defaults_from_args(args)
-    parse_request({"prompt": "-", **defaults})  # a bad option is refused once, not once per row
+    settings = load_settings()
+    parse_request({"prompt": "-", **defaults}, settings)  # a bad option is refused once, not once per row
     # 1. every row read and validated before anything is written
-    manifest = load_manifest(args.manifest, defaults)
+    manifest = load_manifest(args.manifest, defaults, settings=settings)
     if manifest.reject_count and not args.skip_invalid:
         print(inert(f"sdqueue: error: {args.manifest}: {manifest.reject_count} of "
                     f"{manifest.reject_count + len(manifest.rows)} rows are invalid; nothing was enqueued "
@@ -480,7 +483,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     rejects_file = check_output(rejects, force=args.force, inputs=[args.manifest]) if manifest.reject_count else None
     from producer.client import Client
 
-    settings = load_settings()
     configure_logging(settings, "WARNING")  # the report is the output; the log says what went wrong
     client = Client(settings)
     try:
@@ -719,12 +721,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     from models.registry import REGISTRY, built_models_dir
 
     if args.models_command == "list":
+        settings = load_settings()
+        print(f"{'MODEL':18} {'MODES':16} {'SIZE':>6}  WEIGHTS")
         for spec in REGISTRY.values():
             if spec.backend == "standin":
                 where = "no weights (worker/standin.py)"
+            elif spec.hub_id is not None:
+                where = spec.hub_id
             else:
-                where = spec.hub_id or f"built locally ({'sdqueue models build-tiny' if spec.name == 'tiny' else 'sdqueue models build-arch'})"
-            print(f"{spec.name:10} {spec.native_size:5}px {spec.prediction_type:13} {where}  {spec.description}")
+                built = (built_models_dir(settings.data_dir) / spec.name / "model_index.json").is_file()
+                command = "build-tiny" if spec.name.startswith("tiny") else "build-arch"
+                where = f"random, built here ({'built' if built else 'not built yet'}: sdqueue models {command})"
+            default = " (the default)" if spec.name == settings.default_model else ""
+            print(f"{spec.name:18} {','.join(spec.modes):16} {spec.native_size:>4}px  {where}{default}")
+            print(f"{'':18} {spec.description}")
+            print(f"{'':18} inputs: {spec.inputs}")
         return 0
     from worker.build import build_and_save
 
@@ -743,7 +754,7 @@ def cmd_beat(args: argparse.Namespace) -> int:
 def cmd_schedules(args: argparse.Namespace) -> int:
     from producer.runs.schedules import describe, load_schedules
 
-    print(describe(load_schedules(args.schedules), args.count))
+    print(describe(load_schedules(args.schedules, settings=load_settings()), args.count))
     return 0
 
 
@@ -840,6 +851,7 @@ def _show(record: dict[str, Any], as_json: bool) -> None:
         f"job      {record['id']}",
         f"state    {record['state']}  (attempts {record['attempts']}, failures {record['failures']}{letter}{held})",
         f"priority {record['priority']}{run}",
+        f"model    {record['model'] or '-'}",
         f"request  {record['mode']} {params['width']}x{params['height']} steps={params['num_inference_steps']} "
         f"guidance={params['guidance_scale']} num_images={params['num_images']} seed={record['seed']}"
         f"{' (drawn)' if record['seed_was_drawn'] else ''}",

@@ -18,7 +18,8 @@ from sqlalchemy import delete
 from models import jobs
 from models.broker import uses_redis
 from models.cancel import cancel_job
-from models.constants import GENERATE_TASK, queue_for
+from models.constants import BULK_SUFFIX, GENERATE_TASK, queue_for
+from models.registry import model_key
 from models.db import Database
 from models.errors import BadDestination, ConfigError, InvalidRequest, JobTimeout, ServiceUnavailable
 from models.events import Subscription
@@ -73,13 +74,13 @@ class Client:
         job its webhook is POSTed for (succeeded, failed, cancelled; default all of them)."""
         # 1. validate (raises InvalidRequest) and check we can send at all, before any write
         if not isinstance(request, GenerationRequest):
-            request = parse_request(request)
+            request = parse_request(request, self.settings)
         priority = check_priority(priority)
         webhook_events = checked_webhook_events(webhook_url, webhook_events)
         self.sender  # noqa: B018  (refuses the in-process broker before anything is written)
         # 2. the row's values: the seed resolved (a drawn seed is recorded like a given one), the
         #    img2img input in storage before the row that names it
-        values = job_row(request, base_queue=self.settings.queue, priority=priority, storage=self.storage,
+        values = job_row(request, settings=self.settings, priority=priority, storage=self.storage,
                          api_key_id=api_key_id, webhook_url=webhook_url, webhook_events=webhook_events)
         values["enqueued_at"] = values["created_at"]
         # 3. the row (its input taken back if it cannot be written), then the message
@@ -102,7 +103,7 @@ class Client:
         parsed: list[GenerationRequest] = []
         for index, request in enumerate(requests):
             try:
-                parsed.append(request if isinstance(request, GenerationRequest) else parse_request(request))
+                parsed.append(request if isinstance(request, GenerationRequest) else parse_request(request, self.settings))
             except InvalidRequest as exc:
                 problems += [f"requests[{index}].{problem}" for problem in exc.problems]
         if problems:
@@ -110,7 +111,7 @@ class Client:
         priority = check_priority(priority)
         webhook_events = checked_webhook_events(webhook_url, webhook_events)
         self.sender  # noqa: B018
-        values = [job_row(request, base_queue=self.settings.queue, priority=priority, storage=self.storage,
+        values = [job_row(request, settings=self.settings, priority=priority, storage=self.storage,
                           api_key_id=api_key_id, webhook_url=webhook_url, webhook_events=webhook_events)
                   for request in parsed]
         with self.removing_inputs_on_failure(values), self.db.session() as session:
@@ -129,13 +130,13 @@ class Client:
         """The jobs' messages, pipelined through one connection: one per job (the job id is the task
         id), but SDQUEUE_JOBS_PER_MESSAGE to a message on the bulk queue."""
         sender = self.sender
-        queue = queue or self.settings.queue
+        queue = queue or queue_for(self.settings.queue, Priority.INTERACTIVE.value, model_key(self.settings.default_model))
         if self._publisher is None and not self.settings.in_process_broker:
             from producer.publish import BulkPublisher
 
             self._publisher = BulkPublisher(sender, self.settings.broker_url)
         if self._publisher is not None:
-            bulk = queue == queue_for(self.settings.queue, Priority.BULK.value)
+            bulk = queue.endswith(BULK_SUFFIX)
             self._publisher.send(job_ids, queue, self.settings.jobs_per_message if bulk else 1)
             return
         with sender.producer_or_acquire() as producer:

@@ -13,7 +13,8 @@ from typing import Any
 
 from models.db import upgrade
 from models.errors import ModelUnavailable
-from models.registry import REGISTRY, resolve_model
+from models.constants import worker_queues
+from models.registry import REGISTRY, model_key, resolve_model
 from models.settings import load_settings
 from producer.client import Client
 
@@ -85,6 +86,7 @@ def run_demo(model: str, workdir: Path) -> int:
         database_url=f"sqlite:///{workdir / 'sdqueue.db'}",
         storage_url=(workdir / "storage").as_uri(),
         model=model,
+        default_model=model,  # its jobs go to the model its worker pins, whatever SDQUEUE_DEFAULT_MODEL says
         metrics_port=0,  # one process, gone in a minute: nothing to scrape
     )
     upgrade(settings.database_url)
@@ -100,7 +102,7 @@ def run_demo(model: str, workdir: Path) -> int:
     generate.context  # noqa: B018  (load the pipeline before the worker takes jobs)
     with start_worker(app, pool="threads", concurrency=settings.worker_slots, perform_ping_check=False,
                       shutdown_timeout=600,
-                      queues=[settings.queue]):
+                      queues=worker_queues(settings.queue, model_key(settings.model))):
         job_ids = [client.submit(request) for request in requests]
         records = [client.wait(job_id, timeout=3600) for job_id in job_ids]
     reset_context()

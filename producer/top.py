@@ -19,9 +19,9 @@ from typing import Any, Callable, TextIO
 
 from sqlalchemy import func, select
 
-from models.broker import queue_depth, redis_client, uses_redis
-from models.constants import worker_queues
-from models.jobs import aware
+from models.broker import model_queue_depths, redis_client, uses_redis
+from models.registry import model_key
+from models.jobs import aware, queued_by_model
 from models.settings import Settings
 from models.tables import STATES, Job, JobState
 from models.text import inert
@@ -64,7 +64,8 @@ def _queue_depths(client: Client) -> dict[str, int] | None:
         return None  # the in-process broker: nothing outside the process can see it
     redis = redis_client(client.settings)
     try:
-        return {queue: queue_depth(redis, queue) for queue in worker_queues(client.settings.queue)}
+        default = model_key(client.settings.default_model)
+        return {queue["name"]: queue["depth"] for queue in model_queue_depths(redis, client.settings.queue, [default])}
     finally:
         redis.close()
 
@@ -72,10 +73,11 @@ def _queue_depths(client: Client) -> dict[str, int] | None:
 def _jobs_by_state(client: Client) -> dict[str, Any]:
     with client.db.session() as session:
         rows = session.execute(select(Job.state, func.count(), func.min(Job.created_at)).group_by(Job.state)).all()
+        by_model = queued_by_model(session)
     counts = dict.fromkeys(STATES, 0) | {state: count for state, count, _ in rows}
     oldest = next((aware(first) for state, _, first in rows if state == JobState.QUEUED.value), None)
     return {"counts": counts, "oldest_queued_s": None if oldest is None else
-            max(0.0, (datetime.now(timezone.utc) - oldest).total_seconds())}
+            max(0.0, (datetime.now(timezone.utc) - oldest).total_seconds()), "queued_by_model": by_model}
 
 
 def _runs_in_progress(client: Client) -> list[dict[str, Any]]:
@@ -204,7 +206,10 @@ def _queues_section(frame: dict[str, Any]) -> list[str]:
     counts = "  ".join(f"{state} {count}" for state, count in jobs["counts"].items())
     oldest = jobs["oldest_queued_s"]
     waited = f"   (oldest queued: {_duration(oldest)})" if oldest is not None else ""
-    return lines + [f"JOBS  {counts}{waited}"]
+    lines.append(f"JOBS  {counts}{waited}")
+    if jobs.get("queued_by_model"):
+        lines.append("  queued by model: " + ", ".join(f"{model} {count}" for model, count in jobs["queued_by_model"].items()))
+    return lines
 
 
 def _runs_section(frame: dict[str, Any]) -> list[str]:

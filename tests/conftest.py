@@ -143,6 +143,13 @@ def settle_jobs(database_url: str, queue: str) -> None:
         engine.dispose()
 
 
+def interactive_queue(settings: Any, model: str | None = None) -> str:
+    """The interactive queue of `model` (the default model's) under the test's base queue."""
+    from models.constants import queue_for
+
+    return queue_for(settings.queue, "interactive", model or settings.default_model)
+
+
 def forget_unacked(client: Any, queue: str) -> None:
     """Drop kombu's `unacked` entries (messages taken but never acked: a worker stopped or killed
     mid-job) of the queues named after `queue`; the hash and its index are shared by every queue."""
@@ -203,7 +210,7 @@ def worker(settings):  # type: ignore[no-untyped-def]
     reset_context()
     generate.context  # noqa: B018  (load the pipeline before the worker takes jobs)
     with start_worker(app, pool="threads", concurrency=settings.worker_slots, perform_ping_check=False, shutdown_timeout=120,
-                      queues=worker_queues(settings.queue)) as w:
+                      queues=worker_queues(settings.queue, settings.model)) as w:
         yield w
     # Task threads still running (a quarantined worker hands each message back after a second)
     # end before the engine stops and the test's queues are removed: none sends a message after.
@@ -229,7 +236,8 @@ def trace(settings):  # type: ignore[no-untyped-def]
         with engine.connect() as conn:
             jobs = conn.execute(select(func.count()).select_from(Job)).scalar_one()
         objects = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("KeyCount", 0)
-        return jobs, broker.llen(settings.queue), objects
+        messages = sum(broker.llen(key) for key in broker.scan_iter(match=f"{settings.queue}.*", _type="list"))
+        return jobs, messages, objects
 
     yield count
     engine.dispose()

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models import jobs  # noqa: E402
-from models.constants import GENERATE_TASK  # noqa: E402
+from models.constants import GENERATE_TASK, queue_for  # noqa: E402
 from models.db import upgrade  # noqa: E402
 from models.settings import load_settings  # noqa: E402
 from models.sweep import Sweeper  # noqa: E402
@@ -413,7 +413,7 @@ class Suite:
         self.wait("jobs running", lambda: len(self.running()) >= 2)
         picked = [j.id for j in self.running()[:5]] + ids[-5:]
         for job_id in picked:
-            self.client.sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=self.settings.queue)
+            self.client.sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=queue_for(self.settings.queue, "interactive", self.settings.default_model))
         report.duplicates_sent = len(picked)
 
         # 3. cancel three running jobs (a job that ends between the listing and its cancel is
@@ -488,11 +488,23 @@ class Suite:
         with open(log_path, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO"], cwd=ROOT,
                                     env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # Its jobs go to tiny's queues, which only tiny's workers consume: where the healthy ones
+        # run another model, a healthy tiny worker joins it, as a pool of that model would.
+        helper = None
+        if self.cfg.model != "tiny":
+            helper_log = self.workdir / "logs" / "tiny-worker.log"
+            with open(helper_log, "ab") as out:
+                helper = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO"],
+                                          cwd=ROOT, env={**self.env, "SDQUEUE_MODEL": "tiny"}, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self.wait("the broken worker ready", lambda: " ready." in log_path.read_text(errors="replace"), timeout=240)
+            if helper is not None:
+                self.wait("a healthy tiny worker ready", lambda: " ready." in helper_log.read_text(errors="replace"),
+                          timeout=240)
             started = time.monotonic()
             ids = [self.client.submit({"prompt": f"a ({word})++ lantern", "use_compel": True, "width": 256,
-                                       "height": 256, "num_inference_steps": 2, "seed": i})
+                                       "height": 256, "num_inference_steps": 2, "seed": i, "model": "tiny"})
                    for i, word in enumerate(["red", "green", "blue", "amber", "white", "violet"] * 10)][:self.cfg.broken_jobs]
             self.job_ids += ids
             report.broken_jobs = ids
@@ -512,6 +524,13 @@ class Suite:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 report.broken_exit = proc.wait()
+            if helper is not None:
+                helper.send_signal(signal.SIGTERM)
+                try:
+                    helper.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    helper.kill()
+                    helper.wait()
 
     def revoke(self) -> None:
         report = self.report

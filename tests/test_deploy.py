@@ -117,9 +117,10 @@ def test_scaled_object_matches_the_keda_crd(rendered):
     deployments = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Deployment"}
     assert scaled["spec"]["scaleTargetRef"]["name"] in deployments
     config = next(d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "sdqueue-config")
-    queue = config["data"]["SDQUEUE_QUEUE"]
+    from models.constants import worker_queues
+
     lists = {t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"}
-    assert lists == {queue, f"{queue}.bulk"}
+    assert lists == set(worker_queues(config["data"]["SDQUEUE_QUEUE"], config["data"]["SDQUEUE_MODEL"]))
     # TriggerAuthentication: no CRD vendored; its required shape by hand
     auths = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "TriggerAuthentication"}
     for trigger in scaled["spec"]["triggers"]:

@@ -95,7 +95,7 @@ def enqueued(client, settings) -> Callable[[], tuple[int, int, int]]:  # type: i
         with client.db.session() as session:
             jobs = session.scalar(select(func.count()).select_from(Job))
             runs = session.scalar(select(func.count()).select_from(Run))
-        return jobs or 0, runs or 0, sum(broker.llen(queue) for queue in worker_queues(settings.queue))
+        return jobs or 0, runs or 0, sum(broker.llen(queue) for queue in worker_queues(settings.queue, settings.model))
 
     yield count
     broker.close()

@@ -171,7 +171,7 @@ def _counts(settings) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
         with db.session() as session:
             runs = session.scalar(select(func.count()).select_from(Run)) or 0
             jobs = session.scalar(select(func.count()).select_from(Job)) or 0
-        return runs, jobs, broker.llen(queue_for(settings.queue, "bulk"))
+        return runs, jobs, broker.llen(queue_for(settings.queue, "bulk", settings.default_model))
     finally:
         db.dispose()
         broker.close()

@@ -411,7 +411,7 @@ def test_one_statement_paths_find_the_job_by_its_id_whatever_the_statistics_say(
             conn.exec_driver_sql("ANALYZE jobs")
             for statement in (jobs._CLAIM.element, jobs._RECORD_UPLOADS, jobs._SUCCEED):
                 params = {name: None for name in statement.compile().params}
-                params.update(job_id=ids[0], job_ids=ids[:8], owner="w1", now=utcnow(), max_attempts=3,
+                params.update(job_id=ids[0], job_ids=ids[:8], owner="w1", model="tiny", now=utcnow(), max_attempts=3,
                               l_job_id=ids[:8], l_owner=["w1"] * 8, l_token=[1] * 8, u_job_id=ids[:8], u_key=["k"] * 8,
                               i_job_id=ids[:8], i_object_key=["k"] * 8)
                 plan = "\n".join(row[0] for row in conn.execute(text("EXPLAIN " + statement.text), params))

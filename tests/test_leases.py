@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from models.constants import GENERATE_TASK
-from tests.conftest import BUCKET, counting_unet_calls, failing_unet, small, wait_for
+from tests.conftest import BUCKET, counting_unet_calls, failing_unet, interactive_queue, small, wait_for
 from tests.servers import s3_client
 from tests.test_end_to_end import pixels, s3_object
 
@@ -37,9 +37,9 @@ def test_a_second_delivery_of_a_running_or_ended_job_does_nothing(settings, clie
     job_id = client.submit(small(prompt="a slow river", num_inference_steps=60, seed=3))
     wait_for(lambda: client.get(job_id)["state"] == "running")
     for _ in range(2):  # delivered again while it runs
-        client.sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=settings.queue)
+        client.sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=interactive_queue(settings))
     record = client.wait(job_id, timeout=TIMEOUT)
-    client.sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=settings.queue)  # and after
+    client.sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=interactive_queue(settings))  # and after
     time.sleep(1.0)
     again = client.get(job_id)
     assert record["state"] == again["state"] == "succeeded" and again["attempts"] == 1
@@ -60,7 +60,7 @@ def test_a_job_claimed_again_by_its_own_worker_keeps_the_new_claim(settings, cli
     wait_for(lambda: len(unet_calls) >= 3)
     with client.db.session() as session:
         assert jobs.release(session, engine.hostname, [job_id]) == [job_id]
-    client.sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=settings.queue)
+    client.sender.send_task(GENERATE_TASK, args=[job_id], task_id=job_id, queue=interactive_queue(settings))
     record = client.wait(job_id, timeout=TIMEOUT)
     assert record["state"] == "succeeded" and record["attempts"] == 2 and record["failures"] == 0, record
     assert [image["key"].split("/")[-2] for image in record["images"]] == ["2"]  # the new claim's objects

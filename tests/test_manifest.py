@@ -114,7 +114,7 @@ def test_csv_converts_text_to_the_fields_types(tmp_path: Path):
     fox, lighthouse, cat = manifest.rows
     assert fox.request.parameters() == {
         "prompt": "a fox", "negative_prompt": "", "num_images": 2, "num_inference_steps": 25, "guidance_scale": 6.5,
-        "strength": 0.25, "width": 512, "height": 768, "seed": 7, "use_compel": True,
+        "strength": 0.25, "width": 512, "height": 768, "seed": 7, "use_compel": True, "model": None,
     }
     assert fox.line == 2 and fox.priority is None and fox.key.endswith("-0")
     # a quoted cell across two lines: the row's line is where it starts
@@ -125,7 +125,7 @@ def test_csv_converts_text_to_the_fields_types(tmp_path: Path):
 
 
 def test_csv_types_cover_every_typed_request_field():
-    text_fields = {"prompt", "negative_prompt", "image"}
+    text_fields = {"prompt", "negative_prompt", "image", "model"}
     assert set(CSV_TYPES) | text_fields == set(GenerationRequest.model_fields)
 
 

@@ -13,7 +13,7 @@ import redis
 from models import broker
 from models.constants import GENERATE_MANY_TASK, GENERATE_TASK, JOBS_HEADER, queue_for
 from producer.client import Client
-from tests.conftest import forget_unacked, small, wait_for
+from tests.conftest import forget_unacked, interactive_queue, small, wait_for
 
 TIMEOUT = 180
 
@@ -30,7 +30,7 @@ def messages(r: redis.Redis, queue: str) -> list[dict]:
 def test_bulk_jobs_go_several_to_a_message_and_the_sweeper_finds_each_of_them(settings):
     client = client_of(settings, 3)
     r = redis.Redis.from_url(settings.broker_url)
-    bulk = queue_for(settings.queue, "bulk")
+    bulk = queue_for(settings.queue, "bulk", settings.default_model)
     tag = f"tag-{settings.queue}"
     try:
         ids = client.submit_many([small(prompt=f"a field {i}") for i in range(7)], priority="bulk")
@@ -40,7 +40,7 @@ def test_bulk_jobs_go_several_to_a_message_and_the_sweeper_finds_each_of_them(se
         assert [m["headers"].get(JOBS_HEADER) for m in sent] == [ids[0:3], ids[3:6], None]
         assert sent[2]["headers"]["id"] == ids[6] and sent[0]["headers"]["id"] not in ids
         assert json.loads(base64.b64decode(sent[0]["body"]))[0] == [ids[0:3]]
-        assert [m["headers"]["id"] for m in messages(r, settings.queue)] == [alone]
+        assert [m["headers"]["id"] for m in messages(r, interactive_queue(settings))] == [alone]
         assert broker.live_job_ids(settings, bulk) >= set(ids)
 
         # the first message taken by a worker that died before claiming its jobs, 10 minutes ago
@@ -61,7 +61,7 @@ def test_bulk_jobs_go_several_to_a_message_and_the_sweeper_finds_each_of_them(se
 def test_a_worker_runs_each_job_of_its_messages_once_and_acknowledges_them(settings, request):
     client = client_of(settings, 3)
     r = redis.Redis.from_url(settings.broker_url)
-    bulk = queue_for(settings.queue, "bulk")
+    bulk = queue_for(settings.queue, "bulk", settings.default_model)
     try:
         ids = client.submit_many([small(prompt=f"a lane {i}", seed=i) for i in range(7)], priority="bulk")
         client.cancel(ids[1])  # before any worker took it: its message's other jobs run, it does not

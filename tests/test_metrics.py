@@ -53,7 +53,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def test_api_metrics_count_jobs_queues_webhooks_and_requests(settings, client, make_key):
-    queue, bulk = settings.queue, settings.queue + ".bulk"
+    queue, bulk = f"{settings.queue}.tiny", f"{settings.queue}.tiny.bulk"  # the default model's queues
     with serving(settings.model_copy(update={"webhook_allow_private": True})) as url:
         before = scrape(f"{url}/metrics")  # no key needed, as for /healthz
         token = make_key()
@@ -65,13 +65,16 @@ def test_api_metrics_count_jobs_queues_webhooks_and_requests(settings, client, m
         assert httpx.delete(f"{url}/v1/jobs/{hooked}", headers=bearer(token), timeout=30).status_code == 200
         for seed in (1, 2, 3):
             client.submit(small(prompt="a bulk fox", seed=seed), priority="bulk")
+        # a model no worker serves: queued, in a queue of its own
+        unserved = httpx.post(f"{url}/v1/jobs", json=small(prompt="a sofa", model="sd21-base"), headers=bearer(token),
+                              timeout=30).json()["id"]
         assert httpx.get(f"{url}/v1/jobs", timeout=30).status_code == 401  # the API still wants keys
         after = scrape(f"{url}/metrics")
 
     def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert grew("sdqueue_jobs", state="queued", priority="interactive") == 2
+    assert grew("sdqueue_jobs", state="queued", priority="interactive") == 3
     assert grew("sdqueue_jobs", state="queued", priority="bulk") == 3
     assert grew("sdqueue_jobs", state="cancelled", priority="interactive") == 1
     for state in ("queued", "running", "succeeded", "failed", "cancelled"):
@@ -79,14 +82,19 @@ def test_api_metrics_count_jobs_queues_webhooks_and_requests(settings, client, m
             assert ("sdqueue_jobs", frozenset({("state", state), ("priority", priority)})) in after
     assert value(after, "sdqueue_jobs_oldest_queued_seconds", priority="bulk") >= 0
     # this test's own queues: the cancelled job's message stays until a worker drops it
-    assert value(after, "sdqueue_queue_depth", queue=queue, priority="interactive") == 3
-    assert value(after, "sdqueue_queue_depth", queue=bulk, priority="bulk") == 3
+    assert value(after, "sdqueue_queue_depth", queue=queue, priority="interactive", model="tiny") == 3
+    assert value(after, "sdqueue_queue_depth", queue=bulk, priority="bulk", model="tiny") == 3
+    assert value(after, "sdqueue_queue_depth", queue=f"{settings.queue}.sd21-base", priority="interactive",
+                 model="sd21-base") == 1
+    assert grew("sdqueue_jobs_queued_by_model", model="sd21-base") == 1
+    assert grew("sdqueue_jobs_queued_by_model", model="tiny") == 5
+    client.cancel(unserved)
     assert grew("sdqueue_webhook_deliveries", state="pending") == 1
     for result in ("2xx", "3xx", "4xx", "5xx", "error"):
         assert ("sdqueue_webhook_attempts_total", frozenset({("result", result)})) in after
     assert value(after, "sdqueue_metrics_source_up", source="database") == 1
     assert value(after, "sdqueue_metrics_source_up", source="broker") == 1
-    assert value(after, "sdqueue_api_requests_total", method="POST", route="/v1/jobs", status="201") == 3
+    assert value(after, "sdqueue_api_requests_total", method="POST", route="/v1/jobs", status="201") == 4
     assert value(after, "sdqueue_api_requests_total", method="GET", route="/v1/jobs", status="401") == 1
     assert value(after, "sdqueue_api_requests_total", method="GET", route="/metrics", status="200") == 1
     assert value(after, "sdqueue_api_request_seconds_count", method="DELETE", route="/v1/jobs/{job_id}") == 1

@@ -12,7 +12,7 @@ import pytest
 
 from models.errors import JobError
 from models.workers import list_workers
-from tests.conftest import failing_unet, small, wait_for
+from tests.conftest import failing_unet, interactive_queue, small, wait_for
 
 TIMEOUT = 180
 
@@ -114,7 +114,7 @@ def test_the_same_error_on_different_jobs_in_a_row_is_the_hosts_when_others_succ
         done = str(uuid.uuid4())
         with client.db.session() as session:  # its row, as the producer writes it (no message: no one else runs it)
             session.add(Job(id=done, mode="txt2img", params=small(prompt="done elsewhere"), seed=1, width=256,
-                            height=256, num_inference_steps=3, num_images=1, queue=settings.queue))
+                            height=256, num_inference_steps=3, num_images=1, queue=interactive_queue(settings)))
         with client.db.session() as session:
             job, _ = jobs.claim(session, done, "other-worker", "tiny", lease_seconds=30, max_attempts=3)
             lease = jobs.lease_of(job)

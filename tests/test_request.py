@@ -85,6 +85,7 @@ def test_defaults_follow_the_request_table():
     assert request.parameters() == {
         "prompt": "a cat", "negative_prompt": "", "num_images": 1, "num_inference_steps": 25,
         "guidance_scale": 7.5, "strength": 0.8, "width": 768, "height": 768, "seed": None, "use_compel": False,
+        "model": None,
     }
     assert request.mode == "txt2img"
     assert len(SIZES) == 13

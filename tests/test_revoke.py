@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from models.events import Subscription
-from tests.conftest import BUCKET, gated_unet, small, wait_for
+from tests.conftest import BUCKET, gated_unet, interactive_queue, small, wait_for
 from tests.servers import s3_client, stop_process_group
 
 TIMEOUT = 240
@@ -100,7 +100,7 @@ def test_a_revoked_queued_job_is_cancelled_and_no_worker_started_later_runs_it(s
     assert record["error"] == REVOKED and record["attempts"] == 0 and record["images"] == []
     broker = redis.Redis.from_url(settings.broker_url)
     try:
-        assert broker.llen(settings.queue) == 1  # its message still waits: the database decides below
+        assert broker.llen(interactive_queue(settings)) == 1  # its message still waits: the database decides below
         # 2. a worker started later (a new process: Celery's revoked set is empty) takes the message
         #    and drops it, since the job is cancelled; a job sent after it runs
         proc, log = start_sdqueue_worker(tmp_path)
@@ -110,7 +110,7 @@ def test_a_revoked_queued_job_is_cancelled_and_no_worker_started_later_runs_it(s
             assert after["state"] == "succeeded", (tmp_path / "later-worker.log").read_text()[-3000:]
             wait_for(lambda: f"job {job_id} not run: it is cancelled" in (tmp_path / "later-worker.log").read_text(),
                      timeout=TIMEOUT)
-            wait_for(lambda: broker.llen(settings.queue) == 0 and not any(
+            wait_for(lambda: broker.llen(interactive_queue(settings)) == 0 and not any(
                 job_id.encode() in raw for raw in broker.hvals("unacked")), timeout=TIMEOUT)
         finally:
             stop_process_group(proc, timeout=60)

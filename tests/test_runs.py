@@ -20,7 +20,7 @@ from models.tables import Job, JobState, Run
 from producer.cli import main
 from producer.runs.enqueue import enqueue_run
 from producer.runs.manifest import load_manifest
-from tests.conftest import small, wait_for, waiting_job_ids
+from tests.conftest import interactive_queue, small, wait_for, waiting_job_ids
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -54,9 +54,9 @@ def test_a_manifest_run_twice_enqueues_each_job_once(client, settings, tmp_path)
     assert all(job.priority == "bulk" and job.state == "queued" and job.enqueued_at is not None for job in jobs)
     assert {job.params["width"] for job in jobs} == {256}  # the options are the rows' defaults
     assert sorted(job.seed for job in jobs if job.params["prompt"] != "the same") == list(range(300))
-    sent = messages(settings, queue_for(settings.queue, "bulk"))
+    sent = messages(settings, queue_for(settings.queue, "bulk", settings.default_model))
     assert set(sent) == {job.id for job in jobs} and max(sent.values()) == 1
-    assert messages(settings, settings.queue) == Counter()  # nothing on the interactive queue
+    assert messages(settings, interactive_queue(settings)) == Counter()  # nothing on the interactive queue
 
     # the file grows: it is another source now, refused; with --append only the new row is enqueued
     write_jsonl(manifest, rows + [{"prompt": "one more"}])
@@ -105,7 +105,7 @@ def test_an_enqueue_stopped_halfway_resumes_with_every_row_once(client, settings
     assert len(jobs) == total and sorted(job.seed for job in jobs) == list(range(total))
     through = sent_through(client, name)  # none left written but never sent
     assert through is not None and all(job.created_at <= through for job in jobs)
-    sent = messages(settings, queue_for(settings.queue, "bulk"))
+    sent = messages(settings, queue_for(settings.queue, "bulk", settings.default_model))
     assert set(sent) == {job.id for job in jobs}
     # A batch sent but not yet marked when it stopped is sent again: its second delivery finds
     # the job claimed or ended and is dropped (tests/test_leases.py); never more than one batch.
@@ -126,7 +126,7 @@ def test_rows_written_but_not_sent_are_sent_by_the_next_enqueue(client, settings
 
     report = enqueue_run(client, "unsent", manifest, progress=False, batch_size=10)
     assert report is not None and (report.inserted, report.sent) == (15, 25)
-    assert set(messages(settings, queue_for(settings.queue, "bulk"))) == {job.id for job in run_jobs(client, "unsent")}
+    assert set(messages(settings, queue_for(settings.queue, "bulk", settings.default_model))) == {job.id for job in run_jobs(client, "unsent")}
 
 
 def test_a_manifest_with_bad_rows_is_refused_whole_or_skipped(client, settings, tmp_path, capsys):

@@ -332,7 +332,7 @@ def assert_sent_once(settings, jobs: list[Job]) -> None:  # type: ignore[no-unty
     """Every job marked sent, and no message twice in its queue. (Not "every message still
     there": another test session starting on the same Redis database flushes it.)"""
     assert jobs and all(job.enqueued_at is not None for job in jobs)
-    sent = waiting_job_ids(settings.broker_url, queue_for(settings.queue, "bulk"))
+    sent = waiting_job_ids(settings.broker_url, queue_for(settings.queue, "bulk", settings.default_model))
     assert set(sent) <= {job.id for job in jobs} and all(n == 1 for n in sent.values())
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from models.constants import worker_queues
 from models.jobs import Lease
 from models.storage import S3Storage
 from tests.conftest import counting_unet_calls, small, wait_for
@@ -189,7 +190,7 @@ def test_images_wait_in_the_spool_while_s3_is_down(settings_env, private_s3, mon
     try:
         with counting_unet_calls(engine) as calls, start_worker(
                 app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=120,
-                queues=[settings.queue]):
+                queues=worker_queues(settings.queue, settings.model)):
             private_s3.stop()
             job_ids = [client.submit(small(prompt=f"a lighthouse {i}", seed=i, num_inference_steps=3)) for i in range(6)]
             wait_for(lambda: len(engine.spool), timeout=TIMEOUT)

@@ -21,7 +21,7 @@ from models.storage import object_key_for
 from models.sweep import Sweeper, SweepReport
 from models.tables import Job, Upload, utcnow
 from models.workers import forget, list_workers, publish_status
-from tests.conftest import small, wait_for
+from tests.conftest import interactive_queue, small, wait_for
 from tests.servers import free_port
 
 TIMEOUT = 180
@@ -58,7 +58,7 @@ def test_expired_leases_go_back_to_the_queue_and_run(settings, client, worker):
     sent: list[str] = []
     report = sweeper(client, sent).sweep()
     # (with what earlier tests left behind: the database is the session's)
-    assert ghost_id in report.expired and (ghost_id, f"{settings.queue}-nobody") in sent  # to its own queue
+    assert ghost_id in report.expired and (ghost_id, f"{settings.queue}-nobody.tiny") in sent  # to its own queue
     assert client.get(ghost_id)["state"] == "queued"
     client.send([ghost_id])  # what a sweeper sends, to this test's queue where the worker listens
     record = client.wait(ghost_id, timeout=TIMEOUT)
@@ -69,18 +69,18 @@ def test_expired_leases_go_back_to_the_queue_and_run(settings, client, worker):
 def test_queued_jobs_whose_message_was_lost_are_sent_again(settings, client):
     lost, kept, fresh = (client.submit(small(prompt=f"job {i}")) for i in range(3))
     r = redis.Redis.from_url(settings.broker_url)
-    messages = r.lrange(settings.queue, 0, -1)
+    messages = r.lrange(interactive_queue(settings), 0, -1)
     assert len(messages) == 3
-    assert broker.live_job_ids(settings, settings.queue) >= {lost, kept, fresh}
+    assert broker.live_job_ids(settings, interactive_queue(settings)) >= {lost, kept, fresh}
     # the broker loses `lost`'s message (e.g. Redis restarted empty after it was sent)
-    r.delete(settings.queue)
-    r.lpush(settings.queue, *[m for m in messages if lost.encode() not in m])
+    r.delete(interactive_queue(settings))
+    r.lpush(interactive_queue(settings), *[m for m in messages if lost.encode() not in m])
     r.close()
     for job_id in (lost, kept):
         age(client, job_id, 3600)
     sent: list[str] = []
     report = sweeper(client, sent, requeue_after=60).sweep()
-    assert lost in report.resent and (lost, settings.queue) in sent
+    assert lost in report.resent and (lost, interactive_queue(settings)) in sent
     assert kept not in report.resent and fresh not in report.resent  # `fresh` has not waited long enough
     with client.db.session() as session:
         assert jobs.get_job(session, lost).enqueued_at > utcnow() - timedelta(seconds=60)
@@ -127,12 +127,12 @@ def test_a_message_taken_by_a_worker_that_died_before_claiming_is_sent_again(set
         # both messages taken by a worker (kombu moves them to `unacked`): `taken` 10 minutes ago by
         # a worker that died before claiming its job, `held` just now by a live one
         for job_id, when in ((taken, time.time() - 600), (held, time.time())):
-            raw = next(m for m in r.lrange(settings.queue, 0, -1) if job_id.encode() in m)
-            r.lrem(settings.queue, 1, raw)
+            raw = next(m for m in r.lrange(interactive_queue(settings), 0, -1) if job_id.encode() in m)
+            r.lrem(interactive_queue(settings), 1, raw)
             tag = f"tag-{job_id}"
-            r.hset("unacked", tag, json.dumps([json.loads(raw), "", settings.queue]))
+            r.hset("unacked", tag, json.dumps([json.loads(raw), "", interactive_queue(settings)]))
             r.zadd("unacked_index", {tag: when})
-        live = broker.live_job_ids(settings, settings.queue)
+        live = broker.live_job_ids(settings, interactive_queue(settings))
         assert held in live and taken not in live
         for job_id in (taken, held):
             age(client, job_id, 3600)
@@ -148,12 +148,12 @@ def test_a_message_taken_by_a_worker_that_died_before_claiming_is_sent_again(set
 
 # Leases that ran out while their worker lived (PostgreSQL down: heartbeats could not renew them).
 
-def running_job(db, owner: str, queue: str) -> str:  # type: ignore[no-untyped-def]
+def running_job(db, owner: str, settings) -> str:  # type: ignore[no-untyped-def]
     """A job row (no message sent) claimed by `owner`, whose lease expired 5 s ago."""
     from models.request import parse_request
     from producer.bulk import job_row
 
-    values = job_row(parse_request(small(prompt=f"held by {owner}")), base_queue=queue, priority="interactive",
+    values = job_row(parse_request(small(prompt=f"held by {owner}")), settings=settings, priority="interactive",
                      storage=None)  # type: ignore[arg-type]  (no input image: storage is not used)
     values.update(state="running", lease_owner=owner, lease_token=1, attempts=1, enqueued_at=utcnow(),
                   started_at=utcnow(), lease_expires_at=utcnow() - timedelta(seconds=5))
@@ -185,7 +185,7 @@ def drop_queue(settings) -> None:  # type: ignore[no-untyped-def]
 
 def test_a_lease_whose_worker_still_publishes_its_status_is_not_taken(settings, client):
     owner = f"live-{uuid.uuid4().hex[:8]}"
-    job_id = running_job(client.db, owner, settings.queue)
+    job_id = running_job(client.db, owner, settings)
     sent: list[str] = []
     try:
         # its worker lives (it publishes its status) but could not renew its lease
@@ -199,7 +199,7 @@ def test_a_lease_whose_worker_still_publishes_its_status_is_not_taken(settings, 
         wait_for(lambda: owner not in {status["name"] for status in list_workers(settings)}, timeout=60, step=0.2)
         report = SweepReport()
         sweeper(client, sent).requeue_expired(report)
-        assert job_id in report.expired and (job_id, settings.queue) in sent
+        assert job_id in report.expired and (job_id, interactive_queue(settings)) in sent
         assert state_of(client.db, job_id) == "queued"
     finally:
         forget(settings, owner)
@@ -207,7 +207,7 @@ def test_a_lease_whose_worker_still_publishes_its_status_is_not_taken(settings, 
 
 
 def test_no_lease_is_taken_while_the_worker_registry_cannot_be_read(settings, client, caplog):
-    job_id = running_job(client.db, f"dead-{uuid.uuid4().hex[:8]}", settings.queue)
+    job_id = running_job(client.db, f"dead-{uuid.uuid4().hex[:8]}", settings)
     sent: list[str] = []
     try:
         cut_off = sweeper(client, sent, broker_url=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
@@ -227,7 +227,7 @@ def test_no_lease_is_taken_while_the_worker_registry_cannot_be_read(settings, cl
 
 def test_with_the_in_process_broker_the_database_alone_decides(settings, client):
     owner = f"live-{uuid.uuid4().hex[:8]}"
-    job_id = running_job(client.db, owner, settings.queue)
+    job_id = running_job(client.db, owner, settings)
     try:
         assert publish_status(settings, {"name": owner}, ttl=60)  # a registry the demo's sweeper has no access to
         report = SweepReport()
@@ -305,7 +305,7 @@ def test_the_sweep_command_waits_a_lease_after_the_database_started(settings, pr
 
     server, url = private_postgres
     db = Database(url)
-    job_id = running_job(db, f"dead-{uuid.uuid4().hex[:8]}", settings.queue)
+    job_id = running_job(db, f"dead-{uuid.uuid4().hex[:8]}", settings)
     sweep: subprocess.Popen | None = None
     try:
         server.restart()  # a restart the sweep never saw (the CronJob starts after it)
@@ -333,7 +333,7 @@ def test_the_sweep_command_started_during_an_outage_waits_it_out_then_a_lease(se
 
     server, url = private_postgres
     db = Database(url)
-    job_id = running_job(db, f"dead-{uuid.uuid4().hex[:8]}", settings.queue)
+    job_id = running_job(db, f"dead-{uuid.uuid4().hex[:8]}", settings)
     sweep: subprocess.Popen | None = None
     try:
         server.stop()

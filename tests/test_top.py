@@ -43,7 +43,7 @@ def clean_queues(settings) -> Iterator[None]:  # type: ignore[no-untyped-def]
     from models.constants import worker_queues
 
     redis = redis_client(settings)
-    redis.delete(*worker_queues(settings.queue))
+    redis.delete(*worker_queues(settings.queue, settings.model), *worker_queues(settings.queue, "sd21-base"))
     redis.close()
 
 
@@ -104,8 +104,8 @@ def test_top_shows_the_worker_what_it_runs_and_the_queues(settings, client, work
         assert "tiny on cpu float32 (continuous)  held 1  waiting 0  done 0" in frame
         assert "loop 256x256: 1 job(s), 1 sample(s)" in frame
         assert re.search(rf"{job_id}  x1  \[[#.]{{10}}\] step {GATE_AFTER}/60", frame), frame
-        assert re.search(rf"^  {re.escape(settings.queue)} +\d+$", frame, re.M), frame
-        assert re.search(rf"^  {re.escape(settings.queue)}\.bulk +\d+$", frame, re.M), frame
+        assert re.search(rf"^  {re.escape(settings.queue)}\.tiny +\d+$", frame, re.M), frame
+        assert re.search(rf"^  {re.escape(settings.queue)}\.tiny\.bulk +\d+$", frame, re.M), frame
         assert re.search(r"^JOBS .*running [1-9]", frame, re.M), frame
         assert "RUNS IN PROGRESS" in frame
 
@@ -184,21 +184,27 @@ def test_top_once_without_workers_counts_queues_and_jobs(settings, client, clean
 
     interactive = [client.submit(small(prompt="a cat")) for _ in range(2)]
     bulk = client.submit(small(prompt="a dog"), priority="bulk")
+    # a model no worker serves: its job waits in its own queue, counted by model
+    other = client.submit(small(prompt="a sofa", model="sd21-base"))
     try:
         once = sdqueue("top", "--json")
         assert once.returncode == 0, once.stderr
         frame = json.loads(once.stdout)
         assert frame["errors"] == {} and frame["workers"] == []
-        assert frame["queues"] == {settings.queue: 2, f"{settings.queue}.bulk": 1}
-        assert frame["jobs"]["counts"]["queued"] >= 3 and frame["jobs"]["oldest_queued_s"] >= 0
+        q = settings.queue
+        assert frame["queues"] == {f"{q}.sd21-base": 1, f"{q}.tiny": 2, f"{q}.tiny.bulk": 1}
+        assert frame["jobs"]["counts"]["queued"] >= 4 and frame["jobs"]["oldest_queued_s"] >= 0
+        assert frame["jobs"]["queued_by_model"]["sd21-base"] >= 1 and frame["jobs"]["queued_by_model"]["tiny"] >= 3
         text = sdqueue("top", "--once").stdout
         assert "WORKERS 0" in text and "  none (a worker publishes" in text
-        assert re.search(rf"^  {re.escape(settings.queue)}\.bulk +1$", text, re.M), text
+        assert re.search(rf"^  {re.escape(q)}\.tiny\.bulk +1$", text, re.M), text
+        assert re.search(rf"^  {re.escape(q)}\.sd21-base +1$", text, re.M), text
+        assert re.search(r"^  queued by model: .*sd21-base [1-9]", text, re.M), text
         with pytest.raises(SystemExit) as refused:  # argparse's usage error, as for nan
             main(["top", "--once", "--interval", "0"])
         assert refused.value.code == 2
     finally:
-        for job_id in [*interactive, bulk]:
+        for job_id in [*interactive, bulk, other]:
             client.cancel(job_id)
 
 

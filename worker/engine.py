@@ -44,6 +44,7 @@ from models.events import Publisher
 from models.images import pixel_sha256
 from models.logs import about
 from models.outage import OutageTooLong, wait_out
+from models.registry import model_key
 from models.settings import Settings
 from models.storage import Storage, object_key_for
 from models.tables import Batch, Image, utcnow
@@ -258,7 +259,7 @@ class Engine:
             return  # not serving: nothing to send with
         for priority in sorted({w.priority for w in works}):
             self.send_again([w.job_id for w in works if w.priority == priority],
-                            queue_for(self.settings.queue, priority))
+                            queue_for(self.settings.queue, priority, model_key(self.settings.model)))
 
     # --- leases -----------------------------------------------------------------------------------
 
@@ -909,7 +910,7 @@ class Engine:
     def _others_succeed(self, work: Work) -> bool:
         """Whether other workers of this deployment (its queues) recorded jobs like this one (same
         mode) in the last 10 minutes."""
-        queues = worker_queues(self.settings.queue) if self.settings is not None else []
+        queues = worker_queues(self.settings.queue, model_key(self.settings.model)) if self.settings is not None else []
         try:
             with self.db.session() as session:
                 return jobs.others_succeeded(session, self.hostname, work.key.mode, queues, minutes=10)

@@ -19,6 +19,7 @@ from typing import Any
 from celery.signals import setup_logging, worker_ready, worker_shutdown
 
 from models.constants import worker_queues
+from models.registry import model_key
 from models.db import Database
 from models.errors import ConfigError
 from models.logs import configure_logging, redirect_std_streams
@@ -56,8 +57,8 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
     model = engine.model
     log.info("model %s from %s (revision %s)", model.spec.name, model.source, model.revision or "-")
     worker_shutdown.connect(lambda **_: reset_context(), weak=False)
-    worker_ready.connect(lambda sender, **_: control_consuming(engine, sender, worker_queues(settings.queue)),
-                         weak=False)
+    queues = worker_queues(settings.queue, model_key(settings.model))  # its model's: interactive, then bulk
+    worker_ready.connect(lambda sender, **_: control_consuming(engine, sender, queues), weak=False)
 
     class Worker(app.Worker):  # type: ignore[name-defined,misc]
         def install_platform_tweaks(self, worker: Any) -> None:
@@ -73,7 +74,7 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
         # One process per GPU; its threads each hold one job, and the engine batches them.
         pool_cls="threads",
         concurrency=settings.worker_slots,
-        queues=worker_queues(settings.queue),  # interactive and bulk: kombu alternates between them
+        queues=queues,  # interactive and bulk: kombu alternates between them
         loglevel=loglevel,
         without_gossip=True,
         without_mingle=True,

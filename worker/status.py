@@ -17,6 +17,7 @@ import time
 from collections import deque
 from typing import Any
 
+from models.registry import model_key
 from models.settings import Settings
 from models.workers import WorkerRegistry
 
@@ -53,7 +54,7 @@ class StatusReporter:
             "name": engine.hostname,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "model": model.spec.name,
+            "model": model_key(self.settings.model),  # its key: what its queues are named by
             "device": model.device,
             "dtype": model.dtype_name,
             "batching": engine.batching,

@@ -30,7 +30,7 @@ from celery.exceptions import Reject
 from sqlalchemy import select
 
 from models import jobs
-from models.constants import GENERATE_MANY_TASK, GENERATE_TASK
+from models.constants import GENERATE_MANY_TASK, GENERATE_TASK, queue_for
 from models.db import Database
 from models.errors import JobError, JobNotFound
 from models.logs import job_context
@@ -38,7 +38,8 @@ from models.outage import OutageTooLong, wait_out
 from models.settings import Settings
 from models.storage import Storage, open_storage
 from models.sweep import Sweeper
-from models.tables import JobState, Run
+from models.registry import model_key
+from models.tables import JobState, Priority, Run
 from models.workers import healthy_workers, live_worker_names
 from worker import metrics
 from worker.app import app
@@ -78,7 +79,8 @@ class WorkerContext:
             window=settings.batch_window_ms / 1000, bulk_share=settings.bulk_share, batching=settings.batching,
         )
         engine.unet_call = model.compile(settings, engine.budget.default)
-        send = partial(send_jobs, default_queue=settings.queue)
+        send = partial(send_jobs, default_queue=queue_for(settings.queue, Priority.INTERACTIVE.value,
+                                                          model_key(settings.model)))
         engine.serve(settings, send)
         sweeper = PeriodicSweeper(Sweeper(settings, db, storage, send), settings)
         return cls(settings, db, storage, engine, sweeper, metrics.serve(settings, engine))
@@ -184,7 +186,8 @@ def _claim_all(ctx: WorkerContext, job_ids: list[str], queue: str | None
     leave to other workers. The plainly queued jobs take one statement (`jobs.claim_queued`); each
     other one goes through `jobs.claim`, which decides. Once some are claimed, a database that stays
     away leaves the rest to other workers, unclaimed."""
-    owner, model, settings = ctx.engine.hostname, ctx.engine.model.spec.name, ctx.settings
+    owner, settings = ctx.engine.hostname, ctx.settings
+    model = model_key(settings.model)
     what = f"job {job_ids[0]}" if len(job_ids) == 1 else f"{len(job_ids)} jobs of one message"
     rows = wait_out(lambda: jobs.claim_queued(ctx.db, job_ids, owner, model, lease_seconds=settings.lease_seconds,
                                               max_attempts=settings.max_attempts),
@@ -277,7 +280,8 @@ def _run_name(ctx: WorkerContext, run_id: str | None) -> str | None:
 
 def _claim(ctx: WorkerContext, job_id: str) -> Any:
     """`jobs.claim` of a job the one statement did not claim: the claimed row, or why it was not claimed."""
-    owner, model, settings = ctx.engine.hostname, ctx.engine.model.spec.name, ctx.settings
+    owner, settings = ctx.engine.hostname, ctx.settings
+    model = model_key(settings.model)
     with ctx.db.session() as session:
         job, why = jobs.claim(session, job_id, owner, model, lease_seconds=settings.lease_seconds,
                               max_attempts=settings.max_attempts,

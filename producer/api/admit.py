@@ -41,7 +41,7 @@ def enqueue(shared: Backend, who: Caller, requests: list[GenerationRequest], *, 
     client.sender  # noqa: B018
     # 2. the rows' values, seeds drawn; the inputs kept aside
     inputs = _Inputs()
-    values = [job_row(request, base_queue=shared.settings.queue, priority=priority, storage=inputs,  # type: ignore[arg-type]
+    values = [job_row(request, settings=shared.settings, priority=priority, storage=inputs,  # type: ignore[arg-type]
                       api_key_id=who.key_id, webhook_url=webhook_url, webhook_events=webhook_events)
               for request in requests]
     single = len(values) == 1

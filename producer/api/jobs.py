@@ -110,14 +110,14 @@ def read_submitted(shared: Backend, job_ids: list[str], prefix: str) -> list[dic
 
 # -- what a submit asks for ----------------------------------------------------------------------
 
-def parse_fields(fields: dict[str, Any], where: str = "") -> tuple[GenerationRequest | None, list[str]]:
+def parse_fields(fields: dict[str, Any], settings: Settings, where: str = "") -> tuple[GenerationRequest | None, list[str]]:
     """A request from JSON or form fields (image as base64 or bytes); the problems, each named."""
     fields = dict(fields)
     problems = decode_image(fields, where)
     if problems:
         fields.pop("image")
     try:
-        request = parse_request(fields)
+        request = parse_request(fields, settings)
     except InvalidRequest as exc:
         return None, problems + [where + problem for problem in exc.problems]
     return (None if problems else request), problems
@@ -178,7 +178,7 @@ def read_submission(data: Any, who: Caller, settings: Settings) -> tuple[Generat
         parse_request(data)  # raises, naming what was sent instead of an object
     fields = {k: v for k, v in data.items() if k not in OPTIONS}
     options, problems = job_options(data, who, settings)
-    request, request_problems = parse_fields(fields)
+    request, request_problems = parse_fields(fields, settings)
     if request is None or problems:
         raise InvalidRequest(request_problems + problems)
     return request, options
@@ -202,7 +202,7 @@ def read_batch(data: Any, who: Caller, settings: Settings) -> tuple[list[Generat
             if not isinstance(item, dict):
                 problems.append(f"requests[{index}]={repr(item)[:60]}: must be an object of request fields")
                 continue
-            request, item_problems = parse_fields(item, f"requests[{index}].")
+            request, item_problems = parse_fields(item, settings, f"requests[{index}].")
             problems += item_problems
             if request is not None:
                 requests.append(request)

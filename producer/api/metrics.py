@@ -29,9 +29,9 @@ from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import metrics as names
-from models.broker import queue_depth
-from models.constants import queue_for
-from models.jobs import aware
+from models.broker import model_queue_depths
+from models.jobs import aware, queued_by_model
+from models.registry import model_key
 from models.tables import Job, JobState, Priority, WebhookAttempt, WebhookDelivery
 from producer.api.app import Backend
 from producer.api.errors import hide_secrets
@@ -79,6 +79,7 @@ class StateCollector:
                 select(WebhookDelivery.state, func.count()).group_by(WebhookDelivery.state)).all())
             attempts = session.execute(
                 select(WebhookAttempt.status_code, func.count()).group_by(WebhookAttempt.status_code)).all()
+            by_model = queued_by_model(session)
         counts = {(state, priority): count for state, priority, count, _ in jobs}
         family = GaugeMetricFamily(names.JOBS.name, names.JOBS.help, labels=names.JOBS.labels)
         for state in sorted({s.value for s in JobState} | {s for s, _ in counts}):
@@ -91,6 +92,11 @@ class StateCollector:
         for priority in sorted({p.value for p in Priority} | set(oldest)):
             first = oldest.get(priority)
             family.add_metric([priority], max(0.0, (now - first).total_seconds()) if first is not None else 0.0)
+        yield family
+        family = GaugeMetricFamily(names.QUEUED_BY_MODEL.name, names.QUEUED_BY_MODEL.help,
+                                   labels=names.QUEUED_BY_MODEL.labels)
+        for model in sorted(set(by_model) | {model_key(self.shared.settings.default_model)}):
+            family.add_metric([model], by_model.get(model, 0))
         yield family
         family = GaugeMetricFamily(names.WEBHOOK_DELIVERIES.name, names.WEBHOOK_DELIVERIES.help,
                                    labels=names.WEBHOOK_DELIVERIES.labels)
@@ -108,11 +114,10 @@ class StateCollector:
         yield family
 
     def _broker(self) -> Iterator[Metric]:
-        base = self.shared.settings.queue
+        settings = self.shared.settings
         family = GaugeMetricFamily(names.QUEUE_DEPTH.name, names.QUEUE_DEPTH.help, labels=names.QUEUE_DEPTH.labels)
-        for priority in (Priority.INTERACTIVE.value, Priority.BULK.value):
-            queue = queue_for(base, priority)
-            family.add_metric([queue, priority], queue_depth(self.shared.redis, queue))
+        for queue in model_queue_depths(self.shared.redis, settings.queue, [model_key(settings.default_model)]):
+            family.add_metric([queue["name"], queue["priority"], queue["model"]], queue["depth"])
         yield family
 
 

@@ -33,12 +33,11 @@ from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, lazyload
 
-from models.broker import queue_depth
+from models.broker import model_queue_depths
 from models.counts import read_counts
-from models.constants import queue_for
 from models.errors import InvalidRequest, RunNotFound
-from models.jobs import aware, job_record
-from models.registry import REGISTRY, built_models_dir
+from models.jobs import aware, job_record, queued_by_model
+from models.registry import REGISTRY, built_models_dir, model_key
 from models.request import parse_request
 from models.tables import STATES, Batch, Image, Job, JobState, Priority, Run
 from models.text import refused_character
@@ -99,12 +98,13 @@ def overview(shared: Backend, who: Caller, search: Search) -> dict[str, Any]:
     workers, workers_error = _from_broker(lambda: live_workers(shared, who))
     with shared.client.db.session() as session:
         counts = job_counts(session, who)
+        by_model = queued_by_model(session) if who.sees_all else {}  # every key's jobs: an operator's view
         runs = visible_runs(session, who, RUNS_SHOWN)
     # in a session of its own: a search that PostgreSQL gives up on ends its transaction
     with shared.client.db.session() as session:
         jobs = job_list(session, who, search)
     return {"queues": queues, "queues_error": queues_error, "workers": workers, "workers_error": workers_error,
-            "counts": counts, "jobs": jobs, "search": search, "states": STATES, "runs": runs,
+            "counts": counts, "queued_by_model": by_model, "jobs": jobs, "search": search, "states": STATES, "runs": runs,
             "search_most": SEARCH_MOST}
 
 
@@ -116,10 +116,8 @@ def _from_broker(read: Any) -> tuple[Any, str | None]:
 
 
 def queue_depths(shared: Backend) -> list[dict[str, Any]]:
-    base = shared.settings.queue
-    return [{"name": queue_for(base, priority), "priority": priority,
-             "depth": queue_depth(shared.redis, queue_for(base, priority))}
-            for priority in (Priority.INTERACTIVE.value, Priority.BULK.value)]
+    settings = shared.settings
+    return model_queue_depths(shared.redis, settings.queue, [model_key(settings.default_model)])
 
 
 def live_workers(shared: Backend, who: Caller) -> list[dict[str, Any]] | None:
@@ -399,7 +397,7 @@ def submit_again(shared: Backend, who: Caller, job_id: str) -> str:
     if input_key is not None:
         fields["image"] = shared.client.storage.get(input_key)
     try:
-        request = parse_request(fields)
+        request = parse_request(fields, shared.settings)
     except InvalidRequest as exc:  # a row from an older sdqueue, say, whose fields have changed since
         raise InvalidRequest([f"job {job_id} cannot be submitted again: {p}" for p in exc.problems]) from None
     # 3. stored, counted against the caller's cap and written at once, then sent

@@ -137,9 +137,9 @@ class RunOptions:
     defaults: dict[str, Any]
 
 
-def read_options(raw: dict[str, str], who: Caller) -> RunOptions:
+def read_options(raw: dict[str, str], who: Caller, settings: Any) -> RunOptions:
     """The options of a POST (query parameters and form fields, as text); InvalidRequest naming
-    each one that is wrong."""
+    each one that is wrong. `settings`: the deployment's, which a default model is checked against."""
     problems: list[str] = []
     name = raw.get("name")
     if name is None:
@@ -164,7 +164,7 @@ def read_options(raw: dict[str, str], who: Caller) -> RunOptions:
         problems.append(f"priority={quoted(priority)}: must be one of {', '.join(allowed)}")
     elif who.bulk_only and priority != Priority.BULK.value:
         problems.append(f"priority={priority!r}: this API key submits bulk jobs only (leave priority out, or say bulk)")
-    defaults, default_problems = read_defaults(raw.get("defaults"))
+    defaults, default_problems = read_defaults(raw.get("defaults"), settings)
     problems += default_problems
     if problems:
         raise InvalidRequest(problems)
@@ -173,7 +173,7 @@ def read_options(raw: dict[str, str], who: Caller) -> RunOptions:
                       priority, defaults)
 
 
-def read_defaults(text: str | None) -> tuple[dict[str, Any], list[str]]:
+def read_defaults(text: str | None, settings: Any) -> tuple[dict[str, Any], list[str]]:
     """`defaults`: a JSON object of request fields, checked as `sdqueue run` checks its options."""
     if text is None or not text.strip():
         return {}, []
@@ -188,7 +188,7 @@ def read_defaults(text: str | None) -> tuple[dict[str, Any], list[str]]:
                 for name in defaults if name not in DEFAULT_FIELDS]
     if not problems:
         try:
-            parse_request({"prompt": "-", **defaults})  # a bad default is refused once, not once per row
+            parse_request({"prompt": "-", **defaults}, settings)  # a bad default is refused once, not once per row
         except InvalidRequest as exc:
             problems += [f"defaults.{problem}" for problem in exc.problems]
     return defaults, problems
@@ -213,13 +213,13 @@ def _declared_over(request: Request, bound: int) -> bool:
     return declared.isdigit() and int(declared) > bound
 
 
-async def spool(request: Request, folder: Path, who: Caller) -> Upload:
+async def spool(request: Request, folder: Path, who: Caller, settings: Any) -> Upload:
     """The manifest of a POST in `folder`, and its options; nothing of it is read into memory."""
     raw = {name: request.query_params[name] for name in OPTIONS if name in request.query_params}
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == "multipart/form-data":
-        return await _spool_form(request, folder, raw, who)
-    options = read_options(raw, who)  # refused before the body is read
+        return await _spool_form(request, folder, raw, who, settings)
+    options = read_options(raw, who, settings)  # refused before the body is read
     fmt = options.format or MEDIA_TYPES.get(media)
     if fmt is None:
         raise UnknownFormat(f"Content-Type {media or '(none)'!r} is no manifest format: send one of "
@@ -242,7 +242,7 @@ async def spool(request: Request, folder: Path, who: Caller) -> Upload:
     return Upload(path, "the body", options)
 
 
-async def _spool_form(request: Request, folder: Path, raw: dict[str, str], who: Caller) -> Upload:
+async def _spool_form(request: Request, folder: Path, raw: dict[str, str], who: Caller, settings: Any) -> Upload:
     bound = MAX_MANIFEST_BYTES + FORM_OVERHEAD
     if _declared_over(request, bound):
         raise ManifestTooLarge("manifest", MAX_MANIFEST_BYTES)
@@ -275,7 +275,7 @@ async def _spool_form(request: Request, folder: Path, raw: dict[str, str], who: 
         assert part is not None
     finally:
         await form.close()
-    options = read_options(raw, who)
+    options = read_options(raw, who, settings)
     fmt = options.format or guessed
     if fmt is None:
         raise UnknownFormat(f"file {shown!r}: its name's suffix and its type name no manifest format: give "
@@ -310,7 +310,7 @@ def make_run(shared: Backend, who: Caller, upload: Upload, prefix: str) -> Answe
     options = upload.options
     # 1. every row read and validated before anything is written; the upload may name no file
     try:
-        manifest = load_manifest(upload.path, options.defaults, files=False)
+        manifest = load_manifest(upload.path, options.defaults, files=False, settings=shared.settings)
     except ManifestError as exc:
         raise InvalidRequest([str(exc).replace(str(upload.path), upload.shown)]) from None
     except SpoolFailed as exc:  # this host's temporary disk, not the manifest
@@ -573,7 +573,7 @@ async def create_run(request: Request, who: Caller = Depends(caller), shared: Ba
     folder = Path(await run_in_threadpool(tempfile.mkdtemp, None, "sdqueue-upload-"))
     try:
         # 2. the upload, in a private file, within its bound; 3. read, checked, written
-        upload = await spool(request, folder, who)
+        upload = await spool(request, folder, who, shared.settings)
         answer = await run_in_threadpool(make_run, shared, who, upload, root(request))
     finally:
         await run_in_threadpool(shutil.rmtree, folder, True)

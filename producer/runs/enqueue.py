@@ -240,7 +240,7 @@ def _values(client: Client, run_id: str, rows: list[RunRow], priority: str,
     """The job rows of one batch of the manifest's rows (their img2img inputs stored first), all
     created (and to be sent) at one time."""
     now = utcnow()
-    return [job_row(row.request, base_queue=client.settings.queue, priority=row.priority or priority,
+    return [job_row(row.request, settings=client.settings, priority=row.priority or priority,
                     storage=client.storage, now=now, run_id=run_id, run_key=row.key, api_key_id=api_key_id,
                     enqueued_at=now)
             for row in rows]

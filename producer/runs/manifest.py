@@ -250,12 +250,14 @@ def load_manifest(
     fire_time: datetime | None = None,
     schedule: str | None = None,
     files: bool = True,
+    settings: Any = None,
 ) -> Manifest:
     """Read and validate every row of the manifest at `path`, by its suffix.
 
     `defaults` (request fields) fill the fields a row does not give; then the request schema's own
     defaults apply. `fire_time` and `schedule` fill a grid's placeholders. `files=False` for a
     manifest uploaded over HTTP: it may name no file on this host (a row's image, a prompts_file).
+    `settings`: the deployment's, against which a row's model is checked (models/request.py).
     """
     base_dir = path.parent if files else None
     suffix = path.suffix.lower()
@@ -266,14 +268,14 @@ def load_manifest(
         data = _read(path, MAX_GRID_BYTES)
         spec = parse_toml(path, data, ManifestError)
         return load_grid(spec, base_dir, defaults, fire_time=fire_time, schedule=schedule, source=str(path),
-                         sha256=hashlib.sha256(data).hexdigest())
+                         sha256=hashlib.sha256(data).hexdigest(), settings=settings)
     read = {".csv": _csv_rows, ".parquet": _parquet_rows}.get(suffix, _jsonl_rows)
     first: list[str] = []  # the first pass's sha256
 
     def scan() -> Iterator[RunRow | Rejected]:
         digest = hashlib.sha256()
         # JSON and CSV rows are JSON already; Parquet values may be bytes, times or decimals.
-        rows = _Rows(base_dir, defaults, plain_rejects=suffix == ".parquet")
+        rows = _Rows(base_dir, defaults, plain_rejects=suffix == ".parquet", settings=settings)
         try:
             yield from read(path, digest, rows)
         except UnreadableFile as exc:
@@ -286,7 +288,7 @@ def load_manifest(
             raise ManifestError(f"{path}: the file changed while it was read: nothing after its first "
                                 "pass can be trusted; run the command again")
 
-    return Manifest(str(path), scan, lambda: first[0], lambda: _Rows(base_dir, defaults))
+    return Manifest(str(path), scan, lambda: first[0], lambda: _Rows(base_dir, defaults, settings=settings))
 
 
 def load_grid(
@@ -298,6 +300,7 @@ def load_grid(
     schedule: str | None = None,
     source: str | None = None,
     sha256: str | None = None,
+    settings: Any = None,
 ) -> Manifest:
     """Expand a grid (the keys of a TOML grid file) into validated rows, outermost axis first:
     prompts, negative_prompts, sizes, guidance_scales, steps, num_images, seeds.
@@ -353,7 +356,7 @@ def load_grid(
 
     # 5. the rows, made again on each pass (TOML has dates and times, which a reject's row holds as text)
     def scan() -> Iterator[RunRow | Rejected]:
-        rows = _Rows(base_dir, defaults, plain_rejects=True)
+        rows = _Rows(base_dir, defaults, plain_rejects=True, settings=settings)
         try:
             for line, combination in enumerate(itertools.product(*axes), start=1):
                 row = dict(spec)
@@ -366,7 +369,7 @@ def load_grid(
         finally:
             rows.close()
 
-    return Manifest(source, scan, lambda: sha256, lambda: _Rows(base_dir, defaults))
+    return Manifest(source, scan, lambda: sha256, lambda: _Rows(base_dir, defaults, settings=settings))
 
 
 def check_depth(value: Any, where: str, bound: int = MAX_DEPTH) -> None:
@@ -445,8 +448,10 @@ def fill_placeholders(text: str, fire_time: datetime | None, schedule: str | Non
 class _Rows:
     """One pass's rows, validated one by one into good rows (with their keys) and rejects."""
 
-    def __init__(self, base_dir: Path | None, defaults: dict[str, Any] | None, *, plain_rejects: bool = False):
+    def __init__(self, base_dir: Path | None, defaults: dict[str, Any] | None, *, plain_rejects: bool = False,
+                 settings: Any = None):
         self.base_dir = base_dir  # None: the rows may name no file (an upload)
+        self.settings = settings  # the deployment's: what a row's model is checked against
         self.defaults = dict(defaults or {})
         self.plain_rejects = plain_rejects  # whether a rejected row needs _plain to be JSON
         self._keys = _KeyBook()  # every key given or derived so far, its first line; derived keys by digest
@@ -487,7 +492,7 @@ class _Rows:
                 problems.extend(exc.problems)
         # 3. the request
         try:
-            request = parse_request(values)
+            request = parse_request(values, self.settings)
         except InvalidRequest as exc:
             problems.extend(exc.problems)
         if problems:
@@ -498,7 +503,7 @@ class _Rows:
             request = request.model_copy(update={"image": data})
         # 4. the key
         if key is None:
-            key = self._derived_key(request)
+            key = self._derived_key(request, named_model="model" in values)
             first = self._keys.first_line(key, line)
             if first != line:
                 return self.reject(line, [f"derived key {key!r} repeats the key of line {first}"], row)
@@ -519,11 +524,16 @@ class _Rows:
             problems.append(f"key {_shown(key)} repeats line {first}")
         return key
 
-    def _derived_key(self, request: GenerationRequest) -> str:
+    def _derived_key(self, request: GenerationRequest, *, named_model: bool) -> str:
         """The sha256 of the request's parameters (and its image's sha256), cut to 24 hex digits,
         then how many earlier rows had the same: a duplicated row is two jobs, and rows added
-        elsewhere leave the others' keys alone."""
-        text = _KEY_JSON.encode(request.parameters())
+        elsewhere leave the others' keys alone. The model counts only where the row (or the
+        defaults) named it: a row that names none keeps its key whatever the deployment's default
+        (and the keys of runs made before requests named models)."""
+        parameters = request.parameters()
+        if not named_model:
+            parameters.pop("model")
+        text = _KEY_JSON.encode(parameters)
         if request.image is not None:
             text += "|" + self._check(request.image)
         digest = hashlib.sha256(text.encode()).hexdigest()[:24]

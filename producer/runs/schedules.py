@@ -162,21 +162,22 @@ class Schedule:
         assert self.grid is not None
         return "grid " + json.dumps(self.grid, sort_keys=True, default=str, ensure_ascii=False)
 
-    def manifest_for(self, slot: datetime, grid: dict[str, Any] | None = None) -> Manifest:
+    def manifest_for(self, slot: datetime, grid: dict[str, Any] | None = None, settings: Any = None) -> Manifest:
         """The slot's manifest: the file its placeholders name, or the inline grid (or `grid`
-        in its place) at its time."""
+        in its place) at its time; its rows' models checked against `settings`."""
         from producer.runs.manifest import fill_placeholders, load_grid, load_manifest
 
         fire_time = self.local(slot)
         if self.manifest is not None:
             where = f"schedule {self.name!r}: manifest"
             path = self.base_dir / fill_placeholders(self.manifest, fire_time, self.name, where=where)
-            return load_manifest(path, self.defaults or None, fire_time=fire_time, schedule=self.name)
+            return load_manifest(path, self.defaults or None, fire_time=fire_time, schedule=self.name,
+                                 settings=settings)
         grid = grid or self.grid
         assert grid is not None
         spec = json.dumps(grid, sort_keys=True, default=str).encode()
         return load_grid(grid, self.base_dir, self.defaults or None, fire_time=fire_time, schedule=self.name,
-                         source=self.grid_source, sha256=hashlib.sha256(spec).hexdigest())
+                         source=self.grid_source, sha256=hashlib.sha256(spec).hexdigest(), settings=settings)
 
     @property
     def grid_source(self) -> str:
@@ -190,7 +191,7 @@ def _repeated_wall_time(local: datetime) -> bool:
 
 
 # -- the schedules file ---------------------------------------------------------------------------
-def load_schedules(path: Path | str, *, check_sources: bool = True) -> list[Schedule]:
+def load_schedules(path: Path | str, *, check_sources: bool = True, settings: Any = None) -> list[Schedule]:
     """Read and validate a schedules file; ScheduleError names the schedule and what is wrong.
 
     With `check_sources`, each grid is built and each manifest path filled for the next slot, so a
@@ -223,7 +224,7 @@ def load_schedules(path: Path | str, *, check_sources: bool = True) -> list[Sche
             raise ScheduleError(f"{path}: schedule {schedule.name!r}: the name is used twice (names are unique)")
         seen.add(schedule.name)
         if check_sources:
-            check_source(schedule)
+            check_source(schedule, settings)
         schedules.append(schedule)
     return schedules
 
@@ -291,8 +292,9 @@ def parse_schedule(table: dict[str, Any], path: Path, number: int) -> Schedule:
     return schedule
 
 
-def check_source(schedule: Schedule) -> None:
-    """Defaults, grid and manifest path checked as the next firing would use them."""
+def check_source(schedule: Schedule, settings: Any = None) -> None:
+    """Defaults, grid and manifest path checked as the next firing would use them (models against
+    the deployment's `settings`)."""
     from models.errors import InvalidRequest
     from models.request import parse_request
     from producer.runs.manifest import SUFFIXES, ManifestError, fill_placeholders, format_rejects
@@ -300,7 +302,7 @@ def check_source(schedule: Schedule) -> None:
     where = f"{schedule.file}: schedule {schedule.name!r}"
     if schedule.defaults:
         try:
-            parse_request({"prompt": "defaults check", **schedule.defaults})
+            parse_request({"prompt": "defaults check", **schedule.defaults}, settings)
         except InvalidRequest as exc:
             raise ScheduleError(f"{where}: defaults: {'; '.join(exc.problems)}") from None
     slot = schedule.next_fire_times(1)[0]
@@ -315,7 +317,7 @@ def check_source(schedule: Schedule) -> None:
         del grid["prompts_file"]  # like a manifest, the prompts file may be written before its firing
         grid["prompts"] = ["a prompt"]
     try:
-        manifest = schedule.manifest_for(slot, grid)
+        manifest = schedule.manifest_for(slot, grid, settings)
     except (ManifestError, InvalidRequest) as exc:
         raise ScheduleError(f"{where}: grid: {str(exc).removeprefix(schedule.grid_source + ': ')}") from None
     if manifest.reject_count:
@@ -339,7 +341,7 @@ def fire(client: Client, schedule: Schedule, slot: datetime, *, resume: bool = F
     if not resume and run_exists(client.db, name):
         return None
     # 2. the manifest; a bad row refuses the whole firing
-    manifest = schedule.manifest_for(slot)
+    manifest = schedule.manifest_for(slot, settings=client.settings)
     if manifest.reject_count:
         raise ScheduleError(f"schedule {schedule.name!r}: firing {schedule.local(slot).isoformat()} refused, "
                             f"{manifest.reject_count} bad row(s) in {manifest.source}:\n"
@@ -589,8 +591,8 @@ def run_beat(path: Path | str, *, loglevel: str = "INFO") -> int:
     from producer.client import Client, make_sender
 
     # 1. the file and the settings, refused before anything runs
-    schedules = load_schedules(path)
     settings = load_settings()
+    schedules = load_schedules(path, settings=settings)
     if settings.in_process_broker:
         raise ConfigError("sdqueue beat enqueues through a broker workers share: "
                           "set SDQUEUE_BROKER_URL=redis://HOST:6379/0")
