@@ -104,7 +104,8 @@ def test_sdqueue_worker_serves_jobs_on_the_standin(settings_env, tmp_path, png_b
         ids = []
         for args in (["--num-images", "2", "--seed", "100", "--width", "320", "--height", "256"],
                      ["--image", str(tmp_path / "in.png"), "--strength", "0.5", "--width", "384", "--height", "256"]):
-            result = sdqueue("submit", "--prompt", "a small boat", "--num-inference-steps", "4", *args, env=env)
+            result = sdqueue("submit", "--prompt", "a small boat", "--model", "standin", "--num-inference-steps", "4",
+                             *args, env=env)
             assert result.returncode == 0, result.stderr
             ids.append(result.stdout.strip())
         for job_id in ids:

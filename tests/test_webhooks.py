@@ -131,6 +131,7 @@ def settings_env(redis_url: str, postgres_url: str, settled: None, tmp_path: Pat
         "SDQUEUE_STORAGE_URL": (tmp_path / "storage").as_uri(),
         "SDQUEUE_DATA_DIR": str(tmp_path),
         "SDQUEUE_QUEUE": f"test-{tag}",
+        "SDQUEUE_MODEL": "tiny",  # the model the tests' claims say they run
         "SDQUEUE_WEBHOOK_ALLOW_PRIVATE": "true",  # the receiver is on loopback
         "SDQUEUE_WEBHOOK_RETRY_SECONDS": "60",
         "SDQUEUE_WEBHOOK_TIMEOUT": "5",
