@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -93,17 +94,39 @@ def build_tokenizer() -> CLIPTokenizer:
                          unk_token=EOS, pad_token=EOS)
 
 
+# The variants of an architecture: `KIND-VARIANT` ("tiny-inpainting", "sd21-arch-inpainting").
+# Inpainting (as stable-diffusion-2-inpainting): the UNet takes 9 channels, the latents with the
+# mask and the masked image's latents.
+VARIANTS: dict[str, tuple[type, dict]] = {
+    "": (StableDiffusionPipeline, {}),
+    "inpainting": (StableDiffusionInpaintPipeline, {"in_channels": 9}),
+}
+KINDS = tuple(f"{base}-{variant}" if variant else base for base in CONFIGS for variant in VARIANTS)
+
+
+def split_kind(kind: str) -> tuple[str, str]:
+    """("tiny", "inpainting") of "tiny-inpainting"; ("sd21-arch", "") of "sd21-arch"."""
+    for base in CONFIGS:
+        if kind == base:
+            return base, ""
+        if kind.startswith(base + "-") and kind[len(base) + 1:] in VARIANTS:
+            return base, kind[len(base) + 1:]
+    raise ValueError(f"{kind!r} is not a buildable model (those are {', '.join(KINDS)})")
+
+
 def build_pipeline(kind: str, seed: int = 0) -> StableDiffusionPipeline:
-    """The pipeline of `kind` ("tiny" or "sd21-arch") with seeded random weights, fp32 on the CPU."""
-    configs = CONFIGS[kind]
+    """The pipeline of `kind` (one of KINDS) with seeded random weights, fp32 on the CPU."""
+    base, variant = split_kind(kind)
+    configs = CONFIGS[base]
+    pipeline_class, unet_extra = VARIANTS[variant]
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**configs["unet"], use_linear_projection=True, upcast_attention=True)
+    unet = UNet2DConditionModel(**configs["unet"], **unet_extra, use_linear_projection=True, upcast_attention=True)
     vae = AutoencoderKL(**configs["vae"])
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             **configs["text_encoder"],
-            vocab_size=len(tokenizer) if kind == "tiny" else 49408,
+            vocab_size=len(tokenizer) if base == "tiny" else 49408,
             max_position_embeddings=77,
             hidden_act="gelu",
             bos_token_id=tokenizer.bos_token_id,
@@ -125,7 +148,7 @@ def build_pipeline(kind: str, seed: int = 0) -> StableDiffusionPipeline:
         steps_offset=1,
         timestep_spacing="leading",
     )
-    return StableDiffusionPipeline(
+    return pipeline_class(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -151,7 +174,8 @@ def build_and_save(kind: str, folder: Path, seed: int = 0) -> Path:
         json.dumps(
             {
                 "name": kind,
-                "description": f"{kind}: SD 2.1 768-v architecture with random weights (seed {seed}), built by sdqueue",
+                "description": f"{kind}: SD 2.1 {'inpainting ' if split_kind(kind)[1] else ''}architecture with random "
+                               f"weights (seed {seed}), built by sdqueue",
                 "random_weights": True,
                 "seed": seed,
                 "revision": "sha256:" + digest.hexdigest()[:16],

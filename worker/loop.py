@@ -56,6 +56,8 @@ class ContinuousLoop(SampleSet):
         self.tokens = tokens  # None: fixed by the first admitted sample
         self.unet_call = unet_call or pipe.unet
         self.vectorised = type(pipe.scheduler) is EulerDiscreteScheduler
+        # A 9-channel UNet (inpainting): its samples each carry their mask and masked image.
+        self.inpainting = pipe.unet.config.in_channels == 9
         super().__init__()
 
     # -- joining and leaving (between steps) -------------------------------------------------
@@ -77,8 +79,16 @@ class ContinuousLoop(SampleSet):
         if len(tokens) != 1:
             raise ValueError(f"a loop runs conditioning of one length, got lengths {sorted(tokens)}")
         img2img = strength is not None
+        inpaint = samples[0].mask_image is not None
         if img2img != all(s.init_image is not None for s in samples):
             raise ValueError("every img2img sample needs an input image, and only those")
+        if any((s.mask_image is not None) != inpaint for s in samples):
+            raise ValueError("every inpainting sample needs a mask, and only those")
+        if inpaint != self.inpainting:
+            raise ValueError(f"this model's UNet takes {pipe.unet.config.in_channels} channels: "
+                             f"{'inpainting' if self.inpainting else 'no inpainting'} samples only")
+        if inpaint and not img2img:
+            raise ValueError("inpainting samples need a strength (1: the masked area from noise)")
         if img2img and not 0.0 <= strength <= 1.0:  # type: ignore[operator]
             raise ValueError(f"strength must be in [0, 1], got {strength}")
 
@@ -101,8 +111,12 @@ class ContinuousLoop(SampleSet):
             first_index = 0
 
         # 3. initial latents, one CPU generator per sample, as generate_batch makes them
-        shape = (1, pipe.unet.config.in_channels, self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor)
+        shape = (1, pipe.vae.config.latent_channels, self.height // pipe.vae_scale_factor,
+                 self.width // pipe.vae_scale_factor)
         generators = [torch.Generator("cpu").manual_seed(sample.seed) for sample in samples]
+        if inpaint:
+            return self._admit_inpainting(samples, conditioning, steps, strength, scheduler, timesteps,  # type: ignore[arg-type]
+                                          first_index, shape, generators)
         if img2img:
             init_latents = self._encode(samples, generators)
         admitted = []
@@ -133,6 +147,40 @@ class ContinuousLoop(SampleSet):
         pixels = torch.cat([prepared[id(sample.init_image)] for sample in samples])
         return pipe.vae.config.scaling_factor * retrieve_latents(pipe.vae.encode(pixels), generator=generators)
 
+    def _admit_inpainting(self, samples: list[Sample], conditioning: list[Conditioning], steps: int, strength: float,
+                          scheduler: Any, timesteps: Any, first_index: int, shape: tuple[int, ...],
+                          generators: list[torch.Generator]) -> list[LoopSample]:
+        """Inpainting samples, each started as StableDiffusionInpaintPipeline starts one image of
+        its own with its generator: at strength 1 from noise, else from its image's latents with
+        noise added; its mask and masked image's latents drawn after, as the pipeline draws them."""
+        pipe, device, dtype = self.model.inpainting, self.model.device, self.model.dtype
+        assert pipe is not None
+        latent_size = (self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor)
+        admitted = []
+        for sample, cond, generator in zip(samples, conditioning, generators):
+            own = copy.deepcopy(scheduler)
+            image = pipe.image_processor.preprocess(sample.init_image, height=self.height, width=self.width)
+            image = image.to(dtype=torch.float32)
+            if image.shape[-2:] != (self.height, self.width):
+                raise ValueError(f"input image of {sample.job_id} is {image.shape[-1]}x{image.shape[-2]}, "
+                                 f"the loop runs {self.width}x{self.height}")
+            if strength == 1.0:
+                noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+                latents = noise * own.init_noise_sigma
+            else:
+                image_latents = pipe._encode_vae_image(image.to(device=device, dtype=dtype), generator=generator)
+                noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+                latents = own.add_noise(image_latents, noise, timesteps[:1])
+            mask = pipe.mask_processor.preprocess(sample.mask_image, height=self.height, width=self.width)
+            masked = (image * (mask < 0.5)).to(device=device, dtype=dtype)
+            masked_latents = pipe._encode_vae_image(masked, generator=generator)
+            mask = torch.nn.functional.interpolate(mask, size=latent_size).to(device=device, dtype=dtype)
+            admitted.append(LoopSample(sample, cond, steps, strength, own, timesteps, first_index, latents,
+                                       extra=torch.cat([mask, masked_latents], dim=1)))
+        self.tokens = conditioning[0].tokens
+        self.active.extend(admitted)
+        return admitted
+
     # -- one step ---------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -150,6 +198,8 @@ class ContinuousLoop(SampleSet):
             scaled = self._euler_scale(active, latents)
         else:
             scaled = torch.cat([s.scheduler.scale_model_input(s.latents, s.t) for s in active])
+        if self.inpainting:  # each row's mask and masked image's latents beside its latents
+            scaled = torch.cat([scaled, torch.cat([s.extra for s in active])], dim=1)
         guided_rows = torch.tensor([s.guided for s in active], device=device)
         model_input = torch.cat([scaled[guided_rows], scaled])
         timesteps = torch.stack([s.t for s in guided] + [s.t for s in active]).to(device)

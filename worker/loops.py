@@ -38,6 +38,9 @@ class LoopSample:
     timesteps: Any = field(repr=False)  # the timesteps it runs (img2img: from its start step): a tensor, or a range
     first_index: int  # the scheduler's step index at its first timestep
     latents: Any = field(repr=False)  # [1, C, h, w] (the stand-in's: None)
+    # Inpainting: what the UNet takes beside the latents at every step, the mask and the masked
+    # image's latents ([1, 5, h, w]): they travel with the sample, whichever loop step it is in.
+    extra: Any = field(default=None, repr=False)
     calls: int = 0  # model calls done so far
     shared_max: int = 0  # the most samples (itself included) of a model call it was in
     shared_total: int = 0  # the sum over its calls of the samples in each: shared_total / calls is the mean

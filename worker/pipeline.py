@@ -15,7 +15,7 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
 from models.errors import ModelUnavailable
 from models.registry import ModelSpec
@@ -35,6 +35,8 @@ class LoadedModel:
     dtype: torch.dtype
     txt2img: StableDiffusionPipeline
     img2img: StableDiffusionImg2ImgPipeline
+    # An inpainting model's (a 9-channel UNet): its image and mask processors; None otherwise.
+    inpainting: StableDiffusionInpaintPipeline | None = None
     _compel: Any = field(default=None, repr=False)
 
     @property
@@ -203,9 +205,13 @@ def load_model(spec: ModelSpec, device: str = "auto") -> LoadedModel:
     pipe.set_progress_bar_config(disable=True)
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
     img2img.set_progress_bar_config(disable=True)
+    inpainting = None
+    if pipe.unet.config.in_channels == 9:
+        inpainting = StableDiffusionInpaintPipeline(**pipe.components, requires_safety_checker=False)
+        inpainting.set_progress_bar_config(disable=True)
     if spec.random_weights:
         log.warning("model %s has RANDOM weights: its images are noise (tests and benchmarks only)", spec.name)
-    return LoadedModel(spec, source, revision, device, dtype, pipe, img2img)
+    return LoadedModel(spec, source, revision, device, dtype, pipe, img2img, inpainting)
 
 
 def library_versions() -> dict[str, str]:

@@ -64,6 +64,8 @@ class Sample:
     prompt: Prompt
     guidance_scale: float
     init_image: Image.Image | None = field(default=None, repr=False)
+    # Inpainting: white (at least 50% grey) repaints, black keeps; the size of init_image.
+    mask_image: Image.Image | None = field(default=None, repr=False)
 
 
 def job_samples(job_id: str, params: dict[str, Any], seed: int, init_image: Image.Image | None) -> list[Sample]:
