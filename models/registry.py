@@ -38,6 +38,11 @@ class ModelSpec:
         return self.hub_id is None and self.backend == "diffusers"
 
 
+INPAINT = ("inpaint",)
+# The mask's threshold is diffusers' (VaeImageProcessor, do_binarize): grey at least 50% repaints.
+INPAINT_INPUTS = ("--image and --mask of the same size; the mask is read as greyscale (RGB/RGBA converted, alpha "
+                  "ignored): 128 and above repaints, below keeps; --strength 1 repaints the masked area from noise")
+
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -50,12 +55,24 @@ REGISTRY: dict[str, ModelSpec] = {
             description="Stable Diffusion 2.1 base, 512",
         ),
         ModelSpec(
+            "sd21-inpainting", "stabilityai/stable-diffusion-2-inpainting", 512, "epsilon", modes=INPAINT,
+            inputs=INPAINT_INPUTS, description="Stable Diffusion 2 inpainting, 512 (a 9-channel UNet)",
+        ),
+        ModelSpec(
             "tiny", None, 64, "v_prediction",
             description="tiny SD 2.1-architecture pipeline with random weights (tests, demo)",
         ),
         ModelSpec(
+            "tiny-inpainting", None, 64, "v_prediction", modes=INPAINT, inputs=INPAINT_INPUTS,
+            description="tiny inpainting pipeline (a 9-channel UNet) with random weights (tests)",
+        ),
+        ModelSpec(
             "sd21-arch", None, 768, "v_prediction",
             description="full SD 2.1 768-v architecture with random weights (benchmarks)",
+        ),
+        ModelSpec(
+            "sd21-arch-inpainting", None, 768, "v_prediction", modes=INPAINT, inputs=INPAINT_INPUTS,
+            description="full SD 2 inpainting architecture with random weights (benchmarks)",
         ),
         ModelSpec(
             "standin", None, 768, "v_prediction", scheduler="standin", backend="standin",
@@ -91,6 +108,15 @@ def request_model(name: str, folders: list[Path] | tuple[Path, ...] = ()) -> str
     if not (path / "model_index.json").is_file():
         raise ValueError("is not a diffusers folder (it has no model_index.json)")
     return str(path)
+
+
+def model_modes(key: str) -> tuple[str, ...]:
+    """The modes of a model key (request_model's): a registry entry's, or a folder's by its UNet's
+    input channels (9: inpainting)."""
+    if key in REGISTRY:
+        return REGISTRY[key].modes
+    unet = _read_json(Path(key) / "unet" / "config.json")
+    return INPAINT if unet.get("in_channels") == 9 else ("txt2img", "img2img")
 
 
 def built_models_dir(data_dir: Path) -> Path:

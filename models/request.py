@@ -13,11 +13,11 @@ from typing import Annotated, Any
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, ValidationInfo,
-                      field_validator)
+                      field_validator, model_validator)
 
 from models.errors import InvalidRequest
 from models.images import upright_size
-from models.registry import request_model
+from models.registry import model_modes, request_model
 from models.text import check_text
 
 MIN_NUM_IMAGES, MAX_NUM_IMAGES = 1, 4
@@ -43,6 +43,8 @@ class GenerationRequest(BaseModel):
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, strict=True)]
     negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS, strict=True)] = ""
     image: bytes | None = Field(default=None, repr=False)
+    # Inpainting: white (128 and above, as greyscale) repaints, black keeps; the image's size.
+    mask: bytes | None = Field(default=None, repr=False)
     num_images: Annotated[StrictInt, Field(ge=MIN_NUM_IMAGES, le=MAX_NUM_IMAGES)] = 1
     num_inference_steps: Annotated[StrictInt, Field(ge=MIN_STEPS, le=MAX_STEPS)] = 25
     guidance_scale: Annotated[float, Field(ge=MIN_GUIDANCE, le=MAX_GUIDANCE)] = 7.5
@@ -100,20 +102,57 @@ class GenerationRequest(BaseModel):
             raise ValueError("input should be a finite number")
         return value
 
-    @field_validator("image")
+    @field_validator("image", "mask")
     @classmethod
     def _real_image(cls, value: bytes | None) -> bytes | None:
         if value is not None:
             check_image(value)
         return value
 
+    @model_validator(mode="after")
+    def _inputs_of_the_mode(self, info: ValidationInfo) -> GenerationRequest:
+        """The inputs the model's mode needs, and only those; a mask the size of its image. A
+        manifest, which adds the files' bytes after (checked once per file), checks them then."""
+        if not (info.context or {}).get("inputs_later"):
+            check_inputs(self)
+        return self
+
     @property
     def mode(self) -> str:
+        if self.mask is not None:
+            return "inpaint"
         return "img2img" if self.image is not None else "txt2img"
 
     def parameters(self) -> dict[str, Any]:
-        """Every field but the image bytes: what is stored with the job and embedded in PNGs."""
-        return self.model_dump(exclude={"image"})
+        """Every field but the image and mask bytes: what is stored with the job and embedded in PNGs."""
+        return self.model_dump(exclude={"image", "mask"})
+
+
+def check_inputs(request: GenerationRequest, sizes: dict[str, tuple[int, int]] | None = None) -> None:
+    """check_mode, and a mask the size of its image (`sizes`: the files' sizes where known already)."""
+    check_mode(request, request.model)
+    if request.mask is not None and request.image is not None:
+        sizes = sizes or {}
+        image = sizes.get("image") or check_image(request.image)
+        mask = sizes.get("mask") or check_image(request.mask)
+        if image != mask:
+            raise ValueError(f"mask: {mask[0]}x{mask[1]} px, and the image is {image[0]}x{image[1]} px: "
+                             "they must be the same size")
+
+
+def check_mode(request: GenerationRequest, model: str | None) -> None:
+    """Refuse inputs the model's modes do not take (ValueError naming the field); a model of None
+    (not known yet) takes what the request's own fields make sense of."""
+    if model is None:
+        return
+    modes = model_modes(model)
+    if "inpaint" in modes:
+        if request.image is None or request.mask is None:
+            missing = " and ".join(name for name in ("image", "mask") if getattr(request, name) is None)
+            raise ValueError(f"{missing} required: model {model} inpaints (an image, and a mask of its size)")
+    elif request.mask is not None:
+        raise ValueError(f"mask is for inpainting models (sdqueue models list): model {model} runs "
+                         f"{', '.join(modes)}")
 
 
 def check_image(data: bytes) -> tuple[int, int]:
@@ -163,6 +202,8 @@ def _key(key: Any) -> str:
 
 
 def _describe(error: dict[str, Any]) -> str:
+    if not error["loc"] and error["type"] == "value_error":  # a check across fields: its message names them
+        return str(error.get("ctx", {}).get("error") or error["msg"])
     field = ".".join(str(part) for part in error["loc"]) or "request"
     if error["type"] == "missing":
         return f"{field} is required"
@@ -184,14 +225,18 @@ def model_context(settings: Any) -> dict[str, Any]:
     return {"default_model": settings.default_model, "model_folders": tuple(settings.model_folder_list)}
 
 
-def parse_request(data: dict[str, Any], settings: Any = None) -> GenerationRequest:
+def parse_request(data: dict[str, Any], settings: Any = None, *, inputs_later: bool = False) -> GenerationRequest:
     """Build a request from plain data, raising InvalidRequest naming every bad field. With the
     deployment's `settings`, its model is checked against them and filled in when none is named;
-    without, only a registry name passes, and None stays None."""
+    without, only a registry name passes, and None stays None. `inputs_later`: the image and mask
+    are added after, and check_inputs called then."""
     if not isinstance(data, dict):
         raise InvalidRequest([f"request must be an object of fields, not {type(data).__name__}"])
+    context = {} if settings is None else model_context(settings)
+    if inputs_later:
+        context["inputs_later"] = True
     try:
         # Not GenerationRequest(**data): a key that is not text is a bad field, not a TypeError.
-        return GenerationRequest.model_validate(data, context=None if settings is None else model_context(settings))
+        return GenerationRequest.model_validate(data, context=context or None)
     except ValidationError as exc:
         raise InvalidRequest([_describe(e) for e in exc.errors()]) from None

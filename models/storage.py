@@ -30,6 +30,11 @@ def input_key_for(job_id: str) -> str:
     return f"inputs/{job_id}/input"
 
 
+def mask_key_for(job_id: str) -> str:
+    """The key of an inpainting job's mask, stored as uploaded."""
+    return f"inputs/{job_id}/mask"
+
+
 class Storage(Protocol):
     url: str
 

@@ -160,7 +160,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     # Indexed through ix_jobs_state_lease, which starts with it.
     state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
-    mode: Mapped[str] = mapped_column(String(8))  # txt2img | img2img
+    mode: Mapped[str] = mapped_column(String(8))  # txt2img | img2img | inpaint
     # Every request field but the image bytes, with the seed as resolved at submit time.
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     seed: Mapped[int] = mapped_column(BigInteger)
@@ -172,6 +172,9 @@ class Job(Base):
     # img2img: the uploaded input image in storage, and its digest.
     input_key: Mapped[str | None] = mapped_column(String(512), default=None)
     input_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    # Inpainting: its mask in storage, and its digest.
+    mask_key: Mapped[str | None] = mapped_column(String(512), default=None)
+    mask_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     # Which model ran it (registry name or folder), set by the worker.
     model: Mapped[str | None] = mapped_column(String(512), default=None)
     # Every claim counts an attempt; `failures` counts those that ended by the job's own fault (a

@@ -22,8 +22,9 @@ from sqlalchemy import update
 
 from models.constants import queue_for
 from models.registry import model_key
-from models.request import GenerationRequest
-from models.storage import Storage, input_key_for
+from models.request import GenerationRequest, check_mode
+from models.errors import InvalidRequest
+from models.storage import Storage, input_key_for, mask_key_for
 from models.tables import Job, JobState, utcnow
 
 # Rows per transaction and per pipelined publish.
@@ -54,18 +55,28 @@ def job_row(request: GenerationRequest, *, settings: Any, priority: str, storage
         raise TypeError(f"not a job column to set: {', '.join(sorted(unknown))}")
     now = now or utcnow()
     model = request.model or model_key(settings.default_model)
+    if request.model is None:  # parsed without the deployment's settings: its inputs not checked against it
+        try:
+            check_mode(request, model)
+        except ValueError as exc:
+            raise InvalidRequest([str(exc)]) from None
     job_id = str(uuid.uuid4())
     seed = request.seed if request.seed is not None else secrets.randbelow(DRAWN_SEED_BOUND)
-    input_key = input_sha256 = None
+    input_key = input_sha256 = mask_key = mask_sha256 = None
     if request.image is not None:
         input_key = input_key_for(job_id)
         input_sha256 = hashlib.sha256(request.image).hexdigest()
         storage.put(input_key, request.image)
+    if request.mask is not None:
+        mask_key = mask_key_for(job_id)
+        mask_sha256 = hashlib.sha256(request.mask).hexdigest()
+        storage.put(mask_key, request.mask)
     return {
         "id": job_id, "state": JobState.QUEUED.value, "mode": request.mode,
         "params": {**request.parameters(), "seed": seed, "model": model}, "model": model, "seed": seed, "seed_was_drawn": request.seed is None,
         "width": request.width, "height": request.height, "num_inference_steps": request.num_inference_steps,
         "num_images": request.num_images, "input_key": input_key, "input_sha256": input_sha256,
+        "mask_key": mask_key, "mask_sha256": mask_sha256,
         "queue": queue_for(settings.queue, priority, model), "enqueued_at": None, "priority": priority,
         "created_at": now, "updated_at": now, "attempts": 0, "failures": 0, "dead_letter": False,
         "lease_token": 0, "suspect": False, "running_alone": False,

@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     for option, kind, text in REQUEST_OPTIONS:
         submit.add_argument(option, type=kind, help=text)
     submit.add_argument("--image", type=Path, metavar="PATH", help="input image file: makes the job img2img")
+    submit.add_argument("--mask", type=Path, metavar="PATH",
+                        help="inpainting models: the mask, the image's size (white repaints, black keeps)")
     submit.add_argument("--use-compel", action="store_true", default=None, help="weighted prompts with compel")
     submit.add_argument("--priority", choices=PRIORITIES, default="interactive",
                         help="interactive (default) runs before bulk work")
@@ -251,10 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="model registry; build offline test models")
     model_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
     model_commands.add_parser("list", help="show the registry")
-    for name, text in (("build-tiny", "tiny SD 2.1-architecture pipeline, random weights (a few MB)"),
-                       ("build-arch", "full-size SD 2.1 768-v architecture, random weights (benchmarks)")):
+    for name, text in (("build-tiny", "tiny SD 2.1-architecture pipelines, random weights (a few MB): tiny, and "
+                                      "tiny-inpainting beside it"),
+                       ("build-arch", "full-size SD 2.1 768-v architecture, random weights (benchmarks): sd21-arch, "
+                                      "and sd21-arch-inpainting beside it")):
         build = model_commands.add_parser(name, help=text)
-        build.add_argument("dir", type=Path, nargs="?", help="where to save it (default: the data dir's models/)")
+        build.add_argument("dir", type=Path, nargs="?", help="where to save it, its variants beside it as DIR-VARIANT "
+                                                              "(default: the data dir's models/)")
         build.add_argument("--seed", type=int_between(0, 2**63 - 1), default=0, help="seed of the random weights")
 
     beat = commands.add_parser(
@@ -375,10 +380,10 @@ def parse_request(data: Any, settings: Any = None) -> Any:
     return parse_request(data, settings)
 
 
-def read_image_file(path: Path) -> bytes:
+def read_image_file(path: Path, field: str = "image") -> bytes:
     from producer.files import read_image_file
 
-    return read_image_file(path)
+    return read_image_file(path, field=field)
 
 
 def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -386,6 +391,8 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     fields: dict[str, Any] = {"prompt": args.prompt, **defaults_from_args(args)}
     if args.image is not None:
         fields["image"] = read_image_file(args.image)
+    if args.mask is not None:
+        fields["mask"] = read_image_file(args.mask, field="mask")
     return fields
 
 
@@ -722,7 +729,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     if args.models_command == "list":
         settings = load_settings()
-        print(f"{'MODEL':18} {'MODES':16} {'SIZE':>6}  WEIGHTS")
+        print(f"{'MODEL':22} {'MODES':16} {'SIZE':>6}  WEIGHTS")
         for spec in REGISTRY.values():
             if spec.backend == "standin":
                 where = "no weights (worker/standin.py)"
@@ -733,15 +740,20 @@ def cmd_models(args: argparse.Namespace) -> int:
                 command = "build-tiny" if spec.name.startswith("tiny") else "build-arch"
                 where = f"random, built here ({'built' if built else 'not built yet'}: sdqueue models {command})"
             default = " (the default)" if spec.name == settings.default_model else ""
-            print(f"{spec.name:18} {','.join(spec.modes):16} {spec.native_size:>4}px  {where}{default}")
-            print(f"{'':18} {spec.description}")
-            print(f"{'':18} inputs: {spec.inputs}")
+            print(f"{spec.name:22} {','.join(spec.modes):16} {spec.native_size:>4}px  {where}{default}")
+            print(f"{'':22} {spec.description}")
+            print(f"{'':22} inputs: {spec.inputs}")
         return 0
     from worker.build import build_and_save
 
+    from worker.build import VARIANTS
+
     kind = "tiny" if args.models_command == "build-tiny" else "sd21-arch"
     folder = args.dir or built_models_dir(load_settings().data_dir) / kind
-    print(build_and_save(kind, folder, seed=args.seed))
+    # The architecture and each of its variants (tiny-inpainting, ...), beside it
+    for variant in VARIANTS:
+        print(build_and_save(f"{kind}-{variant}" if variant else kind,
+                             folder.with_name(f"{folder.name}-{variant}") if variant else folder, seed=args.seed))
     return 0
 
 

@@ -150,7 +150,8 @@ class Client:
         try:
             yield
         except BaseException:
-            self.delete_inputs([value["input_key"] for value in values if value["input_key"] is not None])
+            self.delete_inputs([value[name] for value in values for name in ("input_key", "mask_key")
+                                if value[name] is not None])
             raise
 
     def delete_inputs(self, keys: list[str]) -> None:
@@ -169,7 +170,8 @@ class Client:
         except Exception:
             what = f"job {ids[0]} stays" if len(ids) == 1 else f"the {len(ids)} jobs stay"
             return f"{what} recorded as queued and the sweeper sends them once the broker is back"
-        self.delete_inputs([value["input_key"] for value in values if value["input_key"] is not None])
+        self.delete_inputs([value[name] for value in values for name in ("input_key", "mask_key")
+                                if value[name] is not None])
         return "nothing was enqueued"
 
     def get(self, job_id: str) -> dict[str, Any]:

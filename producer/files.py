@@ -96,12 +96,12 @@ def _too_large(size: int | None, bound: int) -> str:
     return f"file of {said} bytes is larger than the bound of {bound} bytes ({bound_text(bound)})"
 
 
-def read_image_file(path: Path, bound: int | None = None) -> bytes:
+def read_image_file(path: Path, bound: int | None = None, field: str = "image") -> bytes:
     """The bytes of an input image file within MAX_IMAGE_BYTES, or InvalidRequest naming it."""
     from models.request import MAX_IMAGE_BYTES  # Pillow and pydantic: only when an image is read
 
     try:
         return read_bounded(path, MAX_IMAGE_BYTES if bound is None else bound)
     except UnreadableFile as exc:
-        raise InvalidRequest([f"image={str(path)!r}: {exc}"]) from None
+        raise InvalidRequest([f"{field}={str(path)!r}: {exc}"]) from None
 

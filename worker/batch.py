@@ -98,6 +98,32 @@ def keep_rows(scheduler: Any, keep: torch.Tensor) -> None:
             setattr(scheduler, name, value[keep])
 
 
+def _through_a_loop(model: LoadedModel, key: CompatKey, samples: list[Sample], conditioning: list[Conditioning],
+                    unet_call: UnetCall | None, dropped: Dropped | None, step_done: StepDone | None) -> list[Any]:
+    """A window batch of inpainting samples, denoised by the continuous loop's code (one loop, all
+    admitted at once: the same steps and strength), which carries each one's mask and masked image."""
+    from worker.loop import ContinuousLoop
+
+    loop = ContinuousLoop(model, key.width, key.height, None, unet_call)
+    loop.admit(samples, conditioning, key.steps, samples[0].strength)
+    results: list[Any] = [None] * len(samples)
+    position = {id(s): i for i, s in enumerate(samples)}
+    steps, done = key.steps - key.start_step, 0
+    while loop.active:
+        gone = dropped() if dropped is not None else ()
+        if gone:
+            loop.drop(gone)
+            if not loop.active:
+                break
+        finished = loop.step()
+        done += 1
+        if step_done is not None:
+            step_done(done, steps, list(dict.fromkeys(s.job_id for s in loop.active + finished)))
+        for member, image in zip(finished, loop.decode(finished)):
+            results[position[id(member.sample)]] = image
+    return results
+
+
 @torch.inference_mode()
 def generate_batch(
     model: LoadedModel,
@@ -119,8 +145,10 @@ def generate_batch(
         raise ValueError(f"a batch needs one conditioning per sample, got {len(samples)} and {len(conditioning)}")
     if len({c.tokens for c in conditioning}) != 1:
         raise ValueError("samples of one batch must have conditioning of one length")
-    if (key.mode == "img2img") != all(s.init_image is not None for s in samples):
+    if (key.mode in ("img2img", "inpaint")) != all(s.init_image is not None for s in samples):
         raise ValueError(f"batch {key}: every img2img sample needs an input image, and only those")
+    if key.mode == "inpaint":
+        return _through_a_loop(model, key, samples, conditioning, unet_call, dropped, step_done)
     n = len(samples)
 
     # 2. text conditioning. A sample with guidance 1.0 runs its conditional row only (as diffusers

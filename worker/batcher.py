@@ -37,6 +37,8 @@ class Work:
     lease: Any = None  # models.jobs.Lease of the claim that holds the job
     seed: int = 0
     input_key: str | None = None
+    mask_key: str | None = None  # inpainting: its mask in storage, and the mask's digest
+    mask_sha256: str | None = None
     run_id: str | None = None  # the run it belongs to, and its name, for the logs
     run_name: str | None = None
     # Its worker died while it shared the GPU: it runs with the other suspects of its group

@@ -943,6 +943,7 @@ class Engine:
             "seed": sample.seed,
             "mode": work.key.mode,
             "input_sha256": work.input_sha256,
+            "mask_sha256": work.mask_sha256,  # inpainting: the mask's file as uploaded
             "input_orientation": input_orientation(sample.init_image),  # the EXIF turn applied to it
             "model": self.model.spec.name,
             "model_source": batch.model,

@@ -26,6 +26,16 @@ def prepare_input_image(data: bytes, width: int, height: int) -> Image.Image:
         return img
 
 
+def prepare_mask(data: bytes, width: int, height: int) -> Image.Image:
+    """An inpainting mask as the pipeline takes it: upright as its image is, greyscale (alpha
+    ignored), resized to width x height; diffusers' mask processor then repaints 128 and above."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = upright(img.convert("L"), exif_orientation(img))
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.Resampling.LANCZOS)
+        return img
+
+
 def input_orientation(image: Image.Image | None) -> int | None:
     """The EXIF orientation applied to a prepared input (1: used as stored); None: no input."""
     return None if image is None else image.info.get(ORIENTATION_INFO)

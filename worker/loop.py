@@ -333,8 +333,9 @@ def run_direct(model: LoadedModel, jobs: list[dict[str, Any]], pixel_budget: int
         while pending and pending[0].get("arrive_at", 0.0) <= now:
             job = pending.pop(0)
             params = job["params"]
-            work = Work(job["job_id"], compat_key(params, job.get("init_image") is not None),
-                        job_samples(job["job_id"], params, job["seed"], job.get("init_image")),
+            work = Work(job["job_id"], compat_key(params, job.get("init_image") is not None,
+                                                  job.get("mask_image") is not None),
+                        job_samples(job["job_id"], params, job["seed"], job.get("init_image"), job.get("mask_image")),
                         created_at=started + job.get("arrive_at", 0.0), params=params)
             work.conditioning = cache.get([s.prompt for s in work.samples])
             work.tokens = work.conditioning[0].tokens

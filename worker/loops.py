@@ -177,7 +177,7 @@ class Loops:
         if loop is None:
             loop = self.loops[group] = self.model.new_loop(key.width, key.height, work.tokens, self.unet_call)
             self.members[group] = []
-        strength = work.params.get("strength") if key.mode == "img2img" else None
+        strength = work.params.get("strength") if key.mode in ("img2img", "inpaint") else None
         try:
             samples = loop.admit(work.samples, work.conditioning or [], key.steps, strength)
         except Exception:

@@ -155,7 +155,8 @@ def locate_weights(spec: ModelSpec) -> tuple[str, str | None]:
         if not (spec.local_dir / "model_index.json").is_file():
             if spec.random_weights:
                 raise ModelUnavailable(
-                    f"model {spec.name!r} is not built yet: run `sdqueue models build-{'tiny' if spec.name == 'tiny' else 'arch'}`"
+                    f"model {spec.name!r} is not built yet: run "
+                    f"`sdqueue models build-{'tiny' if spec.name.startswith('tiny') else 'arch'}`"
                 )
             raise ModelUnavailable(f"no diffusers pipeline in {spec.local_dir} (model_index.json missing)")
         return str(spec.local_dir), spec.revision

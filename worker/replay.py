@@ -10,7 +10,7 @@ from models.storage import Storage
 from models.tables import Image, Job
 from worker.samples import compat_key, job_samples
 from worker.engine import Engine
-from worker.inputs import prepare_input_image
+from worker.inputs import prepare_input_image, prepare_mask
 
 
 def replay_batch(engine: Engine, db: Database, storage: Storage, batch_id: str) -> list[np.ndarray]:
@@ -24,11 +24,13 @@ def replay_batch(engine: Engine, db: Database, storage: Storage, batch_id: str) 
         raise LookupError(f"no images recorded for batch {batch_id}")
     samples, conditioning = [], []
     for job in jobs:
-        init = None
+        init = mask = None
         if job.input_key is not None:
             init = prepare_input_image(storage.get(job.input_key), job.params["width"], job.params["height"])
-        mine = job_samples(job.id, job.params, job.seed, init)
+        if job.mask_key is not None:
+            mask = prepare_mask(storage.get(job.mask_key), job.params["width"], job.params["height"])
+        mine = job_samples(job.id, job.params, job.seed, init, mask)
         samples += mine
         conditioning += engine.conditioning.get([s.prompt for s in mine])
-    key = compat_key(jobs[0].params, img2img=jobs[0].input_key is not None)
+    key = compat_key(jobs[0].params, img2img=jobs[0].input_key is not None, inpaint=jobs[0].mask_key is not None)
     return engine.generate(key, samples, conditioning)

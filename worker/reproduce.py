@@ -49,7 +49,7 @@ from worker.batch import generate_batch
 from worker.samples import ConditioningCache, compat_key, job_samples
 from worker.encode import encode_png, read_record, sha256_of
 from worker.loop import run_direct
-from worker.inputs import prepare_input_image
+from worker.inputs import prepare_input_image, prepare_mask
 from worker.pipeline import LoadedModel, library_versions, load_model, pick_device, pin_torch_threads
 
 # The default tolerance on the recorded device type and dtype, in 1/255 (see the docstring).
@@ -175,6 +175,11 @@ def reproduce(settings: Settings, job_id: str, *, index: int | None = None, mode
             raise ImageNotFound(f"the input image of job {job.id} is missing from storage "
                                 f"({storage.location(job.input_key)})")
         init = prepare_input_image(storage.get(job.input_key), job.width, job.height)
+    mask = None
+    if job.mask_key is not None:  # inpainting: its mask, prepared as the worker prepares it
+        if not storage.exists(job.mask_key):
+            raise ImageNotFound(f"the mask of job {job.id} is missing from storage ({storage.location(job.mask_key)})")
+        mask = prepare_mask(storage.get(job.mask_key), job.width, job.height)
     if out is not None:
         check_out(out, force=force, images=len(stored))
 
@@ -189,7 +194,7 @@ def reproduce(settings: Settings, job_id: str, *, index: int | None = None, mode
     # 3. the job's images, made together as the job runs alone, in the loop that made them
     batching = "window" if first.row.steps_run is None else "continuous"
     clock = time.perf_counter()
-    made = make_again(loaded, job, init, batching)
+    made = make_again(loaded, job, init, batching, mask)
     seconds = time.perf_counter() - clock
 
     # 4. compare
@@ -254,15 +259,16 @@ def use_scheduler(model: LoadedModel, name: str, config: dict[str, Any] | None) 
     model.txt2img.scheduler = model.img2img.scheduler = scheduler
 
 
-def make_again(model: LoadedModel, job: Job, init: PILImage.Image | None, batching: str) -> list[np.ndarray]:
+def make_again(model: LoadedModel, job: Job, init: PILImage.Image | None, batching: str,
+               mask: PILImage.Image | None = None) -> list[np.ndarray]:
     """The job's images, in index order, made in one loop of its own: a continuous loop
     (worker/loop.py) or a window batch (worker/batch.py), as the worker made them."""
-    key = compat_key(job.params, img2img=init is not None)
+    key = compat_key(job.params, img2img=init is not None, inpaint=mask is not None)
     if batching == "continuous":
-        made = run_direct(model, [{"job_id": job.id, "params": job.params, "seed": job.seed, "init_image": init}],
-                          pixel_budget=key.pixels * job.num_images)
+        made = run_direct(model, [{"job_id": job.id, "params": job.params, "seed": job.seed, "init_image": init,
+                                   "mask_image": mask}], pixel_budget=key.pixels * job.num_images)
         return list(made[job.id])
-    samples = job_samples(job.id, job.params, job.seed, init)
+    samples = job_samples(job.id, job.params, job.seed, init, mask)
     if key.mode == "img2img" and key.start_step >= key.steps:  # strength 0 keeps the input (Engine.generate)
         return [np.asarray(s.init_image.convert("RGB")) for s in samples]  # type: ignore[union-attr]
     results = generate_batch(model, key, samples, ConditioningCache(model).get([s.prompt for s in samples]))

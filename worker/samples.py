@@ -21,11 +21,11 @@ if TYPE_CHECKING:
 class CompatKey:
     """What samples must share to run in one denoising loop (the model is the worker's own)."""
 
-    mode: str  # txt2img | img2img
+    mode: str  # txt2img | img2img | inpaint
     width: int
     height: int
     steps: int
-    start_step: int = 0  # img2img: the first of `steps` scheduler steps that runs
+    start_step: int = 0  # img2img, inpaint: the first of `steps` scheduler steps that runs
 
     @property
     def pixels(self) -> int:
@@ -40,10 +40,11 @@ def start_step(steps: int, strength: float) -> int:
     return steps - min(int(steps * strength), steps)
 
 
-def compat_key(params: dict[str, Any], img2img: bool) -> CompatKey:
+def compat_key(params: dict[str, Any], img2img: bool, inpaint: bool = False) -> CompatKey:
     steps = params["num_inference_steps"]
-    if img2img:
-        return CompatKey("img2img", params["width"], params["height"], steps, start_step(steps, params["strength"]))
+    if img2img or inpaint:
+        return CompatKey("inpaint" if inpaint else "img2img", params["width"], params["height"], steps,
+                         start_step(steps, params["strength"]))
     return CompatKey("txt2img", params["width"], params["height"], steps)
 
 
@@ -66,12 +67,16 @@ class Sample:
     init_image: Image.Image | None = field(default=None, repr=False)
     # Inpainting: white (at least 50% grey) repaints, black keeps; the size of init_image.
     mask_image: Image.Image | None = field(default=None, repr=False)
+    strength: float | None = None  # img2img and inpainting: how much of the input is denoised
 
 
-def job_samples(job_id: str, params: dict[str, Any], seed: int, init_image: Image.Image | None) -> list[Sample]:
+def job_samples(job_id: str, params: dict[str, Any], seed: int, init_image: Image.Image | None,
+                mask_image: Image.Image | None = None) -> list[Sample]:
     """A job's samples: image i from seed + i, all with the job's prompt and guidance."""
     prompt = Prompt(params["prompt"], params["negative_prompt"], params["use_compel"])
-    return [Sample(job_id, i, seed + i, prompt, params["guidance_scale"], init_image) for i in range(params["num_images"])]
+    strength = params["strength"] if init_image is not None else None
+    return [Sample(job_id, i, seed + i, prompt, params["guidance_scale"], init_image, mask_image, strength)
+            for i in range(params["num_images"])]
 
 
 @dataclass

@@ -230,26 +230,28 @@ def _claim_all(ctx: WorkerContext, job_ids: list[str], queue: str | None
 def _start(ctx: WorkerContext, work: Work) -> Future:
     """A job just claimed, held and on its way to a batch: its samples (image i from seed + i; an
     img2img input read from storage, an outage waited out); the future says how it ended."""
-    from worker.inputs import prepare_input_image
+    from worker.inputs import prepare_input_image, prepare_mask
 
     engine = ctx.engine
     engine.hold(work)
     engine.announce(work.job_id, JobState.RUNNING.value)
     params = work.params
-    init_image = None
-    if work.input_key is not None:
+    inputs: dict[str, Any] = {"input image": None, "mask": None}
+    for what, key, prepare in (("input image", work.input_key, prepare_input_image), ("mask", work.mask_key, prepare_mask)):
+        if key is None:
+            continue
         try:
-            data = wait_out(lambda: ctx.storage.get(work.input_key), f"job {work.job_id}: reading its input image",
+            data = wait_out(lambda: ctx.storage.get(key), f"job {work.job_id}: reading its {what}",
                             timeout=ctx.settings.outage_timeout)
-            init_image = prepare_input_image(data, params["width"], params["height"])
+            inputs[what] = prepare(data, params["width"], params["height"])
         except OutageTooLong:
             return engine.give_back(work)
         except Exception as exc:
             if host_fault(exc) is not None:  # this host cannot read images: not the job's fault
                 return engine.charge(work, exc)
-            error = JobError(f"the input image cannot be read ({type(exc).__name__}: {exc})", "input-unreadable")
+            error = JobError(f"the {what} cannot be read ({type(exc).__name__}: {exc})", "input-unreadable")
             return engine.fail(work, error)
-    work.samples = job_samples(work.job_id, params, work.seed, init_image)
+    work.samples = job_samples(work.job_id, params, work.seed, inputs["input image"], inputs["mask"])
     return engine.submit(work)
 
 
@@ -296,8 +298,9 @@ def _work(ctx: WorkerContext, job: Any) -> Work:
         metrics.claimed(jobs.aware(job.created_at), jobs.aware(job.started_at))
     params = dict(job.params)
     return Work(
-        job.id, compat_key(params, img2img=job.input_key is not None), [], job.created_at.timestamp(),
-        priority=job.priority, params=params, input_sha256=job.input_sha256, lease=jobs.lease_of(job),
-        alone=job.suspect, suspect_group=job.suspect_group, seed=job.seed, input_key=job.input_key,
+        job.id, compat_key(params, img2img=job.input_key is not None, inpaint=job.mask_key is not None), [],
+        job.created_at.timestamp(), priority=job.priority, params=params, input_sha256=job.input_sha256,
+        lease=jobs.lease_of(job), alone=job.suspect, suspect_group=job.suspect_group, seed=job.seed,
+        input_key=job.input_key, mask_key=job.mask_key, mask_sha256=job.mask_sha256,
         run_id=job.run_id, run_name=_run_name(ctx, job.run_id),
     )

@@ -177,16 +177,20 @@ def form_value(name: str, text: str) -> Any:
 
 
 def decode_image(fields: dict[str, Any], where: str = "") -> list[str]:
-    """JSON carries the img2img input as base64 text: decode it in place; the problems found."""
-    value = fields.get("image")
-    if not isinstance(value, str):
-        return []  # bytes from a form, None, or a wrong type parse_request names
-    try:
-        fields["image"] = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        shown = repr(value[:20] + "...") if len(value) > 23 else repr(value)
-        return [f"{where}image={shown}: not base64 (the image file's bytes, base64-encoded)"]
-    return []
+    """JSON carries the img2img input and the inpainting mask as base64 text: decode them in place;
+    the problems found (a field that is not base64 is taken out, named in its problem)."""
+    problems = []
+    for name in ("image", "mask"):
+        value = fields.get(name)
+        if not isinstance(value, str):
+            continue  # bytes from a form, None, or a wrong type parse_request names
+        try:
+            fields[name] = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            shown = repr(value[:20] + "...") if len(value) > 23 else repr(value)
+            problems.append(f"{where}{name}={shown}: not base64 (the {name} file's bytes, base64-encoded)")
+            del fields[name]
+    return problems
 
 
 def canonical(data: Any) -> bytes:

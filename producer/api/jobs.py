@@ -114,8 +114,6 @@ def parse_fields(fields: dict[str, Any], settings: Settings, where: str = "") ->
     """A request from JSON or form fields (image as base64 or bytes); the problems, each named."""
     fields = dict(fields)
     problems = decode_image(fields, where)
-    if problems:
-        fields.pop("image")
     try:
         request = parse_request(fields, settings)
     except InvalidRequest as exc:

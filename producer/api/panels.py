@@ -390,12 +390,14 @@ def submit_again(shared: Backend, who: Caller, job_id: str) -> str:
     # 1. the job, if the caller may see it, and what it was asked
     with shared.client.db.session() as session:
         job = visible_job(session, who, job_id)
-        fields, input_key = dict(job.params), job.input_key
+        fields, input_key, mask_key = dict(job.params), job.input_key, job.mask_key
     if who.rate_per_minute is not None:
         check_rate(shared.redis, who)
     # 2. the same request, the input image read back from storage
     if input_key is not None:
         fields["image"] = shared.client.storage.get(input_key)
+    if mask_key is not None:
+        fields["mask"] = shared.client.storage.get(mask_key)
     try:
         request = parse_request(fields, shared.settings)
     except InvalidRequest as exc:  # a row from an older sdqueue, say, whose fields have changed since

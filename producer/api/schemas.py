@@ -30,12 +30,16 @@ def request_fields(*, form: bool) -> dict[str, Any]:
         properties[name]["enum"] = list(SIZES)
     if form:
         properties["image"] = {"type": "string", "format": "binary",
-                               "description": "img2img: the input image file (PNG, JPEG, WebP, ...)"}
+                               "description": "img2img, inpainting: the input image file (PNG, JPEG, WebP, ...)"}
+        properties["mask"] = {"type": "string", "format": "binary",
+                              "description": "inpainting: the mask file, the image's size (white repaints)"}
         # A form field has no null: leaving it out draws the seed.
         properties["seed"] = {**properties["seed"]["anyOf"][0], "title": "Seed"}
     else:
         properties["image"] = {"anyOf": [{"type": "string", "contentEncoding": "base64"}, {"type": "null"}],
-                               "default": None, "description": "img2img: the input image file, base64-encoded"}
+                               "default": None, "description": "img2img, inpainting: the input image file, base64-encoded"}
+        properties["mask"] = {"anyOf": [{"type": "string", "contentEncoding": "base64"}, {"type": "null"}],
+                              "default": None, "description": "inpainting: the mask file (white repaints), base64-encoded"}
     return schema
 
 
@@ -63,7 +67,8 @@ def submit_body() -> dict[str, Any]:
     as_form["properties"].update(job_options(form=True))
     return {"required": True, "content": {
         "application/json": {"schema": as_json},
-        "multipart/form-data": {"schema": as_form, "encoding": {"image": {"contentType": "image/*"}}},
+        "multipart/form-data": {"schema": as_form, "encoding": {"image": {"contentType": "image/*"},
+                                                                    "mask": {"contentType": "image/*"}}},
     }}
 
 

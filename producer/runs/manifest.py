@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from models.errors import BadInput, InvalidRequest, SdqueueError
-from models.request import GenerationRequest, check_image, parse_request
+from models.request import GenerationRequest, check_image, check_inputs, parse_request
 from models.tables import Priority
 from models.text import refused_character
 from producer.files import UnreadableFile, bound_text, open_regular, read_bounded, read_image_file, stream_bounded
@@ -118,6 +118,7 @@ class RunRow:
     request: GenerationRequest  # validated; for img2img rows .image holds the bytes
     priority: str | None  # the row's own `priority` column, else None
     image_path: str | None = None  # the file its image was read from (None: no image, or the defaults')
+    mask_path: str | None = None  # the file its inpainting mask was read from (likewise)
 
 
 @dataclass(frozen=True)
@@ -163,12 +164,14 @@ class Manifest:
         refused if they changed since)."""
         images = self._images()
         try:
-            for line, key, priority, params, image_path, image_sha256 in self._spool:
-                data = None
+            for line, key, priority, params, image_path, image_sha256, mask_path, mask_sha256 in self._spool:
+                data = mask = None
                 if image_sha256 is not None:
                     data = images.image_again(image_path, image_sha256)
-                request = GenerationRequest.model_construct(**params, image=data)  # validated in the first pass
-                yield RunRow(line, key, request, priority, image_path)
+                if mask_sha256 is not None:
+                    mask = images.image_again(mask_path, mask_sha256, "mask")
+                request = GenerationRequest.model_construct(**params, image=data, mask=mask)  # validated in the first pass
+                yield RunRow(line, key, request, priority, image_path, mask_path)
         finally:
             images.close()
 
@@ -214,9 +217,10 @@ class _Spool:
         self._file: Any = os.fdopen(os.dup(fd), "wb")
 
     def add(self, row: RunRow) -> None:
-        image = row.request.image
+        image, mask = row.request.image, row.request.mask
         values = (row.line, row.key, row.priority, row.request.parameters(), row.image_path,
-                  hashlib.sha256(image).hexdigest() if image is not None else None)
+                  hashlib.sha256(image).hexdigest() if image is not None else None, row.mask_path,
+                  hashlib.sha256(mask).hexdigest() if mask is not None else None)
         try:
             pickle.dump(values, self._file, protocol=pickle.HIGHEST_PROTOCOL)
         except OSError as exc:  # the temporary folder's disk is full
@@ -457,7 +461,7 @@ class _Rows:
         self._keys = _KeyBook()  # every key given or derived so far, its first line; derived keys by digest
         # By path, each file read and checked once while its rows keep coming (a few files at a time).
         self._images: OrderedDict[str, bytes | InvalidRequest] = OrderedDict()
-        self._checked: OrderedDict[bytes, str] = OrderedDict()  # image bytes checked, and their sha256
+        self._checked: OrderedDict[bytes, tuple[str, tuple[int, int]]] = OrderedDict()  # bytes checked: sha256, size
 
     def close(self) -> None:
         self._keys.close()
@@ -478,37 +482,44 @@ class _Rows:
         priority = values.pop("priority", None)
         if priority is not None and priority not in PRIORITIES:
             problems.append(f"priority={_shown(priority)}: must be one of {', '.join(PRIORITIES)}")
-        # 2. the input image: the row's path, else bytes from the defaults
-        image = values.pop("image", None)
+        # 2. the input image and the inpainting mask: the row's paths, else bytes from the defaults
+        image, mask = values.pop("image", None), values.pop("mask", None)
         if self.defaults:
             values = {**self.defaults, **values}
-            if image is None:
-                image = values.pop("image", None)
-        data = None
-        if image is not None:
-            try:
-                data = self._image(image)
-            except InvalidRequest as exc:
-                problems.extend(exc.problems)
+            image = values.pop("image", None) if image is None else image
+            mask = values.pop("mask", None) if mask is None else mask
+            values.pop("image", None), values.pop("mask", None)
+        files: dict[str, bytes] = {}
+        for name, given in (("image", image), ("mask", mask)):
+            if given is not None:
+                try:
+                    files[name] = self._image(given, name)
+                except InvalidRequest as exc:
+                    problems.extend(exc.problems)
         # 3. the request
         try:
-            request = parse_request(values, self.settings)
+            request = parse_request(values, self.settings, inputs_later=True)
         except InvalidRequest as exc:
             problems.extend(exc.problems)
+        if not problems:
+            # The bytes passed check_image, the field's own validator, once per file: a thousand
+            # rows of one input image decode it once, not a thousand times.
+            request = request.model_copy(update=files)
+            try:
+                check_inputs(request, {name: self._size(data) for name, data in files.items()})
+            except ValueError as exc:
+                problems.append(str(exc))
         if problems:
             return self.reject(line, problems, row)
-        if data is not None:
-            # The bytes passed check_image, the image field's own validator, once per file: a
-            # thousand rows of one input image decode it once, not a thousand times.
-            request = request.model_copy(update={"image": data})
         # 4. the key
         if key is None:
             key = self._derived_key(request, named_model="model" in values)
             first = self._keys.first_line(key, line)
             if first != line:
                 return self.reject(line, [f"derived key {key!r} repeats the key of line {first}"], row)
-        path = str(self.base_dir / image) if isinstance(image, str) and self.base_dir is not None else None
-        return RunRow(line, key, request, priority, path)
+        path, mask_path = (str(self.base_dir / given) if isinstance(given, str) and self.base_dir is not None else None
+                           for given in (image, mask))
+        return RunRow(line, key, request, priority, path, mask_path)
 
     def _explicit_key(self, key: Any, line: int, problems: list[str]) -> str | None:
         if isinstance(key, bool) or not isinstance(key, (str, int)) or not 1 <= len(str(key)) <= MAX_KEY_CHARS:
@@ -536,37 +547,39 @@ class _Rows:
         text = _KEY_JSON.encode(parameters)
         if request.image is not None:
             text += "|" + self._check(request.image)
+        if request.mask is not None:
+            text += "|mask " + self._check(request.mask, "mask")
         digest = hashlib.sha256(text.encode()).hexdigest()[:24]
         return f"{digest}-{self._keys.next_count(digest)}"
 
-    def image_again(self, path: str | None, sha256: str) -> bytes:
-        """A row's input image for the writer: read again from `path` (None: the defaults'),
-        refused if it is not the one the first pass checked."""
-        data = self.defaults["image"] if path is None else self._file_image(Path(path))
+    def image_again(self, path: str | None, sha256: str, name: str = "image") -> bytes:
+        """A row's input image (or mask) for the writer: read again from `path` (None: the
+        defaults'), refused if it is not the one the first pass checked."""
+        data = self.defaults[name] if path is None else self._file_image(Path(path), name)
         if self._check(data) != sha256:
-            raise ManifestError(f"image={path!r}: the file changed while the manifest was enqueued: run the "
+            raise ManifestError(f"{name}={path!r}: the file changed while the manifest was enqueued: run the "
                                 "command again")
         return data
 
-    def _image(self, image: Any) -> bytes:
-        """The bytes of a row's image file (a path relative to the manifest's folder), checked."""
+    def _image(self, image: Any, name: str = "image") -> bytes:
+        """The bytes of a row's image (or mask) file (a path relative to the manifest's folder), checked."""
         if isinstance(image, bytes):  # from the defaults
-            self._check(image)
+            self._check(image, name)
             return image
         if not isinstance(image, str) or not image:
-            raise InvalidRequest([f"image={_shown(image)}: must be the path of an image file, "
+            raise InvalidRequest([f"{name}={_shown(image)}: must be the path of an image file, "
                                   "relative to the manifest's folder"])
         if self.base_dir is None:  # an upload must not read this host's files
-            raise InvalidRequest([f"image={_shown(image)}: an uploaded manifest cannot name files: its rows are "
-                                  "text-to-image (submit img2img jobs to POST /v1/jobs)"])
-        return self._file_image(self.base_dir / image)
+            raise InvalidRequest([f"{name}={_shown(image)}: an uploaded manifest cannot name files: its rows are "
+                                  "text-to-image (submit img2img and inpainting jobs to POST /v1/jobs)"])
+        return self._file_image(self.base_dir / image, name)
 
-    def _file_image(self, path: Path) -> bytes:
+    def _file_image(self, path: Path, name: str = "image") -> bytes:
         found = _cached(self._images, str(path))
         if found is None:
             try:
-                found = read_image_file(path)
-                self._check(found, where=f"image={str(path)!r}")
+                found = read_image_file(path, field=name)
+                self._check(found, where=f"{name}={str(path)!r}")
             except InvalidRequest as exc:
                 found = exc
             _keep(self._images, str(path), found)
@@ -575,16 +588,24 @@ class _Rows:
         return found
 
     def _check(self, data: bytes, where: str | None = None) -> str:
-        """check_image once per distinct bytes (of the last few); their sha256."""
-        sha256 = _cached(self._checked, data)
-        if sha256 is None:
+        """check_image once per distinct bytes (of the last few); their sha256 (and their size, in
+        _sizes, while they are among the last few)."""
+        found = _cached(self._checked, data)
+        if found is None:
+            name = where if where in ("image", "mask") else "image"
             try:
-                check_image(data)
+                size = check_image(data)
             except ValueError as exc:
-                raise InvalidRequest([f"{where or f'image=<{len(data)} bytes>'}: {exc}"]) from None
-            sha256 = hashlib.sha256(data).hexdigest()
-            _keep(self._checked, data, sha256)
-        return sha256
+                shown = where if where not in (None, "image", "mask") else f"{name}=<{len(data)} bytes>"
+                raise InvalidRequest([f"{shown}: {exc}"]) from None
+            found = (hashlib.sha256(data).hexdigest(), size)
+            _keep(self._checked, data, found)
+        return found[0]
+
+    def _size(self, data: bytes) -> tuple[int, int]:
+        """The size of checked bytes (checked again if they left the cache)."""
+        self._check(data)
+        return self._checked[data][1]
 
 
 def _cached(cache: OrderedDict[Any, Any], key: Any) -> Any:
