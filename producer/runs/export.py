@@ -185,7 +185,8 @@ def _index_rows(db: Database, run_id: str, run_name: str, source: Storage) -> It
     while True:
         with db.session() as session:
             jobs = session.execute(
-                select(Job.id, Job.run_key, Job.mode, Job.params, Job.num_inference_steps, Job.num_images, Job.model)
+                select(Job.id, Job.run_key, Job.mode, Job.params, Job.num_inference_steps, Job.num_images, Job.model,
+                       Job.input_sha256, Job.mask_sha256)
                 .where(Job.run_id == run_id, Job.state == JobState.SUCCEEDED.value, Job.run_key > after)
                 .order_by(Job.run_key)
                 .limit(PAGE_JOBS)
@@ -208,7 +209,8 @@ def _index_rows(db: Database, run_id: str, run_name: str, source: Storage) -> It
                 row = {
                     "text": prompt, "job_id": job.id, "run": run_name, "key": job.run_key,
                     "prompt": prompt, "negative_prompt": params.get("negative_prompt", ""),
-                    "mode": job.mode, "num_inference_steps": job.num_inference_steps,
+                    "mode": job.mode, "input_sha256": job.input_sha256, "mask_sha256": job.mask_sha256,
+                    "num_inference_steps": job.num_inference_steps,
                     "guidance_scale": _float(params.get("guidance_scale")), "strength": _float(params.get("strength")),
                     "width": image.width, "height": image.height, "num_images": job.num_images,
                     "use_compel": bool(params.get("use_compel", False)), "seed": image.seed,
