@@ -52,7 +52,7 @@ from models.settings import load_settings  # noqa: E402
 from models.sweep import Sweeper  # noqa: E402
 from models.tables import Image, Job  # noqa: E402
 from tests.servers import (  # noqa: E402
-    LOOPBACK, S3_ACCESS_KEY, S3_SECRET_KEY, PostgresServer, RedisServer, SeaweedServer, s3_client,
+    LOOPBACK, S3_ACCESS_KEY, S3_SECRET_KEY, PostgresServer, RedisServer, SeaweedServer, s3_client, stop_process_group,
 )
 
 BUCKET = "faults"
@@ -525,12 +525,7 @@ class Suite:
                 proc.kill()
                 report.broken_exit = proc.wait()
             if helper is not None:
-                helper.send_signal(signal.SIGTERM)
-                try:
-                    helper.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    helper.kill()
-                    helper.wait()
+                stop_process_group(helper, timeout=120)
 
     def revoke(self) -> None:
         report = self.report
