@@ -123,7 +123,7 @@ def test_dashboard_pages_in_chromium(settings, client, worker, chromium, artifac
         page = chromium.new_page(viewport=VIEWPORT)
         # 2. the overview: queues, job counts, workers, the run with its bar, the job among the recent
         assert page.goto(f"{url}/").status == 200
-        assert page.locator("#queues td code").first.inner_text() == settings.queue
+        assert page.locator("#queues td code").first.inner_text() == f"{settings.queue}.tiny"
         run_row = page.locator("#runs tr", has=page.locator(f"a[href='/runs/{name}']"))
         assert run_row.locator(".bar .succeeded").count() == 1 and "1/1" in run_row.inner_text()
         recent = page.locator("#recent tr", has=page.locator(f"a[href='/jobs/{job_id}']"))

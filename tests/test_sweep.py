@@ -103,7 +103,7 @@ def test_objects_no_job_references_are_deleted_after_the_grace(settings, client)
         client.storage.put(key, b"png")
     assert sweeper(client, []).sweep().orphans == 0  # within the grace period (default 600 s)
     report = sweeper(client, []).sweep(orphan_grace=0)
-    assert report.orphans == 1
+    assert report.orphans >= 1  # this test's, and any an earlier test of this session's database left
     assert not client.storage.exists(orphan) and client.storage.exists(live)  # a running claim's upload stays
     with client.db.session() as session:
         assert [u.object_key for u in session.scalars(select(Upload).where(
