@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from models.constants import BULK_SUFFIX, JOBS_HEADER, worker_queues
-from models.registry import REGISTRY
+from models.registry import REGISTRY, model_key
 from models.settings import Settings
 
 # Where cancellations are announced, so that a worker drops a running job's samples at once
@@ -110,11 +110,12 @@ def queue_depth(client: Any, queue: str) -> int:
     return sum(pipe.execute())
 
 
-def model_queue_depths(client: Any, base: str, models: list[str]) -> list[dict[str, Any]]:
-    """The queues of every model that hold messages (a list exists in Redis only while it holds
-    some), and those of `models` (model keys) even when empty: each as {"name", "model" (a registry
+def model_queue_depths(client: Any, settings: Settings) -> list[dict[str, Any]]:
+    """The deployment's queues of every model that hold messages (a list exists in Redis only while
+    it holds some), and the default model's even when empty: each as {"name", "model" (a registry
     name, or a folder's `folder-` route), "priority", "depth"}, by model, interactive first."""
-    names = {queue for model in models for queue in worker_queues(base, model)}
+    base = settings.queue
+    names = set(worker_queues(base, model_key(settings.default_model)))
     for key in client.scan_iter(match=f"{base}.*", count=_CHUNK, _type="list"):
         name = (key.decode() if isinstance(key, bytes) else key).split(_PRIORITY_SEP)[0]
         route = name[len(base) + 1:].removesuffix(BULK_SUFFIX)

@@ -20,7 +20,6 @@ from typing import Any, Callable, TextIO
 from sqlalchemy import func, select
 
 from models.broker import model_queue_depths, redis_client, uses_redis
-from models.registry import model_key
 from models.jobs import aware, queued_by_model
 from models.settings import Settings
 from models.tables import STATES, Job, JobState
@@ -64,8 +63,7 @@ def _queue_depths(client: Client) -> dict[str, int] | None:
         return None  # the in-process broker: nothing outside the process can see it
     redis = redis_client(client.settings)
     try:
-        default = model_key(client.settings.default_model)
-        return {queue["name"]: queue["depth"] for queue in model_queue_depths(redis, client.settings.queue, [default])}
+        return {queue["name"]: queue["depth"] for queue in model_queue_depths(redis, client.settings)}
     finally:
         redis.close()
 

@@ -116,7 +116,7 @@ class StateCollector:
     def _broker(self) -> Iterator[Metric]:
         settings = self.shared.settings
         family = GaugeMetricFamily(names.QUEUE_DEPTH.name, names.QUEUE_DEPTH.help, labels=names.QUEUE_DEPTH.labels)
-        for queue in model_queue_depths(self.shared.redis, settings.queue, [model_key(settings.default_model)]):
+        for queue in model_queue_depths(self.shared.redis, settings):
             family.add_metric([queue["name"], queue["priority"], queue["model"]], queue["depth"])
         yield family
 

@@ -37,7 +37,7 @@ from models.broker import model_queue_depths
 from models.counts import read_counts
 from models.errors import InvalidRequest, RunNotFound
 from models.jobs import aware, job_record, queued_by_model
-from models.registry import REGISTRY, built_models_dir, model_key
+from models.registry import REGISTRY, built_models_dir
 from models.request import parse_request
 from models.tables import STATES, Batch, Image, Job, JobState, Priority, Run
 from models.text import refused_character
@@ -116,8 +116,7 @@ def _from_broker(read: Any) -> tuple[Any, str | None]:
 
 
 def queue_depths(shared: Backend) -> list[dict[str, Any]]:
-    settings = shared.settings
-    return model_queue_depths(shared.redis, settings.queue, [model_key(settings.default_model)])
+    return model_queue_depths(shared.redis, shared.settings)
 
 
 def live_workers(shared: Backend, who: Caller) -> list[dict[str, Any]] | None:
