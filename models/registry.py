@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from models.errors import ModelUnavailable
 
@@ -39,9 +40,15 @@ class ModelSpec:
 
 
 INPAINT = ("inpaint",)
+UPSCALE = ("upscale",)
 # The mask's threshold is diffusers' (VaeImageProcessor, do_binarize): grey at least 50% repaints.
 INPAINT_INPUTS = ("--image and --mask of the same size; the mask is read as greyscale (RGB/RGBA converted, alpha "
                   "ignored): 128 and above repaints, below keeps; --strength 1 repaints the masked area from noise")
+
+# The x4 upscaler's bounds are models/request.py's (UPSCALE_FACTOR, MAX_UPSCALE_INPUT_PIXELS).
+UPSCALE_INPUTS = ("--image, at most 256x256 px (65,536 px; more where SDQUEUE_PIXEL_BUDGET allows 16x its "
+                  "pixels), sides rounded down to multiples of 4; the output is 4x each side; --noise-level 0..350 "
+                  "(default 20) noises the input first; no --width/--height, no --strength")
 
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
@@ -59,6 +66,11 @@ REGISTRY: dict[str, ModelSpec] = {
             inputs=INPAINT_INPUTS, description="Stable Diffusion 2 inpainting, 512 (a 9-channel UNet)",
         ),
         ModelSpec(
+            "sd21-upscaler", "stabilityai/stable-diffusion-x4-upscaler", 512, "v_prediction", scheduler="DDIMScheduler",
+            modes=UPSCALE, inputs=UPSCALE_INPUTS,
+            description="Stable Diffusion x4 upscaler (a 7-channel UNet; the input's noise level as its class)",
+        ),
+        ModelSpec(
             "tiny", None, 64, "v_prediction",
             description="tiny SD 2.1-architecture pipeline with random weights (tests, demo)",
         ),
@@ -67,12 +79,20 @@ REGISTRY: dict[str, ModelSpec] = {
             description="tiny inpainting pipeline (a 9-channel UNet) with random weights (tests)",
         ),
         ModelSpec(
+            "tiny-upscaler", None, 64, "v_prediction", scheduler="DDIMScheduler", modes=UPSCALE, inputs=UPSCALE_INPUTS,
+            description="tiny x4 upscaler pipeline (a 7-channel UNet) with random weights (tests)",
+        ),
+        ModelSpec(
             "sd21-arch", None, 768, "v_prediction",
             description="full SD 2.1 768-v architecture with random weights (benchmarks)",
         ),
         ModelSpec(
             "sd21-arch-inpainting", None, 768, "v_prediction", modes=INPAINT, inputs=INPAINT_INPUTS,
             description="full SD 2 inpainting architecture with random weights (benchmarks)",
+        ),
+        ModelSpec(
+            "sd21-arch-upscaler", None, 512, "v_prediction", scheduler="DDIMScheduler", modes=UPSCALE,
+            inputs=UPSCALE_INPUTS, description="full SD x4 upscaler architecture with random weights (benchmarks)",
         ),
         ModelSpec(
             "standin", None, 768, "v_prediction", scheduler="standin", backend="standin",
@@ -112,11 +132,14 @@ def request_model(name: str, folders: list[Path] | tuple[Path, ...] = ()) -> str
 
 def model_modes(key: str) -> tuple[str, ...]:
     """The modes of a model key (request_model's): a registry entry's, or a folder's by its UNet's
-    input channels (9: inpainting)."""
+    input channels (9: inpainting, 7: the x4 upscaler)."""
     if key in REGISTRY:
         return REGISTRY[key].modes
-    unet = _read_json(Path(key) / "unet" / "config.json")
-    return INPAINT if unet.get("in_channels") == 9 else ("txt2img", "img2img")
+    return FOLDER_MODES.get(_read_json(Path(key) / "unet" / "config.json").get("in_channels"), ("txt2img", "img2img"))
+
+
+# A folder's modes by its UNet's input channels: the latents, and what each mode puts beside them.
+FOLDER_MODES = {9: INPAINT, 7: UPSCALE}
 
 
 def built_models_dir(data_dir: Path) -> Path:
@@ -152,6 +175,12 @@ def spec_for_folder(folder: Path) -> ModelSpec:
     built = _read_json(folder / "sdqueue_model.json")  # written by `sdqueue models build-*`
     sample = unet_cfg.get("sample_size", 96)
     scale = 2 ** (len(vae_cfg.get("block_out_channels", (0, 0, 0, 0))) - 1)
+    modes = FOLDER_MODES.get(unet_cfg.get("in_channels"), ("txt2img", "img2img"))
+    extra: dict[str, Any] = {}
+    if modes == UPSCALE:  # it runs its own scheduler (DDIM); its VAE's 4x makes the output 4x its input
+        extra = {"scheduler": str(scheduler_cfg.get("_class_name", "DDIMScheduler")), "inputs": UPSCALE_INPUTS}
+    elif modes == INPAINT:
+        extra = {"inputs": INPAINT_INPUTS}
     return ModelSpec(
         name=str(built.get("name") or folder.name),
         hub_id=None,
@@ -160,6 +189,8 @@ def spec_for_folder(folder: Path) -> ModelSpec:
         revision=built.get("revision"),
         local_dir=folder,
         description=str(built.get("description", f"local diffusers folder {folder}")),
+        modes=modes,
+        **extra,
     )
 
 

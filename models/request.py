@@ -34,6 +34,15 @@ MAX_IMAGE_SIDE = 4096
 MAX_MODEL_CHARS = 512  # the jobs.model column
 # A prompt this long is a mistake, not a prompt; without compel only the first 77 tokens count.
 MAX_PROMPT_CHARS = 4000
+# The x4 upscaler (stable-diffusion-x4-upscaler): its input noised to `noise_level` first (0..350,
+# the pipeline's max_noise_level), its output 4x each side of the input, whose sides it takes
+# rounded down to multiples of 4 (its VAE's factor, as diffusers' image processor rounds them).
+MIN_NOISE_LEVEL, MAX_NOISE_LEVEL, DEFAULT_NOISE_LEVEL = 0, 350, 20
+UPSCALE_FACTOR = 4
+# Its input at most 256x256 px: 1024x1024 out. A deployment whose SDQUEUE_PIXEL_BUDGET is set
+# allows inputs of up to 1/16 of it (the output's pixels are what a worker's budget counts).
+MAX_UPSCALE_INPUT_PIXELS = 256 * 256
+MIN_UPSCALE_INPUT_SIDE = 16
 
 class GenerationRequest(BaseModel):
     """One job: what a producer may ask of the worker."""
@@ -53,6 +62,8 @@ class GenerationRequest(BaseModel):
     height: StrictInt = 768
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
     use_compel: StrictBool = False
+    # The x4 upscaler only: None elsewhere (and then not among the stored parameters).
+    noise_level: Annotated[StrictInt, Field(ge=MIN_NOISE_LEVEL, le=MAX_NOISE_LEVEL)] | None = None
     # A registry name or an allowed folder (models/registry.py `request_model`); None: the
     # deployment's SDQUEUE_DEFAULT_MODEL, filled in where the request is parsed with its settings.
     model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS, strict=True)] | None = Field(
@@ -114,30 +125,69 @@ class GenerationRequest(BaseModel):
         """The inputs the model's mode needs, and only those; a mask the size of its image. A
         manifest, which adds the files' bytes after (checked once per file), checks them then."""
         if not (info.context or {}).get("inputs_later"):
-            check_inputs(self)
+            ran = check_inputs(self, pixel_budget=(info.context or {}).get("pixel_budget", 0))
+            for name in ("width", "height", "noise_level"):  # an upscaler's: in place, as pydantic wants it
+                if getattr(ran, name) != getattr(self, name):
+                    object.__setattr__(self, name, getattr(ran, name))
         return self
 
     @property
     def mode(self) -> str:
         if self.mask is not None:
             return "inpaint"
+        if self.noise_level is not None:
+            return "upscale"
         return "img2img" if self.image is not None else "txt2img"
 
     def parameters(self) -> dict[str, Any]:
-        """Every field but the image and mask bytes: what is stored with the job and embedded in PNGs."""
-        return self.model_dump(exclude={"image", "mask"})
+        """Every field but the image and mask bytes: what is stored with the job and embedded in PNGs.
+        A mode's own field (noise_level) only where it is set: other jobs' parameters stay as before."""
+        parameters = self.model_dump(exclude={"image", "mask"})
+        if parameters["noise_level"] is None:
+            del parameters["noise_level"]
+        return parameters
 
 
-def check_inputs(request: GenerationRequest, sizes: dict[str, tuple[int, int]] | None = None) -> None:
-    """check_mode, and a mask the size of its image (`sizes`: the files' sizes where known already)."""
-    check_mode(request, request.model)
+def check_inputs(request: GenerationRequest, sizes: dict[str, tuple[int, int]] | None = None, *,
+                 model: str | None = None, pixel_budget: int = 0) -> GenerationRequest:
+    """check_mode, and the inputs' sizes (`sizes`: the files' sizes where known already): a mask
+    the size of its image; an upscaler's input within its bound. Returns the request as it runs: an
+    upscaler's output size (4x its input) and noise level filled in. `model`: the request's own
+    when None; `pixel_budget`: the deployment's SDQUEUE_PIXEL_BUDGET (0: automatic)."""
+    model = model or request.model
+    check_mode(request, model)
+    sizes = sizes or {}
     if request.mask is not None and request.image is not None:
-        sizes = sizes or {}
         image = sizes.get("image") or check_image(request.image)
         mask = sizes.get("mask") or check_image(request.mask)
         if image != mask:
             raise ValueError(f"mask: {mask[0]}x{mask[1]} px, and the image is {image[0]}x{image[1]} px: "
                              "they must be the same size")
+    if model is not None and "upscale" in model_modes(model) and request.image is not None:
+        width, height = upscaled_size(sizes.get("image") or check_image(request.image), request, pixel_budget)
+        noise_level = DEFAULT_NOISE_LEVEL if request.noise_level is None else request.noise_level
+        return request.model_copy(update={"width": width, "height": height, "noise_level": noise_level})
+    return request
+
+
+def upscaled_size(size: tuple[int, int], request: GenerationRequest, pixel_budget: int = 0) -> tuple[int, int]:
+    """The x4 upscaler's output size for an input of `size`: 4x each side, the sides rounded down
+    to multiples of 4 first. Refuses an input outside the bound, or a width/height that is not it."""
+    bound = max(MAX_UPSCALE_INPUT_PIXELS, pixel_budget // UPSCALE_FACTOR**2)
+    width, height = size
+    if width * height > bound:
+        side = "256x256 px" if bound == MAX_UPSCALE_INPUT_PIXELS else f"SDQUEUE_PIXEL_BUDGET/16 = {bound} px"
+        raise ValueError(f"image: {width}x{height} px = {width * height} px is larger than the upscaler's input bound "
+                         f"of {bound} px ({side}; the output is 4x each side)")
+    if min(width, height) < MIN_UPSCALE_INPUT_SIDE:
+        raise ValueError(f"image: {width}x{height} px: the upscaler's input must be at least "
+                         f"{MIN_UPSCALE_INPUT_SIDE} px each side")
+    out = (width // 4 * 4 * UPSCALE_FACTOR, height // 4 * 4 * UPSCALE_FACTOR)
+    for name, value in zip(("width", "height"), out):
+        if name in request.model_fields_set and getattr(request, name) != value:
+            raise ValueError(f"{name}={getattr(request, name)}: the upscaler's output is 4x its input: {value} px for "
+                             f"this {width}x{height} px image (leave width and height out)")
+    return out
 
 
 def check_mode(request: GenerationRequest, model: str | None) -> None:
@@ -152,6 +202,15 @@ def check_mode(request: GenerationRequest, model: str | None) -> None:
             raise ValueError(f"{missing} required: model {model} inpaints (an image, and a mask of its size)")
     elif request.mask is not None:
         raise ValueError(f"mask is for inpainting models (sdqueue models list): model {model} runs "
+                         f"{', '.join(modes)}")
+    if "upscale" in modes:
+        if request.image is None:
+            raise ValueError(f"image required: model {model} upscales an image x4 (at most 256x256 px)")
+        if "strength" in request.model_fields_set:
+            raise ValueError(f"strength is not for upscaler models: model {model} takes noise_level "
+                             f"({MIN_NOISE_LEVEL}..{MAX_NOISE_LEVEL}) instead")
+    elif request.noise_level is not None:
+        raise ValueError(f"noise_level is for upscaler models (sdqueue models list): model {model} runs "
                          f"{', '.join(modes)}")
 
 
@@ -222,7 +281,8 @@ def _describe(error: dict[str, Any]) -> str:
 
 def model_context(settings: Any) -> dict[str, Any]:
     """What parse_request needs of a deployment's settings to check and fill in `model`."""
-    return {"default_model": settings.default_model, "model_folders": tuple(settings.model_folder_list)}
+    return {"default_model": settings.default_model, "model_folders": tuple(settings.model_folder_list),
+            "pixel_budget": settings.pixel_budget}
 
 
 def parse_request(data: dict[str, Any], settings: Any = None, *, inputs_later: bool = False) -> GenerationRequest:

@@ -160,7 +160,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     # Indexed through ix_jobs_state_lease, which starts with it.
     state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
-    mode: Mapped[str] = mapped_column(String(8))  # txt2img | img2img | inpaint
+    mode: Mapped[str] = mapped_column(String(8))  # txt2img | img2img | inpaint | upscale
     # Every request field but the image bytes, with the seed as resolved at submit time.
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     seed: Mapped[int] = mapped_column(BigInteger)

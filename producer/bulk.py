@@ -22,7 +22,7 @@ from sqlalchemy import update
 
 from models.constants import queue_for
 from models.registry import model_key
-from models.request import GenerationRequest, check_mode
+from models.request import GenerationRequest, check_inputs
 from models.errors import InvalidRequest
 from models.storage import Storage, input_key_for, mask_key_for
 from models.tables import Job, JobState, utcnow
@@ -57,7 +57,7 @@ def job_row(request: GenerationRequest, *, settings: Any, priority: str, storage
     model = request.model or model_key(settings.default_model)
     if request.model is None:  # parsed without the deployment's settings: its inputs not checked against it
         try:
-            check_mode(request, model)
+            request = check_inputs(request, model=model, pixel_budget=settings.pixel_budget)
         except ValueError as exc:
             raise InvalidRequest([str(exc)]) from None
     job_id = str(uuid.uuid4())

@@ -39,6 +39,7 @@ REQUEST_OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--width", int, "output width in px: a multiple of 64 from 256 to 1024 (default 768)"),
     ("--height", int, "output height in px: a multiple of 64 from 256 to 1024 (default 768)"),
     ("--seed", int, "random seed >= 0; image i uses seed + i (default: drawn and recorded)"),
+    ("--noise-level", int, "upscaler models: noise added to the input first, 0..350 (default 20)"),
     ("--model", str, "a registry model (`sdqueue models list`) or an allowed folder; its workers run the job "
                      "(default: SDQUEUE_DEFAULT_MODEL)"),
 ]
@@ -254,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
     model_commands.add_parser("list", help="show the registry")
     for name, text in (("build-tiny", "tiny SD 2.1-architecture pipelines, random weights (a few MB): tiny, and "
-                                      "tiny-inpainting beside it"),
+                                      "tiny-inpainting and tiny-upscaler beside it"),
                        ("build-arch", "full-size SD 2.1 768-v architecture, random weights (benchmarks): sd21-arch, "
-                                      "and sd21-arch-inpainting beside it")):
+                                      "and sd21-arch-inpainting and sd21-arch-upscaler beside it")):
         build = model_commands.add_parser(name, help=text)
         build.add_argument("dir", type=Path, nargs="?", help="where to save it, its variants beside it as DIR-VARIANT "
                                                               "(default: the data dir's models/)")
@@ -744,9 +745,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{'':22} {spec.description}")
             print(f"{'':22} inputs: {spec.inputs}")
         return 0
-    from worker.build import build_and_save
-
-    from worker.build import VARIANTS
+    from worker.build import VARIANTS, build_and_save
 
     kind = "tiny" if args.models_command == "build-tiny" else "sd21-arch"
     folder = args.dir or built_models_dir(load_settings().data_dir) / kind

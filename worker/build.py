@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler,
+                       StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionUpscalePipeline,
                        UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -97,10 +98,32 @@ def build_tokenizer() -> CLIPTokenizer:
 # The variants of an architecture: `KIND-VARIANT` ("tiny-inpainting", "sd21-arch-inpainting").
 # Inpainting (as stable-diffusion-2-inpainting): the UNet takes 9 channels, the latents with the
 # mask and the masked image's latents.
+# The x4 upscaler (as stable-diffusion-x4-upscaler): the UNet takes 7 channels, the latents with
+# the noised low-resolution image, and the noise level as its class label (1000 classes); a VAE of
+# three levels (latents 1/4 of the output's side, the input's size); DDIM with v-prediction, and a
+# DDPM schedule that noises the input. Its full-size UNet is the checkpoint's, not SD 2.1's.
 VARIANTS: dict[str, tuple[type, dict]] = {
     "": (StableDiffusionPipeline, {}),
     "inpainting": (StableDiffusionInpaintPipeline, {"in_channels": 9}),
+    "upscaler": (StableDiffusionUpscalePipeline, {"in_channels": 7, "out_channels": 4, "num_class_embeds": 1000}),
 }
+UPSCALER = {
+    "tiny": {"unet": {}, "vae": dict(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+                                     up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=0.08333)},
+    "sd21-arch": {
+        "unet": dict(
+            block_out_channels=(256, 512, 512, 1024),
+            attention_head_dim=8,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+            up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
+            only_cross_attention=(True, True, True, False),
+            sample_size=128,
+        ),
+        "vae": dict(block_out_channels=(128, 256, 512), down_block_types=("DownEncoderBlock2D",) * 3,
+                    up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=0.08333),
+    },
+}
+MAX_NOISE_LEVEL = 350
 KINDS = tuple(f"{base}-{variant}" if variant else base for base in CONFIGS for variant in VARIANTS)
 
 
@@ -119,10 +142,15 @@ def build_pipeline(kind: str, seed: int = 0) -> StableDiffusionPipeline:
     base, variant = split_kind(kind)
     configs = CONFIGS[base]
     pipeline_class, unet_extra = VARIANTS[variant]
+    unet_config, vae_config = dict(configs["unet"]), dict(configs["vae"])
+    if variant == "upscaler":
+        unet_config.update(UPSCALER[base]["unet"])
+        vae_config.update(UPSCALER[base]["vae"])
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**configs["unet"], **unet_extra, use_linear_projection=True, upcast_attention=True)
-    vae = AutoencoderKL(**configs["vae"])
+    unet = UNet2DConditionModel(**unet_config, **unet_extra, use_linear_projection=True,
+                                upcast_attention=variant != "upscaler")
+    vae = AutoencoderKL(**vae_config)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             **configs["text_encoder"],
@@ -140,6 +168,15 @@ def build_pipeline(kind: str, seed: int = 0) -> StableDiffusionPipeline:
             for param in module.parameters():
                 if param.dim() > 1:
                     param.mul_(0.5)
+    if variant == "upscaler":  # the checkpoint's schedulers (its scheduler_config.json and low_res_scheduler's)
+        return StableDiffusionUpscalePipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            low_res_scheduler=DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear"),
+            scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False,
+                                    steps_offset=1),
+            safety_checker=None, feature_extractor=None, watermarker=None, max_noise_level=MAX_NOISE_LEVEL,
+        )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -160,6 +197,9 @@ def build_pipeline(kind: str, seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
+DESCRIBED = {"": "", "inpainting": "inpainting ", "upscaler": "x4 upscaler "}
+
+
 def build_and_save(kind: str, folder: Path, seed: int = 0) -> Path:
     """Build `kind` and save it with save_pretrained into `folder`; returns the folder."""
     from worker.pipeline import quiet_libraries
@@ -174,7 +214,7 @@ def build_and_save(kind: str, folder: Path, seed: int = 0) -> Path:
         json.dumps(
             {
                 "name": kind,
-                "description": f"{kind}: SD 2.1 {'inpainting ' if split_kind(kind)[1] else ''}architecture with random "
+                "description": f"{kind}: SD 2.1 {DESCRIBED[split_kind(kind)[1]]}architecture with random "
                                f"weights (seed {seed}), built by sdqueue",
                 "random_weights": True,
                 "seed": seed,

@@ -121,7 +121,8 @@ class CompiledUnet:
         self.compiled = torch.compile(unet, mode=mode, dynamic=False)
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                 encoder_hidden_states: torch.Tensor, return_dict: bool = False) -> Any:
+                 encoder_hidden_states: torch.Tensor, return_dict: bool = False,
+                 class_labels: torch.Tensor | None = None) -> Any:
         # 1. check inputs, and one timestep per row
         rows = sample.shape[0]
         if encoder_hidden_states.shape[0] != rows:
@@ -136,6 +137,7 @@ class CompiledUnet:
         bucket = bucket_for(rows, self.buckets)
         sample, timesteps, encoder_hidden_states = (
             _pad_rows(x, bucket) for x in (sample, timesteps, encoder_hidden_states))
+        labels = {} if class_labels is None else {"class_labels": _pad_rows(class_labels, bucket)}  # the upscaler's
         shape = (bucket, sample.shape[2], sample.shape[3], encoder_hidden_states.shape[1])
         new = shape not in self.shapes
         if new:
@@ -147,7 +149,8 @@ class CompiledUnet:
         with self._attention():
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            out = self.compiled(sample, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+            out = self.compiled(sample, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                                **labels)[0]
         out = out[:rows]
         if self.cuda_graphs:
             out = out.clone()
@@ -292,7 +295,10 @@ def warm_up(unet_call: UnetCall | None, model: LoadedModel, sizes: list[tuple[in
             sample = torch.zeros(rows, channels, height // factor, width // factor, device=device, dtype=dtype)
             timesteps = torch.zeros(rows, device=device)
             text = torch.zeros(rows, tokens, dim, device=device, dtype=dtype)
-            unet_call(sample, timesteps, encoder_hidden_states=text, return_dict=False)
+            labels = {}
+            if pipe.unet.config.num_class_embeds:  # the upscaler: a noise level per row
+                labels["class_labels"] = torch.zeros(rows, device=device, dtype=torch.long)
+            unet_call(sample, timesteps, encoder_hidden_states=text, return_dict=False, **labels)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 from PIL import Image
 
 from models.images import exif_orientation, upright
+from models.request import UPSCALE_FACTOR
 
 
 # The EXIF orientation prepare_input_image applied, kept in the prepared image's info (the image
@@ -24,6 +26,15 @@ def prepare_input_image(data: bytes, width: int, height: int) -> Image.Image:
             img = img.resize((width, height), Image.Resampling.LANCZOS)
         img.info[ORIENTATION_INFO] = orientation
         return img
+
+
+def input_size(params: dict[str, Any]) -> tuple[int, int]:
+    """The size a job's input is taken at: its output's (width x height), but for the x4 upscaler
+    (a job with a noise level) a quarter of it each side, the input's own size rounded down to 4s."""
+    width, height = params["width"], params["height"]
+    if params.get("noise_level") is not None:
+        return width // UPSCALE_FACTOR, height // UPSCALE_FACTOR
+    return width, height
 
 
 def prepare_mask(data: bytes, width: int, height: int) -> Image.Image:

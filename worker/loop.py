@@ -58,6 +58,8 @@ class ContinuousLoop(SampleSet):
         self.vectorised = type(pipe.scheduler) is EulerDiscreteScheduler
         # A 9-channel UNet (inpainting): its samples each carry their mask and masked image.
         self.inpainting = pipe.unet.config.in_channels == 9
+        # The x4 upscaler: its samples each carry their noised input and its noise level.
+        self.upscaling = model.upscaler is not None
         super().__init__()
 
     # -- joining and leaving (between steps) -------------------------------------------------
@@ -78,6 +80,11 @@ class ContinuousLoop(SampleSet):
         tokens = {c.tokens for c in conditioning} | ({self.tokens} if self.tokens is not None else set())
         if len(tokens) != 1:
             raise ValueError(f"a loop runs conditioning of one length, got lengths {sorted(tokens)}")
+        upscale = samples[0].noise_level is not None
+        if any((s.noise_level is not None) != upscale for s in samples) or upscale != self.upscaling:
+            raise ValueError(f"this model {'upscales: samples with a noise level only' if self.upscaling else 'does not upscale'}")
+        if upscale:
+            return self._admit_upscaling(samples, conditioning, steps, tokens.pop())
         img2img = strength is not None
         inpaint = samples[0].mask_image is not None
         if img2img != all(s.init_image is not None for s in samples):
@@ -181,6 +188,38 @@ class ContinuousLoop(SampleSet):
         self.active.extend(admitted)
         return admitted
 
+    def _admit_upscaling(self, samples: list[Sample], conditioning: list[Conditioning], steps: int,
+                         tokens: int) -> list[LoopSample]:
+        """x4 upscaler samples, each started as StableDiffusionUpscalePipeline starts one image of
+        its own with its generator: its input noised to its noise level (the low-resolution
+        schedule), then its latents drawn; both travel with it into every UNet call."""
+        pipe, device, dtype = self.model.upscaler, self.model.device, self.model.dtype
+        assert pipe is not None
+        if any(s.init_image is None for s in samples):
+            raise ValueError("every upscaler sample needs an input image")
+        scheduler = copy.deepcopy(pipe.scheduler)
+        scheduler.set_timesteps(steps, device=device)
+        first_index = scheduler.index_for_timestep(scheduler.timesteps[0]) if hasattr(scheduler, "index_for_timestep") else 0
+        size = (self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor)
+        admitted = []
+        for sample, cond in zip(samples, conditioning):
+            generator = torch.Generator("cpu").manual_seed(sample.seed)
+            image = pipe.image_processor.preprocess(sample.init_image).to(device=device, dtype=dtype)
+            if tuple(image.shape[-2:]) != size:
+                raise ValueError(f"input image of {sample.job_id} is {image.shape[-1]}x{image.shape[-2]}, the loop "
+                                 f"upscales {size[1]}x{size[0]} to {self.width}x{self.height}")
+            level = torch.tensor([sample.noise_level], dtype=torch.long, device=device)
+            noise = randn_tensor(image.shape, generator=generator, device=device, dtype=dtype)
+            image = pipe.low_res_scheduler.add_noise(image, noise, level)
+            own = copy.deepcopy(scheduler)
+            latents = randn_tensor((1, pipe.vae.config.latent_channels, *size), generator=generator, device=device,
+                                   dtype=dtype) * own.init_noise_sigma
+            admitted.append(LoopSample(sample, cond, steps, None, own, own.timesteps, first_index, latents,
+                                       extra=image, class_label=level))
+        self.tokens = tokens
+        self.active.extend(admitted)
+        return admitted
+
     # -- one step ---------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -198,7 +237,7 @@ class ContinuousLoop(SampleSet):
             scaled = self._euler_scale(active, latents)
         else:
             scaled = torch.cat([s.scheduler.scale_model_input(s.latents, s.t) for s in active])
-        if self.inpainting:  # each row's mask and masked image's latents beside its latents
+        if self.inpainting or self.upscaling:  # each row's mask and masked image's latents (or noised input) beside
             scaled = torch.cat([scaled, torch.cat([s.extra for s in active])], dim=1)
         guided_rows = torch.tensor([s.guided for s in active], device=device)
         model_input = torch.cat([scaled[guided_rows], scaled])
@@ -206,8 +245,12 @@ class ContinuousLoop(SampleSet):
         embeds = torch.cat([s.conditioning.negative_embeds for s in guided]
                            + [s.conditioning.embeds for s in active]).to(device)
 
-        # 2. one UNet call, classifier-free guidance per sample
-        noise_pred = self.unet_call(model_input, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+        # 2. one UNet call, classifier-free guidance per sample (the upscaler's noise levels as class labels)
+        labels = {}
+        if self.upscaling:
+            labels["class_labels"] = torch.cat([s.class_label for s in guided] + [s.class_label for s in active])
+        noise_pred = self.unet_call(model_input, timesteps, encoder_hidden_states=embeds, return_dict=False,
+                                    **labels)[0]
         noise_uncond, noise_text = noise_pred[: len(guided)], noise_pred[len(guided) :]
         noise_pred = noise_text.clone()
         if guided:
@@ -291,8 +334,8 @@ class ContinuousLoop(SampleSet):
     def _decode(self, latents: torch.Tensor) -> tuple[list[np.ndarray], list[bool]]:
         """VAE decode, then uint8 on the device (rounded as to_uint8 rounds, in float32) and one
         copy to the host: into pinned memory without blocking on CUDA."""
-        vae = self.model.txt2img.vae
-        images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        vae = self.model.txt2img.vae  # the upscaler's may run float32 beside a float16 UNet
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
         finite = torch.isfinite(images).flatten(1).all(dim=1)
         pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
         if pixels.is_cuda:

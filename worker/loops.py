@@ -41,6 +41,9 @@ class LoopSample:
     # Inpainting: what the UNet takes beside the latents at every step, the mask and the masked
     # image's latents ([1, 5, h, w]): they travel with the sample, whichever loop step it is in.
     extra: Any = field(default=None, repr=False)
+    # The x4 upscaler: its noise level, the UNet's class label ([1], long), beside `extra` (its
+    # noised low-resolution image, [1, 3, h, w]).
+    class_label: Any = field(default=None, repr=False)
     calls: int = 0  # model calls done so far
     shared_max: int = 0  # the most samples (itself included) of a model call it was in
     shared_total: int = 0  # the sum over its calls of the samples in each: shared_total / calls is the mean
@@ -177,7 +180,7 @@ class Loops:
         if loop is None:
             loop = self.loops[group] = self.model.new_loop(key.width, key.height, work.tokens, self.unet_call)
             self.members[group] = []
-        strength = work.params.get("strength") if key.mode in ("img2img", "inpaint") else None
+        strength = work.params.get("strength") if key.mode in ("img2img", "inpaint") else None  # upscale: None
         try:
             samples = loop.admit(work.samples, work.conditioning or [], key.steps, strength)
         except Exception:

@@ -7,6 +7,7 @@ is worker/batch.py.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from diffusers import (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                       StableDiffusionUpscalePipeline)
 
 from models.errors import ModelUnavailable
 from models.registry import ModelSpec
@@ -33,10 +35,14 @@ class LoadedModel:
     revision: str | None
     device: str
     dtype: torch.dtype
+    # The pipeline whose parts every mode uses (the tokenizer, text encoder, UNet, VAE, scheduler);
+    # an upscaler's is its StableDiffusionUpscalePipeline (and img2img None).
     txt2img: StableDiffusionPipeline
-    img2img: StableDiffusionImg2ImgPipeline
+    img2img: StableDiffusionImg2ImgPipeline | None
     # An inpainting model's (a 9-channel UNet): its image and mask processors; None otherwise.
     inpainting: StableDiffusionInpaintPipeline | None = None
+    # The x4 upscaler's (a 7-channel UNet): its low-resolution noise schedule; None otherwise.
+    upscaler: StableDiffusionUpscalePipeline | None = None
     _compel: Any = field(default=None, repr=False)
 
     @property
@@ -197,6 +203,8 @@ def load_model(spec: ModelSpec, device: str = "auto") -> LoadedModel:
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     source, revision = locate_weights(spec)
     log.info("loading %s from %s (%s, %s)", spec.name, source, device, dtype)
+    if is_upscaler(source):
+        return _load_upscaler(spec, source, revision, device, dtype)
     pipe = StableDiffusionPipeline.from_pretrained(
         source, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
@@ -210,9 +218,34 @@ def load_model(spec: ModelSpec, device: str = "auto") -> LoadedModel:
     if pipe.unet.config.in_channels == 9:
         inpainting = StableDiffusionInpaintPipeline(**pipe.components, requires_safety_checker=False)
         inpainting.set_progress_bar_config(disable=True)
+    _warn_random(spec)
+    return LoadedModel(spec, source, revision, device, dtype, pipe, img2img, inpainting)
+
+
+def is_upscaler(folder: str) -> bool:
+    """A diffusers folder of the x4 upscaler (its model_index.json names the pipeline)."""
+    index = Path(folder) / "model_index.json"
+    return index.is_file() and json.loads(index.read_text()).get("_class_name") == StableDiffusionUpscalePipeline.__name__
+
+
+def _load_upscaler(spec: ModelSpec, source: str, revision: str | None, device: str, dtype: torch.dtype) -> LoadedModel:
+    """The x4 upscaler: its scheduler as the spec names it (the checkpoint's DDIM). Its VAE decodes
+    in float32 where the model runs fp16 and the VAE's config asks for it (force_upcast), as
+    StableDiffusionUpscalePipeline decodes: the decoder overflows fp16 at 4x the input's side."""
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
+                                                          feature_extractor=None, watermarker=None)
+    pipe.scheduler = getattr(diffusers, spec.scheduler).from_config(pipe.scheduler.config)
+    pipe.to(device)
+    if dtype == torch.float16 and pipe.vae.config.force_upcast:
+        pipe.vae.to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    _warn_random(spec)
+    return LoadedModel(spec, source, revision, device, dtype, pipe, None, upscaler=pipe)
+
+
+def _warn_random(spec: ModelSpec) -> None:
     if spec.random_weights:
         log.warning("model %s has RANDOM weights: its images are noise (tests and benchmarks only)", spec.name)
-    return LoadedModel(spec, source, revision, device, dtype, pipe, img2img, inpainting)
 
 
 def library_versions() -> dict[str, str]:

@@ -116,11 +116,22 @@ def probe(model: Any, generate: Callable[..., list[Any]], features: dict[str, An
     params = {"prompt": PROBE_PROMPT, "negative_prompt": "blurry" if features.get("negative") else "",
               "num_images": 1, "num_inference_steps": 2, "guidance_scale": 7.5, "width": size, "height": size,
               "use_compel": bool(features.get("use_compel")), "strength": 0.5}
-    img2img = features.get("mode") == "img2img"
-    init = Image.new("RGB", (size, size), (90, 120, 160)) if img2img else None
-    samples = job_samples("probe", params, 0, init)
+    # The failed job's mode; an inpainting or upscaler model runs its own (the only one it has).
+    mode = features.get("mode")
+    modes = model.spec.modes
+    mode = mode if mode in modes else modes[0]
+    init = mask = None
+    if mode in ("img2img", "inpaint"):
+        init = Image.new("RGB", (size, size), (90, 120, 160))
+    if mode == "inpaint":
+        mask = Image.new("L", (size, size), 255)
+    if mode == "upscale":
+        params["noise_level"] = 20
+        init = Image.new("RGB", (size // 4, size // 4), (90, 120, 160))
+    samples = job_samples("probe", params, 0, init, mask)
     conditioning = ConditioningCache(model).get([s.prompt for s in samples])
-    for result in generate(compat_key(params, img2img=img2img), samples, conditioning):
+    for result in generate(compat_key(params, img2img=init is not None, inpaint=mask is not None), samples,
+                           conditioning):
         if isinstance(result, BaseException):
             raise result
         if not np.isfinite(np.asarray(result, dtype=np.float32)).all():

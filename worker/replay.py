@@ -10,7 +10,7 @@ from models.storage import Storage
 from models.tables import Image, Job
 from worker.samples import compat_key, job_samples
 from worker.engine import Engine
-from worker.inputs import prepare_input_image, prepare_mask
+from worker.inputs import input_size, prepare_input_image, prepare_mask
 
 
 def replay_batch(engine: Engine, db: Database, storage: Storage, batch_id: str) -> list[np.ndarray]:
@@ -26,7 +26,7 @@ def replay_batch(engine: Engine, db: Database, storage: Storage, batch_id: str) 
     for job in jobs:
         init = mask = None
         if job.input_key is not None:
-            init = prepare_input_image(storage.get(job.input_key), job.params["width"], job.params["height"])
+            init = prepare_input_image(storage.get(job.input_key), *input_size(job.params))
         if job.mask_key is not None:
             mask = prepare_mask(storage.get(job.mask_key), job.params["width"], job.params["height"])
         mine = job_samples(job.id, job.params, job.seed, init, mask)

@@ -49,7 +49,7 @@ from worker.batch import generate_batch
 from worker.samples import ConditioningCache, compat_key, job_samples
 from worker.encode import encode_png, read_record, sha256_of
 from worker.loop import run_direct
-from worker.inputs import prepare_input_image, prepare_mask
+from worker.inputs import input_size, prepare_input_image, prepare_mask
 from worker.pipeline import LoadedModel, library_versions, load_model, pick_device, pin_torch_threads
 
 # The default tolerance on the recorded device type and dtype, in 1/255 (see the docstring).
@@ -174,7 +174,7 @@ def reproduce(settings: Settings, job_id: str, *, index: int | None = None, mode
         if not storage.exists(job.input_key):
             raise ImageNotFound(f"the input image of job {job.id} is missing from storage "
                                 f"({storage.location(job.input_key)})")
-        init = prepare_input_image(storage.get(job.input_key), job.width, job.height)
+        init = prepare_input_image(storage.get(job.input_key), *input_size(job.params))
     mask = None
     if job.mask_key is not None:  # inpainting: its mask, prepared as the worker prepares it
         if not storage.exists(job.mask_key):
@@ -256,7 +256,9 @@ def use_scheduler(model: LoadedModel, name: str, config: dict[str, Any] | None) 
     if scheduler_cls is None:
         raise SdqueueError(f"the recorded scheduler {name!r} is not in this diffusers ({diffusers.__version__})")
     scheduler = scheduler_cls.from_config(config or model.txt2img.scheduler.config)
-    model.txt2img.scheduler = model.img2img.scheduler = scheduler
+    for pipe in (model.txt2img, model.img2img, model.inpainting, model.upscaler):
+        if pipe is not None:
+            pipe.scheduler = scheduler
 
 
 def make_again(model: LoadedModel, job: Job, init: PILImage.Image | None, batching: str,

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class CompatKey:
     """What samples must share to run in one denoising loop (the model is the worker's own)."""
 
-    mode: str  # txt2img | img2img | inpaint
+    mode: str  # txt2img | img2img | inpaint | upscale
     width: int
     height: int
     steps: int
@@ -41,7 +41,10 @@ def start_step(steps: int, strength: float) -> int:
 
 
 def compat_key(params: dict[str, Any], img2img: bool, inpaint: bool = False) -> CompatKey:
+    """A job's key; `img2img`: it has an input image (an upscaler's, where it has a noise level)."""
     steps = params["num_inference_steps"]
+    if img2img and params.get("noise_level") is not None:  # the x4 upscaler: from noise, its input beside
+        return CompatKey("upscale", params["width"], params["height"], steps)
     if img2img or inpaint:
         return CompatKey("inpaint" if inpaint else "img2img", params["width"], params["height"], steps,
                          start_step(steps, params["strength"]))
@@ -68,14 +71,17 @@ class Sample:
     # Inpainting: white (at least 50% grey) repaints, black keeps; the size of init_image.
     mask_image: Image.Image | None = field(default=None, repr=False)
     strength: float | None = None  # img2img and inpainting: how much of the input is denoised
+    # The x4 upscaler: the noise level its input (init_image, a quarter of the output's side) is noised to.
+    noise_level: int | None = None
 
 
 def job_samples(job_id: str, params: dict[str, Any], seed: int, init_image: Image.Image | None,
                 mask_image: Image.Image | None = None) -> list[Sample]:
     """A job's samples: image i from seed + i, all with the job's prompt and guidance."""
     prompt = Prompt(params["prompt"], params["negative_prompt"], params["use_compel"])
-    strength = params["strength"] if init_image is not None else None
-    return [Sample(job_id, i, seed + i, prompt, params["guidance_scale"], init_image, mask_image, strength)
+    noise_level = params.get("noise_level") if init_image is not None else None
+    strength = params["strength"] if init_image is not None and noise_level is None else None
+    return [Sample(job_id, i, seed + i, prompt, params["guidance_scale"], init_image, mask_image, strength, noise_level)
             for i in range(params["num_images"])]
 
 

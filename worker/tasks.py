@@ -230,7 +230,7 @@ def _claim_all(ctx: WorkerContext, job_ids: list[str], queue: str | None
 def _start(ctx: WorkerContext, work: Work) -> Future:
     """A job just claimed, held and on its way to a batch: its samples (image i from seed + i; an
     img2img input read from storage, an outage waited out); the future says how it ended."""
-    from worker.inputs import prepare_input_image, prepare_mask
+    from worker.inputs import input_size, prepare_input_image, prepare_mask
 
     engine = ctx.engine
     engine.hold(work)
@@ -243,7 +243,7 @@ def _start(ctx: WorkerContext, work: Work) -> Future:
         try:
             data = wait_out(lambda: ctx.storage.get(key), f"job {work.job_id}: reading its {what}",
                             timeout=ctx.settings.outage_timeout)
-            inputs[what] = prepare(data, params["width"], params["height"])
+            inputs[what] = prepare(data, *input_size(params))
         except OutageTooLong:
             return engine.give_back(work)
         except Exception as exc:

@@ -22,7 +22,7 @@ from producer.api.errors import BadBody, BodyTooLarge, answer_for
 
 # Request fields a form carries as text, and what they are made of before validation. A value
 # that does not convert stays text, so the refusal names it as given.
-INT_FIELDS = frozenset({"num_images", "num_inference_steps", "width", "height", "seed"})
+INT_FIELDS = frozenset({"num_images", "num_inference_steps", "width", "height", "seed", "noise_level"})
 FLOAT_FIELDS = frozenset({"guidance_scale", "strength"})
 BOOL_FIELDS = {"true": True, "1": True, "on": True, "yes": True, "false": False, "0": False, "off": False, "no": False}
 # Fields whose blank value means what it says; any other field left blank takes its default.

@@ -390,6 +390,8 @@ def submit_again(shared: Backend, who: Caller, job_id: str) -> str:
     with shared.client.db.session() as session:
         job = visible_job(session, who, job_id)
         fields, input_key, mask_key = dict(job.params), job.input_key, job.mask_key
+        if job.mode == "upscale":  # its size follows from its input's, and may be none of the request's sizes
+            fields.pop("width", None), fields.pop("height", None)
     if who.rate_per_minute is not None:
         check_rate(shared.redis, who)
     # 2. the same request, the input image read back from storage

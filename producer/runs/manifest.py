@@ -80,6 +80,7 @@ CSV_TYPES: dict[str, tuple[Callable[[str], Any], str]] = {
     "seed": (int, "not a whole number"),
     "guidance_scale": (float, "not a number"),
     "strength": (float, "not a number"),
+    "noise_level": (int, "not a whole number"),
     "use_compel": (_bool, "not one of true, false, 1, 0, yes, no"),
 }
 
@@ -506,7 +507,8 @@ class _Rows:
             # rows of one input image decode it once, not a thousand times.
             request = request.model_copy(update=files)
             try:
-                check_inputs(request, {name: self._size(data) for name, data in files.items()})
+                request = check_inputs(request, {name: self._size(data) for name, data in files.items()},
+                                       pixel_budget=self.settings.pixel_budget if self.settings is not None else 0)
             except ValueError as exc:
                 problems.append(str(exc))
         if problems:
