@@ -87,8 +87,13 @@ def _render(overlay: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
-def rendered(request) -> list[dict]:
-    return _render(request.param)
+def overlay(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def rendered(overlay) -> list[dict]:
+    return _render(overlay)
 
 
 def _keda_schema(kind: str) -> dict:
@@ -128,6 +133,14 @@ def test_scaled_object_matches_the_keda_crd(rendered):
         assert auth["apiVersion"] == "keda.sh/v1alpha1"
         for ref in auth["spec"]["secretTargetRef"]:
             assert set(ref) == {"parameter", "name", "key"}
+
+
+def test_overlay_pins_every_image(overlay, rendered):
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "overlays" / overlay / "kustomization.yaml").read_text())
+    pinned = {f"{image['newName']}:{image['newTag']}" for image in kustomization["images"]}
+    pods = [d["spec"]["template"]["spec"] for d in rendered if d["kind"] in ("Deployment", "Job")] + \
+           [d["spec"]["jobTemplate"]["spec"]["template"]["spec"] for d in rendered if d["kind"] == "CronJob"]
+    assert {c["image"] for pod in pods for c in pod["containers"]} == pinned
 
 
 def test_manifests_hang_together(rendered):
