@@ -98,7 +98,7 @@ def rendered(overlay) -> list[dict]:
 
 # Models the overlays run a worker pool for before models/registry.py has them (main adds them);
 # a name once in the registry can go from here.
-COMING_MODELS = {"sd21-upscaler", "sd21-depth"}
+COMING_MODELS = {"sd21-depth"}
 
 
 def _worker_pools(rendered: list[dict]) -> dict[str, dict]:
