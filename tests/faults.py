@@ -503,9 +503,11 @@ class Suite:
                 self.wait("a healthy tiny worker ready", lambda: " ready." in helper_log.read_text(errors="replace"),
                           timeout=240)
             started = time.monotonic()
+            # Only the jobs it counts: any more would wait for a tiny worker after the helper is gone.
+            words = (["red", "green", "blue", "amber", "white", "violet"] * 10)[:self.cfg.broken_jobs]
             ids = [self.client.submit({"prompt": f"a ({word})++ lantern", "use_compel": True, "width": 256,
                                        "height": 256, "num_inference_steps": 2, "seed": i, "model": "tiny"})
-                   for i, word in enumerate(["red", "green", "blue", "amber", "white", "violet"] * 10)][:self.cfg.broken_jobs]
+                   for i, word in enumerate(words)]
             self.job_ids += ids
             report.broken_jobs = ids
             report.recoveries["broken worker: quarantined after"] = self.wait(
