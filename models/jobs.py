@@ -2,6 +2,7 @@
 
     queued -> running -> succeeded | failed | cancelled
                  `-> queued (lease expired, given back, or a failed attempt to retry)
+    waiting -> queued (a follow-up, once the job it follows succeeded) | cancelled (once that one did not)
 
 A worker claims a queued job with a lease: an owner (the worker process), an expiry it keeps
 pushing forward while it holds the job, and a token that grows at every claim. Only the holder of
@@ -20,14 +21,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable
 
-from sqlalchemy import Row, delete, func, select, text, update
-from sqlalchemy.orm import Session, lazyload
+from sqlalchemy import Row, and_, delete, func, or_, select, text, update
+from sqlalchemy.orm import Session, aliased, lazyload, object_session
 
 from models.db import Database, dialect_insert
 from models.errors import JobNotFound
 from models.tables import Batch, Image, Job, JobState, Upload, WebhookDelivery, utcnow
 
 ALLOWED = {
+    JobState.WAITING: {JobState.QUEUED, JobState.CANCELLED},
     JobState.QUEUED: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
     JobState.RUNNING: {JobState.QUEUED, JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED},
     JobState.SUCCEEDED: set(),
@@ -106,6 +108,56 @@ def transition(job: Job, wanted: JobState) -> None:
         job.lease_owner = None
         job.lease_expires_at = None
         job.running_alone = False
+    if wanted in (JobState.FAILED, JobState.CANCELLED):
+        cancel_followers(job, wanted)
+
+
+def cancel_followers(job: Job, ended: JobState) -> None:
+    """The follow-ups waiting on `job`, which ended without images: cancelled with the reason, in
+    the same transaction (and theirs in turn). A bulk UPDATE that ends jobs leaves this to the
+    sweeper's `settle_follow_ups`."""
+    session = object_session(job)
+    if session is None:
+        return
+    followers = session.scalars(select(Job).where(Job.after_job_id == job.id, Job.state == JobState.WAITING.value)
+                                .with_for_update()).all()
+    for follower in followers:
+        transition(follower, JobState.CANCELLED)
+        follower.error = f"after: job {job.id}, the job it follows, {ended.value}: there is no image to follow"
+
+
+def settle_follow_ups(session: Session, parents: list[str] | None = None, limit: int = 500) -> list[tuple[str, str | None]]:
+    """Waiting follow-ups whose parent ended (of `parents`, else any): those of a parent that
+    succeeded become queued, their input its image (`after_index`); the others are cancelled
+    with the reason (their parent failed, was cancelled or deleted). Returns the (id, queue) of
+    those queued: the caller sends their messages after the commit (the sweeper sends any it
+    could not). At most `limit` a call."""
+    parent = aliased(Job)
+    ended = [state.value for state in JobState if state.terminal]
+    query = (select(Job, parent.state, Image.object_key, Image.sha256)
+             .outerjoin(parent, parent.id == Job.after_job_id)
+             .outerjoin(Image, and_(Image.job_id == Job.after_job_id, Image.index == Job.after_index))
+             .where(Job.state == JobState.WAITING.value, or_(parent.id.is_(None), parent.state.in_(ended)))
+             .limit(limit).with_for_update(of=Job, skip_locked=True))
+    if parents is not None:
+        query = query.where(Job.after_job_id.in_(parents))
+    released = []
+    for follower, state, key, sha256 in session.execute(query).all():
+        if state == JobState.SUCCEEDED.value and key is not None:
+            follower.input_key, follower.input_sha256 = key, sha256
+            transition(follower, JobState.QUEUED)
+            follower.enqueued_at = utcnow()
+            released.append((follower.id, follower.queue))
+            continue
+        transition(follower, JobState.CANCELLED)
+        if state is None:
+            why = "no longer exists (deleted with its run?)"
+        elif state == JobState.SUCCEEDED.value:
+            why = f"succeeded without an image {follower.after_index}"
+        else:
+            why = state
+        follower.error = f"after: job {follower.after_job_id}, the job it follows, {why}: there is no image to follow"
+    return released
 
 
 def claim(
@@ -125,6 +177,8 @@ def claim(
     now = utcnow()
     if JobState(job.state).terminal:
         return None, f"it is {job.state}"
+    if job.state == JobState.WAITING.value:  # its message comes when the job it follows succeeds
+        return None, f"it waits for job {job.after_job_id}, the job it follows"
     if job.model is not None and job.model != model:
         # A message in another model's queue: its own goes there again (the sweeper's resend).
         return None, f"it is for model {job.model}, and this worker runs {model}"
@@ -565,6 +619,9 @@ def job_record(job: Job, *, locate: Any = None) -> dict[str, Any]:
         "seed_was_drawn": job.seed_was_drawn,
         "input_key": job.input_key,
         "mask_sha256": job.mask_sha256,
+        # The job it follows (its image `index` is this one's input), and the jobs that follow it.
+        "after": {"job": job.after_job_id, "index": job.after_index} if job.after_job_id is not None else None,
+        "followers": [follower.id for follower in job.followers],
         "model": job.model,
         "priority": job.priority,
         "run_id": job.run_id,

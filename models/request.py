@@ -44,6 +44,15 @@ UPSCALE_FACTOR = 4
 MAX_UPSCALE_INPUT_PIXELS = 256 * 256
 MIN_UPSCALE_INPUT_SIDE = 16
 
+class After(BaseModel):
+    """A follow-up's parent: image `index` of job `job` is its input (queued once that job succeeded)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job: Annotated[str, Field(min_length=1, max_length=36, strict=True)]
+    index: Annotated[StrictInt, Field(ge=0, le=MAX_NUM_IMAGES - 1)] = 0
+
+
 class GenerationRequest(BaseModel):
     """One job: what a producer may ask of the worker."""
 
@@ -64,6 +73,9 @@ class GenerationRequest(BaseModel):
     use_compel: StrictBool = False
     # The x4 upscaler only: None elsewhere (and then not among the stored parameters).
     noise_level: Annotated[StrictInt, Field(ge=MIN_NOISE_LEVEL, le=MAX_NOISE_LEVEL)] | None = None
+    # A follow-up: another job's image is its input instead of `image` (checked against that job
+    # where the request is written: models' check_follow_ups in producer/bulk.py).
+    after: After | None = None
     # A registry name or an allowed folder (models/registry.py `request_model`); None: the
     # deployment's SDQUEUE_DEFAULT_MODEL, filled in where the request is parsed with its settings.
     model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS, strict=True)] | None = Field(
@@ -137,14 +149,20 @@ class GenerationRequest(BaseModel):
             return "inpaint"
         if self.noise_level is not None:
             return "upscale"
-        return "img2img" if self.image is not None else "txt2img"
+        return "img2img" if self.has_image else "txt2img"
+
+    @property
+    def has_image(self) -> bool:
+        """An input image: its bytes, or the image of the job it follows."""
+        return self.image is not None or self.after is not None
 
     def parameters(self) -> dict[str, Any]:
         """Every field but the image and mask bytes: what is stored with the job and embedded in PNGs.
-        A mode's own field (noise_level) only where it is set: other jobs' parameters stay as before."""
+        A mode's own field (noise_level) and `after` only where set: other jobs' stay as before."""
         parameters = self.model_dump(exclude={"image", "mask"})
-        if parameters["noise_level"] is None:
-            del parameters["noise_level"]
+        for name in ("noise_level", "after"):
+            if parameters[name] is None:
+                del parameters[name]
         return parameters
 
 
@@ -156,18 +174,30 @@ def check_inputs(request: GenerationRequest, sizes: dict[str, tuple[int, int]] |
     when None; `pixel_budget`: the deployment's SDQUEUE_PIXEL_BUDGET (0: automatic)."""
     model = model or request.model
     check_mode(request, model)
-    sizes = sizes or {}
-    if request.mask is not None and request.image is not None:
-        image = sizes.get("image") or check_image(request.image)
+    sizes = dict(sizes or {})
+    if "image" not in sizes and request.image is not None:
+        sizes["image"] = check_image(request.image)
+    image = sizes.get("image")  # None: a follow-up's, known once the job it follows is read
+    if request.mask is not None and image is not None:
         mask = sizes.get("mask") or check_image(request.mask)
         if image != mask:
             raise ValueError(f"mask: {mask[0]}x{mask[1]} px, and the image is {image[0]}x{image[1]} px: "
                              "they must be the same size")
-    if model is not None and "upscale" in model_modes(model) and request.image is not None:
-        width, height = upscaled_size(sizes.get("image") or check_image(request.image), request, pixel_budget)
-        noise_level = DEFAULT_NOISE_LEVEL if request.noise_level is None else request.noise_level
-        return request.model_copy(update={"width": width, "height": height, "noise_level": noise_level})
+    if model is not None and "upscale" in model_modes(model) and request.has_image:
+        update: dict[str, Any] = {"noise_level": DEFAULT_NOISE_LEVEL if request.noise_level is None else request.noise_level}
+        if image is not None:
+            update["width"], update["height"] = upscaled_size(image, request, pixel_budget)
+        return request.model_copy(update=update)
     return request
+
+
+def follow_up(request: GenerationRequest, image: tuple[int, int], model: str, pixel_budget: int = 0) -> GenerationRequest:
+    """A follow-up as it will run on the image it follows (`image`: its size): check_inputs
+    against that image; its width and height, where not given, the image's (an upscaler's output
+    follows from the image)."""
+    size = {} if "upscale" in model_modes(model) else {
+        name: value for name, value in zip(("width", "height"), image) if name not in request.model_fields_set}
+    return check_inputs(request.model_copy(update=size), {"image": image}, model=model, pixel_budget=pixel_budget)
 
 
 def upscaled_size(size: tuple[int, int], request: GenerationRequest, pixel_budget: int = 0) -> tuple[int, int]:
@@ -196,15 +226,18 @@ def check_mode(request: GenerationRequest, model: str | None) -> None:
     if model is None:
         return
     modes = model_modes(model)
+    if request.image is not None and request.after is not None:
+        raise ValueError("image and after: a follow-up's input is the image of the job it follows; give one of them")
     if "inpaint" in modes:
-        if request.image is None or request.mask is None:
-            missing = " and ".join(name for name in ("image", "mask") if getattr(request, name) is None)
+        if not request.has_image or request.mask is None:
+            missing = " and ".join(name for name, value in (("image", request.has_image), ("mask", request.mask))
+                                   if not value)
             raise ValueError(f"{missing} required: model {model} inpaints (an image, and a mask of its size)")
     elif request.mask is not None:
         raise ValueError(f"mask is for inpainting models (sdqueue models list): model {model} runs "
                          f"{', '.join(modes)}")
     if "upscale" in modes:
-        if request.image is None:
+        if not request.has_image:
             raise ValueError(f"image required: model {model} upscales an image x4 (at most 256x256 px)")
         if "strength" in request.model_fields_set:
             raise ValueError(f"strength is not for upscaler models: model {model} takes noise_level "

@@ -49,15 +49,17 @@ class SweepReport:
     expired: list[str] = field(default_factory=list)  # leases expired: back in the queue
     dead_lettered: list[str] = field(default_factory=list)  # their worker died with them alone, once too often
     resent: list[str] = field(default_factory=list)  # queued, but the broker had no message: sent again
+    followed: list[str] = field(default_factory=list)  # follow-ups queued: the job they follow succeeded
     orphans: int = 0  # objects deleted that no job references
     folded: int = 0  # changes of runs' counts folded into their counters (not worth a log line alone)
 
     def __bool__(self) -> bool:
-        return bool(self.expired or self.dead_lettered or self.resent or self.orphans)
+        return bool(self.expired or self.dead_lettered or self.resent or self.followed or self.orphans)
 
     def __str__(self) -> str:
         return (f"{len(self.expired)} expired lease(s) requeued, {len(self.dead_lettered)} dead-lettered, "
-                f"{len(self.resent)} lost message(s) sent again, {self.orphans} orphan object(s) deleted, "
+                f"{len(self.resent)} lost message(s) sent again, {len(self.followed)} follow-up(s) queued, "
+                f"{self.orphans} orphan object(s) deleted, "
                 f"{self.folded} count change(s) folded")
 
 
@@ -139,6 +141,7 @@ class Sweeper:
         if expire:
             self.requeue_expired(report)
         self.resend_lost(report, force=force_scan)
+        self.settle_follow_ups(report)
         self.delete_orphans(report, self.settings.orphan_grace if orphan_grace is None else orphan_grace)
         report.folded = counts.fold(self.db)
         if report:
@@ -213,7 +216,19 @@ class Sweeper:
                 self._send(marked, queue)
                 report.resent += marked
 
-    # 3. objects a claim uploaded but never recorded (cancelled, superseded, crashed), once they
+    # 3. follow-ups whose parent ended: queued and sent once it succeeded, else cancelled (most are
+    #    settled where their parent ends; these are the ones a crash or a bulk cancel left).
+    def settle_follow_ups(self, report: SweepReport) -> None:
+        while True:
+            with self.db.session() as session:
+                released = jobs.settle_follow_ups(session, limit=BATCH)
+            for queue in dict.fromkeys(q for _, q in released):
+                self._send([job_id for job_id, q in released if q == queue], queue)
+            report.followed += [job_id for job_id, _ in released]
+            if len(released) < BATCH:
+                return
+
+    # 4. objects a claim uploaded but never recorded (cancelled, superseded, crashed), once they
     #    are older than the grace period and their claim is not still running.
     def delete_orphans(self, report: SweepReport, grace: float) -> None:
         cutoff = utcnow() - timedelta(seconds=grace)

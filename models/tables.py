@@ -19,6 +19,8 @@ def utcnow() -> datetime:
 
 
 class JobState(str, enum.Enum):
+    # A follow-up (`after`) whose parent has not succeeded yet: no message until it has.
+    WAITING = "waiting"
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -175,6 +177,10 @@ class Job(Base):
     # Inpainting: its mask in storage, and its digest.
     mask_key: Mapped[str | None] = mapped_column(String(512), default=None)
     mask_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    # A follow-up: the job whose image `after_index` is its input. It waits until that job
+    # succeeded, then its input_key is that image's object; it is cancelled if that job does not.
+    after_job_id: Mapped[str | None] = mapped_column(String(36), default=None, index=True)
+    after_index: Mapped[int | None] = mapped_column(Integer, default=None)
     # Which model ran it (registry name or folder), set by the worker.
     model: Mapped[str | None] = mapped_column(String(512), default=None)
     # Every claim counts an attempt; `failures` counts those that ended by the job's own fault (a
@@ -224,6 +230,9 @@ class Job(Base):
     images: Mapped[list[Image]] = relationship(back_populates="job", order_by="Image.index", lazy="selectin")
     # Made when it ends, if it has a webhook_url (models.jobs.transition); its row goes with the job's.
     webhook: Mapped[WebhookDelivery | None] = relationship(lazy="selectin", passive_deletes=True)
+    # The follow-ups of this job (`after_job_id`), oldest first: read only where a record shows them.
+    followers: Mapped[list[Job]] = relationship(
+        primaryjoin="Job.id == foreign(Job.after_job_id)", viewonly=True, order_by="Job.created_at", lazy="select")
 
 
 class Batch(Base):

@@ -54,3 +54,9 @@ def _escape(match: re.Match[str]) -> str:
     if match[0] in "\t\n\r":
         return {"\t": "\\t", "\n": "\\n", "\r": "\\r"}[match[0]]
     return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def state_counts(counts: dict[str, int], separator: str = ", ") -> str:
+    """Jobs by state as a user reads them ("0 queued, 2 running, ..."): follow-ups waiting for
+    their parent only where there are any."""
+    return separator.join(f"{n} {state}" for state, n in counts.items() if state != "waiting" or n)

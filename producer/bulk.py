@@ -18,11 +18,11 @@ import uuid
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from models.constants import queue_for
 from models.registry import model_key
-from models.request import GenerationRequest, check_inputs
+from models.request import GenerationRequest, check_inputs, follow_up
 from models.errors import InvalidRequest
 from models.storage import Storage, input_key_for, mask_key_for
 from models.tables import Job, JobState, utcnow
@@ -72,7 +72,9 @@ def job_row(request: GenerationRequest, *, settings: Any, priority: str, storage
         mask_sha256 = hashlib.sha256(request.mask).hexdigest()
         storage.put(mask_key, request.mask)
     return {
-        "id": job_id, "state": JobState.QUEUED.value, "mode": request.mode,
+        "id": job_id, "state": JobState.WAITING.value if request.after else JobState.QUEUED.value, "mode": request.mode,
+        "after_job_id": request.after.job if request.after else None,
+        "after_index": request.after.index if request.after else None,
         "params": {**request.parameters(), "seed": seed, "model": model}, "model": model, "seed": seed, "seed_was_drawn": request.seed is None,
         "width": request.width, "height": request.height, "num_inference_steps": request.num_inference_steps,
         "num_images": request.num_images, "input_key": input_key, "input_sha256": input_sha256,
@@ -82,6 +84,60 @@ def job_row(request: GenerationRequest, *, settings: Any, priority: str, storage
         "lease_token": 0, "suspect": False, "running_alone": False,
         **dict.fromkeys(EXTRA_COLUMNS), **columns,
     }
+
+
+def check_follow_ups(db: Any, requests: list[GenerationRequest], settings: Any,
+                     names: list[str] | None = None) -> list[GenerationRequest]:
+    """The follow-ups among `requests` checked against the jobs they follow, before anything is
+    written: each such job exists, may still succeed and makes the image named; the follow-up's
+    inputs fit that image (an upscaler's bound, a mask of its size), and its size defaults to
+    the image's. Returns the requests as they will run; raises InvalidRequest, one line each
+    (`names`: how each request is named in it, e.g. "requests[2]")."""
+    wanted = {r.after.job for r in requests if r.after is not None}
+    if not wanted:
+        return requests
+    with db.session() as session:
+        parents = {row.id: row for row in session.execute(
+            select(Job.id, Job.state, Job.num_images, Job.width, Job.height, Job.dead_letter)
+            .where(Job.id.in_(sorted(wanted))))}
+    checked, problems = [], []
+    for number, request in enumerate(requests):
+        if request.after is None:
+            checked.append(request)
+            continue
+        name = f"{names[number]}." if names else ""
+        after, parent = request.after, parents.get(request.after.job)
+        if parent is None:
+            problems.append(f"{name}after.job={after.job!r}: no such job")
+        elif parent.state in (JobState.FAILED.value, JobState.CANCELLED.value):
+            ended = "failed (dead-lettered)" if parent.dead_letter else parent.state
+            problems.append(f"{name}after.job={after.job!r}: that job {ended}: a follow-up needs a job that may "
+                            "still succeed")
+        elif after.index >= parent.num_images:
+            problems.append(f"{name}after.index={after.index}: job {after.job} makes {parent.num_images} image(s), "
+                            f"index 0..{parent.num_images - 1}")
+        else:
+            try:
+                checked.append(follow_up(request, (parent.width, parent.height),
+                                         request.model or model_key(settings.default_model), settings.pixel_budget))
+            except ValueError as exc:
+                problems.append(f"{name}{exc} (the image of job {after.job})")
+    if problems:
+        raise InvalidRequest(problems)
+    return checked
+
+
+def settle_new_follow_ups(session: Any, values: list[dict[str, Any]]) -> list[tuple[str, str | None]]:
+    """In the transaction that wrote `values`: those follow-ups whose parent has succeeded
+    already are queued now (the others wait for it, or are cancelled if it has just failed);
+    the (id, queue) of those queued, to send after the commit."""
+    parents = sorted({value["after_job_id"] for value in values if value["after_job_id"] is not None})
+    if not parents:
+        return []
+    from models.jobs import settle_follow_ups
+
+    session.flush()
+    return settle_follow_ups(session, parents, limit=len(values))
 
 
 def insert_jobs(session: Any, values: list[dict[str, Any]]) -> set[str]:
@@ -114,12 +170,17 @@ def _copy_in(session: Any, values: list[dict[str, Any]]) -> set[str]:
     return {row[0] for row in cursor.fetchall()}
 
 
-def by_queue(values: list[dict[str, Any]], written: set[str]) -> dict[str, list[str]]:
-    """The ids written, grouped by the queue their messages go to."""
+def by_queue(values: list[dict[str, Any]], written: set[str],
+             released: list[tuple[str, str | None]] = ()) -> dict[str, list[str]]:  # type: ignore[assignment]
+    """The ids written, grouped by the queue their messages go to: not follow-ups that wait
+    (their message goes when the job they follow succeeds), but those `released` already."""
     grouped: dict[str, list[str]] = {}
     for value in values:
-        if value["id"] in written:
+        if value["id"] in written and value["state"] == JobState.QUEUED.value:
             grouped.setdefault(value["queue"], []).append(value["id"])
+    for job_id, queue in released:
+        if job_id in written:
+            grouped.setdefault(queue, []).append(job_id)  # type: ignore[arg-type]
     return grouped
 
 

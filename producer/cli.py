@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from models.errors import (BadDestination, BadInput, ConfigError, InvalidRequest, JobNotFound, JobTimeout, RunBusy,
                            RunNotFound, SdqueueError)
-from models.text import inert
+from models.text import inert, state_counts
 
 if TYPE_CHECKING:
     from models.settings import Settings
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--image", type=Path, metavar="PATH", help="input image file: makes the job img2img")
     submit.add_argument("--mask", type=Path, metavar="PATH",
                         help="inpainting models: the mask, the image's size (white repaints, black keeps)")
+    submit.add_argument("--after", type=after_spec, metavar="JOB_ID[:INDEX]",
+                        help="a follow-up: image INDEX (default 0) of that job is the input, once it succeeded "
+                             "(img2img, inpainting with --mask, or upscaling, by --model)")
     submit.add_argument("--use-compel", action="store_true", default=None, help="weighted prompts with compel")
     submit.add_argument("--priority", choices=PRIORITIES, default="interactive",
                         help="interactive (default) runs before bulk work")
@@ -387,9 +390,20 @@ def read_image_file(path: Path, field: str = "image") -> bytes:
     return read_image_file(path, field=field)
 
 
+def after_spec(text: str) -> dict[str, Any]:
+    """An argparse type: JOB_ID[:INDEX] as the request's `after` ({"job": JOB_ID, "index": INDEX})."""
+    job, _, index = text.partition(":")
+    if not job or (index and not (index.isascii() and index.isdigit() and len(index) <= 3)):
+        raise argparse.ArgumentTypeError(f"{text[:60]!r}: must be JOB_ID or JOB_ID:INDEX (INDEX 0..3, the image of "
+                                         "that job to follow)")
+    return {"job": job, "index": int(index or 0)}
+
+
 def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The request fields the user gave, as data for the schema."""
     fields: dict[str, Any] = {"prompt": args.prompt, **defaults_from_args(args)}
+    if getattr(args, "after", None) is not None:
+        fields["after"] = args.after
     if args.image is not None:
         fields["image"] = read_image_file(args.image)
     if args.mask is not None:
@@ -596,7 +610,7 @@ def _describe_run(run: Any) -> str:
     sealed = "" if run.sealed else "  (still being enqueued, or its enqueue was interrupted: run it again)"
     lines = [
         f"run      {run.name}  ({made}, created {run.created_at.strftime('%Y-%m-%d %H:%M:%S')}){sealed}",
-        f"jobs     {done}/{total} ended: " + ", ".join(f"{n} {state}" for state, n in jobs.items()),
+        f"jobs     {done}/{total} ended: " + state_counts(jobs),
         f"images   {run.images_done} done of {sum(run.images.values())}; "
         f"{run.rate:.2f} images/s over the last {_duration(run.window)}; ETA {when}",
     ]
@@ -868,6 +882,10 @@ def _show(record: dict[str, Any], as_json: bool) -> None:
         f"{' (drawn)' if record['seed_was_drawn'] else ''}",
         f"prompt   {params['prompt']}",
     ]
+    if record.get("after"):
+        lines.append(f"after    job {record['after']['job']} image {record['after']['index']} (its input)")
+    if record.get("followers"):
+        lines.append(f"followed by {', '.join(record['followers'])}")
     if record["error"]:
         first = record["error"].split("\n", 1)[0]  # not splitlines: a CR in it is shown, not a line break
         lines.append(f"error    {first}")

@@ -27,7 +27,7 @@ from models.request import GenerationRequest, parse_request
 from models.settings import Settings, load_settings
 from models.storage import open_storage
 from models.tables import Job, JobState, Priority
-from producer.bulk import by_queue, insert_jobs, job_row, send_batches
+from producer.bulk import by_queue, check_follow_ups, insert_jobs, job_row, send_batches, settle_new_follow_ups
 
 if TYPE_CHECKING:  # Celery is imported when a message is sent: reading a job (`sdqueue status`) needs none of it
     from celery import Celery
@@ -75,6 +75,7 @@ class Client:
         # 1. validate (raises InvalidRequest) and check we can send at all, before any write
         if not isinstance(request, GenerationRequest):
             request = parse_request(request, self.settings)
+        [request] = check_follow_ups(self.db, [request], self.settings)
         priority = check_priority(priority)
         webhook_events = checked_webhook_events(webhook_url, webhook_events)
         self.sender  # noqa: B018  (refuses the in-process broker before anything is written)
@@ -86,8 +87,10 @@ class Client:
         # 3. the row (its input taken back if it cannot be written), then the message
         with self.removing_inputs_on_failure([values]), self.db.session() as session:
             session.add(Job(**values))
+            released = settle_new_follow_ups(session, [values])  # a follow-up of a job that succeeded already
         try:
-            self.send([values["id"]], values["queue"])
+            for queue, job_ids in by_queue([values], {values["id"]}, released).items():
+                self.send(job_ids, queue)
         except Exception as exc:
             raise ServiceUnavailable(self._unsent(exc, [values])) from exc
         return values["id"]
@@ -108,6 +111,7 @@ class Client:
                 problems += [f"requests[{index}].{problem}" for problem in exc.problems]
         if problems:
             raise InvalidRequest(problems)
+        parsed = check_follow_ups(self.db, parsed, self.settings, [f"requests[{i}]" for i in range(len(parsed))])
         priority = check_priority(priority)
         webhook_events = checked_webhook_events(webhook_url, webhook_events)
         self.sender  # noqa: B018
@@ -116,8 +120,9 @@ class Client:
                   for request in parsed]
         with self.removing_inputs_on_failure(values), self.db.session() as session:
             written = insert_jobs(session, values)
+            released = settle_new_follow_ups(session, values)
         try:
-            send_batches(self, by_queue(values, written), mark=True)
+            send_batches(self, by_queue(values, written, released), mark=True)
         except Exception as exc:
             raise ServiceUnavailable(self._unsent(exc, values)) from exc
         return [value["id"] for value in values]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 from urllib.parse import urljoin
 
 from models.errors import ConfigError
-from models.text import inert
+from models.text import inert, state_counts
 from producer.cli import (EXIT_ERROR, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_USAGE, _duration, _fail, _show,
                           _show_runs, defaults_from_args)
 
@@ -222,7 +222,7 @@ def describe_run(run: Run) -> str:
     sealed = "" if run.sealed else "  (still being enqueued, or its enqueue was interrupted: run it again)"
     lines = [
         f"run      {run.name}  ({made}, created {created}){sealed}",
-        f"jobs     {done}/{run.total} ended: " + ", ".join(f"{n} {state}" for state, n in jobs.items()),
+        f"jobs     {done}/{run.total} ended: " + state_counts(jobs),
         f"images   {run.images_done} done of {run.images_total}; {run.images_per_second:.2f} images/s; ETA {when}",
     ]
     return "\n".join(inert(line) for line in lines)

@@ -201,7 +201,8 @@ def _queues_section(frame: dict[str, Any]) -> list[str]:
     jobs = frame["jobs"]
     if jobs is None:
         return lines + ["JOBS"] + _unavailable(frame, "jobs")
-    counts = "  ".join(f"{state} {count}" for state, count in jobs["counts"].items())
+    # follow-ups waiting for their parent: shown where there are any
+    counts = "  ".join(f"{state} {count}" for state, count in jobs["counts"].items() if state != "waiting" or count)
     oldest = jobs["oldest_queued_s"]
     waited = f"   (oldest queued: {_duration(oldest)})" if oldest is not None else ""
     lines.append(f"JOBS  {counts}{waited}")

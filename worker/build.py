@@ -108,7 +108,10 @@ VARIANTS: dict[str, tuple[type, dict]] = {
     "upscaler": (StableDiffusionUpscalePipeline, {"in_channels": 7, "out_channels": 4, "num_class_embeds": 1000}),
 }
 UPSCALER = {
-    "tiny": {"unet": {}, "vae": dict(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+    # Attention at the coarsest level only: its latents are the input's size, up to 256x256.
+    "tiny": {"unet": dict(down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+             "vae": dict(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
                                      up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=0.08333)},
     "sd21-arch": {
         "unet": dict(

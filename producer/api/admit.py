@@ -15,7 +15,7 @@ from producer.api.app import Backend
 from producer.api.auth import Caller
 from producer.api.errors import hide_secrets
 from producer.api.limits import check_batch_size, check_cap, hold_key
-from producer.bulk import by_queue, insert_jobs, job_row, send_batches
+from producer.bulk import by_queue, check_follow_ups, insert_jobs, job_row, send_batches, settle_new_follow_ups
 
 
 class _Inputs:
@@ -39,6 +39,8 @@ def enqueue(shared: Backend, who: Caller, requests: list[GenerationRequest], *, 
     #    that no worker would read (memory://)
     check_batch_size(who, len(requests))
     client.sender  # noqa: B018
+    requests = check_follow_ups(client.db, requests, shared.settings,
+                                None if len(requests) == 1 else [f"requests[{i}]" for i in range(len(requests))])
     # 2. the rows' values, seeds drawn; the inputs kept aside
     inputs = _Inputs()
     values = [job_row(request, settings=shared.settings, priority=priority, storage=inputs,  # type: ignore[arg-type]
@@ -55,12 +57,15 @@ def enqueue(shared: Backend, who: Caller, requests: list[GenerationRequest], *, 
             hold_key(session, who)
             check_cap(session, who, len(values))
             written = insert_jobs(session, values)
-    # 4. the messages; rows and inputs taken back when they cannot be sent
+            released = settle_new_follow_ups(session, values)
+    # 4. the messages (a follow-up's once the job it follows succeeded); rows and inputs taken back
+    #    when they cannot be sent
     try:
         if single:
-            client.send([values[0]["id"]], values[0]["queue"])
+            for queue, job_ids in by_queue(values, written, released).items():
+                client.send(job_ids, queue)
         else:
-            send_batches(client, by_queue(values, written), mark=True)
+            send_batches(client, by_queue(values, written, released), mark=True)
     except Exception as exc:
         reason = hide_secrets(f"{type(exc).__name__}: {exc}")
         raise ServiceUnavailable(f"the broker cannot be reached ({reason}): {client.take_back(values)}") from exc

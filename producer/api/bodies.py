@@ -173,6 +173,9 @@ def form_value(name: str, text: str) -> Any:
         return number if number == number and abs(number) != float("inf") else text
     if name == "use_compel":
         return BOOL_FIELDS.get(text.strip().lower(), text)
+    if name == "after":  # JOB_ID or JOB_ID:INDEX, as the CLI's --after
+        job, _, index = text.strip().partition(":")
+        return {"job": job, "index": int(index or 0)} if not index or _INTEGER.fullmatch(index) else text
     return text
 
 

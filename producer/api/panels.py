@@ -395,7 +395,7 @@ def submit_again(shared: Backend, who: Caller, job_id: str) -> str:
     if who.rate_per_minute is not None:
         check_rate(shared.redis, who)
     # 2. the same request, the input image read back from storage
-    if input_key is not None:
+    if input_key is not None and "after" not in fields:  # a follow-up's input is its parent's image again
         fields["image"] = shared.client.storage.get(input_key)
     if mask_key is not None:
         fields["mask"] = shared.client.storage.get(mask_key)

@@ -118,6 +118,9 @@ class JobOut(BaseModel):
     failures: int
     dead_letter: bool
     error: str | None
+    after: dict[str, Any] | None = Field(None, description="a follow-up: the job it follows and the image (index) that "
+                                                           "is its input; null otherwise")
+    followers: list[str] = Field(default_factory=list, description="the ids of the jobs that follow this one")
     webhook: dict[str, Any] | None = Field(
         None, description="null without a webhook_url; else its url, the ends it is POSTed for (events), and once "
                           "the job has ended (with one of those) the delivery's state (pending, delivered, failed), "

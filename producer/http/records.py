@@ -10,7 +10,7 @@ from typing import Any, Callable
 from producer.http.errors import ApiError
 
 ENDED = frozenset({"succeeded", "failed", "cancelled"})
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+JOB_STATES = ("waiting", "queued", "running", "succeeded", "failed", "cancelled")
 
 
 def _time(value: Any) -> datetime | None:
@@ -39,7 +39,7 @@ class Image:
 @dataclass(frozen=True)
 class Job:
     id: str
-    state: str  # queued, running, succeeded, failed, cancelled
+    state: str  # waiting (a follow-up), queued, running, succeeded, failed, cancelled
     params: dict[str, Any]  # the request: prompt, sizes, steps, ...
     seed: int | None
     priority: str
@@ -57,6 +57,8 @@ class Job:
     finished_at: datetime | None = None
     images: tuple[Image, ...] = ()
     webhook: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None  # a follow-up: {"job": ID, "index": N}, the image it takes as input
+    followers: tuple[str, ...] = ()  # the jobs that follow this one
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -73,7 +75,7 @@ class Job:
             run_id=data.get("run_id"), run_key=data.get("run_key"), created_at=_time(data.get("created_at")),
             started_at=_time(data.get("started_at")), finished_at=_time(data.get("finished_at")),
             images=tuple(Image.from_json(image) for image in data.get("images") or ()), webhook=data.get("webhook"),
-            raw=data)
+            after=data.get("after"), followers=tuple(data.get("followers") or ()), raw=data)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,9 @@ from sqlalchemy import or_, select, text, update
 from models.db import dialect_insert
 from models.errors import InvalidRequest, RunExists
 from models.tables import Job, JobState, Priority, Run, utcnow
+from models.request import After
 from producer.bulk import BATCH, by_queue, insert_jobs, job_row, send_batches
+from producer.runs.manifest import THEN_KEY
 from producer.client import Client, check_priority
 
 if TYPE_CHECKING:
@@ -112,7 +114,7 @@ def enqueue_run(
     # 3. jobs an interrupted enqueue wrote but never sent
     sent = _send_unsent(client, run_id)
     # 4. the rows that are missing, batch by batch, as the manifest is read again: memory stays flat
-    existing = inserted = 0
+    existing = inserted = follow_ups = 0
     writing: Future[dict[str, list[str]]] | None = None  # the batch being written and sent
 
     def written() -> None:
@@ -129,6 +131,7 @@ def enqueue_run(
             # A run made now has no rows to find (a second enqueue racing it is skipped by the insert).
             missing = rows if created else _missing(client, run_id, rows)
             existing += len(rows) - len(missing)
+            follow_ups += sum(row.request.num_images for row in rows if row.then is not None)
             if missing:
                 values = _values(client, run_id, missing, priority, api_key_id)
                 written()  # the batch before: written and sent (or its error raised) before this one goes
@@ -139,7 +142,7 @@ def enqueue_run(
     with client.db.session() as session:
         run = session.get(Run, run_id)
         assert run is not None
-        run.expected_jobs = max(run.expected_jobs or 0, len(manifest.rows))
+        run.expected_jobs = max(run.expected_jobs or 0, len(manifest.rows) + follow_ups)
         run.sealed_at = utcnow()
     return EnqueueReport(name, run_id, created, len(manifest.rows), existing, inserted, sent,
                          time.monotonic() - started)
@@ -240,10 +243,17 @@ def _values(client: Client, run_id: str, rows: list[RunRow], priority: str,
     """The job rows of one batch of the manifest's rows (their img2img inputs stored first), all
     created (and to be sent) at one time."""
     now = utcnow()
-    return [job_row(row.request, settings=client.settings, priority=row.priority or priority,
-                    storage=client.storage, now=now, run_id=run_id, run_key=row.key, api_key_id=api_key_id,
-                    enqueued_at=now)
-            for row in rows]
+    values = []
+    for row in rows:
+        common = {"settings": client.settings, "priority": row.priority or priority, "storage": client.storage,
+                  "now": now, "run_id": run_id, "api_key_id": api_key_id, "enqueued_at": now}
+        values.append(job_row(row.request, run_key=row.key, **common))
+        if row.then is not None:  # a follow-up of each image, waiting for the row's job, in its transaction
+            parent = values[-1]["id"]
+            values += [job_row(row.then.model_copy(update={"after": After(job=parent, index=index)}),
+                               run_key=row.key + THEN_KEY.format(index=index), **common)
+                       for index in range(row.request.num_images)]
+    return values
 
 
 def _write_and_send(client: Client, run_id: str, values: list[dict[str, Any]],

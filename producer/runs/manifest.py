@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from models.errors import BadInput, InvalidRequest, SdqueueError
-from models.request import GenerationRequest, check_image, check_inputs, parse_request
+from models.registry import model_key
+from models.request import After, GenerationRequest, check_image, check_inputs, follow_up, parse_request
 from models.tables import Priority
 from models.text import refused_character
 from producer.files import UnreadableFile, bound_text, open_regular, read_bounded, read_image_file, stream_bounded
@@ -46,6 +47,8 @@ from producer.files import UnreadableFile, bound_text, open_regular, read_bounde
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 SUFFIXES = (*JSONL_SUFFIXES, ".csv", ".parquet", ".toml")
 MAX_KEY_CHARS = 255
+# The keys of a row's follow-ups (`then`): the row's key and this.
+THEN_KEY = ">then{index}"
 # The bounds of what is read from a user, stated in the README.
 MAX_RUN_ROWS = 1_000_000  # rows of a manifest or grid, good and bad
 MAX_GRID_ROWS = MAX_RUN_ROWS
@@ -120,6 +123,8 @@ class RunRow:
     priority: str | None  # the row's own `priority` column, else None
     image_path: str | None = None  # the file its image was read from (None: no image, or the defaults')
     mask_path: str | None = None  # the file its inpainting mask was read from (likewise)
+    # `then`: one follow-up of each of its images (its `after` filled in as the row's job is written)
+    then: GenerationRequest | None = None
 
 
 @dataclass(frozen=True)
@@ -165,14 +170,17 @@ class Manifest:
         refused if they changed since)."""
         images = self._images()
         try:
-            for line, key, priority, params, image_path, image_sha256, mask_path, mask_sha256 in self._spool:
+            for line, key, priority, params, image_path, image_sha256, mask_path, mask_sha256, then in self._spool:
                 data = mask = None
                 if image_sha256 is not None:
                     data = images.image_again(image_path, image_sha256)
                 if mask_sha256 is not None:
                     mask = images.image_again(mask_path, mask_sha256, "mask")
                 request = GenerationRequest.model_construct(**params, image=data, mask=mask)  # validated in the first pass
-                yield RunRow(line, key, request, priority, image_path, mask_path)
+                follow = None
+                if then is not None:
+                    follow = GenerationRequest.model_construct(**{**then, "after": After.model_construct(**then["after"])})
+                yield RunRow(line, key, request, priority, image_path, mask_path, follow)
         finally:
             images.close()
 
@@ -221,7 +229,8 @@ class _Spool:
         image, mask = row.request.image, row.request.mask
         values = (row.line, row.key, row.priority, row.request.parameters(), row.image_path,
                   hashlib.sha256(image).hexdigest() if image is not None else None, row.mask_path,
-                  hashlib.sha256(mask).hexdigest() if mask is not None else None)
+                  hashlib.sha256(mask).hexdigest() if mask is not None else None,
+                  row.then.parameters() if row.then is not None else None)
         try:
             pickle.dump(values, self._file, protocol=pickle.HIGHEST_PROTOCOL)
         except OSError as exc:  # the temporary folder's disk is full
@@ -483,6 +492,9 @@ class _Rows:
         priority = values.pop("priority", None)
         if priority is not None and priority not in PRIORITIES:
             problems.append(f"priority={_shown(priority)}: must be one of {', '.join(PRIORITIES)}")
+        then = values.pop("then", None)
+        if "after" in values:
+            problems.append("after: a run's row follows no other job; `then` makes a follow-up of each of its images")
         # 2. the input image and the inpainting mask: the row's paths, else bytes from the defaults
         image, mask = values.pop("image", None), values.pop("mask", None)
         if self.defaults:
@@ -511,17 +523,56 @@ class _Rows:
                                        pixel_budget=self.settings.pixel_budget if self.settings is not None else 0)
             except ValueError as exc:
                 problems.append(str(exc))
+        follow = None
+        if then is not None and not problems:
+            follow = self._then(then, request, problems)
+        if key is not None and follow is not None and len(key) > MAX_KEY_CHARS - len(THEN_KEY.format(index=0)):
+            problems.append(f"key={_shown(key)}: a row with `then` has a key of at most "
+                            f"{MAX_KEY_CHARS - len(THEN_KEY.format(index=0))} characters (its follow-ups' keys add "
+                            f"{THEN_KEY.format(index=0)!r})")
         if problems:
             return self.reject(line, problems, row)
         # 4. the key
         if key is None:
-            key = self._derived_key(request, named_model="model" in values)
+            key = self._derived_key(request, named_model="model" in values, then=follow)
             first = self._keys.first_line(key, line)
             if first != line:
                 return self.reject(line, [f"derived key {key!r} repeats the key of line {first}"], row)
         path, mask_path = (str(self.base_dir / given) if isinstance(given, str) and self.base_dir is not None else None
                            for given in (image, mask))
-        return RunRow(line, key, request, priority, path, mask_path)
+        return RunRow(line, key, request, priority, path, mask_path, follow)
+
+    def _then(self, then: Any, request: GenerationRequest, problems: list[str]) -> GenerationRequest | None:
+        """A row's `then`: the request fields of one follow-up of each of its images (an object; in
+        CSV, JSON text), its prompts the row's unless given; checked against the row's image size."""
+        if isinstance(then, str):
+            try:
+                then = json.loads(then)
+            except ValueError:
+                pass
+        if not isinstance(then, dict):
+            problems.append(f"then={_shown(then)}: must be an object of request fields, e.g. "
+                            '{"model": "sd21-upscaler", "noise_level": 20}')
+            return None
+        refused = [name for name in ("image", "mask", "after", "then") if name in then]
+        if refused:
+            problems.append(f"then.{refused[0]}: a follow-up's input is the row's image; it takes no "
+                            f"{refused[0]} (inpainting follow-ups: `sdqueue submit --after`)")
+            return None
+        data = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, **then,
+                "after": {"job": "-", "index": 0}}  # its job is known once the row's is written
+        try:
+            follow = parse_request(data, self.settings, inputs_later=True)
+            model = follow.model or (model_key(self.settings.default_model) if self.settings is not None else None)
+            if model is None:
+                raise InvalidRequest(["model: needs the deployment's default model (run with settings)"])
+            return follow_up(follow, (request.width, request.height), model,
+                             self.settings.pixel_budget if self.settings is not None else 0)
+        except InvalidRequest as exc:
+            problems.extend(f"then.{problem}" for problem in exc.problems)
+        except ValueError as exc:
+            problems.append(f"then: {exc}")
+        return None
 
     def _explicit_key(self, key: Any, line: int, problems: list[str]) -> str | None:
         if isinstance(key, bool) or not isinstance(key, (str, int)) or not 1 <= len(str(key)) <= MAX_KEY_CHARS:
@@ -537,7 +588,8 @@ class _Rows:
             problems.append(f"key {_shown(key)} repeats line {first}")
         return key
 
-    def _derived_key(self, request: GenerationRequest, *, named_model: bool) -> str:
+    def _derived_key(self, request: GenerationRequest, *, named_model: bool,
+                     then: GenerationRequest | None = None) -> str:
         """The sha256 of the request's parameters (and its image's sha256), cut to 24 hex digits,
         then how many earlier rows had the same: a duplicated row is two jobs, and rows added
         elsewhere leave the others' keys alone. The model counts only where the row (or the
@@ -551,6 +603,8 @@ class _Rows:
             text += "|" + self._check(request.image)
         if request.mask is not None:
             text += "|mask " + self._check(request.mask, "mask")
+        if then is not None:
+            text += "|then " + _KEY_JSON.encode(then.parameters())
         digest = hashlib.sha256(text.encode()).hexdigest()[:24]
         return f"{digest}-{self._keys.next_count(digest)}"
 
