@@ -182,10 +182,9 @@ def _state_is(state: JobState) -> Any:
     return func.coalesce(Job.state, "") == state.value
 
 # What a claim hands the worker.
-CLAIMED = (Job.id, Job.params, Job.seed, Job.input_key, Job.input_sha256, Job.mask_key, Job.mask_sha256, Job.priority,
-           Job.suspect,
-           Job.suspect_group, Job.run_id, Job.created_at, Job.started_at, Job.attempts, Job.lease_owner,
-           Job.lease_token)
+CLAIMED = (Job.id, Job.mode, Job.params, Job.seed, Job.input_key, Job.input_sha256, Job.mask_key, Job.mask_sha256,
+           Job.depth_key, Job.depth_sha256, Job.priority, Job.suspect, Job.suspect_group, Job.run_id, Job.created_at,
+           Job.started_at, Job.attempts, Job.lease_owner, Job.lease_token)
 
 _CLAIM = text(f"""
 UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_token = lease_token + 1, lease_owner = :owner,
@@ -565,6 +564,7 @@ def job_record(job: Job, *, locate: Any = None) -> dict[str, Any]:
         "seed_was_drawn": job.seed_was_drawn,
         "input_key": job.input_key,
         "mask_sha256": job.mask_sha256,
+        "depth_sha256": job.depth_sha256,  # depth-to-image: the caller's depth map's (None: estimated)
         "model": job.model,
         "priority": job.priority,
         "run_id": job.run_id,

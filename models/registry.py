@@ -53,10 +53,9 @@ UPSCALE_INPUTS = ("--image, at most 256x256 px (65,536 px; more where SDQUEUE_PI
 
 # How a caller's depth map is read is worker/inputs.py's prepare_depth_map (and diffusers'
 # prepare_depth_map after it): relative values, so 8 or 16 bits, any scale and any size will do.
-DEPTH_INPUTS = ("--image, resized to width x height, with --strength (default 0.8, as img2img); the depth map is "
-                "estimated from it by the model's DPT, or --depth-map: read as greyscale (RGB/RGBA converted, alpha "
-                "ignored; 16 bits kept), brighter is nearer, any size (stretched to the image's), its darkest to "
-                "brightest taken as far to near")
+DEPTH_INPUTS = ("--image, resized to width x height, with --strength (default 0.8, as img2img); its depth map "
+                "estimated by the model's DPT, or --depth-map: greyscale (RGB/RGBA converted, alpha ignored; 16 bits "
+                "kept), any size (stretched to the image's), darkest farthest to brightest nearest")
 
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec

@@ -186,7 +186,7 @@ def _index_rows(db: Database, run_id: str, run_name: str, source: Storage) -> It
         with db.session() as session:
             jobs = session.execute(
                 select(Job.id, Job.run_key, Job.mode, Job.params, Job.num_inference_steps, Job.num_images, Job.model,
-                       Job.input_sha256, Job.mask_sha256)
+                       Job.input_sha256, Job.mask_sha256, Job.depth_sha256)
                 .where(Job.run_id == run_id, Job.state == JobState.SUCCEEDED.value, Job.run_key > after)
                 .order_by(Job.run_key)
                 .limit(PAGE_JOBS)
@@ -210,6 +210,7 @@ def _index_rows(db: Database, run_id: str, run_name: str, source: Storage) -> It
                     "text": prompt, "job_id": job.id, "run": run_name, "key": job.run_key,
                     "prompt": prompt, "negative_prompt": params.get("negative_prompt", ""),
                     "mode": job.mode, "input_sha256": job.input_sha256, "mask_sha256": job.mask_sha256,
+                    "depth_sha256": job.depth_sha256,
                     "num_inference_steps": job.num_inference_steps,
                     "guidance_scale": _float(params.get("guidance_scale")), "strength": _float(params.get("strength")),
                     "width": image.width, "height": image.height, "num_images": job.num_images,
