@@ -231,3 +231,20 @@ def test_a_manifest_checks_a_file_as_a_depth_map_where_a_row_uses_it_as_one(tmp_
     good = list(manifest.rows)
     assert [r.request.mode for r in good] == ["depth", "depth"]
     assert good[0].depth_map_path is None and good[1].request.depth_map == depth_png()
+
+
+def test_a_checkpoint_naming_dpt_feature_extractor_loads(data_dir, tmp_path):
+    """stable-diffusion-2-depth's model_index.json names DPTFeatureExtractor, gone from transformers 5."""
+    import json
+    import shutil
+
+    from models.registry import spec_for_folder
+    from worker.pipeline import load_model
+
+    folder = shutil.copytree(data_dir / "models" / "tiny-depth", tmp_path / "sd2-depth-like")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "feature_extractor": ["transformers",
+                                                                                         "DPTFeatureExtractor"]}))
+    loaded = load_model(spec_for_folder(folder), "cpu")
+    assert loaded.spec.modes == ("depth",) and loaded.depth is not None
+    assert type(loaded.depth.feature_extractor).__name__.startswith("DPTImageProcessor")

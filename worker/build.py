@@ -131,7 +131,7 @@ UPSCALER = {
 MAX_NOISE_LEVEL = 350
 # The depth estimators: (DPTConfig, the image processor's input side). sd21-arch's is shaped as the
 # checkpoint's (Intel's DPT-Hybrid: a BiT backbone under a 12-layer ViT-Base, 384 px, 123M
-# parameters). tiny's is a 2-layer ViT of width 32 at 64 px, a few milliseconds on a CPU; its
+# parameters). tiny's is a 2-layer ViT of width 32 at 64 px, tens of milliseconds on a CPU; its
 # weights are drawn wider than DPT's default (0.02), with which the random head's output is about
 # 1e-9: normalised min..max, that would be rounding noise (and 0 in fp16, a range of 0 to divide by).
 DEPTH = {

@@ -245,11 +245,13 @@ def is_depth(folder: str) -> bool:
 
 def _load_depth(spec: ModelSpec, source: str, revision: str | None, device: str, dtype: torch.dtype) -> LoadedModel:
     """A depth-to-image model: its DPT estimator in the model's dtype, run under autocast as
-    diffusers runs it. Its image processor is loaded by hand: the checkpoint's model_index.json
-    names DPTFeatureExtractor, which transformers 5 no longer has (its preprocessor_config.json
-    loads into DPT's image processor all the same)."""
+    diffusers runs it. Its image processor is loaded apart and put in after: the checkpoint's
+    model_index.json names DPTFeatureExtractor, which transformers 5 no longer has, and diffusers
+    looks that class up even for a processor passed to from_pretrained (its
+    preprocessor_config.json loads into DPT's image processor all the same)."""
+    pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(source, dtype=dtype, feature_extractor=None)
     processor = depth_processor_class().from_pretrained(source, subfolder="feature_extractor")
-    pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(source, dtype=dtype, feature_extractor=processor)
+    pipe = StableDiffusionDepth2ImgPipeline(**{**pipe.components, "feature_extractor": processor})
     pipe.scheduler = getattr(diffusers, spec.scheduler).from_config(pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
