@@ -57,6 +57,20 @@ def upright_size(img: Image.Image) -> tuple[int, int]:
     return (height, width) if exif_orientation(img) in SIDEWAYS else (width, height)
 
 
+# Image modes whose values are read as they are: 16- and 32-bit greyscale, float.
+DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I", "F"})
+
+
+def depth_values(img: Image.Image) -> Image.Image:
+    """A depth map's values, upright, as one float channel (mode "F"): a 16-bit, 32-bit or float
+    greyscale image's as they are (a 16-bit PNG keeps its 65,536 levels), any other image's as
+    greyscale (RGB weighted as Pillow's "L", alpha ignored)."""
+    orientation = exif_orientation(img)
+    if img.mode not in DEPTH_MODES:
+        img = img.convert("L")
+    return upright(img.convert("F"), orientation)
+
+
 def pixel_sha256(image: bytes | Any) -> str:
     """The sha256 of an image's decoded pixels: RGB, row-major, 8 bits a channel; exactly the bytes
     of `np.asarray(PIL.Image.open(png).convert("RGB"))`. Unlike the file's sha256, it does not

@@ -236,10 +236,9 @@ def _state_is(state: JobState) -> Any:
     return func.coalesce(Job.state, "") == state.value
 
 # What a claim hands the worker.
-CLAIMED = (Job.id, Job.params, Job.seed, Job.input_key, Job.input_sha256, Job.mask_key, Job.mask_sha256, Job.priority,
-           Job.suspect,
-           Job.suspect_group, Job.run_id, Job.created_at, Job.started_at, Job.attempts, Job.lease_owner,
-           Job.lease_token)
+CLAIMED = (Job.id, Job.mode, Job.params, Job.seed, Job.input_key, Job.input_sha256, Job.mask_key, Job.mask_sha256,
+           Job.depth_key, Job.depth_sha256, Job.priority, Job.suspect, Job.suspect_group, Job.run_id, Job.created_at,
+           Job.started_at, Job.attempts, Job.lease_owner, Job.lease_token)
 
 _CLAIM = text(f"""
 UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_token = lease_token + 1, lease_owner = :owner,
@@ -622,6 +621,7 @@ def job_record(job: Job, *, locate: Any = None) -> dict[str, Any]:
         # The job it follows (its image `index` is this one's input), and the jobs that follow it.
         "after": {"job": job.after_job_id, "index": job.after_index} if job.after_job_id is not None else None,
         "followers": [follower.id for follower in job.followers],
+        "depth_sha256": job.depth_sha256,  # depth-to-image: the caller's depth map's (None: estimated)
         "model": job.model,
         "priority": job.priority,
         "run_id": job.run_id,

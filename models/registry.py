@@ -41,6 +41,7 @@ class ModelSpec:
 
 INPAINT = ("inpaint",)
 UPSCALE = ("upscale",)
+DEPTH = ("depth",)
 # The mask's threshold is diffusers' (VaeImageProcessor, do_binarize): grey at least 50% repaints.
 INPAINT_INPUTS = ("--image and --mask of the same size; the mask is read as greyscale (RGB/RGBA converted, alpha "
                   "ignored): 128 and above repaints, below keeps; --strength 1 repaints the masked area from noise")
@@ -49,6 +50,12 @@ INPAINT_INPUTS = ("--image and --mask of the same size; the mask is read as grey
 UPSCALE_INPUTS = ("--image, at most 256x256 px (65,536 px; more where SDQUEUE_PIXEL_BUDGET allows 16x its "
                   "pixels), sides rounded down to multiples of 4; the output is 4x each side; --noise-level 0..350 "
                   "(default 20) noises the input first; no --width/--height, no --strength")
+
+# How a caller's depth map is read is worker/inputs.py's prepare_depth_map (and diffusers'
+# prepare_depth_map after it): relative values, so 8 or 16 bits, any scale and any size will do.
+DEPTH_INPUTS = ("--image, resized to width x height, with --strength (default 0.8, as img2img); its depth map "
+                "estimated by the model's DPT, or --depth-map: greyscale (RGB/RGBA converted, alpha ignored; 16 bits "
+                "kept), any size (stretched to the image's), darkest farthest to brightest nearest")
 
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
@@ -71,6 +78,10 @@ REGISTRY: dict[str, ModelSpec] = {
             description="Stable Diffusion x4 upscaler (a 7-channel UNet; the input's noise level as its class)",
         ),
         ModelSpec(
+            "sd21-depth", "stabilityai/stable-diffusion-2-depth", 512, "epsilon", modes=DEPTH, inputs=DEPTH_INPUTS,
+            description="Stable Diffusion 2 depth-to-image, 512 (a 5-channel UNet; a DPT-Hybrid depth estimator)",
+        ),
+        ModelSpec(
             "tiny", None, 64, "v_prediction",
             description="tiny SD 2.1-architecture pipeline with random weights (tests, demo)",
         ),
@@ -83,6 +94,10 @@ REGISTRY: dict[str, ModelSpec] = {
             description="tiny x4 upscaler pipeline (a 7-channel UNet) with random weights (tests)",
         ),
         ModelSpec(
+            "tiny-depth", None, 64, "v_prediction", modes=DEPTH, inputs=DEPTH_INPUTS,
+            description="tiny depth-to-image pipeline (a 5-channel UNet, a tiny DPT) with random weights (tests)",
+        ),
+        ModelSpec(
             "sd21-arch", None, 768, "v_prediction",
             description="full SD 2.1 768-v architecture with random weights (benchmarks)",
         ),
@@ -93,6 +108,11 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec(
             "sd21-arch-upscaler", None, 512, "v_prediction", scheduler="DDIMScheduler", modes=UPSCALE,
             inputs=UPSCALE_INPUTS, description="full SD x4 upscaler architecture with random weights (benchmarks)",
+        ),
+        ModelSpec(
+            "sd21-arch-depth", None, 768, "v_prediction", modes=DEPTH, inputs=DEPTH_INPUTS,
+            description="full SD 2 depth-to-image architecture (a DPT-Hybrid-shaped estimator) with random weights "
+                        "(benchmarks)",
         ),
         ModelSpec(
             "standin", None, 768, "v_prediction", scheduler="standin", backend="standin",
@@ -132,14 +152,14 @@ def request_model(name: str, folders: list[Path] | tuple[Path, ...] = ()) -> str
 
 def model_modes(key: str) -> tuple[str, ...]:
     """The modes of a model key (request_model's): a registry entry's, or a folder's by its UNet's
-    input channels (9: inpainting, 7: the x4 upscaler)."""
+    input channels (9: inpainting, 7: the x4 upscaler, 5: depth-to-image)."""
     if key in REGISTRY:
         return REGISTRY[key].modes
     return FOLDER_MODES.get(_read_json(Path(key) / "unet" / "config.json").get("in_channels"), ("txt2img", "img2img"))
 
 
 # A folder's modes by its UNet's input channels: the latents, and what each mode puts beside them.
-FOLDER_MODES = {9: INPAINT, 7: UPSCALE}
+FOLDER_MODES = {9: INPAINT, 7: UPSCALE, 5: DEPTH}
 
 
 def built_models_dir(data_dir: Path) -> Path:
@@ -181,6 +201,8 @@ def spec_for_folder(folder: Path) -> ModelSpec:
         extra = {"scheduler": str(scheduler_cfg.get("_class_name", "DDIMScheduler")), "inputs": UPSCALE_INPUTS}
     elif modes == INPAINT:
         extra = {"inputs": INPAINT_INPUTS}
+    elif modes == DEPTH:
+        extra = {"inputs": DEPTH_INPUTS}
     return ModelSpec(
         name=str(built.get("name") or folder.name),
         hub_id=None,

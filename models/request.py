@@ -16,7 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valid
                       field_validator, model_validator)
 
 from models.errors import InvalidRequest
-from models.images import upright_size
+from models.images import depth_values, upright_size
 from models.registry import model_modes, request_model
 from models.text import check_text
 
@@ -63,6 +63,9 @@ class GenerationRequest(BaseModel):
     image: bytes | None = Field(default=None, repr=False)
     # Inpainting: white (128 and above, as greyscale) repaints, black keeps; the image's size.
     mask: bytes | None = Field(default=None, repr=False)
+    # Depth-to-image: the caller's depth map (brighter nearer, any size); None: the model's DPT
+    # estimates it from the image.
+    depth_map: bytes | None = Field(default=None, repr=False)
     num_images: Annotated[StrictInt, Field(ge=MIN_NUM_IMAGES, le=MAX_NUM_IMAGES)] = 1
     num_inference_steps: Annotated[StrictInt, Field(ge=MIN_STEPS, le=MAX_STEPS)] = 25
     guidance_scale: Annotated[float, Field(ge=MIN_GUIDANCE, le=MAX_GUIDANCE)] = 7.5
@@ -132,6 +135,13 @@ class GenerationRequest(BaseModel):
             check_image(value)
         return value
 
+    @field_validator("depth_map")
+    @classmethod
+    def _real_depth_map(cls, value: bytes | None) -> bytes | None:
+        if value is not None:
+            check_depth_map(value)
+        return value
+
     @model_validator(mode="after")
     def _inputs_of_the_mode(self, info: ValidationInfo) -> GenerationRequest:
         """The inputs the model's mode needs, and only those; a mask the size of its image. A
@@ -145,10 +155,17 @@ class GenerationRequest(BaseModel):
 
     @property
     def mode(self) -> str:
+        return self.mode_on(self.model)
+
+    def mode_on(self, model: str | None) -> str:
+        """The job's mode on `model` (a model key; None: not known yet, and the fields alone say).
+        A depth model's job is "depth" whether or not it brings its own depth map."""
         if self.mask is not None:
             return "inpaint"
         if self.noise_level is not None:
             return "upscale"
+        if self.depth_map is not None or (model is not None and "depth" in model_modes(model)):
+            return "depth"
         return "img2img" if self.has_image else "txt2img"
 
     @property
@@ -157,9 +174,10 @@ class GenerationRequest(BaseModel):
         return self.image is not None or self.after is not None
 
     def parameters(self) -> dict[str, Any]:
-        """Every field but the image and mask bytes: what is stored with the job and embedded in PNGs.
-        A mode's own field (noise_level) and `after` only where set: other jobs' stay as before."""
-        parameters = self.model_dump(exclude={"image", "mask"})
+        """Every field but the image, mask and depth map bytes: what is stored with the job and
+        embedded in PNGs. A mode's own field (noise_level) and `after` only where set: other jobs'
+        parameters stay as before."""
+        parameters = self.model_dump(exclude={"image", "mask", "depth_map"})
         for name in ("noise_level", "after"):
             if parameters[name] is None:
                 del parameters[name]
@@ -245,6 +263,13 @@ def check_mode(request: GenerationRequest, model: str | None) -> None:
     elif request.noise_level is not None:
         raise ValueError(f"noise_level is for upscaler models (sdqueue models list): model {model} runs "
                          f"{', '.join(modes)}")
+    if "depth" in modes:
+        if not request.has_image:
+            raise ValueError(f"image required: model {model} is depth-to-image (an input image, its depth map "
+                             "estimated from it or given as depth_map)")
+    elif request.depth_map is not None:
+        raise ValueError(f"depth_map is for depth models (sdqueue models list): model {model} runs "
+                         f"{', '.join(modes)}")
 
 
 def check_image(data: bytes) -> tuple[int, int]:
@@ -279,6 +304,20 @@ def check_image(data: bytes) -> tuple[int, int]:
                 raise ValueError(f"not a readable image file: {_reason(exc)}") from None
             width, height = upright_size(img)  # as shown: a phone's portrait is stored sideways
     return width, height
+
+
+def check_depth_map(data: bytes) -> tuple[int, int]:
+    """check_image, and a map of at least two depths: diffusers stretches its lowest to highest
+    value over -1..1, and a map of one value would divide by zero. Returns its size."""
+    size = check_image(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # as check_image: a file that loads despite Pillow's warnings is fine
+        with Image.open(io.BytesIO(data)) as img:
+            low, high = depth_values(img).getextrema()
+    if low == high:
+        raise ValueError(f"every pixel is {low:g}: a depth map needs at least two depths (its darkest is taken as "
+                         "the farthest, its brightest as the nearest)")
+    return size
 
 
 def _reason(exc: Exception) -> str:
@@ -321,8 +360,8 @@ def model_context(settings: Any) -> dict[str, Any]:
 def parse_request(data: dict[str, Any], settings: Any = None, *, inputs_later: bool = False) -> GenerationRequest:
     """Build a request from plain data, raising InvalidRequest naming every bad field. With the
     deployment's `settings`, its model is checked against them and filled in when none is named;
-    without, only a registry name passes, and None stays None. `inputs_later`: the image and mask
-    are added after, and check_inputs called then."""
+    without, only a registry name passes, and None stays None. `inputs_later`: the image, mask and
+    depth map are added after, and check_inputs called then."""
     if not isinstance(data, dict):
         raise InvalidRequest([f"request must be an object of fields, not {type(data).__name__}"])
     context = {} if settings is None else model_context(settings)

@@ -35,6 +35,15 @@ def mask_key_for(job_id: str) -> str:
     return f"inputs/{job_id}/mask"
 
 
+def depth_key_for(job_id: str) -> str:
+    """The key of a depth-to-image job's own depth map, stored as uploaded."""
+    return f"inputs/{job_id}/depth"
+
+
+# The jobs columns holding the keys of a job's inputs: what goes with the job.
+INPUT_KEY_COLUMNS = ("input_key", "mask_key", "depth_key")
+
+
 class Storage(Protocol):
     url: str
 

@@ -162,7 +162,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     # Indexed through ix_jobs_state_lease, which starts with it.
     state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
-    mode: Mapped[str] = mapped_column(String(8))  # txt2img | img2img | inpaint | upscale
+    mode: Mapped[str] = mapped_column(String(8))  # txt2img | img2img | inpaint | upscale | depth
     # Every request field but the image bytes, with the seed as resolved at submit time.
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     seed: Mapped[int] = mapped_column(BigInteger)
@@ -181,6 +181,9 @@ class Job(Base):
     # succeeded, then its input_key is that image's object; it is cancelled if that job does not.
     after_job_id: Mapped[str | None] = mapped_column(String(36), default=None, index=True)
     after_index: Mapped[int | None] = mapped_column(Integer, default=None)
+    # Depth-to-image with the caller's depth map: it in storage, and its digest (None: estimated).
+    depth_key: Mapped[str | None] = mapped_column(String(512), default=None)
+    depth_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     # Which model ran it (registry name or folder), set by the worker.
     model: Mapped[str | None] = mapped_column(String(512), default=None)
     # Every claim counts an attempt; `failures` counts those that ended by the job's own fault (a

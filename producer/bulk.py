@@ -24,7 +24,7 @@ from models.constants import queue_for
 from models.registry import model_key
 from models.request import GenerationRequest, check_inputs, follow_up
 from models.errors import InvalidRequest
-from models.storage import Storage, input_key_for, mask_key_for
+from models.storage import Storage, depth_key_for, input_key_for, mask_key_for
 from models.tables import Job, JobState, utcnow
 
 # Rows per transaction and per pipelined publish.
@@ -62,7 +62,7 @@ def job_row(request: GenerationRequest, *, settings: Any, priority: str, storage
             raise InvalidRequest([str(exc)]) from None
     job_id = str(uuid.uuid4())
     seed = request.seed if request.seed is not None else secrets.randbelow(DRAWN_SEED_BOUND)
-    input_key = input_sha256 = mask_key = mask_sha256 = None
+    input_key = input_sha256 = mask_key = mask_sha256 = depth_key = depth_sha256 = None
     if request.image is not None:
         input_key = input_key_for(job_id)
         input_sha256 = hashlib.sha256(request.image).hexdigest()
@@ -71,14 +71,19 @@ def job_row(request: GenerationRequest, *, settings: Any, priority: str, storage
         mask_key = mask_key_for(job_id)
         mask_sha256 = hashlib.sha256(request.mask).hexdigest()
         storage.put(mask_key, request.mask)
+    if request.depth_map is not None:
+        depth_key = depth_key_for(job_id)
+        depth_sha256 = hashlib.sha256(request.depth_map).hexdigest()
+        storage.put(depth_key, request.depth_map)
     return {
-        "id": job_id, "state": JobState.WAITING.value if request.after else JobState.QUEUED.value, "mode": request.mode,
+        "id": job_id, "state": JobState.WAITING.value if request.after else JobState.QUEUED.value,
+        "mode": request.mode_on(model),
         "after_job_id": request.after.job if request.after else None,
         "after_index": request.after.index if request.after else None,
         "params": {**request.parameters(), "seed": seed, "model": model}, "model": model, "seed": seed, "seed_was_drawn": request.seed is None,
         "width": request.width, "height": request.height, "num_inference_steps": request.num_inference_steps,
         "num_images": request.num_images, "input_key": input_key, "input_sha256": input_sha256,
-        "mask_key": mask_key, "mask_sha256": mask_sha256,
+        "mask_key": mask_key, "mask_sha256": mask_sha256, "depth_key": depth_key, "depth_sha256": depth_sha256,
         "queue": queue_for(settings.queue, priority, model), "enqueued_at": None, "priority": priority,
         "created_at": now, "updated_at": now, "attempts": 0, "failures": 0, "dead_letter": False,
         "lease_token": 0, "suspect": False, "running_alone": False,

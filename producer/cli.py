@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--image", type=Path, metavar="PATH", help="input image file: makes the job img2img")
     submit.add_argument("--mask", type=Path, metavar="PATH",
                         help="inpainting models: the mask, the image's size (white repaints, black keeps)")
+    submit.add_argument("--depth-map", type=Path, metavar="PATH",
+                        help="depth models: the depth map, brighter nearer, any size (default: estimated from the "
+                             "image by the model's DPT)")
     submit.add_argument("--after", type=after_spec, metavar="JOB_ID[:INDEX]",
                         help="a follow-up: image INDEX (default 0) of that job is the input, once it succeeded "
                              "(img2img, inpainting with --mask, or upscaling, by --model)")
@@ -258,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
     model_commands.add_parser("list", help="show the registry")
     for name, text in (("build-tiny", "tiny SD 2.1-architecture pipelines, random weights (a few MB): tiny, and "
-                                      "tiny-inpainting and tiny-upscaler beside it"),
+                                      "tiny-inpainting, tiny-upscaler and tiny-depth beside it"),
                        ("build-arch", "full-size SD 2.1 768-v architecture, random weights (benchmarks): sd21-arch, "
-                                      "and sd21-arch-inpainting and sd21-arch-upscaler beside it")):
+                                      "and sd21-arch-inpainting, sd21-arch-upscaler and sd21-arch-depth beside it")):
         build = model_commands.add_parser(name, help=text)
         build.add_argument("dir", type=Path, nargs="?", help="where to save it, its variants beside it as DIR-VARIANT "
                                                               "(default: the data dir's models/)")
@@ -408,6 +411,8 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
         fields["image"] = read_image_file(args.image)
     if args.mask is not None:
         fields["mask"] = read_image_file(args.mask, field="mask")
+    if args.depth_map is not None:
+        fields["depth_map"] = read_image_file(args.depth_map, field="depth_map")
     return fields
 
 

@@ -25,7 +25,7 @@ from models.errors import BadDestination, ConfigError, InvalidRequest, JobTimeou
 from models.events import Subscription
 from models.request import GenerationRequest, parse_request
 from models.settings import Settings, load_settings
-from models.storage import open_storage
+from models.storage import INPUT_KEY_COLUMNS, open_storage
 from models.tables import Job, JobState, Priority
 from producer.bulk import by_queue, check_follow_ups, insert_jobs, job_row, send_batches, settle_new_follow_ups
 
@@ -155,8 +155,7 @@ class Client:
         try:
             yield
         except BaseException:
-            self.delete_inputs([value[name] for value in values for name in ("input_key", "mask_key")
-                                if value[name] is not None])
+            self.delete_inputs([value[name] for value in values for name in INPUT_KEY_COLUMNS if value[name] is not None])
             raise
 
     def delete_inputs(self, keys: list[str]) -> None:
@@ -175,8 +174,7 @@ class Client:
         except Exception:
             what = f"job {ids[0]} stays" if len(ids) == 1 else f"the {len(ids)} jobs stay"
             return f"{what} recorded as queued and the sweeper sends them once the broker is back"
-        self.delete_inputs([value[name] for value in values for name in ("input_key", "mask_key")
-                                if value[name] is not None])
+        self.delete_inputs([value[name] for value in values for name in INPUT_KEY_COLUMNS if value[name] is not None])
         return "nothing was enqueued"
 
     def get(self, job_id: str) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def show(api: Client, job: Job, as_json: bool) -> None:
 
 def submit(api: Client, args: argparse.Namespace) -> int:
     fields = {"prompt": args.prompt, **defaults_from_args(args)}
-    job = api.submit(fields, image=args.image, mask=args.mask, priority=args.priority)
+    job = api.submit(fields, image=args.image, mask=args.mask, depth_map=args.depth_map, priority=args.priority)
     if args.wait:
         job = api.wait(job.id, timeout=args.timeout)
         show(api, job, args.json)

@@ -96,11 +96,6 @@ def rendered(overlay) -> list[dict]:
     return _render(overlay)
 
 
-# Models the overlays run a worker pool for before models/registry.py has them (main adds them);
-# a name once in the registry can go from here.
-COMING_MODELS = {"sd21-depth"}
-
-
 def _worker_pools(rendered: list[dict]) -> dict[str, dict]:
     """The worker Deployments (one per model served) by name."""
     return {d["metadata"]["name"]: d for d in rendered
@@ -168,7 +163,7 @@ def test_worker_pools_one_per_model(overlay, rendered):
     by_model: dict[str, str] = {}
     for name, deployment in pools.items():
         model = _pinned_model(deployment)
-        assert model in REGISTRY or model in COMING_MODELS, f"{name} pins {model!r}, not a registry model"
+        assert model in REGISTRY, f"{name} pins {model!r}, not a registry model"
         assert model not in by_model, f"{name} and {by_model[model]} both pin {model}"
         by_model[model] = name
         assert name == f"sdqueue-worker-{model}"
@@ -183,7 +178,7 @@ def test_worker_pools_one_per_model(overlay, rendered):
     config = next(d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "sdqueue-config")
     assert config["data"]["SDQUEUE_DEFAULT_MODEL"] in by_model  # a request naming no model has workers
     if overlay == "prod":
-        assert {"sd21", "sd21-inpainting", "sd21-upscaler"} <= set(by_model)
+        assert {"sd21", "sd21-inpainting", "sd21-upscaler", "sd21-depth"} <= set(by_model)
 
 
 def test_overlay_pins_every_image(overlay, rendered):

@@ -125,7 +125,7 @@ def test_csv_converts_text_to_the_fields_types(tmp_path: Path):
 
 
 def test_csv_types_cover_every_typed_request_field():
-    text_fields = {"prompt", "negative_prompt", "image", "mask", "model", "after"}  # after: refused in rows (`then`)
+    text_fields = {"prompt", "negative_prompt", "image", "mask", "depth_map", "model", "after"}  # after: refused in rows (`then`)
     assert set(CSV_TYPES) | text_fields == set(GenerationRequest.model_fields)
 
 

@@ -176,7 +176,7 @@ def test_valid_requests_parse_and_round_trip_through_parameters(data):
     assert_within_bounds(request)
     assert request.mode == ("img2img" if data.get("image") is not None else "txt2img")
     params = request.parameters()
-    assert set(params) == FIELDS - {"image", "mask", "noise_level", "after"}  # a mode's own field only where set
+    assert set(params) == FIELDS - {"image", "mask", "depth_map", "noise_level", "after"}  # a mode's own field only where set
     # What the job row stores (JSON) and the worker reads back is the same request, less the image.
     stored = json.loads(json.dumps(params))
     assert parse_request(stored) == request.model_copy(update={"image": None})

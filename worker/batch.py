@@ -100,9 +100,9 @@ def keep_rows(scheduler: Any, keep: torch.Tensor) -> None:
 
 def _through_a_loop(model: LoadedModel, key: CompatKey, samples: list[Sample], conditioning: list[Conditioning],
                     unet_call: UnetCall | None, dropped: Dropped | None, step_done: StepDone | None) -> list[Any]:
-    """A window batch of inpainting or upscaler samples, denoised by the continuous loop's code (one
-    loop, all admitted at once: the same steps and strength), which carries each one's mask and
-    masked image, or noised input and noise level."""
+    """A window batch of inpainting, upscaler or depth samples, denoised by the continuous loop's
+    code (one loop, all admitted at once: the same steps and strength), which carries each one's
+    mask and masked image, noised input and noise level, or depth map."""
     from worker.loop import ContinuousLoop
 
     loop = ContinuousLoop(model, key.width, key.height, None, unet_call)
@@ -146,9 +146,9 @@ def generate_batch(
         raise ValueError(f"a batch needs one conditioning per sample, got {len(samples)} and {len(conditioning)}")
     if len({c.tokens for c in conditioning}) != 1:
         raise ValueError("samples of one batch must have conditioning of one length")
-    if (key.mode in ("img2img", "inpaint", "upscale")) != all(s.init_image is not None for s in samples):
+    if (key.mode in ("img2img", "inpaint", "upscale", "depth")) != all(s.init_image is not None for s in samples):
         raise ValueError(f"batch {key}: every img2img sample needs an input image, and only those")
-    if key.mode in ("inpaint", "upscale"):
+    if key.mode in ("inpaint", "upscale", "depth"):
         return _through_a_loop(model, key, samples, conditioning, unet_call, dropped, step_done)
     n = len(samples)
 

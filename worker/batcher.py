@@ -39,6 +39,8 @@ class Work:
     input_key: str | None = None
     mask_key: str | None = None  # inpainting: its mask in storage, and the mask's digest
     mask_sha256: str | None = None
+    depth_key: str | None = None  # depth-to-image: the caller's depth map in storage, and its digest
+    depth_sha256: str | None = None
     run_id: str | None = None  # the run it belongs to, and its name, for the logs
     run_name: str | None = None
     # Its worker died while it shared the GPU: it runs with the other suspects of its group

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler,
-                       StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionUpscalePipeline,
-                       UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+                       StableDiffusionDepth2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                       StableDiffusionUpscalePipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, DPTConfig, DPTForDepthEstimation
+
+from worker.pipeline import depth_processor_class
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -102,10 +104,13 @@ def build_tokenizer() -> CLIPTokenizer:
 # the noised low-resolution image, and the noise level as its class label (1000 classes); a VAE of
 # three levels (latents 1/4 of the output's side, the input's size); DDIM with v-prediction, and a
 # DDPM schedule that noises the input. Its full-size UNet is the checkpoint's, not SD 2.1's.
+# Depth-to-image (as stable-diffusion-2-depth): the UNet takes 5 channels, the latents with the
+# depth map at latent size; a DPT depth estimator and its image processor ship beside (DEPTH).
 VARIANTS: dict[str, tuple[type, dict]] = {
     "": (StableDiffusionPipeline, {}),
     "inpainting": (StableDiffusionInpaintPipeline, {"in_channels": 9}),
     "upscaler": (StableDiffusionUpscalePipeline, {"in_channels": 7, "out_channels": 4, "num_class_embeds": 1000}),
+    "depth": (StableDiffusionDepth2ImgPipeline, {"in_channels": 5, "out_channels": 4}),
 }
 UPSCALER = {
     # Attention at the coarsest level only: its latents are the input's size, up to 256x256.
@@ -127,6 +132,19 @@ UPSCALER = {
     },
 }
 MAX_NOISE_LEVEL = 350
+# The depth estimators: (DPTConfig, the image processor's input side). sd21-arch's is shaped as the
+# checkpoint's (Intel's DPT-Hybrid: a BiT backbone under a 12-layer ViT-Base, 384 px, 123M
+# parameters). tiny's is a 2-layer ViT of width 32 at 64 px, tens of milliseconds on a CPU; its
+# weights are drawn wider than DPT's default (0.02), with which the random head's output is about
+# 1e-9: normalised min..max, that would be rounding noise (and 0 in fp16, a range of 0 to divide by).
+DEPTH = {
+    "tiny": (dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, image_size=64,
+                  patch_size=16, backbone_out_indices=(0, 1), neck_hidden_sizes=(16, 32), reassemble_factors=(2, 1),
+                  fusion_hidden_size=16, initializer_range=0.2), 64),
+    "sd21-arch": (dict(is_hybrid=True, image_size=384, backbone_out_indices=(2, 5, 8, 11),
+                       neck_hidden_sizes=(256, 512, 768, 768), reassemble_factors=(1, 1, 1, 0.5),
+                       backbone_featmap_shape=(1, 1024, 24, 24)), 384),
+}
 KINDS = tuple(f"{base}-{variant}" if variant else base for base in CONFIGS for variant in VARIANTS)
 
 
@@ -188,6 +206,14 @@ def build_pipeline(kind: str, seed: int = 0) -> StableDiffusionPipeline:
         steps_offset=1,
         timestep_spacing="leading",
     )
+    if variant == "depth":
+        config, side = DEPTH[base]
+        return StableDiffusionDepth2ImgPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            depth_estimator=DPTForDepthEstimation(DPTConfig(**config)).eval(),
+            feature_extractor=depth_processor_class()(size={"height": side, "width": side}, keep_aspect_ratio=False,
+                                                      image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        )
     return pipeline_class(
         vae=vae,
         text_encoder=text_encoder,
@@ -200,7 +226,7 @@ def build_pipeline(kind: str, seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
-DESCRIBED = {"": "", "inpainting": "inpainting ", "upscaler": "x4 upscaler "}
+DESCRIBED = {"": "", "inpainting": "inpainting ", "upscaler": "x4 upscaler ", "depth": "depth-to-image "}
 
 
 def build_and_save(kind: str, folder: Path, seed: int = 0) -> Path:

@@ -610,7 +610,7 @@ class Engine:
     ) -> list[Any]:
         """The batch's images (see batch.SampleResult); out of memory splits it in halves (same
         images) and shrinks the budget."""
-        if key.mode == "img2img" and key.start_step >= key.steps:
+        if key.mode in ("img2img", "depth") and key.start_step >= key.steps:
             return [np.asarray(s.init_image.convert("RGB")) for s in samples]  # strength 0 keeps the input
         try:
             return self.model.generate(key, samples, conditioning, self.unet_call, dropped, step_done)
@@ -944,6 +944,7 @@ class Engine:
             "mode": work.key.mode,
             "input_sha256": work.input_sha256,
             "mask_sha256": work.mask_sha256,  # inpainting: the mask's file as uploaded
+            "depth_sha256": work.depth_sha256,  # depth-to-image: the caller's map's file as uploaded (None: estimated)
             "input_orientation": input_orientation(sample.init_image),  # the EXIF turn applied to it
             "model": self.model.spec.name,
             "model_source": batch.model,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
-from models.images import exif_orientation, upright
+from models.images import depth_values, exif_orientation, upright
 from models.request import UPSCALE_FACTOR
 
 
@@ -45,6 +46,20 @@ def prepare_mask(data: bytes, width: int, height: int) -> Image.Image:
         if img.size != (width, height):
             img = img.resize((width, height), Image.Resampling.LANCZOS)
         return img
+
+
+def prepare_depth_map(data: bytes) -> Image.Image:
+    """A caller's depth map as the depth pipeline takes it: upright, one float channel
+    (models.images.depth_values: brighter nearer), its own lowest..highest value scaled to 0..1.
+    Diffusers stretches the map to -1..1 again at latent size, so the scaling changes nothing but
+    the rounding; done first, a 16-bit map's 65,535 fits in fp16 (whose largest value is 65,504).
+    Its size is kept: diffusers resizes it to the latent size itself (bicubic)."""
+    with Image.open(io.BytesIO(data)) as img:
+        values = np.asarray(depth_values(img), dtype=np.float32)
+    low, high = float(values.min()), float(values.max())
+    if low == high:  # refused at submit (models.request.check_depth_map): a map changed since
+        raise ValueError(f"every pixel of the depth map is {low:g}: it needs at least two depths")
+    return Image.fromarray((values - low) / (high - low))
 
 
 def input_orientation(image: Image.Image | None) -> int | None:

@@ -23,6 +23,7 @@ budget and picks the loop that steps next, so that no size starves. The worker's
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -60,6 +61,10 @@ class ContinuousLoop(SampleSet):
         self.inpainting = pipe.unet.config.in_channels == 9
         # The x4 upscaler: its samples each carry their noised input and its noise level.
         self.upscaling = model.upscaler is not None
+        # A 5-channel UNet (depth-to-image): its samples each carry their depth map.
+        self.depth = model.depth is not None
+        # The channels the UNet takes beside the latents: each sample's own (LoopSample.extra).
+        self.extra_channels = pipe.unet.config.in_channels - pipe.vae.config.latent_channels
         super().__init__()
 
     # -- joining and leaving (between steps) -------------------------------------------------
@@ -87,6 +92,7 @@ class ContinuousLoop(SampleSet):
             return self._admit_upscaling(samples, conditioning, steps, tokens.pop())
         img2img = strength is not None
         inpaint = samples[0].mask_image is not None
+        depth = samples[0].depth
         if img2img != all(s.init_image is not None for s in samples):
             raise ValueError("every img2img sample needs an input image, and only those")
         if any((s.mask_image is not None) != inpaint for s in samples):
@@ -96,6 +102,11 @@ class ContinuousLoop(SampleSet):
                              f"{'inpainting' if self.inpainting else 'no inpainting'} samples only")
         if inpaint and not img2img:
             raise ValueError("inpainting samples need a strength (1: the masked area from noise)")
+        if any(s.depth != depth for s in samples) or depth != self.depth:
+            raise ValueError(f"this model's UNet takes {pipe.unet.config.in_channels} channels: "
+                             f"{'depth' if self.depth else 'no depth'} samples only")
+        if depth and not img2img:
+            raise ValueError("depth samples need an input image and a strength")
         if img2img and not 0.0 <= strength <= 1.0:  # type: ignore[operator]
             raise ValueError(f"strength must be in [0, 1], got {strength}")
 
@@ -124,6 +135,8 @@ class ContinuousLoop(SampleSet):
         if inpaint:
             return self._admit_inpainting(samples, conditioning, steps, strength, scheduler, timesteps,  # type: ignore[arg-type]
                                           first_index, shape, generators)
+        # depth-to-image: its maps first (no random draws), then its latents as img2img's
+        depth_maps = self._depth_maps(samples) if depth else [None] * len(samples)
         if img2img:
             init_latents = self._encode(samples, generators)
         admitted = []
@@ -134,7 +147,8 @@ class ContinuousLoop(SampleSet):
             else:
                 noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
                 latents = own.add_noise(init_latents[row : row + 1], noise, timesteps[:1])
-            admitted.append(LoopSample(sample, cond, steps, strength, own, timesteps, first_index, latents))
+            admitted.append(LoopSample(sample, cond, steps, strength, own, timesteps, first_index, latents,
+                                       extra=depth_maps[row]))
         self.tokens = tokens.pop()
         self.active.extend(admitted)
         return admitted
@@ -153,6 +167,35 @@ class ContinuousLoop(SampleSet):
                 prepared[id(sample.init_image)] = pixels.to(device=self.model.device, dtype=self.model.dtype)
         pixels = torch.cat([prepared[id(sample.init_image)] for sample in samples])
         return pipe.vae.config.scaling_factor * retrieve_latents(pipe.vae.encode(pixels), generator=generators)
+
+    def _depth_maps(self, samples: list[Sample]) -> list[torch.Tensor]:
+        """Each depth sample's map at latent size ([1, 1, h, w], -1 far to 1 near), as
+        StableDiffusionDepth2ImgPipeline.prepare_depth_map makes it of one image: the caller's map,
+        or the model's DPT's estimate from the input image; bicubic to latent size, then its own
+        min..max to -1..1. Each distinct map is made once (a job's images share theirs)."""
+        pipe = self.model.depth
+        assert pipe is not None
+        device, dtype = torch.device(self.model.device), self.model.dtype
+        size = (self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor)
+        # diffusers runs the DPT under autocast (DPT-Hybrid's batch norms do not run in fp16); in
+        # float32 on the CPU autocast does nothing but warn, so it is left out there.
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        made: dict[int, torch.Tensor] = {}
+        for sample in samples:
+            source = sample.init_image if sample.depth_map is None else sample.depth_map
+            if id(source) in made:
+                continue
+            if sample.depth_map is None:
+                pixels = pipe.feature_extractor(images=[sample.init_image], return_tensors="pt").pixel_values
+                with autocast:
+                    depth = pipe.depth_estimator(pixels.to(device=device, dtype=dtype)).predicted_depth
+            else:
+                depth = torch.from_numpy(np.array(sample.depth_map, dtype=np.float32))[None].to(device, dtype)
+            depth = torch.nn.functional.interpolate(depth.unsqueeze(1), size=size, mode="bicubic", align_corners=False)
+            low = torch.amin(depth, dim=[1, 2, 3], keepdim=True)
+            high = torch.amax(depth, dim=[1, 2, 3], keepdim=True)
+            made[id(source)] = (2.0 * (depth - low) / (high - low) - 1.0).to(dtype)
+        return [made[id(s.init_image if s.depth_map is None else s.depth_map)] for s in samples]
 
     def _admit_inpainting(self, samples: list[Sample], conditioning: list[Conditioning], steps: int, strength: float,
                           scheduler: Any, timesteps: Any, first_index: int, shape: tuple[int, ...],
@@ -237,7 +280,7 @@ class ContinuousLoop(SampleSet):
             scaled = self._euler_scale(active, latents)
         else:
             scaled = torch.cat([s.scheduler.scale_model_input(s.latents, s.t) for s in active])
-        if self.inpainting or self.upscaling:  # each row's mask and masked image's latents (or noised input) beside
+        if self.extra_channels:  # each row's own beside its latents: a mask and masked image, a noised input, a depth map
             scaled = torch.cat([scaled, torch.cat([s.extra for s in active])], dim=1)
         guided_rows = torch.tensor([s.guided for s in active], device=device)
         model_input = torch.cat([scaled[guided_rows], scaled])
@@ -359,8 +402,9 @@ def drain(loop: ContinuousLoop) -> list[tuple[LoopSample, np.ndarray | JobError]
 def run_direct(model: LoadedModel, jobs: list[dict[str, Any]], pixel_budget: int,
                unet_call: UnetCall | None = None) -> dict[str, list[np.ndarray]]:
     """The worker's continuous loops driven in this process, without queue, database or storage:
-    each job (job_id, params, seed, init_image, arrive_at seconds after the start) is admitted from
-    its arrival as the engine admits it. Its images, by job id. For benchmarks and tests."""
+    each job (job_id, params, seed, init_image, mask_image, depth and depth_map, arrive_at seconds
+    after the start) is admitted from its arrival as the engine admits it. Its images, by job id.
+    For benchmarks and tests."""
     from worker.samples import ConditioningCache, compat_key, job_samples
     from worker.batcher import Batcher
 
@@ -376,9 +420,11 @@ def run_direct(model: LoadedModel, jobs: list[dict[str, Any]], pixel_budget: int
         while pending and pending[0].get("arrive_at", 0.0) <= now:
             job = pending.pop(0)
             params = job["params"]
+            depth = bool(job.get("depth"))
             work = Work(job["job_id"], compat_key(params, job.get("init_image") is not None,
-                                                  job.get("mask_image") is not None),
-                        job_samples(job["job_id"], params, job["seed"], job.get("init_image"), job.get("mask_image")),
+                                                  job.get("mask_image") is not None, depth),
+                        job_samples(job["job_id"], params, job["seed"], job.get("init_image"), job.get("mask_image"),
+                                    depth=depth, depth_map=job.get("depth_map")),
                         created_at=started + job.get("arrive_at", 0.0), params=params)
             work.conditioning = cache.get([s.prompt for s in work.samples])
             work.tokens = work.conditioning[0].tokens

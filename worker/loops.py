@@ -38,8 +38,9 @@ class LoopSample:
     timesteps: Any = field(repr=False)  # the timesteps it runs (img2img: from its start step): a tensor, or a range
     first_index: int  # the scheduler's step index at its first timestep
     latents: Any = field(repr=False)  # [1, C, h, w] (the stand-in's: None)
-    # Inpainting: what the UNet takes beside the latents at every step, the mask and the masked
-    # image's latents ([1, 5, h, w]): they travel with the sample, whichever loop step it is in.
+    # What the UNet takes beside the latents at every step, travelling with the sample whichever
+    # loop step it is in: inpainting's mask and masked image's latents ([1, 5, h, w]), the
+    # upscaler's noised input ([1, 3, h, w]), a depth map ([1, 1, h, w]).
     extra: Any = field(default=None, repr=False)
     # The x4 upscaler: its noise level, the UNet's class label ([1], long), beside `extra` (its
     # noised low-resolution image, [1, 3, h, w]).
@@ -169,10 +170,10 @@ class Loops:
     # -- joining and leaving ------------------------------------------------------------------
 
     def admit(self, work: Work) -> Finished | None:
-        """Put a prepared job into its loop from the next step. An img2img job of strength 0 runs
-        no step: its images are its input, returned at once (as diffusers returns them)."""
+        """Put a prepared job into its loop from the next step. An img2img (or depth) job of strength
+        0 runs no step: its images are its input, returned at once (as diffusers' img2img returns them)."""
         key = work.key
-        if key.mode == "img2img" and key.start_step >= key.steps:
+        if key.mode in ("img2img", "depth") and key.start_step >= key.steps:
             images = [np.asarray(s.init_image.convert("RGB")) for s in work.samples]
             return Member(work, []), images, [(0, 0, 0.0)] * len(images)
         group = self.group(work)
@@ -180,7 +181,7 @@ class Loops:
         if loop is None:
             loop = self.loops[group] = self.model.new_loop(key.width, key.height, work.tokens, self.unet_call)
             self.members[group] = []
-        strength = work.params.get("strength") if key.mode in ("img2img", "inpaint") else None  # upscale: None
+        strength = work.params.get("strength") if key.mode in ("img2img", "inpaint", "depth") else None  # upscale: None
         try:
             samples = loop.admit(work.samples, work.conditioning or [], key.steps, strength)
         except Exception:

@@ -16,8 +16,8 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-                       StableDiffusionUpscalePipeline)
+from diffusers import (StableDiffusionDepth2ImgPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
+                       StableDiffusionPipeline, StableDiffusionUpscalePipeline)
 
 from models.errors import ModelUnavailable
 from models.registry import ModelSpec
@@ -36,13 +36,16 @@ class LoadedModel:
     device: str
     dtype: torch.dtype
     # The pipeline whose parts every mode uses (the tokenizer, text encoder, UNet, VAE, scheduler);
-    # an upscaler's is its StableDiffusionUpscalePipeline (and img2img None).
+    # an upscaler's is its StableDiffusionUpscalePipeline, a depth model's its
+    # StableDiffusionDepth2ImgPipeline (and img2img None).
     txt2img: StableDiffusionPipeline
     img2img: StableDiffusionImg2ImgPipeline | None
     # An inpainting model's (a 9-channel UNet): its image and mask processors; None otherwise.
     inpainting: StableDiffusionInpaintPipeline | None = None
     # The x4 upscaler's (a 7-channel UNet): its low-resolution noise schedule; None otherwise.
     upscaler: StableDiffusionUpscalePipeline | None = None
+    # A depth-to-image model's (a 5-channel UNet): its DPT depth estimator and image processor; None otherwise.
+    depth: StableDiffusionDepth2ImgPipeline | None = None
     _compel: Any = field(default=None, repr=False)
 
     @property
@@ -205,6 +208,8 @@ def load_model(spec: ModelSpec, device: str = "auto") -> LoadedModel:
     log.info("loading %s from %s (%s, %s)", spec.name, source, device, dtype)
     if is_upscaler(source):
         return _load_upscaler(spec, source, revision, device, dtype)
+    if is_depth(source):
+        return _load_depth(spec, source, revision, device, dtype)
     pipe = StableDiffusionPipeline.from_pretrained(
         source, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
@@ -222,10 +227,36 @@ def load_model(spec: ModelSpec, device: str = "auto") -> LoadedModel:
     return LoadedModel(spec, source, revision, device, dtype, pipe, img2img, inpainting)
 
 
-def is_upscaler(folder: str) -> bool:
-    """A diffusers folder of the x4 upscaler (its model_index.json names the pipeline)."""
+def pipeline_class_name(folder: str) -> str | None:
+    """The pipeline a diffusers folder's model_index.json names."""
     index = Path(folder) / "model_index.json"
-    return index.is_file() and json.loads(index.read_text()).get("_class_name") == StableDiffusionUpscalePipeline.__name__
+    return json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+
+
+def is_upscaler(folder: str) -> bool:
+    """A diffusers folder of the x4 upscaler."""
+    return pipeline_class_name(folder) == StableDiffusionUpscalePipeline.__name__
+
+
+def is_depth(folder: str) -> bool:
+    """A diffusers folder of a depth-to-image model."""
+    return pipeline_class_name(folder) == StableDiffusionDepth2ImgPipeline.__name__
+
+
+def _load_depth(spec: ModelSpec, source: str, revision: str | None, device: str, dtype: torch.dtype) -> LoadedModel:
+    """A depth-to-image model: its DPT estimator in the model's dtype, run under autocast as
+    diffusers runs it. Its image processor is loaded apart and put in after: the checkpoint's
+    model_index.json names DPTFeatureExtractor, which transformers 5 no longer has, and diffusers
+    looks that class up even for a processor passed to from_pretrained (its
+    preprocessor_config.json loads into DPT's image processor all the same)."""
+    pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(source, dtype=dtype, feature_extractor=None)
+    processor = depth_processor_class().from_pretrained(source, subfolder="feature_extractor")
+    pipe = StableDiffusionDepth2ImgPipeline(**{**pipe.components, "feature_extractor": processor})
+    pipe.scheduler = getattr(diffusers, spec.scheduler).from_config(pipe.scheduler.config)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    _warn_random(spec)
+    return LoadedModel(spec, source, revision, device, dtype, pipe, None, depth=pipe)
 
 
 def _load_upscaler(spec: ModelSpec, source: str, revision: str | None, device: str, dtype: torch.dtype) -> LoadedModel:
@@ -241,6 +272,15 @@ def _load_upscaler(spec: ModelSpec, source: str, revision: str | None, device: s
     pipe.set_progress_bar_config(disable=True)
     _warn_random(spec)
     return LoadedModel(spec, source, revision, device, dtype, pipe, None, upscaler=pipe)
+
+
+def depth_processor_class() -> type:
+    """DPT's image processor of PIL and numpy: transformers 5 names it DPTImageProcessorPil (its
+    DPTImageProcessor resizes with torchvision where that is installed, with PIL where not);
+    transformers 4 has only the PIL one. The same class on every host: the same estimated depth."""
+    import transformers
+
+    return getattr(transformers, "DPTImageProcessorPil", None) or transformers.DPTImageProcessor
 
 
 def _warn_random(spec: ModelSpec) -> None:

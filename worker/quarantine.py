@@ -116,22 +116,23 @@ def probe(model: Any, generate: Callable[..., list[Any]], features: dict[str, An
     params = {"prompt": PROBE_PROMPT, "negative_prompt": "blurry" if features.get("negative") else "",
               "num_images": 1, "num_inference_steps": 2, "guidance_scale": 7.5, "width": size, "height": size,
               "use_compel": bool(features.get("use_compel")), "strength": 0.5}
-    # The failed job's mode; an inpainting or upscaler model runs its own (the only one it has).
+    # The failed job's mode; an inpainting, upscaler or depth model runs its own (the only one it
+    # has; depth with its map estimated, what every depth job runs unless it brings its own).
     mode = features.get("mode")
     modes = model.spec.modes
     mode = mode if mode in modes else modes[0]
     init = mask = None
-    if mode in ("img2img", "inpaint"):
+    if mode in ("img2img", "inpaint", "depth"):
         init = Image.new("RGB", (size, size), (90, 120, 160))
     if mode == "inpaint":
         mask = Image.new("L", (size, size), 255)
     if mode == "upscale":
         params["noise_level"] = 20
         init = Image.new("RGB", (size // 4, size // 4), (90, 120, 160))
-    samples = job_samples("probe", params, 0, init, mask)
+    samples = job_samples("probe", params, 0, init, mask, depth=mode == "depth")
     conditioning = ConditioningCache(model).get([s.prompt for s in samples])
-    for result in generate(compat_key(params, img2img=init is not None, inpaint=mask is not None), samples,
-                           conditioning):
+    for result in generate(compat_key(params, img2img=init is not None, inpaint=mask is not None,
+                                      depth=mode == "depth"), samples, conditioning):
         if isinstance(result, BaseException):
             raise result
         if not np.isfinite(np.asarray(result, dtype=np.float32)).all():

@@ -49,7 +49,7 @@ from worker.batch import generate_batch
 from worker.samples import ConditioningCache, compat_key, job_samples
 from worker.encode import encode_png, read_record, sha256_of
 from worker.loop import run_direct
-from worker.inputs import input_size, prepare_input_image, prepare_mask
+from worker.inputs import input_size, prepare_depth_map, prepare_input_image, prepare_mask
 from worker.pipeline import LoadedModel, library_versions, load_model, pick_device, pin_torch_threads
 
 # The default tolerance on the recorded device type and dtype, in 1/255 (see the docstring).
@@ -180,6 +180,12 @@ def reproduce(settings: Settings, job_id: str, *, index: int | None = None, mode
         if not storage.exists(job.mask_key):
             raise ImageNotFound(f"the mask of job {job.id} is missing from storage ({storage.location(job.mask_key)})")
         mask = prepare_mask(storage.get(job.mask_key), job.width, job.height)
+    depth_map = None
+    if job.depth_key is not None:  # depth-to-image with the caller's map (else the model estimates it again)
+        if not storage.exists(job.depth_key):
+            raise ImageNotFound(f"the depth map of job {job.id} is missing from storage "
+                                f"({storage.location(job.depth_key)})")
+        depth_map = prepare_depth_map(storage.get(job.depth_key))
     if out is not None:
         check_out(out, force=force, images=len(stored))
 
@@ -194,7 +200,7 @@ def reproduce(settings: Settings, job_id: str, *, index: int | None = None, mode
     # 3. the job's images, made together as the job runs alone, in the loop that made them
     batching = "window" if first.row.steps_run is None else "continuous"
     clock = time.perf_counter()
-    made = make_again(loaded, job, init, batching, mask)
+    made = make_again(loaded, job, init, batching, mask, depth_map)
     seconds = time.perf_counter() - clock
 
     # 4. compare
@@ -256,22 +262,24 @@ def use_scheduler(model: LoadedModel, name: str, config: dict[str, Any] | None) 
     if scheduler_cls is None:
         raise SdqueueError(f"the recorded scheduler {name!r} is not in this diffusers ({diffusers.__version__})")
     scheduler = scheduler_cls.from_config(config or model.txt2img.scheduler.config)
-    for pipe in (model.txt2img, model.img2img, model.inpainting, model.upscaler):
+    for pipe in (model.txt2img, model.img2img, model.inpainting, model.upscaler, model.depth):
         if pipe is not None:
             pipe.scheduler = scheduler
 
 
 def make_again(model: LoadedModel, job: Job, init: PILImage.Image | None, batching: str,
-               mask: PILImage.Image | None = None) -> list[np.ndarray]:
+               mask: PILImage.Image | None = None, depth_map: PILImage.Image | None = None) -> list[np.ndarray]:
     """The job's images, in index order, made in one loop of its own: a continuous loop
     (worker/loop.py) or a window batch (worker/batch.py), as the worker made them."""
-    key = compat_key(job.params, img2img=init is not None, inpaint=mask is not None)
+    depth = job.mode == "depth"
+    key = compat_key(job.params, img2img=init is not None, inpaint=mask is not None, depth=depth)
     if batching == "continuous":
         made = run_direct(model, [{"job_id": job.id, "params": job.params, "seed": job.seed, "init_image": init,
-                                   "mask_image": mask}], pixel_budget=key.pixels * job.num_images)
+                                   "mask_image": mask, "depth": depth, "depth_map": depth_map}],
+                          pixel_budget=key.pixels * job.num_images)
         return list(made[job.id])
-    samples = job_samples(job.id, job.params, job.seed, init, mask)
-    if key.mode == "img2img" and key.start_step >= key.steps:  # strength 0 keeps the input (Engine.generate)
+    samples = job_samples(job.id, job.params, job.seed, init, mask, depth=depth, depth_map=depth_map)
+    if key.mode in ("img2img", "depth") and key.start_step >= key.steps:  # strength 0 keeps the input (Engine.generate)
         return [np.asarray(s.init_image.convert("RGB")) for s in samples]  # type: ignore[union-attr]
     results = generate_batch(model, key, samples, ConditioningCache(model).get([s.prompt for s in samples]))
     for result in results:

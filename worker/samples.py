@@ -21,11 +21,11 @@ if TYPE_CHECKING:
 class CompatKey:
     """What samples must share to run in one denoising loop (the model is the worker's own)."""
 
-    mode: str  # txt2img | img2img | inpaint | upscale
+    mode: str  # txt2img | img2img | inpaint | upscale | depth
     width: int
     height: int
     steps: int
-    start_step: int = 0  # img2img, inpaint: the first of `steps` scheduler steps that runs
+    start_step: int = 0  # img2img, inpaint, depth: the first of `steps` scheduler steps that runs
 
     @property
     def pixels(self) -> int:
@@ -40,14 +40,15 @@ def start_step(steps: int, strength: float) -> int:
     return steps - min(int(steps * strength), steps)
 
 
-def compat_key(params: dict[str, Any], img2img: bool, inpaint: bool = False) -> CompatKey:
-    """A job's key; `img2img`: it has an input image (an upscaler's, where it has a noise level)."""
+def compat_key(params: dict[str, Any], img2img: bool, inpaint: bool = False, depth: bool = False) -> CompatKey:
+    """A job's key; `img2img`: it has an input image (an upscaler's, where it has a noise level);
+    `depth`: a depth-to-image job (its row's mode: its depth map may be the model's own estimate)."""
     steps = params["num_inference_steps"]
     if img2img and params.get("noise_level") is not None:  # the x4 upscaler: from noise, its input beside
         return CompatKey("upscale", params["width"], params["height"], steps)
-    if img2img or inpaint:
-        return CompatKey("inpaint" if inpaint else "img2img", params["width"], params["height"], steps,
-                         start_step(steps, params["strength"]))
+    if img2img or inpaint or depth:
+        mode = "inpaint" if inpaint else "depth" if depth else "img2img"
+        return CompatKey(mode, params["width"], params["height"], steps, start_step(steps, params["strength"]))
     return CompatKey("txt2img", params["width"], params["height"], steps)
 
 
@@ -70,18 +71,25 @@ class Sample:
     init_image: Image.Image | None = field(default=None, repr=False)
     # Inpainting: white (at least 50% grey) repaints, black keeps; the size of init_image.
     mask_image: Image.Image | None = field(default=None, repr=False)
-    strength: float | None = None  # img2img and inpainting: how much of the input is denoised
+    strength: float | None = None  # img2img, inpainting and depth: how much of the input is denoised
     # The x4 upscaler: the noise level its input (init_image, a quarter of the output's side) is noised to.
     noise_level: int | None = None
+    # Depth-to-image: conditioned on a depth map of init_image, the caller's (`depth_map`, as
+    # worker/inputs.py prepares it: float, 0 farthest to 1 nearest, any size) or, where None, the
+    # one the model's DPT estimates from init_image.
+    depth: bool = False
+    depth_map: Image.Image | None = field(default=None, repr=False)
 
 
 def job_samples(job_id: str, params: dict[str, Any], seed: int, init_image: Image.Image | None,
-                mask_image: Image.Image | None = None) -> list[Sample]:
+                mask_image: Image.Image | None = None, *, depth: bool = False,
+                depth_map: Image.Image | None = None) -> list[Sample]:
     """A job's samples: image i from seed + i, all with the job's prompt and guidance."""
     prompt = Prompt(params["prompt"], params["negative_prompt"], params["use_compel"])
     noise_level = params.get("noise_level") if init_image is not None else None
     strength = params["strength"] if init_image is not None and noise_level is None else None
-    return [Sample(job_id, i, seed + i, prompt, params["guidance_scale"], init_image, mask_image, strength, noise_level)
+    return [Sample(job_id, i, seed + i, prompt, params["guidance_scale"], init_image, mask_image, strength, noise_level,
+                   depth, depth_map)
             for i in range(params["num_images"])]
 
 

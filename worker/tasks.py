@@ -230,14 +230,15 @@ def _claim_all(ctx: WorkerContext, job_ids: list[str], queue: str | None
 def _start(ctx: WorkerContext, work: Work) -> Future:
     """A job just claimed, held and on its way to a batch: its samples (image i from seed + i; an
     img2img input read from storage, an outage waited out); the future says how it ended."""
-    from worker.inputs import input_size, prepare_input_image, prepare_mask
+    from worker.inputs import input_size, prepare_depth_map, prepare_input_image, prepare_mask
 
     engine = ctx.engine
     engine.hold(work)
     engine.announce(work.job_id, JobState.RUNNING.value)
     params = work.params
-    inputs: dict[str, Any] = {"input image": None, "mask": None}
-    for what, key, prepare in (("input image", work.input_key, prepare_input_image), ("mask", work.mask_key, prepare_mask)):
+    inputs: dict[str, Any] = {"input image": None, "mask": None, "depth map": None}
+    for what, key, prepare in (("input image", work.input_key, prepare_input_image), ("mask", work.mask_key, prepare_mask),
+                               ("depth map", work.depth_key, lambda data, *_: prepare_depth_map(data))):  # its own size
         if key is None:
             continue
         try:
@@ -251,7 +252,8 @@ def _start(ctx: WorkerContext, work: Work) -> Future:
                 return engine.charge(work, exc)
             error = JobError(f"the {what} cannot be read ({type(exc).__name__}: {exc})", "input-unreadable")
             return engine.fail(work, error)
-    work.samples = job_samples(work.job_id, params, work.seed, inputs["input image"], inputs["mask"])
+    work.samples = job_samples(work.job_id, params, work.seed, inputs["input image"], inputs["mask"],
+                               depth=work.key.mode == "depth", depth_map=inputs["depth map"])
     return engine.submit(work)
 
 
@@ -298,9 +300,11 @@ def _work(ctx: WorkerContext, job: Any) -> Work:
         metrics.claimed(jobs.aware(job.created_at), jobs.aware(job.started_at))
     params = dict(job.params)
     return Work(
-        job.id, compat_key(params, img2img=job.input_key is not None, inpaint=job.mask_key is not None), [],
+        job.id, compat_key(params, img2img=job.input_key is not None, inpaint=job.mask_key is not None,
+                           depth=job.mode == "depth"), [],
         job.created_at.timestamp(), priority=job.priority, params=params, input_sha256=job.input_sha256,
         lease=jobs.lease_of(job), alone=job.suspect, suspect_group=job.suspect_group, seed=job.seed,
-        input_key=job.input_key, mask_key=job.mask_key, mask_sha256=job.mask_sha256,
+        input_key=job.input_key, mask_key=job.mask_key, mask_sha256=job.mask_sha256, depth_key=job.depth_key,
+        depth_sha256=job.depth_sha256,
         run_id=job.run_id, run_name=_run_name(ctx, job.run_id),
     )

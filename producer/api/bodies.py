@@ -180,10 +180,10 @@ def form_value(name: str, text: str) -> Any:
 
 
 def decode_image(fields: dict[str, Any], where: str = "") -> list[str]:
-    """JSON carries the img2img input and the inpainting mask as base64 text: decode them in place;
-    the problems found (a field that is not base64 is taken out, named in its problem)."""
+    """JSON carries the img2img input, the inpainting mask and the depth map as base64 text: decode
+    them in place; the problems found (a field that is not base64 is taken out, named in its problem)."""
     problems = []
-    for name in ("image", "mask"):
+    for name in ("image", "mask", "depth_map"):
         value = fields.get(name)
         if not isinstance(value, str):
             continue  # bytes from a form, None, or a wrong type parse_request names
@@ -191,7 +191,8 @@ def decode_image(fields: dict[str, Any], where: str = "") -> list[str]:
             fields[name] = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             shown = repr(value[:20] + "...") if len(value) > 23 else repr(value)
-            problems.append(f"{where}{name}={shown}: not base64 (the {name} file's bytes, base64-encoded)")
+            problems.append(f"{where}{name}={shown}: not base64 (the {name.replace('_', ' ')} file's bytes, "
+                            "base64-encoded)")
             del fields[name]
     return problems
 

@@ -389,7 +389,7 @@ def submit_again(shared: Backend, who: Caller, job_id: str) -> str:
     # 1. the job, if the caller may see it, and what it was asked
     with shared.client.db.session() as session:
         job = visible_job(session, who, job_id)
-        fields, input_key, mask_key = dict(job.params), job.input_key, job.mask_key
+        fields, input_key, mask_key, depth_key = dict(job.params), job.input_key, job.mask_key, job.depth_key
         if job.mode == "upscale":  # its size follows from its input's, and may be none of the request's sizes
             fields.pop("width", None), fields.pop("height", None)
     if who.rate_per_minute is not None:
@@ -399,6 +399,8 @@ def submit_again(shared: Backend, who: Caller, job_id: str) -> str:
         fields["image"] = shared.client.storage.get(input_key)
     if mask_key is not None:
         fields["mask"] = shared.client.storage.get(mask_key)
+    if depth_key is not None:
+        fields["depth_map"] = shared.client.storage.get(depth_key)
     try:
         request = parse_request(fields, shared.settings)
     except InvalidRequest as exc:  # a row from an older sdqueue, say, whose fields have changed since

@@ -105,7 +105,8 @@ MEDIA_TYPES = {
 }
 OPTIONS = ("name", "format", "skip_invalid", "append", "priority", "defaults")
 # What `defaults` may give: the request fields but the prompt and the input image (`sdqueue run`'s options).
-DEFAULT_FIELDS = tuple(name for name in GenerationRequest.model_fields if name not in ("prompt", "image", "mask"))
+DEFAULT_FIELDS = tuple(name for name in GenerationRequest.model_fields
+                       if name not in ("prompt", "image", "mask", "depth_map"))
 # A form's bytes beside its file: the boundary, the part headers, the option fields.
 FORM_OVERHEAD = 1 << 20
 CHUNK = 1 << 20

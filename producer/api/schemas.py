@@ -33,6 +33,9 @@ def request_fields(*, form: bool) -> dict[str, Any]:
                                "description": "img2img, inpainting: the input image file (PNG, JPEG, WebP, ...)"}
         properties["mask"] = {"type": "string", "format": "binary",
                               "description": "inpainting: the mask file, the image's size (white repaints)"}
+        properties["depth_map"] = {"type": "string", "format": "binary",
+                                   "description": "depth models: the depth map file, brighter nearer (left out: "
+                                                  "estimated from the image)"}
         # A form field has no null: leaving it out draws the seed.
         properties["seed"] = {**properties["seed"]["anyOf"][0], "title": "Seed"}
     else:
@@ -40,6 +43,9 @@ def request_fields(*, form: bool) -> dict[str, Any]:
                                "default": None, "description": "img2img, inpainting: the input image file, base64-encoded"}
         properties["mask"] = {"anyOf": [{"type": "string", "contentEncoding": "base64"}, {"type": "null"}],
                               "default": None, "description": "inpainting: the mask file (white repaints), base64-encoded"}
+        properties["depth_map"] = {"anyOf": [{"type": "string", "contentEncoding": "base64"}, {"type": "null"}],
+                                   "default": None, "description": "depth models: the depth map file (brighter nearer), "
+                                                                   "base64-encoded (null: estimated from the image)"}
     return schema
 
 
@@ -68,7 +74,8 @@ def submit_body() -> dict[str, Any]:
     return {"required": True, "content": {
         "application/json": {"schema": as_json},
         "multipart/form-data": {"schema": as_form, "encoding": {"image": {"contentType": "image/*"},
-                                                                    "mask": {"contentType": "image/*"}}},
+                                                                    "mask": {"contentType": "image/*"},
+                                                                    "depth_map": {"contentType": "image/*"}}},
     }}
 
 

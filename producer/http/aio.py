@@ -74,10 +74,11 @@ class AsyncClient:
     async def submit(self, request: dict[str, Any], *, image: bytes | str | os.PathLike[str] | None = None,
                      priority: str | None = None, webhook_url: str | None = None,
                      webhook_events: list[str] | None = None, idempotency_key: str | None = None,
-                     prefer_wait: int | None = None, mask: bytes | str | os.PathLike[str] | None = None) -> Job:
+                     prefer_wait: int | None = None, mask: bytes | str | os.PathLike[str] | None = None,
+                     depth_map: bytes | str | os.PathLike[str] | None = None) -> Job:
         call = submit_call(request, image=image, priority=priority, webhook_url=webhook_url,
                            webhook_events=webhook_events, idempotency_key=idempotency_key, prefer_wait=prefer_wait,
-                           mask=mask)
+                           mask=mask, depth_map=depth_map)
         return parsed(Job.from_json, await self._json(call))
 
     async def submit_many(self, requests: list[dict[str, Any]], *, priority: str | None = None,

@@ -78,15 +78,17 @@ class Client:
     def submit(self, request: dict[str, Any], *, image: bytes | str | os.PathLike[str] | None = None,
                priority: str | None = None, webhook_url: str | None = None, webhook_events: list[str] | None = None,
                idempotency_key: str | None = None, prefer_wait: int | None = None,
-               mask: bytes | str | os.PathLike[str] | None = None) -> Job:
+               mask: bytes | str | os.PathLike[str] | None = None,
+               depth_map: bytes | str | os.PathLike[str] | None = None) -> Job:
         """Submit one job: `request` holds the request's fields (prompt, num_images, seed, ...);
-        `image` (a path or bytes) makes it img2img and goes as a multipart file part. Answers the
+        `image` (a path or bytes) makes it img2img and goes as a multipart file part, as do an
+        inpainting model's `mask` and a depth model's `depth_map`. Answers the
         record as queued; with `prefer_wait=N`, as it is when it ends or after N seconds.
         Retried safely: every try carries the same Idempotency-Key (`idempotency_key`, or one made
         for this call)."""
         call = submit_call(request, image=image, priority=priority, webhook_url=webhook_url,
                            webhook_events=webhook_events, idempotency_key=idempotency_key, prefer_wait=prefer_wait,
-                           mask=mask)
+                           mask=mask, depth_map=depth_map)
         return parsed(Job.from_json, self._json(call))
 
     def submit_many(self, requests: list[dict[str, Any]], *, priority: str | None = None,

@@ -83,22 +83,25 @@ def _form_text(value: Any) -> str:
 
 def submit_call(request: dict[str, Any], *, image: bytes | str | os.PathLike[str] | None, priority: str | None,
                 webhook_url: str | None, webhook_events: list[str] | None, idempotency_key: str | None,
-                prefer_wait: int | None, mask: bytes | str | os.PathLike[str] | None = None) -> Call:
+                prefer_wait: int | None, mask: bytes | str | os.PathLike[str] | None = None,
+                depth_map: bytes | str | os.PathLike[str] | None = None) -> Call:
     fields = dict(request)
     if image is None and isinstance(fields.get("image"), (bytes, bytearray, memoryview, Path)):
         image = fields.pop("image")
     if mask is None and isinstance(fields.get("mask"), (bytes, bytearray, memoryview, Path)):
         mask = fields.pop("mask")
+    if depth_map is None and isinstance(fields.get("depth_map"), (bytes, bytearray, memoryview, Path)):
+        depth_map = fields.pop("depth_map")
     options = {"priority": priority, "webhook_url": webhook_url, "webhook_events": webhook_events}
     body = {**fields, **{k: v for k, v in options.items() if v is not None}}
     headers = {"Idempotency-Key": idempotency_key or _new_key()}
     if prefer_wait is not None:
         headers["Prefer"] = f"wait={int(prefer_wait)}"
-    if image is None and mask is None:
+    if image is None and mask is None and depth_map is None:
         return Call("POST", "/v1/jobs", json=body, headers=headers, replayable=True)
     files = {name: (name, bytes(value) if isinstance(value, (bytes, bytearray, memoryview))
                     else _read_file(value, MAX_IMAGE_BYTES, name), "application/octet-stream")
-             for name, value in (("image", image), ("mask", mask)) if value is not None}
+             for name, value in (("image", image), ("mask", mask), ("depth_map", depth_map)) if value is not None}
     form = {name: _form_text(value) for name, value in body.items() if value is not None}
     return Call("POST", "/v1/jobs", data=form, files=files, headers=headers, replayable=True)
 

@@ -186,7 +186,7 @@ def _index_rows(db: Database, run_id: str, run_name: str, source: Storage) -> It
         with db.session() as session:
             jobs = session.execute(
                 select(Job.id, Job.run_key, Job.mode, Job.params, Job.num_inference_steps, Job.num_images, Job.model,
-                       Job.input_sha256, Job.mask_sha256, Job.after_job_id, Job.after_index)
+                       Job.input_sha256, Job.mask_sha256, Job.depth_sha256, Job.after_job_id, Job.after_index)
                 .where(Job.run_id == run_id, Job.state == JobState.SUCCEEDED.value, Job.run_key > after)
                 .order_by(Job.run_key)
                 .limit(PAGE_JOBS)
@@ -211,6 +211,7 @@ def _index_rows(db: Database, run_id: str, run_name: str, source: Storage) -> It
                     "prompt": prompt, "negative_prompt": params.get("negative_prompt", ""),
                     "mode": job.mode, "input_sha256": job.input_sha256, "mask_sha256": job.mask_sha256,
                     "after_job_id": job.after_job_id, "after_index": job.after_index,
+                    "depth_sha256": job.depth_sha256,
                     "num_inference_steps": job.num_inference_steps,
                     "guidance_scale": _float(params.get("guidance_scale")), "strength": _float(params.get("strength")),
                     "width": image.width, "height": image.height, "num_images": job.num_images,

@@ -3,8 +3,8 @@ before anything is written.
 
 Formats, by suffix: JSONL (.jsonl, .ndjson), CSV (.csv), Parquet (.parquet), and TOML (.toml) for a
 grid, the cartesian product of a few lists of values. A row may give any request field, plus `key`
-(its stable key within the run) and `priority` ("interactive" or "bulk"); its `image` is the path
-of a file, relative to the manifest's folder. A bad row never raises: it becomes a Rejected, with
+(its stable key within the run) and `priority` ("interactive" or "bulk"); its `image` (and
+`mask`, `depth_map`) is the path of a file, relative to the manifest's folder. A bad row never raises: it becomes a Rejected, with
 one line per problem, beside the good rows, and the caller decides what to do.
 
 Keys are stable, so that enqueueing the same manifest again finds the rows it already made: a
@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from models.errors import BadInput, InvalidRequest, SdqueueError
 from models.registry import model_key
-from models.request import After, GenerationRequest, check_image, check_inputs, follow_up, parse_request
+from models.request import (After, GenerationRequest, check_depth_map, check_image, check_inputs, follow_up,
+                            parse_request)
 from models.tables import Priority
 from models.text import refused_character
 from producer.files import UnreadableFile, bound_text, open_regular, read_bounded, read_image_file, stream_bounded
@@ -64,6 +65,8 @@ KEPT_REJECTS = 100
 SPILL_KEYS = 200_000
 # Input image files whose bytes are kept for the rows that repeat them.
 CACHED_IMAGES = 8
+# The request fields a row gives as files: their paths, relative to the manifest's folder.
+FILE_FIELDS = ("image", "mask", "depth_map")
 PRIORITIES = tuple(p.value for p in Priority)
 
 # CSV cells are text: each typed request field's converter, and what a cell that fails it is not.
@@ -123,6 +126,7 @@ class RunRow:
     priority: str | None  # the row's own `priority` column, else None
     image_path: str | None = None  # the file its image was read from (None: no image, or the defaults')
     mask_path: str | None = None  # the file its inpainting mask was read from (likewise)
+    depth_map_path: str | None = None  # the file its depth map was read from (likewise)
     # `then`: one follow-up of each of its images (its `after` filled in as the row's job is written)
     then: GenerationRequest | None = None
 
@@ -170,17 +174,15 @@ class Manifest:
         refused if they changed since)."""
         images = self._images()
         try:
-            for line, key, priority, params, image_path, image_sha256, mask_path, mask_sha256, then in self._spool:
-                data = mask = None
-                if image_sha256 is not None:
-                    data = images.image_again(image_path, image_sha256)
-                if mask_sha256 is not None:
-                    mask = images.image_again(mask_path, mask_sha256, "mask")
-                request = GenerationRequest.model_construct(**params, image=data, mask=mask)  # validated in the first pass
+            for line, key, priority, params, then, *files in self._spool:
+                paths, digests = files[0::2], files[1::2]  # FILE_FIELDS' paths and sha256s, in turn
+                data = {name: images.image_again(path, sha256, name) if sha256 is not None else None
+                        for name, path, sha256 in zip(FILE_FIELDS, paths, digests)}
+                request = GenerationRequest.model_construct(**params, **data)  # validated in the first pass
                 follow = None
                 if then is not None:
                     follow = GenerationRequest.model_construct(**{**then, "after": After.model_construct(**then["after"])})
-                yield RunRow(line, key, request, priority, image_path, mask_path, follow)
+                yield RunRow(line, key, request, priority, *paths, then=follow)
         finally:
             images.close()
 
@@ -226,11 +228,11 @@ class _Spool:
         self._file: Any = os.fdopen(os.dup(fd), "wb")
 
     def add(self, row: RunRow) -> None:
-        image, mask = row.request.image, row.request.mask
-        values = (row.line, row.key, row.priority, row.request.parameters(), row.image_path,
-                  hashlib.sha256(image).hexdigest() if image is not None else None, row.mask_path,
-                  hashlib.sha256(mask).hexdigest() if mask is not None else None,
-                  row.then.parameters() if row.then is not None else None)
+        values: tuple[Any, ...] = (row.line, row.key, row.priority, row.request.parameters(),
+                                   row.then.parameters() if row.then is not None else None)
+        for path, data in ((row.image_path, row.request.image), (row.mask_path, row.request.mask),
+                           (row.depth_map_path, row.request.depth_map)):  # FILE_FIELDS'
+            values += (path, hashlib.sha256(data).hexdigest() if data is not None else None)
         try:
             pickle.dump(values, self._file, protocol=pickle.HIGHEST_PROTOCOL)
         except OSError as exc:  # the temporary folder's disk is full
@@ -469,9 +471,11 @@ class _Rows:
         self.defaults = dict(defaults or {})
         self.plain_rejects = plain_rejects  # whether a rejected row needs _plain to be JSON
         self._keys = _KeyBook()  # every key given or derived so far, its first line; derived keys by digest
-        # By path, each file read and checked once while its rows keep coming (a few files at a time).
-        self._images: OrderedDict[str, bytes | InvalidRequest] = OrderedDict()
-        self._checked: OrderedDict[bytes, tuple[str, tuple[int, int]]] = OrderedDict()  # bytes checked: sha256, size
+        # By path (and whether as a depth map), each file read and checked once while its rows keep
+        # coming (a few files at a time).
+        self._images: OrderedDict[tuple[bool, str], bytes | InvalidRequest] = OrderedDict()
+        # Bytes checked: their sha256, size, and whether checked as a depth map too.
+        self._checked: OrderedDict[bytes, tuple[str, tuple[int, int], bool]] = OrderedDict()
 
     def close(self) -> None:
         self._keys.close()
@@ -495,15 +499,16 @@ class _Rows:
         then = values.pop("then", None)
         if "after" in values:
             problems.append("after: a run's row follows no other job; `then` makes a follow-up of each of its images")
-        # 2. the input image and the inpainting mask: the row's paths, else bytes from the defaults
-        image, mask = values.pop("image", None), values.pop("mask", None)
+        # 2. the input image, the inpainting mask and the depth map: the row's paths, else bytes
+        #    from the defaults
+        named = {name: values.pop(name, None) for name in FILE_FIELDS}
         if self.defaults:
             values = {**self.defaults, **values}
-            image = values.pop("image", None) if image is None else image
-            mask = values.pop("mask", None) if mask is None else mask
-            values.pop("image", None), values.pop("mask", None)
+            for name in FILE_FIELDS:
+                default = values.pop(name, None)
+                named[name] = default if named[name] is None else named[name]
         files: dict[str, bytes] = {}
-        for name, given in (("image", image), ("mask", mask)):
+        for name, given in named.items():
             if given is not None:
                 try:
                     files[name] = self._image(given, name)
@@ -538,9 +543,9 @@ class _Rows:
             first = self._keys.first_line(key, line)
             if first != line:
                 return self.reject(line, [f"derived key {key!r} repeats the key of line {first}"], row)
-        path, mask_path = (str(self.base_dir / given) if isinstance(given, str) and self.base_dir is not None else None
-                           for given in (image, mask))
-        return RunRow(line, key, request, priority, path, mask_path, follow)
+        paths = (str(self.base_dir / given) if isinstance(given, str) and self.base_dir is not None else None
+                 for given in named.values())
+        return RunRow(line, key, request, priority, *paths, then=follow)
 
     def _then(self, then: Any, request: GenerationRequest, problems: list[str]) -> GenerationRequest | None:
         """A row's `then`: the request fields of one follow-up of each of its images (an object; in
@@ -554,7 +559,7 @@ class _Rows:
             problems.append(f"then={_shown(then)}: must be an object of request fields, e.g. "
                             '{"model": "sd21-upscaler", "noise_level": 20}')
             return None
-        refused = [name for name in ("image", "mask", "after", "then") if name in then]
+        refused = [name for name in ("image", "mask", "depth_map", "after", "then") if name in then]
         if refused:
             problems.append(f"then.{refused[0]}: a follow-up's input is the row's image; it takes no "
                             f"{refused[0]} (inpainting follow-ups: `sdqueue submit --after`)")
@@ -603,13 +608,15 @@ class _Rows:
             text += "|" + self._check(request.image)
         if request.mask is not None:
             text += "|mask " + self._check(request.mask, "mask")
+        if request.depth_map is not None:
+            text += "|depth_map " + self._check(request.depth_map, "depth_map")
         if then is not None:
             text += "|then " + _KEY_JSON.encode(then.parameters())
         digest = hashlib.sha256(text.encode()).hexdigest()[:24]
         return f"{digest}-{self._keys.next_count(digest)}"
 
     def image_again(self, path: str | None, sha256: str, name: str = "image") -> bytes:
-        """A row's input image (or mask) for the writer: read again from `path` (None: the
+        """A row's input image (or mask, or depth map) for the writer: read again from `path` (None: the
         defaults'), refused if it is not the one the first pass checked."""
         data = self.defaults[name] if path is None else self._file_image(Path(path), name)
         if self._check(data) != sha256:
@@ -618,7 +625,8 @@ class _Rows:
         return data
 
     def _image(self, image: Any, name: str = "image") -> bytes:
-        """The bytes of a row's image (or mask) file (a path relative to the manifest's folder), checked."""
+        """The bytes of a row's image (or mask, or depth map) file (a path relative to the manifest's
+        folder), checked."""
         if isinstance(image, bytes):  # from the defaults
             self._check(image, name)
             return image
@@ -627,34 +635,39 @@ class _Rows:
                                   "relative to the manifest's folder"])
         if self.base_dir is None:  # an upload must not read this host's files
             raise InvalidRequest([f"{name}={_shown(image)}: an uploaded manifest cannot name files: its rows are "
-                                  "text-to-image (submit img2img and inpainting jobs to POST /v1/jobs)"])
+                                  "text-to-image (submit img2img, inpainting and depth jobs to POST /v1/jobs)"])
         return self._file_image(self.base_dir / image, name)
 
     def _file_image(self, path: Path, name: str = "image") -> bytes:
-        found = _cached(self._images, str(path))
+        # Kept by path and by the check it passed: a depth map's goes further than an image's
+        # (a file of one value is a fine image, and no depth map).
+        kept = (name == "depth_map", str(path))
+        found = _cached(self._images, kept)
         if found is None:
             try:
                 found = read_image_file(path, field=name)
                 self._check(found, where=f"{name}={str(path)!r}")
             except InvalidRequest as exc:
                 found = exc
-            _keep(self._images, str(path), found)
+            _keep(self._images, kept, found)
         if isinstance(found, InvalidRequest):
             raise found
         return found
 
     def _check(self, data: bytes, where: str | None = None) -> str:
-        """check_image once per distinct bytes (of the last few); their sha256 (and their size, in
-        _sizes, while they are among the last few)."""
+        """check_image once per distinct bytes (of the last few), check_depth_map where `where`
+        names a depth map (a field, or a field=path); their sha256 (and their size, in _sizes,
+        while they are among the last few)."""
         found = _cached(self._checked, data)
-        if found is None:
-            name = where if where in ("image", "mask") else "image"
+        depth_map = where is not None and where.partition("=")[0] == "depth_map"
+        if found is None or (depth_map and not found[2]):
+            name = where if where in FILE_FIELDS else "image"
             try:
-                size = check_image(data)
+                size = check_depth_map(data) if depth_map else check_image(data)
             except ValueError as exc:
-                shown = where if where not in (None, "image", "mask") else f"{name}=<{len(data)} bytes>"
+                shown = where if where not in (None, *FILE_FIELDS) else f"{name}=<{len(data)} bytes>"
                 raise InvalidRequest([f"{shown}: {exc}"]) from None
-            found = (hashlib.sha256(data).hexdigest(), size)
+            found = (hashlib.sha256(data).hexdigest(), size, depth_map)
             _keep(self._checked, data, found)
         return found[0]
 

@@ -161,7 +161,7 @@ class RunContents:
 
     jobs: int
     images: int
-    objects: int  # its images' objects and its input images'
+    objects: int  # its images' objects and its inputs' (images, masks, depth maps)
     unfinished: int  # jobs queued or running: a run is deleted only once none is
 
 
@@ -169,7 +169,7 @@ def run_contents(client: Client, name: str) -> RunContents:
     with client.db.session() as session:
         run_id = _get_run(session, name).id
         jobs, inputs, unfinished = session.execute(
-            select(func.count(), func.count(Job.input_key) + func.count(Job.mask_key),
+            select(func.count(), func.count(Job.input_key) + func.count(Job.mask_key) + func.count(Job.depth_key),
                    func.count().filter(Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value])))
             .where(Job.run_id == run_id)).one()
         images = session.scalar(select(func.count()).select_from(Image).join(Job, Job.id == Image.job_id)
@@ -195,8 +195,8 @@ def delete_run(client: Client, name: str) -> RunContents:
                 session.delete(run)
                 break
             keys = list(session.scalars(select(Image.object_key).where(Image.job_id.in_(ids))))
-            inputs = [key for row in session.execute(select(Job.input_key, Job.mask_key).where(Job.id.in_(ids)))
-                      for key in row if key]
+            inputs = [key for row in session.execute(select(Job.input_key, Job.mask_key, Job.depth_key)
+                                                     .where(Job.id.in_(ids))) for key in row if key]
             deliveries = select(WebhookDelivery.id).where(WebhookDelivery.job_id.in_(ids))
             session.execute(delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(deliveries)))
             for table in (WebhookDelivery, Upload, Image):

@@ -43,7 +43,7 @@ STALE = {"webdataset": ("", re.compile(r"(\d{5}|[A-Za-z]\w*-\d{6})\.(tar|parquet
 COLUMNS: list[tuple[str, str]] = [
     ("text", "string"), ("job_id", "string"), ("run", "string"), ("key", "string"), ("prompt", "string"),
     ("negative_prompt", "string"), ("mode", "string"), ("input_sha256", "string"), ("mask_sha256", "string"),
-    ("after_job_id", "string"), ("after_index", "int64"),
+    ("depth_sha256", "string"), ("after_job_id", "string"), ("after_index", "int64"),
     ("num_inference_steps", "int64"),
     ("guidance_scale", "float64"), ("strength", "float64"), ("width", "int64"), ("height", "int64"),
     ("num_images", "int64"), ("use_compel", "bool_"), ("seed", "int64"), ("image_index", "int64"),
