@@ -336,6 +336,44 @@ def cache(model):  # type: ignore[no-untyped-def]
     return ConditioningCache(model)
 
 
+@contextmanager
+def sdqueue_worker(model: str, log_path: Path, **env: str) -> Iterator[Any]:
+    """`sdqueue worker --model MODEL` as its own process group (one torch thread, `env` beside the
+    test's settings), its output in `log_path`; stopped as every started process group is."""
+    import subprocess
+    import sys
+
+    from tests.servers import stop_process_group
+
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--model", model, "--loglevel",
+                                   "INFO"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={**os.environ, "SDQUEUE_TORCH_THREADS": "1", **env})
+        try:
+            yield worker
+        finally:
+            stop_process_group(worker, timeout=60)
+
+
+def sdqueue_cli(*args: str, timeout: float = 120) -> Any:
+    """`sdqueue ARGS` in a process of its own: the CompletedProcess, its output as text."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "producer.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_refused(trace: Callable[[], Any], args: list[str], words: list[str]) -> None:
+    """`sdqueue submit ARGS` exits 2 with one line holding each of `words`, and writes nothing."""
+    before = trace()
+    result = sdqueue_cli("submit", *args)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+    assert trace() == before
+
+
 def max_diff(a: Any, b: Any) -> int:
     """The largest difference between two images' channel values (0..255)."""
     import numpy as np

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import max_diff
+from tests.conftest import assert_refused, max_diff, sdqueue_cli, sdqueue_worker
 from tests.test_inpaint import png
 from tests.test_loop import SIZE, picture
 from worker.loop import ContinuousLoop, drain
@@ -110,7 +110,6 @@ def test_depth_jobs_run_end_to_end_from_the_cli_the_api_and_a_manifest(settings,
     import base64
     import hashlib
     import json
-    import os
     import subprocess
     import sys
 
@@ -119,19 +118,14 @@ def test_depth_jobs_run_end_to_end_from_the_cli_the_api_and_a_manifest(settings,
 
     from models.tables import Job, Run
     from producer.cli import main
-    from tests.servers import stop_process_group
     from tests.test_api import serving
     from tests.test_end_to_end import pixels, s3_object
 
     image, ramp, deep = png(picture(2)), depth_png("L"), depth_png("I;16")
     for name, data in (("room.png", image), ("depth.png", ramp), ("deep.png", deep)):
         (tmp_path / name).write_bytes(data)
-    log = open(tmp_path / "worker.log", "wb")
-    worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--model", "tiny-depth",
-                               "--loglevel", "INFO"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, "SDQUEUE_TORCH_THREADS": "1"})
     common = {"width": 256, "height": 256, "num_inference_steps": 3, "model": "tiny-depth"}
-    try:
+    with sdqueue_worker("tiny-depth", tmp_path / "worker.log"):
         cli = subprocess.run([sys.executable, "-m", "producer.cli", "submit", "--prompt", "a red sofa", "--model",
                               "tiny-depth", "--image", str(tmp_path / "room.png"), "--depth-map",
                               str(tmp_path / "depth.png"), "--width", "256", "--height", "256",
@@ -178,12 +172,8 @@ def test_depth_jobs_run_end_to_end_from_the_cli_the_api_and_a_manifest(settings,
         embedded = read_record(stored)
         assert (embedded["mode"], embedded["depth_sha256"]) == ("depth", maps[0])
         # made again from its record alone: the same pixels (the map estimated again)
-        again = subprocess.run([sys.executable, "-m", "producer.cli", "reproduce", ids[1], "--json"],
-                               capture_output=True, text=True, timeout=300)
+        again = sdqueue_cli("reproduce", ids[1], "--json", timeout=300)
         assert again.returncode == 0, (again.stdout, again.stderr)
-    finally:
-        stop_process_group(worker, timeout=60)
-        log.close()
 
 
 @pytest.mark.parametrize(("args", "words"), [
@@ -196,20 +186,11 @@ def test_depth_jobs_run_end_to_end_from_the_cli_the_api_and_a_manifest(settings,
      ["strength=1.5", "less than or equal to 1"]),
 ])
 def test_bad_depth_input_is_refused_in_one_line_and_nothing_is_written(settings, trace, tmp_path, args, words):
-    import subprocess
-    import sys
-
     files = {"IMAGE": png(picture(3)), "DEPTH": depth_png(), "BROKEN": depth_png()[:100]}
     for name, data in files.items():
         (tmp_path / f"{name}.png").write_bytes(data)
     args = [str(tmp_path / f"{a}.png") if a in files else a for a in args]
-    before = trace()
-    result = subprocess.run([sys.executable, "-m", "producer.cli", "submit", "--prompt", "a cat", "--width", "256",
-                             "--height", "256", *args], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    for word in words:
-        assert word in result.stderr, result.stderr
-    assert trace() == before
+    assert_refused(trace, ["--prompt", "a cat", "--width", "256", "--height", "256", *args], words)
 
 
 def test_a_manifest_checks_a_file_as_a_depth_map_where_a_row_uses_it_as_one(tmp_path):

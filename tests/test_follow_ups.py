@@ -6,43 +6,15 @@ job that is missing, failed or too small is refused at submit with nothing writt
 from __future__ import annotations
 
 import base64
-import io
 import json
-import os
-import subprocess
-import sys
-from typing import Any
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.servers import stop_process_group
-
-
-def png(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
-
-
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def workers(models: list[str], tmp_path: Any) -> list[tuple[subprocess.Popen, Any]]:
-    """One `sdqueue worker --model M` each, sweeping every second (the sweep queues follow-ups
-    whose parent succeeded)."""
-    started = []
-    for model in models:
-        log = open(tmp_path / f"worker-{model}.log", "wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "--model", model, "--loglevel", "INFO"], stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "SDQUEUE_TORCH_THREADS": "1", "SDQUEUE_SWEEP_INTERVAL": "1"})
-        started.append((process, log))
-    return started
+from tests.conftest import assert_refused, sdqueue_cli, sdqueue_worker
+from tests.test_inpaint import png
 
 
 def test_a_chain_txt2img_then_upscale_then_inpaint_succeeds_with_each_link_recorded(settings, client, tmp_path):
@@ -51,14 +23,15 @@ def test_a_chain_txt2img_then_upscale_then_inpaint_succeeds_with_each_link_recor
     from tests.test_api import serving
     from tests.test_end_to_end import pixels, s3_object
 
-    pools = workers(["tiny", "tiny-upscaler", "tiny-inpainting"], tmp_path)
-    try:
-        first = cli("submit", "--prompt", "a lighthouse", "--model", "tiny", "--width", "256", "--height", "256",
-                    "--num-inference-steps", "2", "--seed", "5")
+    with ExitStack() as pools:
+        for model in ("tiny", "tiny-upscaler", "tiny-inpainting"):  # each sweeping every second: it queues follow-ups
+            pools.enter_context(sdqueue_worker(model, tmp_path / f"worker-{model}.log", SDQUEUE_SWEEP_INTERVAL="1"))
+        first = sdqueue_cli("submit", "--prompt", "a lighthouse", "--model", "tiny", "--width", "256", "--height",
+                            "256", "--num-inference-steps", "2", "--seed", "5")
         assert first.returncode == 0, first.stderr
         parent = first.stdout.strip()
-        second = cli("submit", "--prompt", "a lighthouse, sharp", "--model", "tiny-upscaler", "--after",
-                     f"{parent}:0", "--num-inference-steps", "2", "--seed", "6", "--noise-level", "10")
+        second = sdqueue_cli("submit", "--prompt", "a lighthouse, sharp", "--model", "tiny-upscaler", "--after",
+                             f"{parent}:0", "--num-inference-steps", "2", "--seed", "6", "--noise-level", "10")
         assert second.returncode == 0, second.stderr
         upscaled = second.stdout.strip()
         assert client.get(upscaled)["state"] in ("waiting", "queued", "running", "succeeded")
@@ -91,17 +64,17 @@ def test_a_chain_txt2img_then_upscale_then_inpaint_succeeds_with_each_link_recor
         made = pixels(s3_object(settings, records[upscaled]["images"][0]["key"]))
         assert made.shape == (1024, 1024, 3)
         assert pixels(s3_object(settings, records[inpainted]["images"][0]["key"])).shape == (1024, 1024, 3)
-        shown = cli("status", upscaled)
+        shown = sdqueue_cli("status", upscaled)
         assert f"after    job {parent} image 0" in shown.stdout and f"followed by {inpainted}" in shown.stdout
         # a follow-up made again from its record alone (its input read from its parent's image)
-        again = cli("reproduce", upscaled, "--json", timeout=300)
+        again = sdqueue_cli("reproduce", upscaled, "--json", timeout=300)
         assert again.returncode == 0, (again.stdout, again.stderr)
         # a run: "generate, then upscale every image", one row's `then`
         manifest = tmp_path / "run.jsonl"
         manifest.write_text(json.dumps({"prompt": "a tree", "model": "tiny", "width": 256, "height": 256,
                                         "num_inference_steps": 2, "num_images": 2, "seed": 3,
                                         "then": {"model": "tiny-upscaler", "num_inference_steps": 2}}) + "\n")
-        ran = cli("run", str(manifest), "--name", "then-run")
+        ran = sdqueue_cli("run", str(manifest), "--name", "then-run")
         assert ran.returncode == 0, ran.stderr
         with client.db.session() as session:
             from sqlalchemy import select
@@ -118,10 +91,6 @@ def test_a_chain_txt2img_then_upscale_then_inpaint_succeeds_with_each_link_recor
             assert record["state"] == "succeeded" and record["after"] == {"job": generated, "index": index}
             assert record["mode"] == "upscale"
             assert record["params"]["prompt"] == "a tree"  # the row's prompt, unless `then` names one
-    finally:
-        for process, log in pools:
-            stop_process_group(process, timeout=60)
-            log.close()
 
 
 def test_a_follow_up_is_cancelled_with_the_reason_when_its_parent_is(settings, client):
@@ -151,12 +120,7 @@ def test_a_bad_follow_up_is_refused_in_one_line_and_nothing_is_written(settings,
     cancelled = client.submit({"prompt": "a dog", "model": "sd21-base"})
     client.cancel(cancelled)
     after = after.replace("PARENT", parent).replace("CANCELLED", cancelled)
-    before = trace()
-    result = cli("submit", "--prompt", "a cat", "--after", after, *extra)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    for word in words:
-        assert word in result.stderr, result.stderr
-    assert trace() == before
+    assert_refused(trace, ["--prompt", "a cat", "--after", after, *extra], words)
 
 
 def test_a_row_whose_then_does_not_fit_its_image_is_rejected_naming_the_bound(settings, tmp_path):

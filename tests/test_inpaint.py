@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import max_diff
+from tests.conftest import assert_refused, max_diff, sdqueue_cli, sdqueue_worker
 from tests.test_loop import SIZE, picture
 from worker.loop import ContinuousLoop, drain
 from worker.samples import ConditioningCache, Prompt, Sample
@@ -95,26 +95,20 @@ def test_inpainting_jobs_run_end_to_end_from_the_cli_the_api_and_a_manifest(sett
     import base64
     import hashlib
     import json
-    import os
     import subprocess
     import sys
 
     import httpx
 
     from producer.cli import main
-    from tests.servers import stop_process_group
     from tests.test_api import serving
     from tests.test_end_to_end import pixels, s3_object
 
     image, box = png(picture(2)), png(mask("box"))
     (tmp_path / "room.png").write_bytes(image)
     (tmp_path / "mask.png").write_bytes(box)
-    log = open(tmp_path / "worker.log", "wb")
-    worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--model", "tiny-inpainting",
-                               "--loglevel", "INFO"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, "SDQUEUE_TORCH_THREADS": "1"})
     common = {"width": 256, "height": 256, "num_inference_steps": 3, "model": "tiny-inpainting"}
-    try:
+    with sdqueue_worker("tiny-inpainting", tmp_path / "worker.log"):
         cli = subprocess.run([sys.executable, "-m", "producer.cli", "submit", "--prompt", "a red sofa", "--model",
                               "tiny-inpainting", "--image", str(tmp_path / "room.png"), "--mask",
                               str(tmp_path / "mask.png"), "--width", "256", "--height", "256",
@@ -160,12 +154,8 @@ def test_inpainting_jobs_run_end_to_end_from_the_cli_the_api_and_a_manifest(sett
                                      Image.open(tmp_path / "mask.png"), 1.0)
         assert max_diff(pixels(s3_object(settings, first["images"][0]["key"])), expected) <= 1
         # made again from its record alone: the same pixels
-        again = subprocess.run([sys.executable, "-m", "producer.cli", "reproduce", ids[1], "--json"],
-                               capture_output=True, text=True, timeout=300)
+        again = sdqueue_cli("reproduce", ids[1], "--json", timeout=300)
         assert again.returncode == 0, (again.stdout, again.stderr)
-    finally:
-        stop_process_group(worker, timeout=60)
-        log.close()
 
 
 @pytest.mark.parametrize(("args", "words"), [
@@ -175,20 +165,11 @@ def test_inpainting_jobs_run_end_to_end_from_the_cli_the_api_and_a_manifest(sett
     (["--model", "tiny", "--image", "IMAGE", "--mask", "MASK"], ["mask is for inpainting models", "model tiny runs"]),
 ])
 def test_bad_inpainting_input_is_refused_in_one_line_and_nothing_is_written(settings, trace, tmp_path, args, words):
-    import subprocess
-    import sys
-
     files = {"IMAGE": picture(3), "MASK": mask(), "SMALL": mask().resize((128, 128))}
     for name, image in files.items():
         (tmp_path / f"{name}.png").write_bytes(png(image))
     args = [str(tmp_path / f"{a}.png") if a in files else a for a in args]
-    before = trace()
-    result = subprocess.run([sys.executable, "-m", "producer.cli", "submit", "--prompt", "a cat", "--width", "256",
-                             "--height", "256", *args], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    for word in words:
-        assert word in result.stderr, result.stderr
-    assert trace() == before
+    assert_refused(trace, ["--prompt", "a cat", "--width", "256", "--height", "256", *args], words)
 
 
 def test_a_window_batch_of_inpainting_samples_equals_diffusers_alone(inpainting):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import max_diff
+from tests.conftest import assert_refused, max_diff, sdqueue_cli, sdqueue_worker
 from tests.test_inpaint import png
 from worker.loop import ContinuousLoop, drain
 from worker.samples import ConditioningCache, Prompt, Sample
@@ -82,7 +82,6 @@ def test_a_window_batch_of_upscaler_samples_equals_diffusers_alone_and_other_mod
 def test_upscaler_jobs_run_end_to_end_from_the_cli_the_api_and_a_manifest(settings, client, upscaler, tmp_path):
     import base64
     import json
-    import os
     import subprocess
     import sys
 
@@ -91,18 +90,13 @@ def test_upscaler_jobs_run_end_to_end_from_the_cli_the_api_and_a_manifest(settin
 
     from models.tables import Job, Run
     from producer.cli import main
-    from tests.servers import stop_process_group
     from tests.test_api import serving
     from tests.test_end_to_end import pixels, s3_object
 
     image = png(small(2))
     (tmp_path / "small.png").write_bytes(image)
-    log = open(tmp_path / "worker.log", "wb")
-    worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--model", "tiny-upscaler",
-                               "--loglevel", "INFO"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, "SDQUEUE_TORCH_THREADS": "1"})
     common = {"num_inference_steps": 3, "model": "tiny-upscaler"}
-    try:
+    with sdqueue_worker("tiny-upscaler", tmp_path / "worker.log"):
         cli = subprocess.run([sys.executable, "-m", "producer.cli", "submit", "--prompt", "a red sofa", "--model",
                               "tiny-upscaler", "--image", str(tmp_path / "small.png"), "--noise-level", "30",
                               "--num-inference-steps", "3", "--seed", "11"],
@@ -140,12 +134,8 @@ def test_upscaler_jobs_run_end_to_end_from_the_cli_the_api_and_a_manifest(settin
         assert made.shape == (4 * LOW, 4 * LOW, 3)
         assert max_diff(made, diffusers_upscale(upscaler, "a red sofa", 11, 3, 7.5, small(2), 30)) <= 1
         # made again from its record alone: the same pixels
-        again = subprocess.run([sys.executable, "-m", "producer.cli", "reproduce", ids[1], "--json"],
-                               capture_output=True, text=True, timeout=300)
+        again = sdqueue_cli("reproduce", ids[1], "--json", timeout=300)
         assert again.returncode == 0, (again.stdout, again.stderr)
-    finally:
-        stop_process_group(worker, timeout=60)
-        log.close()
 
 
 @pytest.mark.parametrize(("args", "words"), [
@@ -157,17 +147,8 @@ def test_upscaler_jobs_run_end_to_end_from_the_cli_the_api_and_a_manifest(settin
     (["--model", "tiny", "--noise-level", "20"], ["noise_level is for upscaler models", "model tiny runs"]),
 ])
 def test_bad_upscaler_input_is_refused_in_one_line_and_nothing_is_written(settings, trace, tmp_path, args, words):
-    import subprocess
-    import sys
-
     files = {"SMALL": small(3), "LARGE": small(3, (320, 256))}
     for name, image in files.items():
         (tmp_path / f"{name}.png").write_bytes(png(image))
     args = [str(tmp_path / f"{a}.png") if a in files else a for a in args]
-    before = trace()
-    result = subprocess.run([sys.executable, "-m", "producer.cli", "submit", "--prompt", "a cat", *args],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    for word in words:
-        assert word in result.stderr, result.stderr
-    assert trace() == before
+    assert_refused(trace, ["--prompt", "a cat", *args], words)
