@@ -1,5 +1,6 @@
 """Jobs that follow jobs (`--after JOB_ID[:INDEX]`): a chain txt2img -> x4 upscale -> inpaint
-through Redis, three worker pools (one model each), S3 and PostgreSQL; a follow-up waits for its
+through Redis, three worker pools (one model each), S3 and PostgreSQL, each follow-up queued by
+the worker that recorded its parent (the sweeper where that missed); a follow-up waits for its
 parent, is cancelled with the reason when its parent ends without images, and a follow-up of a
 job that is missing, failed or too small is refused at submit with nothing written."""
 
@@ -24,8 +25,8 @@ def test_a_chain_txt2img_then_upscale_then_inpaint_succeeds_with_each_link_recor
     from tests.test_end_to_end import pixels, s3_object
 
     with ExitStack() as pools:
-        for model in ("tiny", "tiny-upscaler", "tiny-inpainting"):  # each sweeping every second: it queues follow-ups
-            pools.enter_context(sdqueue_worker(model, tmp_path / f"worker-{model}.log", SDQUEUE_SWEEP_INTERVAL="1"))
+        for model in ("tiny", "tiny-upscaler", "tiny-inpainting"):
+            pools.enter_context(sdqueue_worker(model, tmp_path / f"worker-{model}.log"))
         first = sdqueue_cli("submit", "--prompt", "a lighthouse", "--model", "tiny", "--width", "256", "--height",
                             "256", "--num-inference-steps", "2", "--seed", "5")
         assert first.returncode == 0, first.stderr
@@ -140,3 +141,20 @@ def test_a_row_whose_then_does_not_fit_its_image_is_rejected_naming_the_bound(se
     assert problems[2].startswith("then.image: a follow-up's input is the row's image")
     (row,) = list(loaded.rows)
     assert row.then is not None and (row.then.width, row.then.height, row.then.noise_level) == (1024, 1024, 20)
+
+
+def test_a_runs_cancel_takes_its_waiting_follow_ups_too_and_its_delete_waits_for_them(settings, client, tmp_path):
+    from models.errors import RunBusy
+    from producer.runs.enqueue import enqueue_run
+    from producer.runs.manifest import load_manifest
+    from producer.runs.status import cancel_run, delete_run, run_contents
+
+    manifest = tmp_path / "run.jsonl"  # sd21-base: no worker here, so every job stays queued or waiting
+    manifest.write_text(json.dumps({"prompt": "a cat", "model": "sd21-base", "width": 256, "height": 256,
+                                    "num_images": 2, "then": {"model": "sd21-upscaler"}}) + "\n")
+    enqueue_run(client, "then-cancel", load_manifest(manifest, {}, settings=settings))
+    assert run_contents(client, "then-cancel").unfinished == 3
+    with pytest.raises(RunBusy):
+        delete_run(client, "then-cancel")
+    assert cancel_run(client, "then-cancel", "queued") == 3  # the row's job and its two follow-ups
+    assert delete_run(client, "then-cancel").jobs == 3

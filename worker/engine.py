@@ -658,8 +658,24 @@ class Engine:
                 self.db, [(m.work.lease, m.rows) for m in uploaded], values))
             for m in uploaded if succeeded is not None else []:
                 self._guard(m.work, lambda: self._record(m.work, m.rows, record, m.work.job_id in succeeded))
+            if succeeded is not None:
+                self._release_follow_ups([m.work.job_id for m in uploaded])
         finally:
             self._in_flight.release()
+
+    def _release_follow_ups(self, job_ids: list[str]) -> None:
+        """The follow-ups waiting on jobs just recorded, queued and sent now rather than at the next
+        sweep: one statement a batch. What it cannot do (the database away), the sweeper does."""
+        if not job_ids:
+            return
+        try:
+            with self.db.session() as session:
+                released = jobs.settle_follow_ups(session, job_ids)
+        except Exception as exc:  # not the jobs' fault: their follow-ups wait for the sweeper
+            log.warning("%d job(s): their follow-ups were not released now (%s); the sweeper will", len(job_ids), exc)
+            return
+        for queue in dict.fromkeys(q for _, q in released):
+            self.send_again([job_id for job_id, q in released if q == queue], queue)
 
     def _together(self, made: list[Made], what: str, action: Callable[[], set[str]]) -> set[str] | None:
         """One statement for several jobs: the ids it did (the others take the general path one by

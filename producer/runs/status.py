@@ -133,14 +133,15 @@ CANCEL_STATES = ("queued", "running", "all")
 
 
 def cancel_run(client: Client, name: str, state: str = "queued") -> int:
-    """Cancel the run's queued jobs, its running ones (each leaves its loop at the next step, none
+    """Cancel the run's queued jobs (and follow-ups waiting), its running ones (each leaves its loop at the next step, none
     of its images recorded), or all of them; returns how many were cancelled."""
     if state not in CANCEL_STATES:
         raise InvalidRequest([f"state={state!r}: must be one of {', '.join(CANCEL_STATES)}"])
     cancelled = 0
-    if state in ("queued", "all"):
-        changed = _change_jobs(client, name, JobState.QUEUED, state=JobState.CANCELLED.value, finished_at=utcnow())
-        cancelled += sum(len(ids) for ids in changed.values())
+    if state in ("queued", "all"):  # with the follow-ups waiting for a job of theirs
+        for waiting in (JobState.QUEUED, JobState.WAITING):
+            changed = _change_jobs(client, name, waiting, state=JobState.CANCELLED.value, finished_at=utcnow())
+            cancelled += sum(len(ids) for ids in changed.values())
     if state in ("running", "all"):
         with client.db.session() as session:
             run_id = _get_run(session, name).id
@@ -169,8 +170,10 @@ def run_contents(client: Client, name: str) -> RunContents:
     with client.db.session() as session:
         run_id = _get_run(session, name).id
         jobs, inputs, unfinished = session.execute(
-            select(func.count(), func.count(Job.input_key) + func.count(Job.mask_key) + func.count(Job.depth_key),
-                   func.count().filter(Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value])))
+            select(func.count(), func.count(Job.input_key).filter(Job.after_job_id.is_(None)) + func.count(Job.mask_key)
+                   + func.count(Job.depth_key),
+                   func.count().filter(Job.state.in_([JobState.WAITING.value, JobState.QUEUED.value,
+                                                      JobState.RUNNING.value])))
             .where(Job.run_id == run_id)).one()
         images = session.scalar(select(func.count()).select_from(Image).join(Job, Job.id == Image.job_id)
                                 .where(Job.run_id == run_id)) or 0
@@ -195,8 +198,12 @@ def delete_run(client: Client, name: str) -> RunContents:
                 session.delete(run)
                 break
             keys = list(session.scalars(select(Image.object_key).where(Image.job_id.in_(ids))))
+            # Its inputs, not a follow-up's: that one's input is the image of the job it follows.
             inputs = [key for row in session.execute(select(Job.input_key, Job.mask_key, Job.depth_key)
-                                                     .where(Job.id.in_(ids))) for key in row if key]
+                                                     .where(Job.id.in_(ids), Job.after_job_id.is_(None)))
+                      for key in row if key]
+            inputs += list(session.scalars(select(Job.mask_key).where(Job.id.in_(ids), Job.after_job_id.is_not(None),
+                                                                        Job.mask_key.is_not(None))))
             deliveries = select(WebhookDelivery.id).where(WebhookDelivery.job_id.in_(ids))
             session.execute(delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(deliveries)))
             for table in (WebhookDelivery, Upload, Image):
