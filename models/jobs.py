@@ -126,6 +126,13 @@ def cancel_followers(job: Job, ended: JobState) -> None:
         follower.error = f"after: job {job.id}, the job it follows, {ended.value}: there is no image to follow"
 
 
+def have_follow_ups(session: Session, parents: list[str]) -> bool:
+    """Whether any of `parents` has a follow-up waiting: one index lookup, cheaper to plan and run
+    than settle_follow_ups, for the worker to ask after every batch (most jobs have none)."""
+    return session.scalar(select(Job.id).where(Job.after_job_id.in_(parents), Job.state == JobState.WAITING.value)
+                          .limit(1)) is not None
+
+
 def settle_follow_ups(session: Session, parents: list[str] | None = None, limit: int = 500) -> list[tuple[str, str | None]]:
     """Waiting follow-ups whose parent ended (of `parents`, else any): those of a parent that
     succeeded become queued, their input its image (`after_index`); the others are cancelled

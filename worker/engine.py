@@ -670,7 +670,7 @@ class Engine:
             return
         try:
             with self.db.session() as session:
-                released = jobs.settle_follow_ups(session, job_ids)
+                released = jobs.settle_follow_ups(session, job_ids) if jobs.have_follow_ups(session, job_ids) else []
         except Exception as exc:  # not the jobs' fault: their follow-ups wait for the sweeper
             log.warning("%d job(s): their follow-ups were not released now (%s); the sweeper will", len(job_ids), exc)
             return
