@@ -111,22 +111,7 @@ class ContinuousLoop(SampleSet):
             raise ValueError(f"strength must be in [0, 1], got {strength}")
 
         # 2. the schedule: as the pipelines make it (img2img: get_timesteps)
-        scheduler = copy.deepcopy(pipe.scheduler)
-        scheduler.set_timesteps(steps, device=device)
-        start = 0
-        if img2img:
-            start = steps - min(int(steps * strength), steps)  # type: ignore[operator]
-            if start >= steps:
-                raise ValueError(f"strength {strength} with {steps} steps runs no step")
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(start * scheduler.order)
-        timesteps = scheduler.timesteps[start * scheduler.order :]
-        if img2img and getattr(scheduler, "begin_index", None) is not None:
-            first_index = scheduler.begin_index
-        elif hasattr(scheduler, "index_for_timestep"):
-            first_index = scheduler.index_for_timestep(timesteps[0])
-        else:
-            first_index = 0
+        scheduler, timesteps, first_index = self._schedule(steps, strength)
 
         # 3. initial latents, one CPU generator per sample, as generate_batch makes them
         shape = (1, pipe.vae.config.latent_channels, self.height // pipe.vae_scale_factor,
@@ -152,6 +137,28 @@ class ContinuousLoop(SampleSet):
         self.tokens = tokens.pop()
         self.active.extend(admitted)
         return admitted
+
+    def _schedule(self, steps: int, strength: float | None) -> tuple[Any, Any, int]:
+        """A scheduler of its own set for `steps` (strength None: from the first step; else from
+        img2img's start step, as get_timesteps makes it), the timesteps it runs and the scheduler's
+        step index at the first of them."""
+        scheduler = copy.deepcopy(self.model.txt2img.scheduler)
+        scheduler.set_timesteps(steps, device=self.model.device)
+        start = 0
+        if strength is not None:
+            start = steps - min(int(steps * strength), steps)
+            if start >= steps:
+                raise ValueError(f"strength {strength} with {steps} steps runs no step")
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start * scheduler.order)
+        timesteps = scheduler.timesteps[start * scheduler.order :]
+        if strength is not None and getattr(scheduler, "begin_index", None) is not None:
+            first_index = scheduler.begin_index
+        elif hasattr(scheduler, "index_for_timestep"):
+            first_index = scheduler.index_for_timestep(timesteps[0])
+        else:
+            first_index = 0
+        return scheduler, timesteps, first_index
 
     def _encode(self, samples: list[Sample], generators: list[torch.Generator]) -> torch.Tensor:
         """The img2img samples' initial latents, in one VAE call: each distinct input image is
@@ -240,9 +247,7 @@ class ContinuousLoop(SampleSet):
         assert pipe is not None
         if any(s.init_image is None for s in samples):
             raise ValueError("every upscaler sample needs an input image")
-        scheduler = copy.deepcopy(pipe.scheduler)
-        scheduler.set_timesteps(steps, device=device)
-        first_index = scheduler.index_for_timestep(scheduler.timesteps[0]) if hasattr(scheduler, "index_for_timestep") else 0
+        scheduler, timesteps, first_index = self._schedule(steps, None)  # the upscale pipeline's own (DDIM)
         size = (self.height // pipe.vae_scale_factor, self.width // pipe.vae_scale_factor)
         admitted = []
         for sample, cond in zip(samples, conditioning):
@@ -257,7 +262,7 @@ class ContinuousLoop(SampleSet):
             own = copy.deepcopy(scheduler)
             latents = randn_tensor((1, pipe.vae.config.latent_channels, *size), generator=generator, device=device,
                                    dtype=dtype) * own.init_noise_sigma
-            admitted.append(LoopSample(sample, cond, steps, None, own, own.timesteps, first_index, latents,
+            admitted.append(LoopSample(sample, cond, steps, None, own, timesteps, first_index, latents,
                                        extra=image, class_label=level))
         self.tokens = tokens
         self.active.extend(admitted)
