@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from typing import Annotated, Any
 
@@ -182,6 +183,15 @@ class GenerationRequest(BaseModel):
             if parameters[name] is None:
                 del parameters[name]
         return parameters
+
+
+def after_from_text(text: str) -> dict[str, Any] | None:
+    """JOB_ID[:INDEX] (the CLI's --after, a form's `after`) as the request's `after`, its bounds
+    left to the request's own check; None where INDEX is not a whole number."""
+    job, _, index = text.strip().partition(":")
+    if index and not re.fullmatch(r"[+-]?\d{1,30}", index):
+        return None
+    return {"job": job, "index": int(index or 0)}
 
 
 def check_inputs(request: GenerationRequest, sizes: dict[str, tuple[int, int]] | None = None, *,

@@ -395,11 +395,13 @@ def read_image_file(path: Path, field: str = "image") -> bytes:
 
 def after_spec(text: str) -> dict[str, Any]:
     """An argparse type: JOB_ID[:INDEX] as the request's `after` ({"job": JOB_ID, "index": INDEX})."""
-    job, _, index = text.partition(":")
-    if not job or (index and not (index.isascii() and index.isdigit() and len(index) <= 3)):
+    from models.request import after_from_text
+
+    after = after_from_text(text)
+    if after is None:
         raise argparse.ArgumentTypeError(f"{text[:60]!r}: must be JOB_ID or JOB_ID:INDEX (INDEX 0..3, the image of "
                                          "that job to follow)")
-    return {"job": job, "index": int(index or 0)}
+    return after
 
 
 def request_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.errors import InvalidRequest
+from models.request import after_from_text
 from producer.api.errors import BadBody, BodyTooLarge, answer_for
 
 # Request fields a form carries as text, and what they are made of before validation. A value
@@ -174,8 +175,8 @@ def form_value(name: str, text: str) -> Any:
     if name == "use_compel":
         return BOOL_FIELDS.get(text.strip().lower(), text)
     if name == "after":  # JOB_ID or JOB_ID:INDEX, as the CLI's --after
-        job, _, index = text.strip().partition(":")
-        return {"job": job, "index": int(index or 0)} if not index or _INTEGER.fullmatch(index) else text
+        after = after_from_text(text)
+        return text if after is None else after
     return text
 
 
