@@ -133,12 +133,13 @@ def have_follow_ups(session: Session, parents: list[str]) -> bool:
                           .limit(1)) is not None
 
 
-def settle_follow_ups(session: Session, parents: list[str] | None = None, limit: int = 500) -> list[tuple[str, str | None]]:
+def settle_follow_ups(session: Session, parents: list[str] | None = None,
+                      limit: int = 500) -> dict[str | None, list[str]]:
     """Waiting follow-ups whose parent ended (of `parents`, else any): those of a parent that
     succeeded become queued, their input its image (`after_index`); the others are cancelled
-    with the reason (their parent failed, was cancelled or deleted). Returns the (id, queue) of
-    those queued: the caller sends their messages after the commit (the sweeper sends any it
-    could not). At most `limit` a call."""
+    with the reason (their parent failed, was cancelled or deleted). Returns the ids of those
+    queued, by queue: the caller sends their messages after the commit (the sweeper sends any it
+    could not). At most `limit` follow-ups a call."""
     parent = aliased(Job)
     ended = [state.value for state in JobState if state.terminal]
     query = (select(Job, parent.state, Image.object_key, Image.sha256)
@@ -148,13 +149,13 @@ def settle_follow_ups(session: Session, parents: list[str] | None = None, limit:
              .limit(limit).with_for_update(of=Job, skip_locked=True))
     if parents is not None:
         query = query.where(Job.after_job_id.in_(parents))
-    released = []
+    released: dict[str | None, list[str]] = defaultdict(list)
     for follower, state, key, sha256 in session.execute(query).all():
         if state == JobState.SUCCEEDED.value and key is not None:
             follower.input_key, follower.input_sha256 = key, sha256
             transition(follower, JobState.QUEUED)
             follower.enqueued_at = utcnow()
-            released.append((follower.id, follower.queue))
+            released[follower.queue].append(follower.id)
             continue
         transition(follower, JobState.CANCELLED)
         if state is None:
@@ -164,7 +165,7 @@ def settle_follow_ups(session: Session, parents: list[str] | None = None, limit:
         else:
             why = state
         follower.error = f"after: job {follower.after_job_id}, the job it follows, {why}: there is no image to follow"
-    return released
+    return dict(released)
 
 
 def claim(

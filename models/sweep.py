@@ -222,10 +222,10 @@ class Sweeper:
         while True:
             with self.db.session() as session:
                 released = jobs.settle_follow_ups(session, limit=BATCH)
-            for queue in dict.fromkeys(q for _, q in released):
-                self._send([job_id for job_id, q in released if q == queue], queue)
-            report.followed += [job_id for job_id, _ in released]
-            if len(released) < BATCH:
+            for queue, job_ids in released.items():
+                self._send(job_ids, queue)
+                report.followed += job_ids
+            if sum(map(len, released.values())) < BATCH:
                 return
 
     # 4. objects a claim uploaded but never recorded (cancelled, superseded, crashed), once they

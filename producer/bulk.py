@@ -132,13 +132,13 @@ def check_follow_ups(db: Any, requests: list[GenerationRequest], settings: Any,
     return checked
 
 
-def settle_new_follow_ups(session: Any, values: list[dict[str, Any]]) -> list[tuple[str, str | None]]:
+def settle_new_follow_ups(session: Any, values: list[dict[str, Any]]) -> dict[str | None, list[str]]:
     """In the transaction that wrote `values`: those follow-ups whose parent has succeeded
     already are queued now (the others wait for it, or are cancelled if it has just failed);
-    the (id, queue) of those queued, to send after the commit."""
+    the ids of those queued, by queue, to send after the commit."""
     parents = sorted({value["after_job_id"] for value in values if value["after_job_id"] is not None})
     if not parents:
-        return []
+        return {}
     from models.jobs import settle_follow_ups
 
     session.flush()
@@ -176,16 +176,16 @@ def _copy_in(session: Any, values: list[dict[str, Any]]) -> set[str]:
 
 
 def by_queue(values: list[dict[str, Any]], written: set[str],
-             released: list[tuple[str, str | None]] = ()) -> dict[str, list[str]]:  # type: ignore[assignment]
+             released: dict[str | None, list[str]] | None = None) -> dict[str, list[str]]:
     """The ids written, grouped by the queue their messages go to: not follow-ups that wait
     (their message goes when the job they follow succeeds), but those `released` already."""
     grouped: dict[str, list[str]] = {}
     for value in values:
         if value["id"] in written and value["state"] == JobState.QUEUED.value:
             grouped.setdefault(value["queue"], []).append(value["id"])
-    for job_id, queue in released:
-        if job_id in written:
-            grouped.setdefault(queue, []).append(job_id)  # type: ignore[arg-type]
+    for queue, job_ids in (released or {}).items():
+        if mine := [job_id for job_id in job_ids if job_id in written]:
+            grouped.setdefault(queue, []).extend(mine)  # type: ignore[arg-type]
     return grouped
 
 

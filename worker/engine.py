@@ -670,12 +670,12 @@ class Engine:
             return
         try:
             with self.db.session() as session:
-                released = jobs.settle_follow_ups(session, job_ids) if jobs.have_follow_ups(session, job_ids) else []
+                released = jobs.settle_follow_ups(session, job_ids) if jobs.have_follow_ups(session, job_ids) else {}
         except Exception as exc:  # not the jobs' fault: their follow-ups wait for the sweeper
             log.warning("%d job(s): their follow-ups were not released now (%s); the sweeper will", len(job_ids), exc)
             return
-        for queue in dict.fromkeys(q for _, q in released):
-            self.send_again([job_id for job_id, q in released if q == queue], queue)
+        for queue, released_ids in released.items():
+            self.send_again(released_ids, queue)
 
     def _together(self, made: list[Made], what: str, action: Callable[[], set[str]]) -> set[str] | None:
         """One statement for several jobs: the ids it did (the others take the general path one by
